@@ -1,0 +1,53 @@
+//! The one interface every backend implements, so the training loop, checkpoints and
+//! parity tests are written once.
+
+use anyhow::Result;
+
+use crate::batch::Batch;
+use crate::params::ParamLayout;
+
+/// One AdamW update's settings (DESIGN.md §1.4).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AdamWStep {
+    /// 1-based optimiser step, for the bias corrections.
+    pub t: u64,
+    pub lr: f32,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+    pub weight_decay: f32,
+    /// Multiplies every gradient before the update (global-norm clipping).
+    pub grad_scale: f32,
+}
+
+/// AdamW's first and second moments, flat like the parameters.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Moments {
+    pub m: Vec<f32>,
+    pub v: Vec<f32>,
+}
+
+pub trait Backend {
+    /// What the backend runs on, for the progress line and result files.
+    fn device_name(&self) -> String;
+
+    fn layout(&self) -> &ParamLayout;
+
+    /// Forward and backward on one micro-batch. Adds `grad_scale * dloss/dparam` to the
+    /// gradient buffer and returns the batch's mean loss.
+    fn forward_backward(&mut self, batch: &Batch, grad_scale: f32) -> Result<f32>;
+
+    fn zero_grads(&mut self) -> Result<()>;
+
+    /// L2 norm of the whole gradient buffer.
+    fn grad_norm(&mut self) -> Result<f32>;
+
+    /// Applies AdamW to every parameter from the accumulated gradients.
+    fn adamw_step(&mut self, step: &AdamWStep) -> Result<()>;
+
+    fn params(&mut self) -> Result<Vec<f32>>;
+    fn set_params(&mut self, flat: &[f32]) -> Result<()>;
+    fn grads(&mut self) -> Result<Vec<f32>>;
+    fn moments(&mut self) -> Result<Moments>;
+    fn set_moments(&mut self, moments: &Moments) -> Result<()>;
+}

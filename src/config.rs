@@ -1,0 +1,470 @@
+//! Model and training configuration: presets, command-line overrides, validation.
+//!
+//! Every invalid combination is refused here, before any work, with a message that names
+//! the field and the range it accepts.
+
+use anyhow::{bail, Result};
+use serde::{Deserialize, Serialize};
+
+/// What the network computes (DESIGN.md §1). Everything the kernels and the sampler need
+/// derives from these fields.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ModelConfig {
+    /// Image side `H` (images are square).
+    pub image: usize,
+    /// Patch side `p`.
+    pub patch: usize,
+    /// Window side `K`, in patches.
+    pub window: usize,
+    /// Windows per image.
+    pub windows_per_image: usize,
+    /// Fraction of each window's patches that are masked.
+    pub mask_ratio: f64,
+    /// Transformer blocks `L`.
+    pub depth: usize,
+    /// Token width `D`.
+    pub width: usize,
+    /// Attention heads `h`.
+    pub heads: usize,
+    /// Normalise each target patch by its own mean and unbiased variance.
+    pub norm_pix: bool,
+}
+
+/// The MLP hidden width is always four times the token width.
+pub const MLP_RATIO: usize = 4;
+/// LayerNorm epsilon of every norm in the network.
+pub const LN_EPS: f64 = 1e-6;
+/// Epsilon inside the norm-pix target normalisation.
+pub const NORM_PIX_EPS: f64 = 1e-6;
+
+impl ModelConfig {
+    /// Patch grid side `G = H / p`.
+    pub fn grid(&self) -> usize {
+        self.image / self.patch
+    }
+    /// Positions in one window, `K²`.
+    pub fn window_area(&self) -> usize {
+        self.window * self.window
+    }
+    /// Tokens per window sequence: cls plus `K²`.
+    pub fn seq_len(&self) -> usize {
+        1 + self.window_area()
+    }
+    /// Masked positions per window, `M = floor(K² r)`.
+    pub fn masked_per_window(&self) -> usize {
+        // The small epsilon keeps e.g. 0.7 * 10 from flooring to 6.
+        (self.window_area() as f64 * self.mask_ratio + 1e-9).floor() as usize
+    }
+    /// Visible positions per window, `V = K² - M`.
+    pub fn visible_per_window(&self) -> usize {
+        self.window_area() - self.masked_per_window()
+    }
+    /// Head dimension `d = D / h`.
+    pub fn head_dim(&self) -> usize {
+        self.width / self.heads
+    }
+    /// MLP hidden width.
+    pub fn hidden(&self) -> usize {
+        self.width * MLP_RATIO
+    }
+    /// Values in one patch, `3 p²`.
+    pub fn patch_dim(&self) -> usize {
+        3 * self.patch * self.patch
+    }
+    /// Rows of the relative position bias table, `(2K-1)² + 3`.
+    pub fn rel_bias_rows(&self) -> usize {
+        let span = 2 * self.window - 1;
+        span * span + 3
+    }
+
+    /// Refuses every combination the model cannot run, naming the field.
+    pub fn validate(&self) -> Result<()> {
+        if self.patch == 0 || self.patch > 64 {
+            bail!("patch = {}: must be in 1..=64", self.patch);
+        }
+        if self.image == 0 || self.image % self.patch != 0 {
+            bail!(
+                "image = {}: must be a positive multiple of patch ({})",
+                self.image,
+                self.patch
+            );
+        }
+        if self.window < 2 || self.window > 32 {
+            bail!("window = {}: must be in 2..=32", self.window);
+        }
+        if self.grid() < self.window {
+            bail!(
+                "image = {}: the patch grid ({}x{}) must be at least window ({}) patches wide; use image >= {}",
+                self.image,
+                self.grid(),
+                self.grid(),
+                self.window,
+                self.window * self.patch
+            );
+        }
+        if self.windows_per_image == 0 || self.windows_per_image > 1024 {
+            bail!(
+                "windows_per_image = {}: must be in 1..=1024",
+                self.windows_per_image
+            );
+        }
+        if !(self.mask_ratio > 0.0 && self.mask_ratio < 1.0) {
+            bail!("mask_ratio = {}: must be in (0, 1)", self.mask_ratio);
+        }
+        let area = self.window_area();
+        if self.masked_per_window() == 0 || self.masked_per_window() == area {
+            bail!(
+                "mask_ratio = {}: masks {} of the {} window positions; it must mask between 1 and {}",
+                self.mask_ratio,
+                self.masked_per_window(),
+                area,
+                area - 1
+            );
+        }
+        if self.depth == 0 || self.depth > 256 {
+            bail!("depth = {}: must be in 1..=256", self.depth);
+        }
+        if self.heads == 0 {
+            bail!("heads = {}: must be at least 1", self.heads);
+        }
+        if self.width == 0 || self.width % self.heads != 0 {
+            bail!(
+                "width = {}: must be a positive multiple of heads ({})",
+                self.width,
+                self.heads
+            );
+        }
+        Ok(())
+    }
+
+    /// Number of trainable scalars.
+    pub fn param_count(&self) -> usize {
+        crate::params::ParamLayout::new(self).total()
+    }
+}
+
+/// How the model is trained: batch, schedule, optimiser, checkpoints.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TrainConfig {
+    /// Images per micro-batch.
+    pub batch: usize,
+    /// Micro-batches accumulated per optimiser step.
+    pub accum: usize,
+    /// Optimiser steps.
+    pub steps: u64,
+    /// Linear warm-up steps.
+    pub warmup_steps: u64,
+    /// Base learning rate; the peak is `blr * batch * accum / 256`.
+    pub blr: f64,
+    /// Learning rate at the end of the cosine.
+    pub min_lr: f64,
+    pub weight_decay: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    /// Global gradient-norm clip; `None` disables clipping.
+    pub clip_grad: Option<f64>,
+    /// Seed of the parameters, the sampler and the synthetic data.
+    pub seed: u64,
+}
+
+impl TrainConfig {
+    /// Images per optimiser step.
+    pub fn effective_batch(&self) -> usize {
+        self.batch * self.accum
+    }
+    /// Peak learning rate, scaled linearly with the effective batch.
+    pub fn peak_lr(&self) -> f64 {
+        self.blr * self.effective_batch() as f64 / 256.0
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        if self.batch == 0 {
+            bail!("batch = 0: must be at least 1");
+        }
+        if self.accum == 0 {
+            bail!("accum = 0: must be at least 1");
+        }
+        if self.steps == 0 {
+            bail!("steps = 0: must be at least 1");
+        }
+        if self.warmup_steps > self.steps {
+            bail!(
+                "warmup_steps = {}: must be at most steps ({})",
+                self.warmup_steps,
+                self.steps
+            );
+        }
+        let finite_nonneg = |name: &str, v: f64| -> Result<()> {
+            if !(v.is_finite() && v >= 0.0) {
+                bail!("{name} = {v}: must be a finite number >= 0");
+            }
+            Ok(())
+        };
+        finite_nonneg("blr", self.blr)?;
+        finite_nonneg("min_lr", self.min_lr)?;
+        finite_nonneg("weight_decay", self.weight_decay)?;
+        if self.min_lr > self.peak_lr() {
+            bail!(
+                "min_lr = {}: must not exceed the peak learning rate blr*batch*accum/256 = {}",
+                self.min_lr,
+                self.peak_lr()
+            );
+        }
+        for (name, b) in [("beta1", self.beta1), ("beta2", self.beta2)] {
+            if !(0.0..1.0).contains(&b) {
+                bail!("{name} = {b}: must be in [0, 1)");
+            }
+        }
+        if !(self.eps.is_finite() && self.eps > 0.0) {
+            bail!("eps = {}: must be a finite number > 0", self.eps);
+        }
+        if let Some(c) = self.clip_grad {
+            if !(c.is_finite() && c > 0.0) {
+                bail!("clip_grad = {c}: must be a finite number > 0");
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            batch: 32,
+            accum: 1,
+            steps: 200,
+            warmup_steps: 20,
+            blr: 1.5e-4,
+            min_lr: 0.0,
+            weight_decay: 0.05,
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            clip_grad: None,
+            seed: 0,
+        }
+    }
+}
+
+/// A whole run's settings, stored in every checkpoint.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Config {
+    pub preset: String,
+    pub model: ModelConfig,
+    pub train: TrainConfig,
+}
+
+impl Config {
+    pub fn validate(&self) -> Result<()> {
+        self.model.validate()?;
+        self.train.validate()
+    }
+}
+
+/// Names accepted by [`preset`].
+pub const PRESETS: [&str; 6] = [
+    "tiny",
+    "vit_tiny",
+    "vit_small",
+    "vit_base",
+    "vit_large",
+    "vit_huge",
+];
+
+/// The model of a named preset at its default resolution (DESIGN.md §1.5).
+pub fn preset(name: &str) -> Result<ModelConfig> {
+    let vit = |width, depth, heads, patch| ModelConfig {
+        image: 224,
+        patch,
+        window: 7,
+        windows_per_image: 4,
+        mask_ratio: 0.8,
+        depth,
+        width,
+        heads,
+        norm_pix: true,
+    };
+    Ok(match name {
+        // Small enough that a whole training step takes milliseconds on one core.
+        "tiny" => ModelConfig {
+            image: 32,
+            patch: 4,
+            window: 4,
+            windows_per_image: 2,
+            mask_ratio: 0.75,
+            depth: 2,
+            width: 64,
+            heads: 4,
+            norm_pix: true,
+        },
+        "vit_tiny" => vit(192, 12, 3, 16),
+        "vit_small" => vit(384, 12, 6, 16),
+        "vit_base" => vit(768, 12, 12, 16),
+        "vit_large" => vit(1024, 24, 16, 16),
+        "vit_huge" => vit(1280, 32, 16, 14),
+        other => bail!("preset = {other:?}: must be one of {}", PRESETS.join(", ")),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn presets_are_valid() {
+        for name in PRESETS {
+            preset(name).unwrap().validate().unwrap();
+        }
+    }
+
+    #[test]
+    fn vit_base_window_counts() {
+        let m = preset("vit_base").unwrap();
+        assert_eq!(m.grid(), 14);
+        assert_eq!(m.masked_per_window(), 39);
+        assert_eq!(m.visible_per_window(), 10);
+        assert_eq!(m.rel_bias_rows(), 172);
+        assert_eq!(m.head_dim(), 64);
+    }
+
+    fn refused(m: ModelConfig, field: &str) {
+        let err = m.validate().unwrap_err().to_string();
+        assert!(err.starts_with(field), "{err:?} should name {field}");
+    }
+
+    #[test]
+    fn invalid_models_are_refused_naming_the_field() {
+        let base = preset("tiny").unwrap();
+        refused(
+            ModelConfig {
+                image: 30,
+                ..base.clone()
+            },
+            "image",
+        );
+        refused(
+            ModelConfig {
+                image: 12,
+                ..base.clone()
+            },
+            "image",
+        );
+        refused(
+            ModelConfig {
+                width: 66,
+                ..base.clone()
+            },
+            "width",
+        );
+        refused(
+            ModelConfig {
+                heads: 0,
+                ..base.clone()
+            },
+            "heads",
+        );
+        refused(
+            ModelConfig {
+                mask_ratio: 0.05,
+                ..base.clone()
+            },
+            "mask_ratio",
+        );
+        refused(
+            ModelConfig {
+                mask_ratio: 1.0,
+                ..base.clone()
+            },
+            "mask_ratio",
+        );
+        refused(
+            ModelConfig {
+                window: 1,
+                ..base.clone()
+            },
+            "window",
+        );
+        refused(
+            ModelConfig {
+                depth: 0,
+                ..base.clone()
+            },
+            "depth",
+        );
+        refused(
+            ModelConfig {
+                windows_per_image: 0,
+                ..base
+            },
+            "windows_per_image",
+        );
+    }
+
+    #[test]
+    fn invalid_training_settings_are_refused_naming_the_field() {
+        let ok = TrainConfig::default();
+        for (bad, field) in [
+            (
+                TrainConfig {
+                    batch: 0,
+                    ..ok.clone()
+                },
+                "batch",
+            ),
+            (
+                TrainConfig {
+                    accum: 0,
+                    ..ok.clone()
+                },
+                "accum",
+            ),
+            (
+                TrainConfig {
+                    steps: 0,
+                    ..ok.clone()
+                },
+                "steps",
+            ),
+            (
+                TrainConfig {
+                    warmup_steps: 500,
+                    ..ok.clone()
+                },
+                "warmup_steps",
+            ),
+            (
+                TrainConfig {
+                    blr: f64::NAN,
+                    ..ok.clone()
+                },
+                "blr",
+            ),
+            (
+                TrainConfig {
+                    beta2: 1.0,
+                    ..ok.clone()
+                },
+                "beta2",
+            ),
+            (
+                TrainConfig {
+                    eps: 0.0,
+                    ..ok.clone()
+                },
+                "eps",
+            ),
+            (
+                TrainConfig {
+                    clip_grad: Some(-1.0),
+                    ..ok.clone()
+                },
+                "clip_grad",
+            ),
+            (TrainConfig { min_lr: 1.0, ..ok }, "min_lr"),
+        ] {
+            let err = bad.validate().unwrap_err().to_string();
+            assert!(err.starts_with(field), "{err:?} should name {field}");
+        }
+    }
+}
