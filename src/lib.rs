@@ -5,5 +5,8 @@
 pub mod backend;
 pub mod batch;
 pub mod config;
+pub mod data;
 pub mod optim;
 pub mod params;
+pub mod sampler;
+pub mod tensor_file;
