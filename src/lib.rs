@@ -10,3 +10,7 @@ pub mod optim;
 pub mod params;
 pub mod sampler;
 pub mod tensor_file;
+pub mod batch_file;
+pub mod checkpoint;
+pub mod metrics;
+pub mod train;
