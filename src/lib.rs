@@ -4,13 +4,16 @@
 
 pub mod backend;
 pub mod batch;
+pub mod batch_file;
+pub mod checkpoint;
+pub mod cli;
 pub mod config;
+pub mod cpu;
 pub mod data;
+pub mod device;
+pub mod metrics;
 pub mod optim;
 pub mod params;
 pub mod sampler;
 pub mod tensor_file;
-pub mod batch_file;
-pub mod checkpoint;
-pub mod metrics;
 pub mod train;
