@@ -116,7 +116,10 @@ pub fn check_same_model(found: &ModelConfig, requested: &ModelConfig, what: &str
     if found == requested {
         return Ok(());
     }
-    let (a, b) = (serde_json::to_value(found)?, serde_json::to_value(requested)?);
+    let (a, b) = (
+        serde_json::to_value(found)?,
+        serde_json::to_value(requested)?,
+    );
     let fields: Vec<String> = match (a.as_object(), b.as_object()) {
         (Some(a), Some(b)) => a
             .iter()
@@ -300,7 +303,10 @@ mod tests {
             .load(&other)
             .unwrap_err()
             .to_string();
-        assert!(err.contains("mask_ratio = 0.75 in the file, 0.5 requested"), "{err}");
+        assert!(
+            err.contains("mask_ratio = 0.75 in the file, 0.5 requested"),
+            "{err}"
+        );
         assert!(err.contains("depth = 2 in the file, 3 requested"), "{err}");
         assert!(!err.contains("width"), "{err}");
         let err = load_params(&path, &other).unwrap_err().to_string();
@@ -315,6 +321,9 @@ mod tests {
         save_params(&path, &ck.config, &ck.params).unwrap();
         assert_eq!(load_params(&path, &ck.config.model).unwrap(), ck.params);
         let err = CheckpointFile::open(&path).err().unwrap().to_string();
-        assert!(err.contains("is a parameter file, not a checkpoint"), "{err}");
+        assert!(
+            err.contains("is a parameter file, not a checkpoint"),
+            "{err}"
+        );
     }
 }

@@ -5,7 +5,7 @@
 //! overrides its field, and the result is validated before any work starts.
 
 use std::fs;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
@@ -60,6 +60,7 @@ pub struct ModelArgs {
     /// Window side K in patches.
     #[arg(long)]
     pub window: Option<usize>,
+    /// Windows sampled per image.
     #[arg(long)]
     pub windows_per_image: Option<usize>,
     /// Fraction of each window's patches that are masked.
@@ -91,17 +92,22 @@ pub struct TrainArgs {
     /// Optimiser steps of the whole run.
     #[arg(long)]
     pub steps: Option<u64>,
+    /// Steps of linear learning-rate warm-up.
     #[arg(long)]
     pub warmup_steps: Option<u64>,
     /// Base learning rate; the peak is blr * batch * accum / 256.
     #[arg(long)]
     pub blr: Option<f64>,
+    /// Learning rate at the end of the cosine decay.
     #[arg(long)]
     pub min_lr: Option<f64>,
+    /// AdamW weight decay (matrix weights only).
     #[arg(long)]
     pub weight_decay: Option<f64>,
+    /// AdamW first-moment decay.
     #[arg(long)]
     pub beta1: Option<f64>,
+    /// AdamW second-moment decay.
     #[arg(long)]
     pub beta2: Option<f64>,
     /// AdamW epsilon.
@@ -118,6 +124,7 @@ pub struct TrainArgs {
 /// Where to compute.
 #[derive(Args, Debug)]
 pub struct DeviceArgs {
+    /// Where to compute.
     #[arg(long, value_enum, default_value_t = Device::Auto)]
     pub device: Device,
     /// Compute precision on CUDA (bf16 matmuls with fp32 master weights, or fp32
@@ -215,12 +222,17 @@ pub fn train_defaults(preset_name: &str) -> TrainConfig {
 }
 
 /// The config a command runs with (see the module doc for the order), validated.
-pub fn resolve_config(model: &ModelArgs, train: &TrainArgs, base: Option<Config>) -> Result<Config> {
+pub fn resolve_config(
+    model: &ModelArgs,
+    train: &TrainArgs,
+    base: Option<Config>,
+) -> Result<Config> {
     let mut config = if let Some(path) = &model.config {
         let text = fs::read_to_string(path)
             .with_context(|| format!("cannot read config file {}", path.display()))?;
-        serde_json::from_str::<Config>(&text)
-            .with_context(|| format!("config file {} is not a valid lomar config", path.display()))?
+        serde_json::from_str::<Config>(&text).with_context(|| {
+            format!("config file {} is not a valid lomar config", path.display())
+        })?
     } else if let (Some(base), None) = (base, &model.preset) {
         base
     } else {
@@ -282,20 +294,27 @@ fn pretrain(a: PretrainArgs) -> Result<()> {
         Some(path) => Some(CheckpointFile::open(path)?),
         None => None,
     };
-    let config = resolve_config(&a.model, &a.train, resumed.as_ref().map(|c| c.config().clone()))?;
+    let config = resolve_config(
+        &a.model,
+        &a.train,
+        resumed.as_ref().map(|c| c.config().clone()),
+    )?;
     let out = &a.out;
     fs::create_dir_all(out)
         .with_context(|| format!("cannot create output directory {}", out.display()))?;
     let existing = train::checkpoint_path(out);
-    if resumed.is_none() && existing.exists() && !a.force {
+    if existing.exists() && !a.force && !resumes_from(a.resume.as_deref(), &existing) {
         bail!(
-            "{} already holds a checkpoint; continue it with --resume {}, start over with --force, or pick another --out",
+            "{} already holds a checkpoint; continue it with --resume {}, replace it with --force, or pick another --out",
             out.display(),
             existing.display()
         );
     }
-    fs::write(out.join("config.json"), serde_json::to_string_pretty(&config)?)
-        .with_context(|| format!("cannot write {}", out.join("config.json").display()))?;
+    fs::write(
+        out.join("config.json"),
+        serde_json::to_string_pretty(&config)?,
+    )
+    .with_context(|| format!("cannot write {}", out.join("config.json").display()))?;
 
     let layout = ParamLayout::new(&config.model);
     let (mut backend, step, source) = match resumed {
@@ -308,15 +327,25 @@ fn pretrain(a: PretrainArgs) -> Result<()> {
                 );
             }
             let ck = file.load(&config.model)?;
-            let mut backend = open_backend(a.device.device, &config.model, ck.params, a.device.precision)?;
+            let mut backend = open_backend(
+                a.device.device,
+                &config.model,
+                ck.params,
+                a.device.precision,
+            )?;
             backend.set_moments(&ck.moments)?;
-            let source = BatchSource::restore(&config.model, config.train.seed, ck.sampler, ck.data);
+            let source =
+                BatchSource::restore(&config.model, config.train.seed, ck.sampler, ck.data);
             (backend, ck.step, source)
         }
         None => {
             let params = layout.init(config.train.seed);
             let backend = open_backend(a.device.device, &config.model, params, a.device.precision)?;
-            (backend, 0, BatchSource::new(&config.model, config.train.seed))
+            (
+                backend,
+                0,
+                BatchSource::new(&config.model, config.train.seed),
+            )
         }
     };
     print_run_header(&config, backend.as_ref(), layout.total(), step);
@@ -337,6 +366,14 @@ fn pretrain(a: PretrainArgs) -> Result<()> {
         outcome.first_loss, outcome.last_loss, outcome.step
     );
     Ok(())
+}
+
+/// Whether `resume` is the checkpoint file `existing` (which exists).
+fn resumes_from(resume: Option<&Path>, existing: &Path) -> bool {
+    match (resume.map(fs::canonicalize), fs::canonicalize(existing)) {
+        (Some(Ok(a)), Ok(b)) => a == b,
+        _ => false,
+    }
 }
 
 fn print_run_header(config: &Config, backend: &dyn Backend, params: usize, step: u64) {

@@ -12,7 +12,9 @@ use crate::cpu::CpuBackend;
 pub enum Device {
     /// CUDA when this build and this machine have it, else the CPU.
     Auto,
+    /// The CPU reference backend (fp32, all cores).
     Cpu,
+    /// The CUDA backend on the first GPU.
     Cuda,
 }
 
@@ -21,6 +23,7 @@ pub enum Device {
 pub enum Precision {
     /// bf16 matmul inputs, fp32 accumulation and fp32 master weights.
     Bf16,
+    /// fp32 throughout (TF32 off).
     Fp32,
 }
 
@@ -39,8 +42,8 @@ pub fn open_backend(
             }
             Ok(Box::new(CpuBackend::new(model, params)?))
         }
-        Device::Cuda => bail!(
-            "--device cuda: this build has no CUDA backend; use --device cpu (or auto)"
-        ),
+        Device::Cuda => {
+            bail!("--device cuda: this build has no CUDA backend; use --device cpu (or auto)")
+        }
     }
 }

@@ -1,8 +1,8 @@
 //! What a run reports: one JSON line per optimiser step in `metrics.jsonl`, and a progress
 //! line on the terminal.
 
-use std::fs::{File, OpenOptions};
-use std::io::{BufWriter, Write};
+use std::fs::{self, File};
+use std::io::{BufWriter, ErrorKind, Write};
 use std::path::Path;
 use std::time::Duration;
 
@@ -32,18 +32,19 @@ pub struct MetricsLog {
 }
 
 impl MetricsLog {
-    /// `append` keeps earlier records (a resumed run); otherwise the file starts empty.
-    pub fn open(path: &Path, append: bool) -> Result<Self> {
-        let file = OpenOptions::new()
-            .create(true)
-            .write(true)
-            .append(append)
-            .truncate(!append)
-            .open(path)
+    /// A fresh run (`resumed_at` = `None`) starts an empty file. A run resumed after step
+    /// `s` keeps the records of steps up to `s` and drops later ones, which a crash after
+    /// the checkpoint left behind and the resumed run is about to redo.
+    pub fn open(path: &Path, resumed_at: Option<u64>) -> Result<Self> {
+        let kept = match resumed_at {
+            Some(s) => records_through(path, s)?,
+            None => String::new(),
+        };
+        let file = File::create(path)
             .with_context(|| format!("cannot open metrics file {}", path.display()))?;
-        Ok(MetricsLog {
-            out: BufWriter::new(file),
-        })
+        let mut out = BufWriter::new(file);
+        out.write_all(kept.as_bytes())?;
+        Ok(MetricsLog { out })
     }
 
     pub fn write(&mut self, record: &StepRecord) -> Result<()> {
@@ -51,6 +52,28 @@ impl MetricsLog {
         self.out.write_all(b"\n")?;
         self.out.flush().context("cannot write the metrics file")
     }
+}
+
+/// The lines of an existing metrics file whose step is at most `last`.
+fn records_through(path: &Path, last: u64) -> Result<String> {
+    let text = match fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(String::new()),
+        Err(e) => {
+            return Err(e).with_context(|| format!("cannot read metrics file {}", path.display()))
+        }
+    };
+    let mut kept = String::new();
+    for line in text.lines() {
+        let step = serde_json::from_str::<serde_json::Value>(line)
+            .ok()
+            .and_then(|v| v["step"].as_u64());
+        if step.is_some_and(|s| s <= last) {
+            kept.push_str(line);
+            kept.push('\n');
+        }
+    }
+    Ok(kept)
 }
 
 /// `1h02m03s`, `4m05s` or `6s`.
@@ -83,7 +106,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn records_are_one_json_object_per_line_and_resumes_append() {
+    fn records_are_one_json_object_per_line_and_a_resume_replaces_redone_steps() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("m.jsonl");
         let record = |step, loss| StepRecord {
@@ -94,11 +117,13 @@ mod tests {
             images_per_s: 100.0,
             elapsed_s: 2.0,
         };
-        MetricsLog::open(&path, false)
-            .unwrap()
-            .write(&record(1, 0.25))
-            .unwrap();
-        MetricsLog::open(&path, true)
+        let mut log = MetricsLog::open(&path, None).unwrap();
+        for step in 1..=3 {
+            log.write(&record(step, 0.25)).unwrap();
+        }
+        drop(log);
+        // Resumed after step 1: steps 2 and 3 are redone.
+        MetricsLog::open(&path, Some(1))
             .unwrap()
             .write(&record(2, f64::NAN))
             .unwrap();
@@ -111,7 +136,7 @@ mod tests {
         assert_eq!(lines[0]["step"], 1);
         assert_eq!(lines[0]["loss"], 0.25);
         assert!(lines[1]["loss"].is_null());
-        MetricsLog::open(&path, false).unwrap();
+        MetricsLog::open(&path, None).unwrap();
         assert_eq!(std::fs::read_to_string(&path).unwrap(), "");
     }
 

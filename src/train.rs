@@ -64,10 +64,12 @@ pub fn train(
     let t = &config.train;
     let end = opts.stop_after.map_or(t.steps, |s| s.min(t.steps));
     if step >= end {
-        bail!("nothing to train: the run is at step {step} and ends at step {end}; raise --steps to go on");
+        bail!(
+            "nothing to train: the run is at step {step} and this process would stop at step {end}"
+        );
     }
     let checkpoint = checkpoint_path(&opts.out_dir);
-    let mut metrics = MetricsLog::open(&metrics_path(&opts.out_dir), step > 0)?;
+    let mut metrics = MetricsLog::open(&metrics_path(&opts.out_dir), (step > 0).then_some(step))?;
     let first_step = step;
     let started = Instant::now();
     let images_per_step = t.effective_batch() as f64;
@@ -87,15 +89,16 @@ pub fn train(
         let loss = loss_sum / t.accum as f64;
         let grad_norm = backend.grad_norm()? as f64;
         let lr = learning_rate(t, step);
-        let mut record = StepRecord {
+        let timed = |step_secs: f64| StepRecord {
             step: step + 1,
             loss,
             lr,
             grad_norm,
-            images_per_s: 0.0,
-            elapsed_s: 0.0,
+            images_per_s: images_per_step / step_secs,
+            elapsed_s: started.elapsed().as_secs_f64(),
         };
         if !(loss.is_finite() && grad_norm.is_finite()) {
+            let record = timed(step_started.elapsed().as_secs_f64());
             metrics.write(&record)?;
             bail!(
                 "training diverged at step {}: loss {loss}, gradient norm {grad_norm}; stopped before the update. {}",
@@ -116,10 +119,9 @@ pub fn train(
             weight_decay: t.weight_decay as f32,
             grad_scale: clip_scale as f32,
         })?;
-        step += 1;
         let step_secs = step_started.elapsed().as_secs_f64();
-        record.images_per_s = images_per_step / step_secs;
-        record.elapsed_s = started.elapsed().as_secs_f64();
+        let record = timed(step_secs);
+        step += 1;
         metrics.write(&record)?;
         if step == first_step + 1 {
             first_loss = loss;
@@ -127,13 +129,13 @@ pub fn train(
         last_loss = loss;
 
         logged.add(&record, step_secs, images_per_step);
-        if step == first_step + 1 || step % opts.log_every.max(1) == 0 || step == end {
+        if step == first_step + 1 || step.is_multiple_of(opts.log_every.max(1)) || step == end {
             let per_step = started.elapsed().as_secs_f64() / (step - first_step) as f64;
             let eta = Duration::from_secs_f64(per_step * (end - step) as f64);
             println!("{}", progress_line(&logged.take(&record), t.steps, eta));
         }
         let every = opts.checkpoint_every;
-        if step == end || (every > 0 && step % every == 0) {
+        if step == end || (every > 0 && step.is_multiple_of(every)) {
             save_checkpoint(backend, config, step, &source, &checkpoint)?;
             last_saved = Some(step);
         }
