@@ -4,7 +4,17 @@
 
 pub mod backend;
 pub mod batch;
+pub mod batch_file;
+pub mod checkpoint;
+pub mod cli;
 pub mod config;
+pub mod cpu;
+pub mod data;
+pub mod device;
 pub mod flops;
+pub mod metrics;
 pub mod optim;
 pub mod params;
+pub mod sampler;
+pub mod tensor_file;
+pub mod train;

@@ -1,0 +1,453 @@
+//! The `lomar` command line: argument definitions, config resolution, and the commands.
+//!
+//! A run's config comes from `--config FILE.json` (a serialised `Config`), else from a
+//! checkpoint being resumed, else from `--preset` (default `tiny`); every flag given then
+//! overrides its field, and the result is validated before any work starts.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+
+use crate::backend::Backend;
+use crate::batch_file;
+use crate::checkpoint::{self, CheckpointFile};
+use crate::config::{preset, Config, TrainConfig};
+use crate::data::BatchSource;
+use crate::device::{open_backend, Device, Precision};
+use crate::params::ParamLayout;
+use crate::train::{self, TrainOptions};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "lomar",
+    version,
+    about = "LoMaR self-supervised ViT pretraining (local masked reconstruction)"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Pretrain a model; by default the tiny preset on the embedded synthetic images.
+    Pretrain(PretrainArgs),
+    /// One forward and backward pass on a batch file: writes the loss and every gradient.
+    Grad(GradArgs),
+    /// Write a batch file from the embedded synthetic images and the sampler.
+    SampleBatch(SampleBatchArgs),
+    /// Write freshly initialised parameters.
+    Init(InitArgs),
+}
+
+/// Which model: a preset or a config file, then per-field overrides.
+#[derive(Args, Debug, Default)]
+pub struct ModelArgs {
+    /// Model preset: tiny, vit_tiny, vit_small, vit_base, vit_large, vit_huge [default: tiny]
+    #[arg(long, conflicts_with = "config")]
+    pub preset: Option<String>,
+    /// Start from this JSON config (as stored in checkpoints and written to --out).
+    #[arg(long, value_name = "FILE.json")]
+    pub config: Option<PathBuf>,
+    /// Image side H in pixels.
+    #[arg(long)]
+    pub image: Option<usize>,
+    /// Patch side p in pixels.
+    #[arg(long)]
+    pub patch: Option<usize>,
+    /// Window side K in patches.
+    #[arg(long)]
+    pub window: Option<usize>,
+    /// Windows sampled per image.
+    #[arg(long)]
+    pub windows_per_image: Option<usize>,
+    /// Fraction of each window's patches that are masked.
+    #[arg(long)]
+    pub mask_ratio: Option<f64>,
+    /// Transformer blocks.
+    #[arg(long)]
+    pub depth: Option<usize>,
+    /// Token width D.
+    #[arg(long)]
+    pub width: Option<usize>,
+    /// Attention heads.
+    #[arg(long)]
+    pub heads: Option<usize>,
+    /// Reconstruct raw (normalised) pixels instead of per-patch normalised ones.
+    #[arg(long)]
+    pub no_norm_pix: bool,
+}
+
+/// Training overrides.
+#[derive(Args, Debug, Default)]
+pub struct TrainArgs {
+    /// Images per micro-batch.
+    #[arg(long)]
+    pub batch: Option<usize>,
+    /// Micro-batches accumulated per optimiser step.
+    #[arg(long)]
+    pub accum: Option<usize>,
+    /// Optimiser steps of the whole run.
+    #[arg(long)]
+    pub steps: Option<u64>,
+    /// Steps of linear learning-rate warm-up.
+    #[arg(long)]
+    pub warmup_steps: Option<u64>,
+    /// Base learning rate; the peak is blr * batch * accum / 256.
+    #[arg(long)]
+    pub blr: Option<f64>,
+    /// Learning rate at the end of the cosine decay.
+    #[arg(long)]
+    pub min_lr: Option<f64>,
+    /// AdamW weight decay (matrix weights only).
+    #[arg(long)]
+    pub weight_decay: Option<f64>,
+    /// AdamW first-moment decay.
+    #[arg(long)]
+    pub beta1: Option<f64>,
+    /// AdamW second-moment decay.
+    #[arg(long)]
+    pub beta2: Option<f64>,
+    /// AdamW epsilon.
+    #[arg(long)]
+    pub eps: Option<f64>,
+    /// Clip the global gradient norm to this value.
+    #[arg(long)]
+    pub clip_grad: Option<f64>,
+    /// Seed of the parameters, the data and the sampler.
+    #[arg(long)]
+    pub seed: Option<u64>,
+}
+
+/// Where to compute.
+#[derive(Args, Debug)]
+pub struct DeviceArgs {
+    /// Where to compute.
+    #[arg(long, value_enum, default_value_t = Device::Auto)]
+    pub device: Device,
+    /// Compute precision on CUDA (bf16 matmuls with fp32 master weights, or fp32
+    /// throughout) [default: bf16]. The CPU computes in fp32.
+    #[arg(long, value_enum)]
+    pub precision: Option<Precision>,
+}
+
+#[derive(Args, Debug)]
+pub struct PretrainArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub train: TrainArgs,
+    #[command(flatten)]
+    pub device: DeviceArgs,
+    /// Directory for checkpoint.safetensors, metrics.jsonl and config.json.
+    #[arg(long, default_value = "runs/pretrain")]
+    pub out: PathBuf,
+    /// Write a checkpoint every N steps (0: only at the end).
+    #[arg(long, default_value_t = 200, value_name = "N")]
+    pub checkpoint_every: u64,
+    /// Print progress every N steps.
+    #[arg(long, default_value_t = 10, value_name = "N")]
+    pub log_every: u64,
+    /// Continue the run saved in this checkpoint, bit-identically.
+    #[arg(long, value_name = "CKPT")]
+    pub resume: Option<PathBuf>,
+    /// Stop after this step with a checkpoint, keeping the schedule, to --resume later.
+    #[arg(long, value_name = "STEP")]
+    pub stop_after: Option<u64>,
+    /// Start a new run even if --out already holds a checkpoint (it is replaced).
+    #[arg(long)]
+    pub force: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct GradArgs {
+    /// Parameters: tensors under their layout names (a checkpoint works too).
+    #[arg(long, value_name = "P.safetensors")]
+    pub params: PathBuf,
+    /// Batch file: images, window_origin, mask_index.
+    #[arg(long, value_name = "BATCH.safetensors")]
+    pub batch: PathBuf,
+    /// Output: `loss` and the gradient of every parameter under its name.
+    #[arg(long, value_name = "G.safetensors")]
+    pub out: PathBuf,
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub device: DeviceArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct SampleBatchArgs {
+    #[arg(long, value_name = "BATCH.safetensors")]
+    pub out: PathBuf,
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Images in the batch.
+    #[arg(long, default_value_t = 8)]
+    pub batch: usize,
+    /// Seed of the data and the sampler (the same seed as a pretrain run gives its first
+    /// micro-batch).
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+#[derive(Args, Debug)]
+pub struct InitArgs {
+    #[arg(long, value_name = "P.safetensors")]
+    pub out: PathBuf,
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Seed of the initialisation (the same seed as a pretrain run gives its start).
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+/// Training defaults of a preset. `tiny` is the embedded default job: a learning rate
+/// and length that show the loss falling within minutes on a laptop CPU. The ViT presets
+/// keep the reference recipe.
+pub fn train_defaults(preset_name: &str) -> TrainConfig {
+    match preset_name {
+        "tiny" => TrainConfig {
+            batch: 64,
+            steps: 1000,
+            warmup_steps: 50,
+            blr: 1e-2,
+            min_lr: 1e-5,
+            ..TrainConfig::default()
+        },
+        _ => TrainConfig::default(),
+    }
+}
+
+/// The config a command runs with (see the module doc for the order), validated.
+pub fn resolve_config(
+    model: &ModelArgs,
+    train: &TrainArgs,
+    base: Option<Config>,
+) -> Result<Config> {
+    let mut config = if let Some(path) = &model.config {
+        let text = fs::read_to_string(path)
+            .with_context(|| format!("cannot read config file {}", path.display()))?;
+        serde_json::from_str::<Config>(&text).with_context(|| {
+            format!("config file {} is not a valid lomar config", path.display())
+        })?
+    } else if let (Some(base), None) = (base, &model.preset) {
+        base
+    } else {
+        let name = model.preset.as_deref().unwrap_or("tiny");
+        Config {
+            preset: name.to_string(),
+            model: preset(name)?,
+            train: train_defaults(name),
+        }
+    };
+    let m = &mut config.model;
+    set(&mut m.image, model.image);
+    set(&mut m.patch, model.patch);
+    set(&mut m.window, model.window);
+    set(&mut m.windows_per_image, model.windows_per_image);
+    set(&mut m.mask_ratio, model.mask_ratio);
+    set(&mut m.depth, model.depth);
+    set(&mut m.width, model.width);
+    set(&mut m.heads, model.heads);
+    if model.no_norm_pix {
+        m.norm_pix = false;
+    }
+    let t = &mut config.train;
+    set(&mut t.batch, train.batch);
+    set(&mut t.accum, train.accum);
+    set(&mut t.steps, train.steps);
+    set(&mut t.warmup_steps, train.warmup_steps);
+    set(&mut t.blr, train.blr);
+    set(&mut t.min_lr, train.min_lr);
+    set(&mut t.weight_decay, train.weight_decay);
+    set(&mut t.beta1, train.beta1);
+    set(&mut t.beta2, train.beta2);
+    set(&mut t.eps, train.eps);
+    if train.clip_grad.is_some() {
+        t.clip_grad = train.clip_grad;
+    }
+    set(&mut t.seed, train.seed);
+    config.validate().context("invalid configuration")?;
+    Ok(config)
+}
+
+fn set<T>(field: &mut T, value: Option<T>) {
+    if let Some(v) = value {
+        *field = v;
+    }
+}
+
+pub fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Pretrain(a) => pretrain(a),
+        Command::Grad(a) => grad(a),
+        Command::SampleBatch(a) => sample_batch(a),
+        Command::Init(a) => init(a),
+    }
+}
+
+fn pretrain(a: PretrainArgs) -> Result<()> {
+    let resumed = match &a.resume {
+        Some(path) => Some(CheckpointFile::open(path)?),
+        None => None,
+    };
+    let config = resolve_config(
+        &a.model,
+        &a.train,
+        resumed.as_ref().map(|c| c.config().clone()),
+    )?;
+    let out = &a.out;
+    fs::create_dir_all(out)
+        .with_context(|| format!("cannot create output directory {}", out.display()))?;
+    let existing = train::checkpoint_path(out);
+    if existing.exists() && !a.force && !resumes_from(a.resume.as_deref(), &existing) {
+        bail!(
+            "{} already holds a checkpoint; continue it with --resume {}, replace it with --force, or pick another --out",
+            out.display(),
+            existing.display()
+        );
+    }
+    fs::write(
+        out.join("config.json"),
+        serde_json::to_string_pretty(&config)?,
+    )
+    .with_context(|| format!("cannot write {}", out.join("config.json").display()))?;
+
+    let layout = ParamLayout::new(&config.model);
+    let (mut backend, step, source) = match resumed {
+        Some(file) => {
+            if file.config().train.seed != config.train.seed {
+                bail!(
+                    "seed = {}: the checkpoint's run uses seed {}; a resumed run keeps its seed",
+                    config.train.seed,
+                    file.config().train.seed
+                );
+            }
+            let ck = file.load(&config.model)?;
+            let mut backend = open_backend(
+                a.device.device,
+                &config.model,
+                ck.params,
+                a.device.precision,
+            )?;
+            backend.set_moments(&ck.moments)?;
+            let source =
+                BatchSource::restore(&config.model, config.train.seed, ck.sampler, ck.data);
+            (backend, ck.step, source)
+        }
+        None => {
+            let params = layout.init(config.train.seed);
+            let backend = open_backend(a.device.device, &config.model, params, a.device.precision)?;
+            (
+                backend,
+                0,
+                BatchSource::new(&config.model, config.train.seed),
+            )
+        }
+    };
+    print_run_header(&config, backend.as_ref(), layout.total(), step);
+    let outcome = train::train(
+        backend.as_mut(),
+        &config,
+        step,
+        source,
+        &TrainOptions {
+            out_dir: out.clone(),
+            checkpoint_every: a.checkpoint_every,
+            log_every: a.log_every,
+            stop_after: a.stop_after,
+        },
+    )?;
+    println!(
+        "loss {:.4} at the first step of this run, {:.4} at step {}",
+        outcome.first_loss, outcome.last_loss, outcome.step
+    );
+    Ok(())
+}
+
+/// Whether `resume` is the checkpoint file `existing` (which exists).
+fn resumes_from(resume: Option<&Path>, existing: &Path) -> bool {
+    match (resume.map(fs::canonicalize), fs::canonicalize(existing)) {
+        (Some(Ok(a)), Ok(b)) => a == b,
+        _ => false,
+    }
+}
+
+fn print_run_header(config: &Config, backend: &dyn Backend, params: usize, step: u64) {
+    let (m, t) = (&config.model, &config.train);
+    println!(
+        "lomar pretrain: preset {} | image {} patch {} window {}x{} x{} mask {:.2} | depth {} width {} heads {} | {:.2}M params | {}",
+        config.preset,
+        m.image,
+        m.patch,
+        m.window,
+        m.window,
+        m.windows_per_image,
+        m.mask_ratio,
+        m.depth,
+        m.width,
+        m.heads,
+        params as f64 / 1e6,
+        backend.device_name()
+    );
+    println!(
+        "batch {} x accum {} = {} images/step | steps {} (warmup {}) | peak lr {:.3e} | seed {}{}",
+        t.batch,
+        t.accum,
+        t.effective_batch(),
+        t.steps,
+        t.warmup_steps,
+        t.peak_lr(),
+        t.seed,
+        if step > 0 {
+            format!(" | resuming at step {step}")
+        } else {
+            String::new()
+        }
+    );
+}
+
+fn grad(a: GradArgs) -> Result<()> {
+    let config = resolve_config(&a.model, &TrainArgs::default(), None)?;
+    let params = checkpoint::load_params(&a.params, &config.model)?;
+    let batch = batch_file::read(&a.batch, &config.model)?;
+    let mut backend = open_backend(a.device.device, &config.model, params, a.device.precision)?;
+    backend.zero_grads()?;
+    let loss = backend.forward_backward(&batch, 1.0)?;
+    let grads = backend.grads()?;
+    checkpoint::save_gradients(&a.out, &config, loss, &grads)?;
+    println!(
+        "loss {loss} over {} images; gradients written to {}",
+        batch.images_len,
+        a.out.display()
+    );
+    Ok(())
+}
+
+fn sample_batch(a: SampleBatchArgs) -> Result<()> {
+    let train = TrainArgs {
+        batch: Some(a.batch),
+        seed: Some(a.seed),
+        ..TrainArgs::default()
+    };
+    let config = resolve_config(&a.model, &train, None)?;
+    let batch = BatchSource::new(&config.model, a.seed).next_batch(config.train.batch);
+    batch_file::write(&a.out, &config, &batch)?;
+    println!("{} images written to {}", a.batch, a.out.display());
+    Ok(())
+}
+
+fn init(a: InitArgs) -> Result<()> {
+    let train = TrainArgs {
+        seed: Some(a.seed),
+        ..TrainArgs::default()
+    };
+    let config = resolve_config(&a.model, &train, None)?;
+    let params = ParamLayout::new(&config.model).init(a.seed);
+    checkpoint::save_params(&a.out, &config, &params)?;
+    println!("{} parameters written to {}", params.len(), a.out.display());
+    Ok(())
+}
