@@ -64,7 +64,7 @@ struct Net<'a, T> {
 }
 
 /// What one block keeps for its backward.
-struct BlockActs<T> {
+pub(crate) struct BlockActs<T> {
     /// `[S·T, D]` residual stream entering the block.
     x_in: Vec<T>,
     ln1: Vec<T>,
@@ -125,6 +125,60 @@ fn pair_mut<'g, T>(
     (&mut lo[a.clone()], &mut hi[..b.len()])
 }
 
+/// One pre-norm block on the residual stream `x_in` `[S·T, D]` of sequences laid out as
+/// `rel` says, with `table` `[rel.table_rows, h]` as its relative bias: the block's own
+/// table for window sequences, a resized one for a larger grid. Returns what the backward
+/// needs and the block's output.
+pub(crate) fn block_forward<T: Real>(
+    p: &[T],
+    br: &BlockRanges,
+    table: &[T],
+    rel: &RelativeIndex,
+    heads: usize,
+    x_in: Vec<T>,
+) -> (BlockActs<T>, Vec<T>) {
+    let w = |r: &Range<usize>| &p[r.clone()];
+    let (d, hidden) = (br.norm1_w.len(), br.fc1_b.len());
+    let rows = x_in.len() / d;
+    let seqs = rows / rel.tokens;
+
+    // x_mid = x_in + proj(attn(LN1(x_in)))
+    let mut ln1 = zeros(rows * d);
+    let ln1_stats = layer_norm::forward(&mut ln1, &x_in, w(&br.norm1_w), w(&br.norm1_b));
+    let mut qkv = zeros(rows * 3 * d);
+    linear::forward(&mut qkv, &ln1, w(&br.qkv_w), w(&br.qkv_b));
+    let mut attn = zeros(rows * d);
+    let mut probs = zeros(seqs * heads * rel.tokens * rel.tokens);
+    attention::forward(&mut attn, &mut probs, &qkv, table, rel, heads);
+    let mut x_mid = x_in.clone();
+    linear::forward_add(&mut x_mid, &attn, w(&br.proj_w), w(&br.proj_b));
+
+    // x_out = x_mid + fc2(gelu(fc1(LN2(x_mid))))
+    let mut ln2 = zeros(rows * d);
+    let ln2_stats = layer_norm::forward(&mut ln2, &x_mid, w(&br.norm2_w), w(&br.norm2_b));
+    let mut fc1 = zeros(rows * hidden);
+    linear::forward(&mut fc1, &ln2, w(&br.fc1_w), w(&br.fc1_b));
+    let mut act = zeros(rows * hidden);
+    gelu::forward(&mut act, &fc1);
+    let mut x_out = x_mid.clone();
+    linear::forward_add(&mut x_out, &act, w(&br.fc2_w), w(&br.fc2_b));
+
+    let acts = BlockActs {
+        x_in,
+        ln1,
+        ln1_stats,
+        qkv,
+        probs,
+        attn,
+        x_mid,
+        ln2,
+        ln2_stats,
+        fc1,
+        gelu: act,
+    };
+    (acts, x_out)
+}
+
 impl<'a, T: Real> Net<'a, T> {
     fn new(m: &'a ModelConfig, p: &'a [T], batch: &Batch) -> Result<Self> {
         m.validate()?;
@@ -175,7 +229,8 @@ impl<'a, T: Real> Net<'a, T> {
 
         let mut blocks = Vec::with_capacity(m.depth);
         for br in &r.blocks {
-            let (acts, x_out) = self.block_forward(br, x);
+            let table = self.w(&br.rel_bias);
+            let (acts, x_out) = block_forward(self.p, br, table, &self.rel, m.heads, x);
             blocks.push(acts);
             x = x_out;
         }
@@ -199,58 +254,6 @@ impl<'a, T: Real> Net<'a, T> {
             norm_stats,
             pred,
         }
-    }
-
-    /// One pre-norm block on the residual stream `x_in` `[S·T, D]`; returns its output.
-    fn block_forward(&self, br: &BlockRanges, x_in: Vec<T>) -> (BlockActs<T>, Vec<T>) {
-        let (m, d) = (self.m, self.m.width);
-        let rows = x_in.len() / d;
-        let seqs = rows / m.seq_len();
-
-        // x_mid = x_in + proj(attn(LN1(x_in)))
-        let mut ln1 = zeros(rows * d);
-        let ln1_stats =
-            layer_norm::forward(&mut ln1, &x_in, self.w(&br.norm1_w), self.w(&br.norm1_b));
-        let mut qkv = zeros(rows * 3 * d);
-        linear::forward(&mut qkv, &ln1, self.w(&br.qkv_w), self.w(&br.qkv_b));
-        let mut attn = zeros(rows * d);
-        let mut probs = zeros(seqs * m.heads * m.seq_len() * m.seq_len());
-        attention::forward(
-            &mut attn,
-            &mut probs,
-            &qkv,
-            self.w(&br.rel_bias),
-            &self.rel,
-            m.heads,
-        );
-        let mut x_mid = x_in.clone();
-        linear::forward_add(&mut x_mid, &attn, self.w(&br.proj_w), self.w(&br.proj_b));
-
-        // x_out = x_mid + fc2(gelu(fc1(LN2(x_mid))))
-        let mut ln2 = zeros(rows * d);
-        let ln2_stats =
-            layer_norm::forward(&mut ln2, &x_mid, self.w(&br.norm2_w), self.w(&br.norm2_b));
-        let mut fc1 = zeros(rows * m.hidden());
-        linear::forward(&mut fc1, &ln2, self.w(&br.fc1_w), self.w(&br.fc1_b));
-        let mut act = zeros(rows * m.hidden());
-        gelu::forward(&mut act, &fc1);
-        let mut x_out = x_mid.clone();
-        linear::forward_add(&mut x_out, &act, self.w(&br.fc2_w), self.w(&br.fc2_b));
-
-        let acts = BlockActs {
-            x_in,
-            ln1,
-            ln1_stats,
-            qkv,
-            probs,
-            attn,
-            x_mid,
-            ln2,
-            ln2_stats,
-            fc1,
-            gelu: act,
-        };
-        (acts, x_out)
     }
 
     /// The forward in reverse, from dpred `[S·M, 3p²]`; adds every parameter's gradient.
