@@ -1,0 +1,81 @@
+//! A trained (or freshly initialised) model read back for use: the parameters of a
+//! checkpoint or a parameter file together with the config recorded in it, so `export`,
+//! `features` and `probe` need no model flags.
+
+use std::path::Path;
+
+use anyhow::{anyhow, Context, Result};
+
+use crate::checkpoint::read_named;
+use crate::config::Config;
+use crate::params::ParamLayout;
+use crate::tensor_file::TensorFile;
+
+/// A model's config and its flat parameters.
+#[derive(Clone, Debug)]
+pub struct Pretrained {
+    pub config: Config,
+    pub params: Vec<f32>,
+    /// Optimiser steps behind the parameters (0 for a parameter file).
+    pub step: u64,
+}
+
+impl Pretrained {
+    /// Reads a checkpoint (`pretrain`) or a parameter file (`init`).
+    pub fn open(path: &Path) -> Result<Self> {
+        let file = TensorFile::open(path, "checkpoint")?;
+        let text = file.metadata("config").ok_or_else(|| {
+            anyhow!(
+                "{} records no config in its metadata: it is not a lomar checkpoint or parameter file",
+                path.display()
+            )
+        })?;
+        let config: Config = serde_json::from_str(text)
+            .with_context(|| format!("{}: metadata `config` is malformed", path.display()))?;
+        config
+            .model
+            .validate()
+            .with_context(|| format!("{}: invalid model config", path.display()))?;
+        let step = match file.metadata("step") {
+            Some(s) => s.parse().map_err(|_| {
+                anyhow!(
+                    "{}: metadata `step` is {s:?}, not a step number",
+                    path.display()
+                )
+            })?,
+            None => 0,
+        };
+        let params = read_named(&file, &ParamLayout::new(&config.model), "")?;
+        Ok(Pretrained {
+            config,
+            params,
+            step,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::checkpoint::save_params;
+    use crate::cli::train_defaults;
+    use crate::config::preset;
+
+    #[test]
+    fn a_parameter_file_reads_back_with_its_config() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("p.safetensors");
+        let config = Config {
+            preset: "tiny".into(),
+            model: preset("tiny").unwrap(),
+            train: train_defaults("tiny"),
+        };
+        let params = ParamLayout::new(&config.model).init(7);
+        save_params(&path, &config, &params).unwrap();
+        let got = Pretrained::open(&path).unwrap();
+        assert_eq!((got.config, got.params, got.step), (config, params, 0));
+        std::fs::write(&path, b"not tensors").unwrap();
+        let err = Pretrained::open(&path).unwrap_err().to_string();
+        assert!(err.contains("not a valid safetensors file"), "{err}");
+    }
+}
