@@ -14,9 +14,14 @@ use crate::backend::Backend;
 use crate::batch_file;
 use crate::checkpoint::{self, CheckpointFile};
 use crate::config::{preset, Config, TrainConfig};
+use crate::cpu::encoder::{Encoder, Pool, View};
 use crate::data::BatchSource;
 use crate::device::{open_backend, Device, Precision};
+use crate::export::{self as encoder_export, ExportOptions};
+use crate::features::{open_source, Features, Provenance};
 use crate::params::ParamLayout;
+use crate::pretrained::Pretrained;
+use crate::probe::{self as linear_probe, ProbeOptions, ProbeReport};
 use crate::train::{self, TrainOptions};
 
 #[derive(Parser, Debug)]
@@ -40,6 +45,12 @@ pub enum Command {
     SampleBatch(SampleBatchArgs),
     /// Write freshly initialised parameters.
     Init(InitArgs),
+    /// Export the encoder as a state dict for timm's BEiT (fine-tuning in PyTorch).
+    Export(ExportArgs),
+    /// Run the frozen encoder over labelled images: one feature vector per image.
+    Features(FeaturesArgs),
+    /// Linear-probe and k-NN top-1 accuracy of frozen features.
+    Probe(ProbeArgs),
 }
 
 /// Which model: a preset or a config file, then per-field overrides.
@@ -204,6 +215,96 @@ pub struct InitArgs {
     pub seed: u64,
 }
 
+#[derive(Args, Debug)]
+pub struct ExportArgs {
+    /// Checkpoint or parameter file to export.
+    #[arg(long, value_name = "CKPT")]
+    pub checkpoint: PathBuf,
+    /// Output: the encoder's tensors under timm's BEiT names.
+    #[arg(long, value_name = "ENCODER.safetensors")]
+    pub out: PathBuf,
+    /// Image side the timm model is built for; the relative bias tables are resized to
+    /// its patch grid [default: the model's image]
+    #[arg(long)]
+    pub image: Option<usize>,
+    /// Also write the relative_position_index buffers, which timm before 0.9 keeps in
+    /// its state dict.
+    #[arg(long)]
+    pub position_index: bool,
+}
+
+/// Which images the frozen encoder runs on, and how.
+#[derive(Args, Debug)]
+pub struct EncodeArgs {
+    /// Labelled images: `synthetic` (the embedded images, labelled by shape family).
+    #[arg(long, default_value = "synthetic")]
+    pub data: String,
+    /// Embedded images to use.
+    #[arg(long, default_value_t = 2000)]
+    pub images: usize,
+    /// Seed of the embedded images (pretraining's default seed is 0, so the default
+    /// draws other images).
+    #[arg(long, default_value_t = 1)]
+    pub data_seed: u64,
+    /// Run on whole images (bias tables resized to the image grid) or on the K×K windows
+    /// tiling each image (features averaged).
+    #[arg(long, value_enum, default_value_t = View::Image)]
+    pub mode: View,
+    /// The cls token or the mean patch token, after the final norm.
+    #[arg(long, value_enum, default_value_t = Pool::Cls)]
+    pub pool: Pool,
+    /// Image side in pixels [default: the model's image]
+    #[arg(long)]
+    pub image: Option<usize>,
+}
+
+#[derive(Args, Debug)]
+pub struct FeaturesArgs {
+    /// Checkpoint or parameter file whose encoder to run.
+    #[arg(long, value_name = "CKPT")]
+    pub checkpoint: PathBuf,
+    /// Output: `features` [N, D] and `labels` [N].
+    #[arg(long, value_name = "FEATS.safetensors")]
+    pub out: PathBuf,
+    #[command(flatten)]
+    pub encode: EncodeArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct ProbeArgs {
+    /// A features file (from `lomar features`).
+    #[arg(
+        long,
+        value_name = "FEATS.safetensors",
+        required_unless_present = "checkpoint",
+        conflicts_with = "checkpoint"
+    )]
+    pub features: Option<PathBuf>,
+    /// Or a checkpoint or parameter file: its features are computed first.
+    #[arg(long, value_name = "CKPT")]
+    pub checkpoint: Option<PathBuf>,
+    #[command(flatten)]
+    pub encode: EncodeArgs,
+    /// Fraction of each class held out for testing.
+    #[arg(long, default_value_t = 0.2)]
+    pub test_fraction: f64,
+    /// Seed of the train/test split.
+    #[arg(long, default_value_t = 0)]
+    pub split_seed: u64,
+    /// L2 penalty on the linear probe's weights.
+    #[arg(long, default_value_t = 1e-4)]
+    pub weight_decay: f64,
+    /// L-BFGS iterations at most.
+    #[arg(long, default_value_t = 1000)]
+    pub max_iter: usize,
+    /// Neighbours voting in the k-NN classifier.
+    #[arg(long, default_value_t = 20)]
+    pub k: usize,
+    /// Temperature of the k-NN vote weights exp(similarity / T).
+    #[arg(long, default_value_t = 0.07)]
+    pub temperature: f64,
+}
+
 /// Training defaults of a preset. `tiny` is the embedded default job: a learning rate
 /// and length that show the loss falling within minutes on a laptop CPU. The ViT presets
 /// keep the reference recipe.
@@ -286,6 +387,9 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Grad(a) => grad(a),
         Command::SampleBatch(a) => sample_batch(a),
         Command::Init(a) => init(a),
+        Command::Export(a) => export(a),
+        Command::Features(a) => features(a),
+        Command::Probe(a) => probe(a),
     }
 }
 
@@ -450,4 +554,109 @@ fn init(a: InitArgs) -> Result<()> {
     checkpoint::save_params(&a.out, &config, &params)?;
     println!("{} parameters written to {}", params.len(), a.out.display());
     Ok(())
+}
+
+fn export(a: ExportArgs) -> Result<()> {
+    let model = Pretrained::open(&a.checkpoint)?;
+    let m = &model.config.model;
+    let image = a.image.unwrap_or(m.image);
+    let opts = ExportOptions {
+        image,
+        position_index: a.position_index,
+    };
+    let written = encoder_export::write_encoder(&a.out, m, &model.params, &opts)?;
+    println!(
+        "{written} encoder tensors (step {}) written to {} for timm.models.beit.Beit(**{})",
+        model.step,
+        a.out.display(),
+        encoder_export::timm_kwargs(m, image)
+    );
+    Ok(())
+}
+
+/// The features of `checkpoint`'s encoder on the images `e` names.
+fn encode(checkpoint: &Path, e: &EncodeArgs) -> Result<(Features, Provenance)> {
+    let model = Pretrained::open(checkpoint)?;
+    let image = e.image.unwrap_or(model.config.model.image);
+    let encoder = Encoder::new(&model.config.model, &model.params, image, e.mode, e.pool)?;
+    let source = open_source(&e.data, image, e.images, e.data_seed)?;
+    let total = source.len();
+    let started = std::time::Instant::now();
+    let features = Features::extract(&encoder, source.as_ref(), |done| {
+        if done < total {
+            println!(
+                "features: {done}/{total} images ({:.1} s)",
+                started.elapsed().as_secs_f64()
+            );
+        }
+    })?;
+    println!(
+        "features: {total} images -> {}-d in {:.1} s ({:?} mode, {:?} pool, checkpoint step {})",
+        features.dim,
+        started.elapsed().as_secs_f64(),
+        e.mode,
+        e.pool,
+        model.step
+    );
+    let provenance = Provenance {
+        checkpoint: checkpoint.display().to_string(),
+        step: model.step,
+        data: e.data.clone(),
+        view: format!("{:?}", e.mode).to_lowercase(),
+        pool: format!("{:?}", e.pool).to_lowercase(),
+        image,
+    };
+    Ok((features, provenance))
+}
+
+fn features(a: FeaturesArgs) -> Result<()> {
+    let (features, provenance) = encode(&a.checkpoint, &a.encode)?;
+    features.save(&a.out, &provenance)?;
+    println!(
+        "{} features with labels written to {}",
+        features.len(),
+        a.out.display()
+    );
+    Ok(())
+}
+
+fn probe(a: ProbeArgs) -> Result<()> {
+    let opts = ProbeOptions {
+        test_fraction: a.test_fraction,
+        seed: a.split_seed,
+        weight_decay: a.weight_decay,
+        max_iter: a.max_iter,
+        k: a.k,
+        temperature: a.temperature,
+    };
+    opts.validate()?;
+    let features = match (&a.features, &a.checkpoint) {
+        (Some(path), _) => Features::load(path)?,
+        (None, Some(checkpoint)) => encode(checkpoint, &a.encode)?.0,
+        (None, None) => bail!("give --features FILE or --checkpoint CKPT"),
+    };
+    let report = linear_probe::probe(&features, &opts)?;
+    print_probe_report(&report, features.dim, &opts);
+    Ok(())
+}
+
+fn print_probe_report(r: &ProbeReport, dim: usize, opts: &ProbeOptions) {
+    println!(
+        "probe: {} train / {} test images, {} classes, {dim}-d features (split seed {})",
+        r.train, r.test, r.classes, opts.seed
+    );
+    println!("majority class  top-1 {:5.1}%", 100.0 * r.majority_top1);
+    println!(
+        "linear probe    top-1 {:5.1}%  (train {:.1}%, {} L-BFGS iterations, weight decay {:e})",
+        100.0 * r.linear_top1,
+        100.0 * r.linear_train_top1,
+        r.iterations,
+        opts.weight_decay
+    );
+    println!(
+        "k-NN (k={:<3})    top-1 {:5.1}%  (cosine, vote weight exp(s/{}))",
+        r.k,
+        100.0 * r.knn_top1,
+        opts.temperature
+    );
 }
