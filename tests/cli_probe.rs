@@ -1,0 +1,191 @@
+//! `lomar export`, `lomar features` and `lomar probe` from the command line.
+
+mod common;
+
+use common::{lomar, lomar_err, lomar_ok};
+use lomar::cpu::encoder::{Encoder, Pool, View};
+use lomar::features::{Features, LabelledImages, SyntheticSource};
+use lomar::pretrained::Pretrained;
+use lomar::tensor_file::TensorFile;
+
+/// The percentage printed after `top-1` on the line starting with `label`.
+fn top1(stdout: &str, label: &str) -> f64 {
+    let line = stdout
+        .lines()
+        .find(|l| l.starts_with(label))
+        .unwrap_or_else(|| panic!("no `{label}` line in:\n{stdout}"));
+    let after = line.split("top-1").nth(1).unwrap().trim_start();
+    after.split('%').next().unwrap().trim().parse().unwrap()
+}
+
+#[test]
+fn features_and_probe_run_on_a_parameter_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    lomar_ok(d, &["init", "--out", "p.safetensors", "--seed", "3"]);
+
+    let stdout = lomar_ok(
+        d,
+        &[
+            "features",
+            "--checkpoint",
+            "p.safetensors",
+            "--images",
+            "60",
+            "--data-seed",
+            "5",
+            "--mode",
+            "windows",
+            "--pool",
+            "mean",
+            "--out",
+            "f.safetensors",
+        ],
+    );
+    assert!(
+        stdout.contains("60 features with labels written"),
+        "{stdout}"
+    );
+    let written = Features::load(&d.join("f.safetensors")).unwrap();
+    // The same encoder on the same images, through the library.
+    let model = Pretrained::open(&d.join("p.safetensors")).unwrap();
+    let encoder = Encoder::new(
+        &model.config.model,
+        &model.params,
+        32,
+        View::Windows,
+        Pool::Mean,
+    )
+    .unwrap();
+    let source = SyntheticSource::new(5, 32, 60);
+    assert_eq!(
+        written,
+        Features::extract(&encoder, &source, |_| {}).unwrap()
+    );
+    assert_eq!(written.classes, source.classes());
+
+    let from_file = lomar_ok(d, &["probe", "--features", "f.safetensors", "--k", "5"]);
+    assert!(
+        from_file.contains("probe: 48 train / 12 test images, 6 classes, 64-d features"),
+        "{from_file}"
+    );
+    let direct = lomar_ok(
+        d,
+        &[
+            "probe",
+            "--checkpoint",
+            "p.safetensors",
+            "--images",
+            "60",
+            "--data-seed",
+            "5",
+            "--mode",
+            "windows",
+            "--pool",
+            "mean",
+            "--k",
+            "5",
+        ],
+    );
+    for label in ["majority class", "linear probe", "k-NN (k=5"] {
+        let acc = top1(&from_file, label);
+        assert!((0.0..=100.0).contains(&acc), "{label}: {acc}");
+        assert_eq!(acc, top1(&direct, label), "{label}");
+    }
+}
+
+#[test]
+fn export_writes_the_encoder_with_timms_constructor() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    lomar_ok(d, &["init", "--out", "p.safetensors"]);
+    let stdout = lomar_ok(
+        d,
+        &[
+            "export",
+            "--checkpoint",
+            "p.safetensors",
+            "--out",
+            "e.safetensors",
+            "--image",
+            "48",
+        ],
+    );
+    assert!(stdout.contains("33 encoder tensors"), "{stdout}");
+    let file = TensorFile::open(&d.join("e.safetensors"), "encoder").unwrap();
+    let kwargs: serde_json::Value =
+        serde_json::from_str(file.metadata("timm_beit_kwargs").unwrap()).unwrap();
+    assert_eq!(kwargs["img_size"], 48);
+    assert_eq!(kwargs["embed_dim"], 64);
+    let (shape, _) = file
+        .f32("blocks.1.attn.relative_position_bias_table")
+        .unwrap();
+    assert_eq!(shape, [23 * 23 + 3, 4]);
+    assert!(!file.contains("mask_token") && !file.contains("head.weight"));
+    assert!(!file.contains("blocks.0.attn.relative_position_index"));
+}
+
+#[test]
+fn bad_input_is_refused_clearly() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    lomar_ok(d, &["init", "--out", "p.safetensors"]);
+    let p = "p.safetensors";
+    let cases: &[(&[&str], &str)] = &[
+        (
+            &["export", "--checkpoint", "absent", "--out", "e"],
+            "cannot read checkpoint absent",
+        ),
+        (
+            &["export", "--checkpoint", p, "--out", "e", "--image", "30"],
+            "image = 30: must be a positive multiple of the model's patch (4)",
+        ),
+        (
+            &[
+                "features",
+                "--checkpoint",
+                p,
+                "--out",
+                "f",
+                "--data",
+                "imgs/",
+            ],
+            "--data imgs/: this build reads only the embedded images",
+        ),
+        (
+            &["features", "--checkpoint", p, "--out", "f", "--images", "0"],
+            "images = 0",
+        ),
+        (
+            &[
+                "features",
+                "--checkpoint",
+                p,
+                "--out",
+                "f",
+                "--mode",
+                "windows",
+                "--image",
+                "8",
+            ],
+            "image = 8: 2x2 patches hold no 4x4 window",
+        ),
+        (
+            &["probe", "--checkpoint", p, "--images", "2"],
+            "2 images are too few",
+        ),
+        (
+            &["probe", "--checkpoint", p, "--test-fraction", "1"],
+            "test_fraction = 1",
+        ),
+        (&["probe", "--checkpoint", p, "--k", "0"], "k = 0"),
+        (&["probe", "--features", p], "is not a lomar features file"),
+    ];
+    for (args, want) in cases {
+        let stderr = lomar_err(d, args);
+        assert!(stderr.contains(want), "{args:?}: {stderr}");
+    }
+    // Neither a features file nor a checkpoint: a usage error.
+    let out = lomar(d, &["probe"]);
+    assert_eq!(out.status.code(), Some(2));
+}
