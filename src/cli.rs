@@ -291,6 +291,9 @@ pub struct ProbeArgs {
     /// Seed of the train/test split.
     #[arg(long, default_value_t = 0)]
     pub split_seed: u64,
+    /// Average over this many splits (seeds split_seed, split_seed + 1, ...).
+    #[arg(long, default_value_t = 1)]
+    pub repeats: usize,
     /// L2 penalty on the linear probe's weights.
     #[arg(long, default_value_t = 1e-4)]
     pub weight_decay: f64,
@@ -624,6 +627,7 @@ fn probe(a: ProbeArgs) -> Result<()> {
     let opts = ProbeOptions {
         test_fraction: a.test_fraction,
         seed: a.split_seed,
+        repeats: a.repeats,
         weight_decay: a.weight_decay,
         max_iter: a.max_iter,
         k: a.k,
@@ -641,22 +645,46 @@ fn probe(a: ProbeArgs) -> Result<()> {
 }
 
 fn print_probe_report(r: &ProbeReport, dim: usize, opts: &ProbeOptions) {
+    let splits = match r.repeats {
+        1 => format!("split seed {}", opts.seed),
+        n => format!(
+            "mean ± sd over {n} splits, seeds {}..={}",
+            opts.seed,
+            opts.seed + n as u64 - 1
+        ),
+    };
     println!(
-        "probe: {} train / {} test images, {} classes, {dim}-d features (split seed {})",
-        r.train, r.test, r.classes, opts.seed
+        "probe: {} train / {} test images, {} classes, {dim}-d features ({splits})",
+        r.train, r.test, r.classes
     );
-    println!("majority class  top-1 {:5.1}%", 100.0 * r.majority_top1);
-    println!(
-        "linear probe    top-1 {:5.1}%  (train {:.1}%, {} L-BFGS iterations, weight decay {:e})",
-        100.0 * r.linear_top1,
-        100.0 * r.linear_train_top1,
-        r.iterations,
-        opts.weight_decay
+    let spread = |sd: Option<f64>| match (r.repeats, sd) {
+        (2.., Some(sd)) => format!(" ± {:.1}", 100.0 * sd),
+        _ => String::new(),
+    };
+    let line = |label: &str, acc: f64, sd: Option<f64>, note: String| {
+        let text = format!(
+            "{label:<15} top-1 {:5.1}%{}  {note}",
+            100.0 * acc,
+            spread(sd)
+        );
+        println!("{}", text.trim_end());
+    };
+    line("majority class", r.majority_top1, None, String::new());
+    line(
+        "linear probe",
+        r.linear_top1,
+        Some(r.linear_top1_sd),
+        format!(
+            "(train {:.1}%, at most {} L-BFGS iterations, weight decay {:e})",
+            100.0 * r.linear_train_top1,
+            r.iterations,
+            opts.weight_decay
+        ),
     );
-    println!(
-        "k-NN (k={:<3})    top-1 {:5.1}%  (cosine, vote weight exp(s/{}))",
-        r.k,
-        100.0 * r.knn_top1,
-        opts.temperature
+    line(
+        &format!("k-NN (k={})", r.k),
+        r.knn_top1,
+        Some(r.knn_top1_sd),
+        format!("(cosine, vote weight exp(s/{}))", opts.temperature),
     );
 }

@@ -9,8 +9,10 @@
 //! - k-NN: cosine similarity to every training image, the `k` most similar vote with weight
 //!   `exp(similarity / temperature)` (DINO's weighted k-NN).
 //!
-//! Everything is deterministic: work is split into fixed chunks whose partial sums are
-//! combined in order.
+//! With `repeats > 1` both are evaluated on that many splits and the accuracies averaged,
+//! which narrows the noise of a small test set.
+//!
+//! Everything is deterministic; the probe's matrix products are the model's linear layer.
 
 use std::collections::VecDeque;
 
@@ -20,10 +22,9 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 
+use crate::cpu::ops::linear;
 use crate::features::Features;
 
-/// Rows per rayon task.
-const ROWS_PER_TASK: usize = 128;
 /// L-BFGS history length.
 const HISTORY: usize = 10;
 
@@ -32,8 +33,10 @@ const HISTORY: usize = 10;
 pub struct ProbeOptions {
     /// Fraction of each class held out for testing, in (0, 1).
     pub test_fraction: f64,
-    /// Seed of the split.
+    /// Seed of the (first) split.
     pub seed: u64,
+    /// Splits to average over, seeded `seed, seed + 1, ...`.
+    pub repeats: usize,
     /// L2 penalty on the probe's weights.
     pub weight_decay: f64,
     /// L-BFGS iterations at most.
@@ -49,6 +52,7 @@ impl Default for ProbeOptions {
         ProbeOptions {
             test_fraction: 0.2,
             seed: 0,
+            repeats: 1,
             weight_decay: 1e-4,
             max_iter: 1000,
             k: 20,
@@ -68,6 +72,9 @@ impl ProbeOptions {
                 self.weight_decay
             );
         }
+        if self.repeats == 0 {
+            bail!("repeats = 0: must be at least 1");
+        }
         if self.max_iter == 0 {
             bail!("max_iter = 0: must be at least 1");
         }
@@ -84,24 +91,39 @@ impl ProbeOptions {
     }
 }
 
-/// Top-1 accuracies, as fractions.
+/// Top-1 accuracies, as fractions: means over the splits, with their sample standard
+/// deviations (0 for one split).
 #[derive(Clone, Debug, PartialEq)]
 pub struct ProbeReport {
+    /// Splits evaluated, with seeds `seed, seed + 1, ...`.
+    pub repeats: usize,
+    /// Images per split (the same for every seed: the split is stratified).
     pub train: usize,
     pub test: usize,
     pub classes: usize,
     /// Predicting the most frequent training class for every test image.
     pub majority_top1: f64,
     pub linear_top1: f64,
+    pub linear_top1_sd: f64,
     pub linear_train_top1: f64,
-    /// L-BFGS iterations the linear probe took.
+    /// Most L-BFGS iterations the linear probe took on a split.
     pub iterations: usize,
     pub knn_top1: f64,
+    pub knn_top1_sd: f64,
     /// Neighbours that voted (`k`, or every training image if there are fewer).
     pub k: usize,
 }
 
-/// Splits, standardises and evaluates both classifiers.
+/// One split's results.
+struct SplitScores {
+    majority: f64,
+    linear: f64,
+    linear_train: f64,
+    iterations: usize,
+    knn: f64,
+}
+
+/// Evaluates both classifiers on `repeats` seeded splits.
 pub fn probe(features: &Features, opts: &ProbeOptions) -> Result<ProbeReport> {
     opts.validate()?;
     let classes = features.classes.len();
@@ -113,6 +135,38 @@ pub fn probe(features: &Features, opts: &ProbeOptions) -> Result<ProbeReport> {
             opts.test_fraction
         );
     }
+    let k = opts.k.min(train.len());
+    let scores: Vec<SplitScores> = (0..opts.repeats as u64)
+        .map(|r| probe_split(features, opts, opts.seed + r, k))
+        .collect();
+    let mean_sd = |f: fn(&SplitScores) -> f64| {
+        let n = scores.len() as f64;
+        let mean = scores.iter().map(f).sum::<f64>() / n;
+        let var = scores.iter().map(|s| (f(s) - mean).powi(2)).sum::<f64>() / (n - 1.0).max(1.0);
+        (mean, var.sqrt())
+    };
+    let (linear_top1, linear_top1_sd) = mean_sd(|s| s.linear);
+    let (knn_top1, knn_top1_sd) = mean_sd(|s| s.knn);
+    Ok(ProbeReport {
+        repeats: opts.repeats,
+        train: train.len(),
+        test: test.len(),
+        classes,
+        majority_top1: mean_sd(|s| s.majority).0,
+        linear_top1,
+        linear_top1_sd,
+        linear_train_top1: mean_sd(|s| s.linear_train).0,
+        iterations: scores.iter().map(|s| s.iterations).max().unwrap_or(0),
+        knn_top1,
+        knn_top1_sd,
+        k,
+    })
+}
+
+/// Both classifiers on the split of `seed`, which holds at least one image each side.
+fn probe_split(features: &Features, opts: &ProbeOptions, seed: u64, k: usize) -> SplitScores {
+    let classes = features.classes.len();
+    let (train, test) = stratified_split(&features.labels, classes, opts.test_fraction, seed);
     let d = features.dim;
     let rows = |idx: &[usize]| -> Vec<f64> {
         idx.iter()
@@ -134,25 +188,20 @@ pub fn probe(features: &Features, opts: &ProbeOptions) -> Result<ProbeReport> {
         opts.weight_decay,
         opts.max_iter,
     );
-    let k = opts.k.min(train.len());
     let mut counts = vec![0usize; classes];
     y_train.iter().for_each(|&y| counts[y as usize] += 1);
     let majority = (0..classes).max_by_key(|&c| (counts[c], usize::MAX - c));
     let majority = majority.unwrap_or(0) as u32;
-    Ok(ProbeReport {
-        train: train.len(),
-        test: test.len(),
-        classes,
-        majority_top1: accuracy(&vec![majority; y_test.len()], &y_test),
-        linear_top1: accuracy(&probe.predict(&x_test), &y_test),
-        linear_train_top1: accuracy(&probe.predict(&x_train), &y_train),
+    SplitScores {
+        majority: accuracy(&vec![majority; y_test.len()], &y_test),
+        linear: accuracy(&probe.predict(&x_test), &y_test),
+        linear_train: accuracy(&probe.predict(&x_train), &y_train),
         iterations: probe.iterations,
-        knn_top1: accuracy(
+        knn: accuracy(
             &knn_predict(&x_train, &y_train, &x_test, d, classes, k, opts.temperature),
             &y_test,
         ),
-        k,
-    })
+    }
 }
 
 /// `(train, test)` indices: per class, `round(count · test_fraction)` of a seeded shuffle
@@ -265,19 +314,12 @@ impl LinearProbe {
     }
 }
 
+/// Logits `[n, C]` = x `[n, d]` · Wᵀ + b, with the model's linear layer.
 fn logits(theta: &[f64], x: &[f64], d: usize, classes: usize) -> Vec<f64> {
     let (w, b) = theta.split_at(classes * d);
-    x.chunks_exact(d)
-        .flat_map(|row| {
-            (0..classes).map(move |c| {
-                b[c] + w[c * d..][..d]
-                    .iter()
-                    .zip(row)
-                    .map(|(a, v)| a * v)
-                    .sum::<f64>()
-            })
-        })
-        .collect()
+    let mut z = vec![0.0; x.len() / d * classes];
+    linear::forward(&mut z, x, w, b);
+    z
 }
 
 /// Mean cross-entropy of rows `x` `[n, d]` plus `wd/2 · |W|²`; writes its gradient.
@@ -291,43 +333,27 @@ fn cross_entropy(
     wd: f64,
 ) -> f64 {
     let n = y.len() as f64;
-    let partials: Vec<(f64, Vec<f64>)> = x
-        .par_chunks(ROWS_PER_TASK * d)
-        .zip(y.par_chunks(ROWS_PER_TASK))
-        .map(|(x, y)| {
-            let mut g = vec![0.0; theta.len()];
-            let mut loss = 0.0;
-            let z = logits(theta, x, d, classes);
-            for ((z, row), &label) in z.chunks_exact(classes).zip(x.chunks_exact(d)).zip(y) {
-                let max = z.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-                let sum: f64 = z.iter().map(|&v| (v - max).exp()).sum();
-                loss += max + sum.ln() - z[label as usize];
-                for c in 0..classes {
-                    // dL/dz_c = softmax_c - [c == label].
-                    let dz = (z[c] - max).exp() / sum - f64::from(c == label as usize);
-                    g[classes * d + c] += dz;
-                    g[c * d..][..d]
-                        .iter_mut()
-                        .zip(row)
-                        .for_each(|(gw, &v)| *gw += dz * v);
-                }
+    let mut z = logits(theta, x, d, classes);
+    // z becomes dL/dz = (softmax(z) - onehot(y)) / n, row by row.
+    let losses: Vec<f64> = z
+        .par_chunks_mut(classes)
+        .zip(y.par_iter())
+        .map(|(z, &label)| {
+            let max = z.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            let sum: f64 = z.iter().map(|&v| (v - max).exp()).sum();
+            let loss = max + sum.ln() - z[label as usize];
+            for (c, v) in z.iter_mut().enumerate() {
+                *v = ((*v - max).exp() / sum - f64::from(c == label as usize)) / n;
             }
-            (loss, g)
+            loss
         })
         .collect();
-    grad.fill(0.0);
-    let mut loss = 0.0;
-    for (l, g) in partials {
-        loss += l;
-        grad.iter_mut().zip(g).for_each(|(a, b)| *a += b);
-    }
-    grad.iter_mut().for_each(|g| *g /= n);
-    let w = &theta[..classes * d];
-    grad[..classes * d]
-        .iter_mut()
-        .zip(w)
-        .for_each(|(g, &v)| *g += wd * v);
-    loss / n + 0.5 * wd * w.iter().map(|v| v * v).sum::<f64>()
+    let (w, _) = theta.split_at(classes * d);
+    let (gw, gb) = grad.split_at_mut(classes * d);
+    gw.iter_mut().zip(w).for_each(|(g, &v)| *g = wd * v);
+    gb.fill(0.0);
+    linear::backward(None, gw, gb, &z, x, w);
+    losses.iter().sum::<f64>() / n + 0.5 * wd * w.iter().map(|v| v * v).sum::<f64>()
 }
 
 fn dot(a: &[f64], b: &[f64]) -> f64 {
@@ -546,6 +572,7 @@ mod tests {
         };
         let report = probe(&feats, &ProbeOptions::default()).unwrap();
         assert_eq!((report.train, report.test, report.k), (240, 60, 20));
+        assert_eq!((report.linear_top1_sd, report.knn_top1_sd), (0.0, 0.0));
         assert!(report.linear_top1 > 0.97, "{report:?}");
         assert!(report.knn_top1 > 0.97, "{report:?}");
         let noise = Features {
@@ -559,5 +586,48 @@ mod tests {
         let report = probe(&noise, &ProbeOptions::default()).unwrap();
         assert!(report.linear_top1 < 0.55, "{report:?}");
         assert!(report.knn_top1 < 0.55, "{report:?}");
+    }
+
+    /// Repeats average the single-split reports of consecutive seeds.
+    #[test]
+    fn repeats_average_consecutive_splits() {
+        let mut rng = ChaCha8Rng::seed_from_u64(3);
+        let (n, d) = (120, 4);
+        let feats = Features {
+            dim: d,
+            values: (0..n * d)
+                .map(|i| (standard_normal(&mut rng) + (i / d % 2) as f64) as f32)
+                .collect(),
+            labels: (0..n).map(|i| (i % 2) as u32).collect(),
+            classes: vec!["a".into(), "b".into()],
+        };
+        let single = |seed| {
+            let opts = ProbeOptions {
+                seed,
+                k: 5,
+                ..ProbeOptions::default()
+            };
+            probe(&feats, &opts).unwrap()
+        };
+        let runs: Vec<ProbeReport> = (7..10).map(single).collect();
+        let opts = ProbeOptions {
+            seed: 7,
+            repeats: 3,
+            k: 5,
+            ..ProbeOptions::default()
+        };
+        let averaged = probe(&feats, &opts).unwrap();
+        let linear: Vec<f64> = runs.iter().map(|r| r.linear_top1).collect();
+        let knn: Vec<f64> = runs.iter().map(|r| r.knn_top1).collect();
+        let mean = |v: &[f64]| v.iter().sum::<f64>() / 3.0;
+        let sd = |v: &[f64]| (v.iter().map(|x| (x - mean(v)).powi(2)).sum::<f64>() / 2.0).sqrt();
+        assert!((averaged.linear_top1 - mean(&linear)).abs() < 1e-12);
+        assert!((averaged.knn_top1 - mean(&knn)).abs() < 1e-12);
+        assert!((averaged.linear_top1_sd - sd(&linear)).abs() < 1e-12);
+        assert!((averaged.knn_top1_sd - sd(&knn)).abs() < 1e-12);
+        assert!(
+            linear.iter().chain(&knn).any(|&a| a != linear[0]),
+            "{runs:?}"
+        );
     }
 }

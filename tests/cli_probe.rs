@@ -179,6 +179,10 @@ fn bad_input_is_refused_clearly() {
             "test_fraction = 1",
         ),
         (&["probe", "--checkpoint", p, "--k", "0"], "k = 0"),
+        (
+            &["probe", "--checkpoint", p, "--repeats", "0"],
+            "repeats = 0",
+        ),
         (&["probe", "--features", p], "is not a lomar features file"),
     ];
     for (args, want) in cases {

@@ -1,0 +1,94 @@
+//! The whole chain on the embedded data, with nothing to download: pretrain, extract frozen
+//! features, probe. Pretraining must pay off: the encoder's features after a short run must
+//! beat the same encoder's features at its initialisation, with the same probe, the same
+//! images and the same split.
+
+use lomar::backend::Backend;
+use lomar::cli::train_defaults;
+use lomar::config::{preset, Config, TrainConfig};
+use lomar::cpu::encoder::{Encoder, Pool, View};
+use lomar::cpu::CpuBackend;
+use lomar::data::BatchSource;
+use lomar::features::{Features, SyntheticSource};
+use lomar::params::ParamLayout;
+use lomar::probe::{probe, ProbeOptions, ProbeReport};
+use lomar::train::{train, TrainOptions};
+
+/// Pretraining: the tiny preset's recipe, shortened.
+const STEPS: u64 = 500;
+const BATCH: usize = 64;
+/// Probe images (other than pretraining's: another data seed).
+const IMAGES: usize = 4000;
+const DATA_SEED: u64 = 2;
+/// Splits the accuracies are averaged over.
+const REPEATS: usize = 5;
+/// Least improvement required, in accuracy points (measured: see `README.md`).
+const LINEAR_MARGIN: f64 = 1.5;
+const KNN_MARGIN: f64 = 1.0;
+
+fn evaluate(config: &Config, params: &[f32]) -> ProbeReport {
+    let m = &config.model;
+    let encoder = Encoder::new(m, params, m.image, View::Image, Pool::Cls).unwrap();
+    let source = SyntheticSource::new(DATA_SEED, m.image, IMAGES);
+    let features = Features::extract(&encoder, &source, |_| {}).unwrap();
+    let opts = ProbeOptions {
+        repeats: REPEATS,
+        ..ProbeOptions::default()
+    };
+    probe(&features, &opts).unwrap()
+}
+
+#[test]
+fn pretrained_features_beat_the_initialisation() {
+    let config = Config {
+        preset: "tiny".into(),
+        model: preset("tiny").unwrap(),
+        train: TrainConfig {
+            batch: BATCH,
+            steps: STEPS,
+            warmup_steps: STEPS / 20,
+            ..train_defaults("tiny")
+        },
+    };
+    config.validate().unwrap();
+    let seed = config.train.seed;
+    let init = ParamLayout::new(&config.model).init(seed);
+    let mut backend = CpuBackend::new(&config.model, init.clone()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let outcome = train(
+        &mut backend,
+        &config,
+        0,
+        BatchSource::new(&config.model, seed),
+        &TrainOptions {
+            out_dir: dir.path().to_path_buf(),
+            checkpoint_every: 0,
+            log_every: STEPS,
+            stop_after: None,
+        },
+    )
+    .unwrap();
+    assert!(outcome.last_loss < 0.6 * outcome.first_loss, "{outcome:?}");
+    let pretrained = backend.params().unwrap();
+
+    let before = evaluate(&config, &init);
+    let after = evaluate(&config, &pretrained);
+    let points = |a: f64, b: f64| 100.0 * (a - b);
+    let pct = |a: f64, sd: f64| format!("{:.1}% ± {:.1}", 100.0 * a, 100.0 * sd);
+    eprintln!(
+        "initialisation: linear {}, k-NN {}; after {STEPS} steps: linear {}, k-NN {} (majority {:.1}%)",
+        pct(before.linear_top1, before.linear_top1_sd),
+        pct(before.knn_top1, before.knn_top1_sd),
+        pct(after.linear_top1, after.linear_top1_sd),
+        pct(after.knn_top1, after.knn_top1_sd),
+        100.0 * after.majority_top1
+    );
+    assert_eq!((before.train, before.test), (after.train, after.test));
+    let knn = points(after.knn_top1, before.knn_top1);
+    let linear = points(after.linear_top1, before.linear_top1);
+    assert!(knn >= KNN_MARGIN, "k-NN improved by {knn:.1} points");
+    assert!(
+        linear >= LINEAR_MARGIN,
+        "linear probe improved by {linear:.1} points"
+    );
+}
