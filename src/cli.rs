@@ -8,7 +8,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::backend::Backend;
 use crate::batch_file;
@@ -577,6 +577,12 @@ fn export(a: ExportArgs) -> Result<()> {
     Ok(())
 }
 
+/// How a value of an enum flag is spelled on the command line.
+fn flag_value(v: impl ValueEnum) -> String {
+    v.to_possible_value()
+        .map_or_else(String::new, |p| p.get_name().to_string())
+}
+
 /// The features of `checkpoint`'s encoder on the images `e` names.
 fn encode(checkpoint: &Path, e: &EncodeArgs) -> Result<(Features, Provenance)> {
     let model = Pretrained::open(checkpoint)?;
@@ -585,28 +591,30 @@ fn encode(checkpoint: &Path, e: &EncodeArgs) -> Result<(Features, Provenance)> {
     let source = open_source(&e.data, image, e.images, e.data_seed)?;
     let total = source.len();
     let started = std::time::Instant::now();
+    let mut reported = started;
     let features = Features::extract(&encoder, source.as_ref(), |done| {
-        if done < total {
+        if done < total && reported.elapsed().as_secs() >= 10 {
+            reported = std::time::Instant::now();
             println!(
-                "features: {done}/{total} images ({:.1} s)",
+                "features: {done}/{total} images ({:.0} s)",
                 started.elapsed().as_secs_f64()
             );
         }
     })?;
     println!(
-        "features: {total} images -> {}-d in {:.1} s ({:?} mode, {:?} pool, checkpoint step {})",
+        "features: {total} images -> {}-d in {:.1} s (mode {}, pool {}, checkpoint step {})",
         features.dim,
         started.elapsed().as_secs_f64(),
-        e.mode,
-        e.pool,
+        flag_value(e.mode),
+        flag_value(e.pool),
         model.step
     );
     let provenance = Provenance {
         checkpoint: checkpoint.display().to_string(),
         step: model.step,
         data: e.data.clone(),
-        view: format!("{:?}", e.mode).to_lowercase(),
-        pool: format!("{:?}", e.pool).to_lowercase(),
+        view: flag_value(e.mode),
+        pool: flag_value(e.pool),
         image,
     };
     Ok((features, provenance))

@@ -37,8 +37,9 @@ pub enum Pool {
     Mean,
 }
 
-/// Attention probabilities one chunk of images may hold at once, in values.
-const PROBS_BUDGET: usize = 1 << 25;
+/// Attention probabilities one chunk of images may hold at once, in values (64 MiB; the
+/// other activations of a block take about as much again for a ViT-B at 224).
+const PROBS_BUDGET: usize = 1 << 24;
 
 /// A model's frozen encoder at one image size, view and pooling.
 pub struct Encoder<'a> {
