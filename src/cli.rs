@@ -35,7 +35,7 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Pretrain a model; by default the tiny preset on the embedded synthetic images.
-    Pretrain(PretrainArgs),
+    Pretrain(Box<PretrainArgs>),
     /// One forward and backward pass on a batch file: writes the loss and every gradient.
     Grad(GradArgs),
     /// Write a batch file from the embedded synthetic images (or --data) and the sampler.
@@ -353,7 +353,7 @@ fn set<T>(field: &mut T, value: Option<T>) {
 
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Pretrain(a) => pretrain(a),
+        Command::Pretrain(a) => pretrain(*a),
         Command::Grad(a) => grad(a),
         Command::SampleBatch(a) => sample_batch(a),
         Command::Init(a) => init(a),

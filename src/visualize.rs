@@ -20,8 +20,8 @@ use crate::batch::Batch;
 use crate::checkpoint::{load_params, CheckpointFile};
 use crate::config::{ModelConfig, NORM_PIX_EPS};
 use crate::cpu::model::predict;
-use crate::data::augment::CropBox;
-use crate::data::decode::decode_file;
+use crate::data::augment::{to_tensor, CropBox};
+use crate::data::decode::Decoder;
 use crate::data::folder::ImageFolder;
 use crate::data::synthetic::SyntheticImages;
 use crate::data::{IMAGENET_MEAN, IMAGENET_STD};
@@ -247,9 +247,10 @@ pub enum Images {
 /// An image file as the model sees it at evaluation: the centred square, resized to
 /// `side`, normalised.
 fn load_centred(path: &Path, side: usize) -> Result<Vec<f32>, String> {
-    let image = decode_file(path)?;
-    let crop = CropBox::centre_square(image.width(), image.height());
-    Ok(image.to_tensor(crop, false, side))
+    let mut decoder = Decoder::default();
+    let image = decoder.read(path)?;
+    let crop = CropBox::centre_square(image.width, image.height);
+    Ok(to_tensor(&image, crop, false, side))
 }
 
 /// The `[3, H, W]` images to show.
@@ -321,4 +322,70 @@ pub fn visualize(checkpoint: &Path, images: &Images, seed: u64, out: &Path) -> R
         .save_png(out)
         .with_context(|| "cannot write the figure".to_string())?;
     Ok(batch.images_len)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::preset;
+    use crate::cpu::ops::patches::gather;
+    use crate::data::BatchSource;
+
+    /// A perfect prediction (the loss's own targets) must reproduce the image in the
+    /// reconstruction panel, with and without norm-pix: the de-normalisation inverts
+    /// the target normalisation.
+    #[test]
+    fn a_perfect_prediction_reconstructs_the_image() {
+        for norm_pix in [true, false] {
+            let m = ModelConfig {
+                norm_pix,
+                ..preset("tiny").unwrap()
+            };
+            let batch = BatchSource::new(&m, 4).next_batch(2).unwrap();
+            let targets = gather::<f32>(&m, &batch).targets;
+            let (h, p, g, k) = (m.image, m.patch, m.grid(), m.window);
+            let mk = m.masked_per_window();
+            for b in 0..2 {
+                let [original, input, recon, pasted] = panels(&m, &batch, &targets, b);
+                // The last window decides each of its patches.
+                let s = b * m.windows_per_image + m.windows_per_image - 1;
+                let (r0, c0) = (
+                    batch.window_origin[2 * s] as usize,
+                    batch.window_origin[2 * s + 1] as usize,
+                );
+                for &i in &batch.mask_index[s * mk..][..mk] {
+                    let (gy, gx) = (r0 + i as usize / k, c0 + i as usize % k);
+                    assert!(gy < g && gx < g);
+                    for y in gy * p..(gy + 1) * p {
+                        for x in gx * p..(gx + 1) * p {
+                            let at = (y * h + x) * 3;
+                            for c in 0..3 {
+                                let (want, got) = (original[at + c], recon[at + c]);
+                                assert!(
+                                    want.abs_diff(got) <= 1,
+                                    "norm_pix {norm_pix}: image {b} ({y}, {x}) c{c}: {got} vs {want}"
+                                );
+                                assert_eq!(pasted[at + c], got);
+                                assert_eq!(input[at + c], MASKED[c]);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn small_images_are_enlarged_and_panels_do_not_overlap() {
+        let l = Layout::new(32, 3);
+        assert_eq!(l.scale, 4);
+        assert_eq!(l.panel(), 128);
+        let (x0, y0) = l.origin(0, 0);
+        assert!(y0 >= l.header);
+        let (x1, _) = l.origin(0, 1);
+        let (_, y2) = l.origin(2, 3);
+        assert!(x1 >= x0 + l.panel() && y2 + l.panel() <= l.height());
+        assert_eq!(l.origin(2, 3).0 + l.panel() + l.margin, l.width());
+        assert_eq!(Layout::new(224, 1).scale, 1);
+    }
 }

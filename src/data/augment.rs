@@ -12,7 +12,7 @@
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use super::resize::{resize_crop, Channel, RgbView};
+use super::resize::{resize_crop, RgbView};
 use super::{IMAGENET_MEAN, IMAGENET_STD};
 
 /// RandomResizedCrop's area fraction range.
@@ -138,33 +138,50 @@ impl Augment {
         AugmentDraw { crop, flip }
     }
 
-    /// Image `file` of epoch `epoch`, augmented: `[3, side, side]`, normalised.
-    pub fn apply<C: Channel>(&self, image: &RgbView<C>, epoch: u64, file: u64) -> Vec<f32> {
+    /// Image `file` of epoch `epoch`, cropped, resized and flipped into `out`: 8-bit RGB
+    /// `[side, side, 3]`.
+    pub fn apply(&self, image: &RgbView, epoch: u64, file: u64, out: &mut [u8]) {
         let d = self.draw(epoch, file, image.width, image.height);
-        to_tensor(image, d.crop, d.flip, self.side)
+        crop_resize_flip(image, d.crop, d.flip, self.side, out);
     }
 }
 
-/// `crop` of `image` resized to `side × side` (flipped left-right if asked), normalised
-/// with the ImageNet mean and std: `[3, side, side]`.
-pub fn to_tensor<C: Channel>(
-    image: &RgbView<C>,
-    crop: CropBox,
-    flip: bool,
-    side: usize,
-) -> Vec<f32> {
-    let rgb = resize_crop(image, crop, side, side);
-    let plane = side * side;
-    let mut out = vec![0.0f32; 3 * plane];
-    for y in 0..side {
-        for x in 0..side {
-            let from = if flip { side - 1 - x } else { x };
-            let pixel = &rgb[(y * side + from) * 3..][..3];
-            for c in 0..3 {
-                out[c * plane + y * side + x] = (pixel[c] - IMAGENET_MEAN[c]) / IMAGENET_STD[c];
+/// `crop` of `image` resized to `side × side`, flipped left-right if asked, into `out`:
+/// 8-bit RGB `[side, side, 3]`, as the reference pipeline holds it before `ToTensor`.
+pub fn crop_resize_flip(image: &RgbView, crop: CropBox, flip: bool, side: usize, out: &mut [u8]) {
+    resize_crop(image, crop, side, out);
+    if flip {
+        for row in out.chunks_exact_mut(side * 3) {
+            for x in 0..side / 2 {
+                let (left, right) = row.split_at_mut((side - 1 - x) * 3);
+                left[x * 3..x * 3 + 3].swap_with_slice(&mut right[..3]);
             }
         }
     }
+}
+
+/// `ToTensor` then `Normalize` with the ImageNet statistics: 8-bit RGB `[H, W, 3]` into
+/// `out`, `[3, H, W]`, in the same f32 operations (divide by 255, subtract the mean,
+/// divide by the std).
+pub fn normalise_into(rgb: &[u8], out: &mut [f32]) {
+    assert_eq!(rgb.len(), out.len(), "normalise_into: sizes");
+    let table: [[f32; 256]; 3] = std::array::from_fn(|c| {
+        std::array::from_fn(|v| (v as f32 / 255.0 - IMAGENET_MEAN[c]) / IMAGENET_STD[c])
+    });
+    let plane = rgb.len() / 3;
+    for (i, p) in rgb.chunks_exact(3).enumerate() {
+        for c in 0..3 {
+            out[c * plane + i] = table[c][p[c] as usize];
+        }
+    }
+}
+
+/// `crop_resize_flip` then `normalise_into`: `[3, side, side]`.
+pub fn to_tensor(image: &RgbView, crop: CropBox, flip: bool, side: usize) -> Vec<f32> {
+    let mut rgb = vec![0u8; side * side * 3];
+    crop_resize_flip(image, crop, flip, side, &mut rgb);
+    let mut out = vec![0.0f32; rgb.len()];
+    normalise_into(&rgb, &mut out);
     out
 }
 
@@ -318,8 +335,8 @@ mod tests {
 
     #[test]
     fn output_is_the_flipped_normalised_crop() {
-        // A 4 × 3 image whose every pixel codes its position; a 2 × 2 crop kept at its size
-        // copies it, so the output is the crop itself, mirrored when flipped.
+        // A 4 × 3 image whose every byte codes its position; a 2 × 2 crop kept at its
+        // size is copied, so the output is the crop itself, mirrored when flipped.
         let (w, h) = (4, 3);
         let pixels: Vec<u8> = (0..w * h)
             .flat_map(|i| [(10 * i) as u8, (10 * i + 1) as u8, (10 * i + 2) as u8])
@@ -340,13 +357,31 @@ mod tests {
                     let sx = if flip { 1 - x } else { x };
                     let source = (1 + y) * w + 1 + sx;
                     for c in 0..3 {
-                        let got = out[c * 4 + y * 2 + x];
-                        let want = norm(c, 10 * source + c);
-                        assert!((got - want).abs() < 1e-6, "flip {flip} c{c} y{y} x{x}");
+                        assert_eq!(
+                            out[c * 4 + y * 2 + x],
+                            norm(c, 10 * source + c),
+                            "flip {flip} c{c} y{y} x{x}"
+                        );
                     }
                 }
             }
         }
+        // An odd width keeps its middle column in place.
+        let mut rgb = [0u8; 27];
+        crop_resize_flip(
+            &view,
+            CropBox {
+                top: 0,
+                left: 0,
+                height: 3,
+                width: 3,
+            },
+            true,
+            3,
+            &mut rgb,
+        );
+        assert_eq!(&rgb[3..6], &pixels[3..6]);
+        assert_eq!(&rgb[0..3], &pixels[6..9]);
     }
 
     #[test]
@@ -355,12 +390,9 @@ mod tests {
         let view = RgbView::new(&pixels, 37, 23);
         let a = Augment { seed: 1, side: 16 };
         for file in 0..5 {
-            let out = a.apply(&view, 0, file);
-            for (i, v) in out.iter().enumerate() {
-                let c = i / 256;
-                let want = (128.0 / 255.0 - IMAGENET_MEAN[c]) / IMAGENET_STD[c];
-                assert!((v - want).abs() < 1e-5, "file {file} value {i}: {v}");
-            }
+            let mut out = vec![0u8; 16 * 16 * 3];
+            a.apply(&view, 0, file, &mut out);
+            assert!(out.iter().all(|&v| v == 128), "file {file}");
         }
     }
 }

@@ -20,8 +20,8 @@ use anyhow::{bail, Context, Result};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use super::augment::Augment;
-use super::decode::decode_file;
+use super::augment::{normalise_into, Augment};
+use super::decode::Decoder;
 use super::folder::ImageFolder;
 use super::FolderState;
 
@@ -83,8 +83,8 @@ impl EpochOrder {
     }
 }
 
-/// One position's outcome: the augmented image, or why its file was unusable.
-type Item = Result<Vec<f32>, String>;
+/// One position's outcome: the augmented 8-bit image, or why its file was unusable.
+type Item = Result<Vec<u8>, String>;
 
 struct Queue {
     /// The next position a worker will take.
@@ -102,6 +102,8 @@ struct Shared {
     order: EpochOrder,
     augment: Augment,
     queue: Mutex<Queue>,
+    /// Image buffers the consumer is done with, for workers to fill again.
+    spare: Mutex<Vec<Vec<u8>>>,
     /// Signalled when a position finishes.
     finished: Condvar,
     /// Signalled when the consumer frees room in the queue, or on shutdown.
@@ -115,16 +117,17 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Shared {
-    fn load(&self, pos: u64) -> Item {
+    fn load(&self, pos: u64, decoder: &mut Decoder) -> Item {
         let (epoch, file) = self.order.locate(pos);
-        let image = decode_file(&self.folder.path(file))?;
-        let d = self
-            .augment
-            .draw(epoch, file as u64, image.width(), image.height());
-        Ok(image.to_tensor(d.crop, d.flip, self.augment.side))
+        let image = decoder.read(&self.folder.path(file))?;
+        let mut out = lock(&self.spare).pop().unwrap_or_default();
+        out.resize(self.augment.side * self.augment.side * 3, 0);
+        self.augment.apply(&image, epoch, file as u64, &mut out);
+        Ok(out)
     }
 
     fn work(&self) {
+        let mut decoder = Decoder::default();
         loop {
             let pos = {
                 let mut q = lock(&self.queue);
@@ -141,7 +144,7 @@ impl Shared {
             };
             // A decoder bug on a hostile file must not hang the consumer: it becomes an
             // unusable file like any other.
-            let item = panic::catch_unwind(AssertUnwindSafe(|| self.load(pos)))
+            let item = panic::catch_unwind(AssertUnwindSafe(|| self.load(pos, &mut decoder)))
                 .unwrap_or_else(|_| Err("the decoder crashed on this file".to_string()));
             lock(&self.queue).done.insert(pos, item);
             self.finished.notify_all();
@@ -187,6 +190,7 @@ impl Loader {
                 seed: opts.seed,
                 side: opts.side,
             },
+            spare: Mutex::new(Vec::new()),
             queue: Mutex::new(Queue {
                 next_job: next,
                 consumed: next,
@@ -220,25 +224,30 @@ impl Loader {
     fn check_usable(&mut self) -> Result<()> {
         let shared = self.shared.clone();
         let folder = &shared.folder;
-        let mut first_error = None;
+        let mut unusable: Vec<(usize, String)> = Vec::new();
+        let mut decoder = Decoder::default();
         for i in 0..folder.len() {
             if self.skipped.contains(&i) {
                 continue;
             }
-            match decode_file(&folder.path(i)) {
-                Ok(_) => return Ok(()),
-                Err(why) => {
-                    first_error
-                        .get_or_insert_with(|| format!("{}: {why}", folder.relative(i).display()));
-                    self.skip(i, &why);
+            match decoder.read(&folder.path(i)) {
+                Ok(_) => {
+                    for (file, why) in unusable {
+                        self.skip(file, &why);
+                    }
+                    return Ok(());
                 }
+                Err(why) => unusable.push((i, why)),
             }
         }
+        let first = unusable.first().map_or_else(
+            || "all were found unusable before".to_string(),
+            |(i, why)| format!("{}: {why}", folder.relative(*i).display()),
+        );
         bail!(
-            "--data {}: no usable image among its {} files (every one is unreadable or not a JPEG or PNG; first: {})",
+            "--data {}: no usable image among its {} files (each is unreadable or not a JPEG or PNG; first: {first})",
             folder.root().display(),
             folder.len(),
-            first_error.unwrap_or_else(|| "all were found unusable before".to_string())
         )
     }
 
@@ -285,8 +294,9 @@ impl Loader {
         }
     }
 
-    /// The next usable image of the stream, `[3, side, side]`, normalised.
-    pub fn next_image(&mut self) -> Result<Vec<f32>> {
+    /// The next usable image of the stream, augmented and normalised into `out`
+    /// (`[3, side, side]`).
+    pub fn next_into(&mut self, out: &mut [f32]) -> Result<()> {
         let files = self.files() as u64;
         let mut failures = 0u64;
         loop {
@@ -308,7 +318,11 @@ impl Loader {
             self.shared.room.notify_one();
             self.next += 1;
             match item {
-                Ok(image) => return Ok(image),
+                Ok(rgb) => {
+                    normalise_into(&rgb, out);
+                    lock(&self.shared.spare).push(rgb);
+                    return Ok(());
+                }
                 Err(why) => {
                     let (_, file) = self.shared.order.locate(pos);
                     self.skip(file, &why);
@@ -353,8 +367,9 @@ impl LoaderSpeed {
 }
 
 /// Loads `images` images of `side × side` from the folder at `root` with `threads`
-/// decoding threads, as fast as the consumer can take them, and times it from the start
-/// of the threads to the last image (the folder scan and usability check excluded).
+/// decoding threads, as fast as the consumer can take and normalise them, and times it
+/// from the start of the threads to the last image (the folder scan and usability check
+/// excluded).
 pub fn measure(
     root: &Path,
     side: usize,
@@ -374,8 +389,9 @@ pub fn measure(
     };
     let mut loader = Loader::open(folder, opts, 0, &[])?;
     let started = std::time::Instant::now();
+    let mut tensor = vec![0.0f32; 3 * side * side];
     for _ in 0..images {
-        loader.next_image()?;
+        loader.next_into(&mut tensor)?;
     }
     Ok(LoaderSpeed {
         images,

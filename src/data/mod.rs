@@ -228,7 +228,7 @@ impl BatchSource {
             }
             Images::Folder(loader) => {
                 for out in pixels.chunks_exact_mut(size) {
-                    out.copy_from_slice(&loader.next_image()?);
+                    loader.next_into(out)?;
                 }
             }
         }
