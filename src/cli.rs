@@ -12,6 +12,7 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::backend::Backend;
 use crate::batch_file;
+use crate::bench;
 use crate::checkpoint::{self, CheckpointFile};
 use crate::config::{preset, Config, TrainConfig};
 use crate::data::BatchSource;
@@ -40,6 +41,8 @@ pub enum Command {
     SampleBatch(SampleBatchArgs),
     /// Write freshly initialised parameters.
     Init(InitArgs),
+    /// Time training steps: images/s, ms/step, TFLOP/s, MFU, per-phase times.
+    Bench(BenchArgs),
 }
 
 /// Which model: a preset or a config file, then per-field overrides.
@@ -204,6 +207,28 @@ pub struct InitArgs {
     pub seed: u64,
 }
 
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub train: TrainArgs,
+    #[command(flatten)]
+    pub device: DeviceArgs,
+    /// Untimed steps first (kernel loading, allocator and cache warm-up).
+    #[arg(long, default_value_t = 3)]
+    pub warmup: usize,
+    /// Timed steps.
+    #[arg(long = "timed-steps", default_value_t = 10)]
+    pub timed_steps: usize,
+    /// Dense bf16 peak of the device in TFLOP/s, for MFU [default: looked up by name].
+    #[arg(long)]
+    pub peak_tflops: Option<f64>,
+    /// Also write the whole report as JSON (with the commit and the settings).
+    #[arg(long, value_name = "FILE.json")]
+    pub json: Option<PathBuf>,
+}
+
 /// Training defaults of a preset. `tiny` is the embedded default job: a learning rate
 /// and length that show the loss falling within minutes on a laptop CPU. The ViT presets
 /// keep the reference recipe.
@@ -286,6 +311,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Grad(a) => grad(a),
         Command::SampleBatch(a) => sample_batch(a),
         Command::Init(a) => init(a),
+        Command::Bench(a) => bench(a),
     }
 }
 
@@ -449,5 +475,35 @@ fn init(a: InitArgs) -> Result<()> {
     let params = ParamLayout::new(&config.model).init(a.seed);
     checkpoint::save_params(&a.out, &config, &params)?;
     println!("{} parameters written to {}", params.len(), a.out.display());
+    Ok(())
+}
+
+fn bench(a: BenchArgs) -> Result<()> {
+    let config = resolve_config(&a.model, &a.train, None)?;
+    if let Some(p) = a.peak_tflops {
+        if !(p.is_finite() && p > 0.0) {
+            bail!("--peak-tflops {p}: must be a finite number > 0");
+        }
+    }
+    let layout = ParamLayout::new(&config.model);
+    let params = layout.init(config.train.seed);
+    let mut backend = open_backend(a.device.device, &config.model, params, a.device.precision)?;
+    let plan = bench::BenchPlan {
+        warmup_steps: a.warmup,
+        timed_steps: a.timed_steps,
+        peak_flops: a.peak_tflops.map(|t| t * 1e12),
+    };
+    let report = bench::run(backend.as_mut(), &config, &plan)?;
+    print!("{}", bench::summary(&report));
+    if let Some(path) = &a.json {
+        let json = serde_json::json!({
+            "lomar_version": env!("CARGO_PKG_VERSION"),
+            "commit": bench::commit(),
+            "report": report,
+        });
+        fs::write(path, serde_json::to_string_pretty(&json)? + "\n")
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        println!("wrote {}", path.display());
+    }
     Ok(())
 }
