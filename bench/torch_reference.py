@@ -177,9 +177,12 @@ class Attention(nn.Module):
         s, t, d = x.shape
         # qkv rows are q, k, v; head i owns rows i*d..(i+1)*d of each: 3 x [S, h, T, d/h].
         q, k, v = self.qkv(x).view(s, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
-        # Every window has the same layout, so one [1, h, T, T] bias serves all sequences.
-        bias = self.relative_position_bias_table[self.relative_position_index]  # [T, T, h]
-        bias = bias.permute(2, 0, 1).unsqueeze(0).to(q.dtype)  # [1, h, T, T]
+        # Every window has the same layout, so one bias serves all sequences. The fused CUDA
+        # kernels need the mask's last stride to be 1 (else torch falls back to the unfused
+        # math path), and reduce a [1, h, T, T] mask's gradient slowly: gather per head, and
+        # pass the bias expanded (stride 0) to [S, h, T, T].
+        bias = self.relative_position_bias_table.t()[:, self.relative_position_index]  # [h, T, T]
+        bias = bias.unsqueeze(0).to(q.dtype).expand(s, -1, -1, -1)  # [S, h, T, T]
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # [S, h, T, d/h]
         return self.proj(out.transpose(1, 2).reshape(s, t, d))
 
