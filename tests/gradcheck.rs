@@ -11,7 +11,7 @@ use lomar::cpu::ops::{gelu, layer_norm, linear, mse, patches, tokens};
 use lomar::cpu::CpuBackend;
 use lomar::params::{standard_normal, Init, ParamLayout};
 use rand::seq::index::sample;
-use rand::{Rng, SeedableRng};
+use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
 mod common;
