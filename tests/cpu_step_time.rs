@@ -54,5 +54,9 @@ fn step_time_tiny_batch_32() {
 #[test]
 #[ignore = "timing, run on demand"]
 fn step_time_vit_tiny_batch_32() {
-    median_step_seconds("vit_tiny", 32, 5);
+    median_step_seconds(
+        "vit_tiny",
+        32,
+        std::env::var("STEPS").map_or(5, |s| s.parse().unwrap()),
+    );
 }
