@@ -50,4 +50,15 @@ pub trait Backend {
     fn grads(&mut self) -> Result<Vec<f32>>;
     fn moments(&mut self) -> Result<Moments>;
     fn set_moments(&mut self, moments: &Moments) -> Result<()>;
+
+    /// Waits for all queued work, so host clocks time finished work. The CPU backend
+    /// computes synchronously.
+    fn synchronize(&mut self) -> Result<()> {
+        Ok(())
+    }
+
+    /// Most memory the backend has held for tensors, in bytes, where it can tell.
+    fn peak_memory_bytes(&mut self) -> Option<u64> {
+        None
+    }
 }

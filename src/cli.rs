@@ -12,9 +12,10 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::backend::Backend;
 use crate::batch_file;
+use crate::bench;
 use crate::checkpoint::{self, CheckpointFile};
 use crate::config::{preset, Config, TrainConfig};
-use crate::data::{loader, BatchSource, DataArgs};
+use crate::data::{BatchSource, DataArgs};
 use crate::device::{open_backend, Device, Precision};
 use crate::params::ParamLayout;
 use crate::plot::{self, PlotOptions};
@@ -46,8 +47,8 @@ pub enum Command {
     Visualize(VisualizeArgs),
     /// Plot the loss curve of a metrics.jsonl file as a PNG.
     Plot(PlotArgs),
-    /// Measure how many images per second the --data loader delivers on its own.
-    LoaderBench(LoaderBenchArgs),
+    /// Time training steps: images/s, ms/step, TFLOP/s, MFU, per-phase times.
+    Bench(BenchArgs),
 }
 
 /// Which model: a preset or a config file, then per-field overrides.
@@ -257,22 +258,27 @@ pub struct PlotArgs {
 }
 
 #[derive(Args, Debug)]
-pub struct LoaderBenchArgs {
-    /// The image folder tree to read.
-    #[arg(long, value_name = "PATH")]
-    pub data: PathBuf,
-    /// Decoding threads [default: every core].
-    #[arg(long, value_name = "N")]
-    pub threads: Option<usize>,
-    /// Images to load.
-    #[arg(long, default_value_t = 1000, value_name = "N")]
-    pub images: usize,
-    /// Output side in pixels.
-    #[arg(long, default_value_t = 224)]
-    pub image: usize,
-    /// Seed of the order and the augmentation.
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
+pub struct BenchArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub train: TrainArgs,
+    #[command(flatten)]
+    pub device: DeviceArgs,
+    #[command(flatten)]
+    pub data: DataArgs,
+    /// Untimed steps first (kernel loading, allocator and cache warm-up).
+    #[arg(long, default_value_t = 3)]
+    pub warmup: usize,
+    /// Timed steps.
+    #[arg(long = "timed-steps", default_value_t = 10)]
+    pub timed_steps: usize,
+    /// Dense bf16 peak of the device in TFLOP/s, for MFU [default: looked up by name].
+    #[arg(long)]
+    pub peak_tflops: Option<f64>,
+    /// Also write the whole report as JSON (with the commit and the settings).
+    #[arg(long, value_name = "FILE.json")]
+    pub json: Option<PathBuf>,
 }
 
 /// Training defaults of a preset. `tiny` is the embedded default job: a learning rate
@@ -359,7 +365,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Init(a) => init(a),
         Command::Visualize(a) => visualize(a),
         Command::Plot(a) => plot(a),
-        Command::LoaderBench(a) => loader_bench(a),
+        Command::Bench(a) => bench(a),
     }
 }
 
@@ -551,22 +557,32 @@ fn plot(a: PlotArgs) -> Result<()> {
     Ok(())
 }
 
-fn loader_bench(a: LoaderBenchArgs) -> Result<()> {
-    let threads = DataArgs {
-        data: None,
-        loader_threads: a.threads,
+fn bench(a: BenchArgs) -> Result<()> {
+    let config = resolve_config(&a.model, &a.train, None)?;
+    if let Some(p) = a.peak_tflops {
+        if !(p.is_finite() && p > 0.0) {
+            bail!("--peak-tflops {p}: must be a finite number > 0");
+        }
     }
-    .threads();
-    let speed = loader::measure(&a.data, a.image, threads, a.images, a.seed)?;
-    println!(
-        "loader: {} images of {}x{} from {} in {:.2} s with {threads} threads: {:.1} images/s ({} files skipped)",
-        speed.images,
-        a.image,
-        a.image,
-        a.data.display(),
-        speed.seconds,
-        speed.images_per_s(),
-        speed.skipped
-    );
+    let layout = ParamLayout::new(&config.model);
+    let params = layout.init(config.train.seed);
+    let mut backend = open_backend(a.device.device, &config.model, params, a.device.precision)?;
+    let plan = bench::BenchPlan {
+        warmup_steps: a.warmup,
+        timed_steps: a.timed_steps,
+        peak_flops: a.peak_tflops.map(|t| t * 1e12),
+    };
+    let report = bench::run(backend.as_mut(), &config, &plan, &a.data)?;
+    print!("{}", bench::summary(&report));
+    if let Some(path) = &a.json {
+        let json = serde_json::json!({
+            "lomar_version": env!("CARGO_PKG_VERSION"),
+            "commit": bench::commit(),
+            "report": report,
+        });
+        fs::write(path, serde_json::to_string_pretty(&json)? + "\n")
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        println!("wrote {}", path.display());
+    }
     Ok(())
 }

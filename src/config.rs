@@ -179,8 +179,8 @@ impl TrainConfig {
     }
 
     pub fn validate(&self) -> Result<()> {
-        if self.batch == 0 {
-            bail!("batch = 0: must be at least 1");
+        if self.batch == 0 || self.batch > 65536 {
+            bail!("batch = {}: must be in 1..=65536", self.batch);
         }
         if self.accum == 0 {
             bail!("accum = 0: must be at least 1");

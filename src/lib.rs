@@ -5,6 +5,7 @@
 pub mod backend;
 pub mod batch;
 pub mod batch_file;
+pub mod bench;
 pub mod checkpoint;
 pub mod cli;
 pub mod config;

@@ -257,7 +257,7 @@ fn a_synthetic_run_cannot_resume_on_a_folder() {
 }
 
 #[test]
-fn sample_batch_and_loader_bench_read_folders() {
+fn sample_batch_and_bench_read_folders() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     images::mixed_folder(&d.join("imgs"));
@@ -279,17 +279,33 @@ fn sample_batch_and_loader_bench_read_folders() {
     let stdout = lomar_ok(
         d,
         &[
-            "loader-bench",
+            "bench",
             "--data",
             "imgs",
-            "--images",
-            "20",
-            "--image",
-            "32",
-            "--threads",
+            "--batch",
+            "4",
+            "--warmup",
+            "0",
+            "--timed-steps",
+            "1",
+            "--loader-threads",
             "2",
+            "--json",
+            "bench.json",
         ],
     );
-    assert!(stdout.contains("20 images of 32x32"), "{stdout}");
-    assert!(stdout.contains("images/s (6 files skipped)"), "{stdout}");
+    assert!(
+        stdout.contains("images/s alone (256 images, 2 threads"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("6 files skipped"), "{stdout}");
+    let json: serde_json::Value =
+        serde_json::from_str(&fs::read_to_string(d.join("bench.json")).unwrap()).unwrap();
+    let loader = &json["report"]["loader"];
+    assert_eq!(loader["images"], 256);
+    let (images_per_s, seconds) = (
+        loader["images_per_s"].as_f64().unwrap(),
+        loader["seconds"].as_f64().unwrap(),
+    );
+    assert!(images_per_s > 0.0 && (images_per_s * seconds - 256.0).abs() < 1e-6);
 }

@@ -2,6 +2,7 @@
 //! f32 and f64, matrix products on the `gemm` crate, the rest spread over cores by rayon.
 //! It trains on any machine and is the oracle the CUDA kernels are tested against.
 
+mod erf;
 pub mod gemm;
 pub mod model;
 pub mod ops;

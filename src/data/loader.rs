@@ -19,6 +19,7 @@ use std::thread::{self, JoinHandle};
 use anyhow::{bail, Context, Result};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use serde::Serialize;
 
 use super::augment::{normalise_into, Augment};
 use super::decode::Decoder;
@@ -352,18 +353,14 @@ impl Drop for Loader {
 }
 
 /// The loader's own throughput.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, Serialize)]
 pub struct LoaderSpeed {
     pub images: usize,
+    pub threads: usize,
     pub seconds: f64,
+    pub images_per_s: f64,
     /// Files found unusable along the way.
     pub skipped: u64,
-}
-
-impl LoaderSpeed {
-    pub fn images_per_s(&self) -> f64 {
-        self.images as f64 / self.seconds
-    }
 }
 
 /// Loads `images` images of `side × side` from the folder at `root` with `threads`
@@ -393,9 +390,12 @@ pub fn measure(
     for _ in 0..images {
         loader.next_into(&mut tensor)?;
     }
+    let seconds = started.elapsed().as_secs_f64();
     Ok(LoaderSpeed {
         images,
-        seconds: started.elapsed().as_secs_f64(),
+        threads,
+        seconds,
+        images_per_s: images as f64 / seconds,
         skipped: loader.skipped(),
     })
 }
