@@ -48,7 +48,7 @@ pub enum Command {
     /// Plot the loss curve of a metrics.jsonl file as a PNG.
     Plot(PlotArgs),
     /// Time training steps: images/s, ms/step, TFLOP/s, MFU, per-phase times.
-    Bench(BenchArgs),
+    Bench(Box<BenchArgs>),
 }
 
 /// Which model: a preset or a config file, then per-field overrides.
@@ -365,7 +365,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Init(a) => init(a),
         Command::Visualize(a) => visualize(a),
         Command::Plot(a) => plot(a),
-        Command::Bench(a) => bench(a),
+        Command::Bench(a) => bench(*a),
     }
 }
 
