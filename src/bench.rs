@@ -244,6 +244,13 @@ pub fn summary(r: &BenchReport) -> String {
             "loader    {:.1} images/s alone ({} images, {} threads decoding and augmenting, {} files skipped)\n",
             l.images_per_s, l.images, l.threads, l.skipped
         );
+        if let Some(cpu) = l.cpu_seconds {
+            out += &format!(
+                "          {:.1} images per CPU-second ({:.2} ms of CPU per image)\n",
+                l.images as f64 / cpu,
+                cpu * 1e3 / l.images as f64
+            );
+        }
     }
     if let Some(bytes) = r.peak_memory_bytes {
         out += &format!(

@@ -359,8 +359,21 @@ pub struct LoaderSpeed {
     pub threads: usize,
     pub seconds: f64,
     pub images_per_s: f64,
+    /// CPU time the process spent meanwhile, all threads (Linux only): on a shared
+    /// machine, `images / cpu_seconds` is what each free core would add.
+    pub cpu_seconds: Option<f64>,
     /// Files found unusable along the way.
     pub skipped: u64,
+}
+
+/// CPU time this process's threads have run so far, in seconds, where Linux reports it.
+fn process_cpu_seconds() -> Option<f64> {
+    let mut ns = 0u64;
+    for task in std::fs::read_dir("/proc/self/task").ok()? {
+        let stat = std::fs::read_to_string(task.ok()?.path().join("schedstat")).ok()?;
+        ns += stat.split_whitespace().next()?.parse::<u64>().ok()?;
+    }
+    Some(ns as f64 * 1e-9)
 }
 
 /// Loads `images` images of `side × side` from the folder at `root` with `threads`
@@ -385,17 +398,21 @@ pub fn measure(
         prefetch: 4 * threads.max(1) + 16,
     };
     let mut loader = Loader::open(folder, opts, 0, &[])?;
-    let started = std::time::Instant::now();
+    let (started, cpu_started) = (std::time::Instant::now(), process_cpu_seconds());
     let mut tensor = vec![0.0f32; 3 * side * side];
     for _ in 0..images {
         loader.next_into(&mut tensor)?;
     }
     let seconds = started.elapsed().as_secs_f64();
+    let cpu_seconds = process_cpu_seconds()
+        .zip(cpu_started)
+        .map(|(end, start)| end - start);
     Ok(LoaderSpeed {
         images,
         threads,
         seconds,
         images_per_s: images as f64 / seconds,
+        cpu_seconds,
         skipped: loader.skipped(),
     })
 }
