@@ -304,13 +304,13 @@ fn gather_images(images: &Images, m: &ModelConfig, seed: u64) -> Result<Vec<Vec<
 /// `lomar visualize`: the figure for `images` under the checkpoint's parameters, windows
 /// and masks drawn with `seed`, written to `out` as PNG. Returns the rows drawn.
 pub fn visualize(checkpoint: &Path, images: &Images, seed: u64, out: &Path) -> Result<usize> {
+    if matches!(images, Images::Folder(_, 0) | Images::Synthetic(0)) {
+        bail!("--images 0: nothing to draw; give --images N with N at least 1");
+    }
     let config = CheckpointFile::open(checkpoint)?.config().clone();
     let m = &config.model;
     let params = load_params(checkpoint, m)?;
     let pictures = gather_images(images, m, seed)?;
-    if pictures.is_empty() {
-        bail!("no image to show: give --image FILE, --data PATH or --images N with N ≥ 1");
-    }
     let windows = Sampler::new(seed).sample(m, pictures.len());
     let batch = Batch {
         images_len: pictures.len(),

@@ -147,6 +147,16 @@ fn visualize_shows_the_masked_patches_grey_and_the_prediction_in_their_place() {
         "--out",
         "e.png",
     ];
+    let args0 = [
+        "visualize",
+        "--checkpoint",
+        "run/checkpoint.safetensors",
+        "--images",
+        "0",
+        "--out",
+        "z.png",
+    ];
+    assert!(lomar_err(d, &args0).contains("--images 0"));
     let stderr = lomar_err(d, &args);
     assert!(
         stderr.contains("imgs/class_c/empty.jpg: cannot use it: empty file"),
