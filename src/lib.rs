@@ -5,6 +5,7 @@
 pub mod backend;
 pub mod batch;
 pub mod config;
+pub mod cpu;
 pub mod cuda;
 pub mod optim;
 pub mod params;
