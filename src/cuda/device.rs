@@ -193,6 +193,9 @@ impl Gpu {
         if p.len == 0 {
             return Ok(());
         }
+        self.ctx
+            .bind_to_thread()
+            .context("binding the CUDA context")?;
         // SAFETY: `p` addresses `p.len` live elements (DevPtr's contract).
         unsafe {
             cudarc::driver::result::memset_d8_async(

@@ -26,6 +26,7 @@ const T: cublasOperation_t = cublasOperation_t::CUBLAS_OP_T;
 
 pub struct Blas {
     blas: CudaBlas,
+    stream: Arc<CudaStream>,
 }
 
 /// One column-major operand: address, element type, leading dimension.
@@ -43,7 +44,10 @@ impl Blas {
         unsafe { cublasSetMathMode(*blas.handle(), cublasMath_t::CUBLAS_DEFAULT_MATH) }
             .result()
             .context("setting the cuBLAS math mode")?;
-        Ok(Blas { blas })
+        Ok(Blas {
+            blas,
+            stream: stream.clone(),
+        })
     }
 
     /// y[rows, out] = x[rows, in] · w[out, in]^T  (nn.Linear without its bias).
@@ -133,6 +137,10 @@ impl Blas {
             bail!("GEMM dimensions {dims:?} (m, n, k, lda, ldb, ldc) must be in 1..2^31");
         }
         let alpha = 1.0f32;
+        self.stream
+            .context()
+            .bind_to_thread()
+            .context("binding the CUDA context")?;
         // SAFETY: the callers checked every operand's length against m, n, k; alpha and
         // beta are f32 as CUBLAS_COMPUTE_32F requires.
         unsafe {

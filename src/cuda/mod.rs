@@ -16,6 +16,7 @@ pub mod launch;
 mod model;
 pub mod storage;
 
+pub use activations::pos_slots;
 pub use backend::CudaBackend;
 pub use device::{unavailable, DevPtr, Gpu};
 pub use gemm::Blas;
