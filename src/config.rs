@@ -82,7 +82,7 @@ impl ModelConfig {
         if self.patch == 0 || self.patch > 64 {
             bail!("patch = {}: must be in 1..=64", self.patch);
         }
-        if self.image == 0 || self.image % self.patch != 0 {
+        if self.image == 0 || !self.image.is_multiple_of(self.patch) {
             bail!(
                 "image = {}: must be a positive multiple of patch ({})",
                 self.image,
@@ -127,7 +127,7 @@ impl ModelConfig {
         if self.heads == 0 {
             bail!("heads = {}: must be at least 1", self.heads);
         }
-        if self.width == 0 || self.width % self.heads != 0 {
+        if self.width == 0 || !self.width.is_multiple_of(self.heads) {
             bail!(
                 "width = {}: must be a positive multiple of heads ({})",
                 self.width,

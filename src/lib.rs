@@ -5,5 +5,6 @@
 pub mod backend;
 pub mod batch;
 pub mod config;
+pub mod cpu;
 pub mod optim;
 pub mod params;

@@ -1,0 +1,117 @@
+//! The CPU reference backend: every op's forward and backward in plain Rust, generic over
+//! f32 and f64, matrix products on the `gemm` crate, the rest spread over cores by rayon.
+//! It trains on any machine and is the oracle the CUDA kernels are tested against.
+
+pub mod gemm;
+pub mod model;
+pub mod ops;
+pub mod real;
+
+use anyhow::{bail, Result};
+
+use crate::backend::{AdamWStep, Backend, Moments};
+use crate::batch::Batch;
+use crate::config::ModelConfig;
+use crate::optim::adamw_update;
+use crate::params::ParamLayout;
+
+/// Trains in f32 on the CPU, with fp32 parameters, gradients and AdamW moments.
+pub struct CpuBackend {
+    model: ModelConfig,
+    layout: ParamLayout,
+    decay_mask: Vec<f32>,
+    params: Vec<f32>,
+    grads: Vec<f32>,
+    moments: Moments,
+}
+
+impl CpuBackend {
+    /// A backend holding `params`, which must match the model's parameter layout.
+    pub fn new(model: &ModelConfig, params: Vec<f32>) -> Result<CpuBackend> {
+        model.validate()?;
+        let layout = ParamLayout::new(model);
+        let n = layout.total();
+        check_len("parameters", params.len(), n)?;
+        Ok(CpuBackend {
+            model: model.clone(),
+            decay_mask: layout.decay_mask(),
+            layout,
+            params,
+            grads: vec![0.0; n],
+            moments: Moments {
+                m: vec![0.0; n],
+                v: vec![0.0; n],
+            },
+        })
+    }
+}
+
+fn check_len(what: &str, got: usize, want: usize) -> Result<()> {
+    if got != want {
+        bail!("{what}: {got} values, the model has {want} parameters");
+    }
+    Ok(())
+}
+
+impl Backend for CpuBackend {
+    fn device_name(&self) -> String {
+        format!("cpu ({} threads)", rayon::current_num_threads())
+    }
+
+    fn layout(&self) -> &ParamLayout {
+        &self.layout
+    }
+
+    /// The model validates the batch before any work, so a bad batch is an error.
+    /// The model validates the batch before any work, so a bad batch is an error.
+    fn forward_backward(&mut self, batch: &Batch, grad_scale: f32) -> Result<f32> {
+        model::loss_and_grad(
+            &self.model,
+            &self.params,
+            batch,
+            &mut self.grads,
+            grad_scale,
+        )
+    }
+
+    fn zero_grads(&mut self) -> Result<()> {
+        self.grads.fill(0.0);
+        Ok(())
+    }
+
+    fn grad_norm(&mut self) -> Result<f32> {
+        let sum: f64 = self.grads.iter().map(|&g| g as f64 * g as f64).sum();
+        Ok(sum.sqrt() as f32)
+    }
+
+    fn adamw_step(&mut self, step: &AdamWStep) -> Result<()> {
+        let Moments { m, v } = &mut self.moments;
+        adamw_update(&mut self.params, &self.grads, m, v, &self.decay_mask, step);
+        Ok(())
+    }
+
+    fn params(&mut self) -> Result<Vec<f32>> {
+        Ok(self.params.clone())
+    }
+
+    fn set_params(&mut self, flat: &[f32]) -> Result<()> {
+        check_len("parameters", flat.len(), self.params.len())?;
+        self.params.copy_from_slice(flat);
+        Ok(())
+    }
+
+    fn grads(&mut self) -> Result<Vec<f32>> {
+        Ok(self.grads.clone())
+    }
+
+    fn moments(&mut self) -> Result<Moments> {
+        Ok(self.moments.clone())
+    }
+
+    fn set_moments(&mut self, moments: &Moments) -> Result<()> {
+        check_len("first moments", moments.m.len(), self.params.len())?;
+        check_len("second moments", moments.v.len(), self.params.len())?;
+        self.moments = moments.clone();
+        Ok(())
+    }
+}

@@ -1,0 +1,375 @@
+//! The whole LoMaR network on the CPU (DESIGN.md §1.2–1.3): forward, loss and backward,
+//! generic over the scalar so the same code trains in f32 and is checked in f64.
+//!
+//! Rows: `S = B·n_win` window sequences of `T = 1 + K²` tokens of width `D`; the residual
+//! stream is `[S·T, D]`. Only the `V` visible patches per window are embedded and only
+//! the `M` masked tokens per window reach the head.
+
+use std::ops::Range;
+
+use anyhow::{bail, Result};
+
+use super::ops::attention::{self, RelativeIndex};
+use super::ops::layer_norm::{self, Stats};
+use super::ops::patches::{self, Patches};
+use super::ops::{gelu, linear, mse, tokens};
+use super::real::Real;
+use crate::batch::Batch;
+use crate::config::ModelConfig;
+use crate::params::{BlockRanges, ModelRanges, ParamLayout};
+
+/// The mean reconstruction loss of a batch.
+pub fn loss<T: Real>(m: &ModelConfig, params: &[T], batch: &Batch) -> Result<T> {
+    let net = Net::new(m, params, batch)?;
+    let fwd = net.forward(batch);
+    Ok(mse::loss(&fwd.pred, &fwd.patches.targets))
+}
+
+/// The head's output for every masked patch, `[S·M, 3p²]` in `(y, x, c)` order, in
+/// `mask_index` order within each window (the layout of the targets).
+pub fn predict<T: Real>(m: &ModelConfig, params: &[T], batch: &Batch) -> Result<Vec<T>> {
+    let net = Net::new(m, params, batch)?;
+    Ok(net.forward(batch).pred)
+}
+
+/// The mean reconstruction loss of a batch; adds `grad_scale · dloss/dparams` to `grads`.
+pub fn loss_and_grad<T: Real>(
+    m: &ModelConfig,
+    params: &[T],
+    batch: &Batch,
+    grads: &mut [T],
+    grad_scale: T,
+) -> Result<T> {
+    let net = Net::new(m, params, batch)?;
+    if grads.len() != params.len() {
+        bail!(
+            "gradient buffer holds {} values, the parameters {}",
+            grads.len(),
+            params.len()
+        );
+    }
+    let fwd = net.forward(batch);
+    let mut dpred = vec![T::zero(); fwd.pred.len()];
+    let loss = mse::loss_and_grad(&mut dpred, &fwd.pred, &fwd.patches.targets, grad_scale);
+    net.backward(batch, &fwd, &dpred, grads);
+    Ok(loss)
+}
+
+/// A validated model, its parameters and the tables derived from them.
+struct Net<'a, T> {
+    m: &'a ModelConfig,
+    r: ModelRanges,
+    p: &'a [T],
+    rel: RelativeIndex,
+}
+
+/// What one block keeps for its backward.
+struct BlockActs<T> {
+    /// `[S·T, D]` residual stream entering the block.
+    x_in: Vec<T>,
+    ln1: Vec<T>,
+    ln1_stats: Stats<T>,
+    /// `[S·T, 3D]`.
+    qkv: Vec<T>,
+    /// `[S, h, T, T]` softmax probabilities.
+    probs: Vec<T>,
+    /// `[S·T, D]` heads concatenated, before proj.
+    attn: Vec<T>,
+    /// `[S·T, D]` residual stream after the attention branch.
+    x_mid: Vec<T>,
+    ln2: Vec<T>,
+    ln2_stats: Stats<T>,
+    /// `[S·T, 4D]` before and after GELU.
+    fc1: Vec<T>,
+    gelu: Vec<T>,
+}
+
+/// What the whole forward keeps for the backward.
+struct Forward<T> {
+    patches: Patches<T>,
+    /// `[S, K²]` visible row of each window position, `None` where masked.
+    slots: Vec<Option<u32>>,
+    blocks: Vec<BlockActs<T>>,
+    /// `[S·M, D]` masked tokens of the final residual stream, before and after the norm.
+    picked: Vec<T>,
+    normed: Vec<T>,
+    norm_stats: Stats<T>,
+    /// `[S·M, 3p²]`.
+    pred: Vec<T>,
+}
+
+/// Input-gradient buffers the blocks' backward reuses.
+struct Scratch<T> {
+    /// `[S·T, 4D]`.
+    hidden: Vec<T>,
+    /// `[S·T, D]`, gradient at a LayerNorm output.
+    normed: Vec<T>,
+    /// `[S·T, D]`, gradient at the attention output.
+    attn: Vec<T>,
+    /// `[S·T, 3D]`.
+    qkv: Vec<T>,
+}
+
+fn zeros<T: Real>(len: usize) -> Vec<T> {
+    vec![T::zero(); len]
+}
+
+/// Two disjoint tensors of the gradient buffer at once, e.g. a weight and its bias.
+fn pair_mut<'g, T>(
+    g: &'g mut [T],
+    a: &Range<usize>,
+    b: &Range<usize>,
+) -> (&'g mut [T], &'g mut [T]) {
+    assert!(a.end <= b.start, "{a:?} must lie before {b:?}");
+    let (lo, hi) = g.split_at_mut(b.start);
+    (&mut lo[a.clone()], &mut hi[..b.len()])
+}
+
+impl<'a, T: Real> Net<'a, T> {
+    fn new(m: &'a ModelConfig, p: &'a [T], batch: &Batch) -> Result<Self> {
+        m.validate()?;
+        batch.validate(m)?;
+        let layout = ParamLayout::new(m);
+        if p.len() != layout.total() {
+            bail!(
+                "parameter buffer holds {} values, the model needs {}",
+                p.len(),
+                layout.total()
+            );
+        }
+        Ok(Net {
+            m,
+            r: layout.ranges(m),
+            p,
+            rel: RelativeIndex::new(m.window),
+        })
+    }
+
+    fn w(&self, r: &Range<usize>) -> &'a [T] {
+        &self.p[r.clone()]
+    }
+
+    fn forward(&self, batch: &Batch) -> Forward<T> {
+        let (m, r) = (self.m, &self.r);
+        let (seqs, d) = (batch.sequences(m), m.width);
+        let patches = patches::gather::<T>(m, batch);
+
+        // Only visible patches are embedded; masked positions get the mask token.
+        let mut embedded = zeros(seqs * m.visible_per_window() * d);
+        linear::forward(
+            &mut embedded,
+            &patches.visible,
+            self.w(&r.patch_w),
+            self.w(&r.patch_b),
+        );
+        let slots = batch.visible_slots(m);
+        let mut x = zeros(seqs * m.seq_len() * d);
+        tokens::assemble(
+            &mut x,
+            self.w(&r.cls_token),
+            self.w(&r.mask_token),
+            &embedded,
+            &slots,
+            m.window_area(),
+        );
+
+        let mut blocks = Vec::with_capacity(m.depth);
+        for br in &r.blocks {
+            let (acts, x_out) = self.block_forward(br, x);
+            blocks.push(acts);
+            x = x_out;
+        }
+
+        // LayerNorm works per token, so norming only the masked tokens the head reads
+        // equals picking them from the normed sequence.
+        let masked_rows = batch.mask_index.len();
+        let mut picked = zeros(masked_rows * d);
+        tokens::select_masked(&mut picked, &x, &batch.mask_index, m.seq_len());
+        let mut normed = zeros(masked_rows * d);
+        let norm_stats =
+            layer_norm::forward(&mut normed, &picked, self.w(&r.norm_w), self.w(&r.norm_b));
+        let mut pred = zeros(masked_rows * m.patch_dim());
+        linear::forward(&mut pred, &normed, self.w(&r.head_w), self.w(&r.head_b));
+        Forward {
+            patches,
+            slots,
+            blocks,
+            picked,
+            normed,
+            norm_stats,
+            pred,
+        }
+    }
+
+    /// One pre-norm block on the residual stream `x_in` `[S·T, D]`; returns its output.
+    fn block_forward(&self, br: &BlockRanges, x_in: Vec<T>) -> (BlockActs<T>, Vec<T>) {
+        let (m, d) = (self.m, self.m.width);
+        let rows = x_in.len() / d;
+        let seqs = rows / m.seq_len();
+
+        // x_mid = x_in + proj(attn(LN1(x_in)))
+        let mut ln1 = zeros(rows * d);
+        let ln1_stats =
+            layer_norm::forward(&mut ln1, &x_in, self.w(&br.norm1_w), self.w(&br.norm1_b));
+        let mut qkv = zeros(rows * 3 * d);
+        linear::forward(&mut qkv, &ln1, self.w(&br.qkv_w), self.w(&br.qkv_b));
+        let mut attn = zeros(rows * d);
+        let mut probs = zeros(seqs * m.heads * m.seq_len() * m.seq_len());
+        attention::forward(
+            &mut attn,
+            &mut probs,
+            &qkv,
+            self.w(&br.rel_bias),
+            &self.rel,
+            m.heads,
+        );
+        let mut x_mid = x_in.clone();
+        linear::forward_add(&mut x_mid, &attn, self.w(&br.proj_w), self.w(&br.proj_b));
+
+        // x_out = x_mid + fc2(gelu(fc1(LN2(x_mid))))
+        let mut ln2 = zeros(rows * d);
+        let ln2_stats =
+            layer_norm::forward(&mut ln2, &x_mid, self.w(&br.norm2_w), self.w(&br.norm2_b));
+        let mut fc1 = zeros(rows * m.hidden());
+        linear::forward(&mut fc1, &ln2, self.w(&br.fc1_w), self.w(&br.fc1_b));
+        let mut act = zeros(rows * m.hidden());
+        gelu::forward(&mut act, &fc1);
+        let mut x_out = x_mid.clone();
+        linear::forward_add(&mut x_out, &act, self.w(&br.fc2_w), self.w(&br.fc2_b));
+
+        let acts = BlockActs {
+            x_in,
+            ln1,
+            ln1_stats,
+            qkv,
+            probs,
+            attn,
+            x_mid,
+            ln2,
+            ln2_stats,
+            fc1,
+            gelu: act,
+        };
+        (acts, x_out)
+    }
+
+    /// The forward in reverse, from dpred `[S·M, 3p²]`; adds every parameter's gradient.
+    fn backward(&self, batch: &Batch, f: &Forward<T>, dpred: &[T], g: &mut [T]) {
+        let (m, r) = (self.m, &self.r);
+        let d = m.width;
+        let rows = batch.sequences(m) * m.seq_len();
+
+        let mut dnormed = zeros(f.normed.len());
+        let (dw, db) = pair_mut(g, &r.head_w, &r.head_b);
+        linear::backward(
+            Some(&mut dnormed),
+            dw,
+            db,
+            dpred,
+            &f.normed,
+            self.w(&r.head_w),
+        );
+        let mut dpicked = zeros(f.picked.len());
+        let (dw, db) = pair_mut(g, &r.norm_w, &r.norm_b);
+        layer_norm::backward(
+            &mut dpicked,
+            dw,
+            db,
+            &dnormed,
+            &f.picked,
+            &f.norm_stats,
+            self.w(&r.norm_w),
+        );
+        let mut dx = zeros(rows * d);
+        tokens::select_masked_backward(&mut dx, &dpicked, &batch.mask_index, m.seq_len());
+
+        let mut scratch = Scratch {
+            hidden: zeros(rows * m.hidden()),
+            normed: zeros(rows * d),
+            attn: zeros(rows * d),
+            qkv: zeros(rows * 3 * d),
+        };
+        for (br, acts) in r.blocks.iter().zip(&f.blocks).rev() {
+            self.block_backward(br, acts, &mut dx, g, &mut scratch);
+        }
+
+        let mut dembedded = zeros(f.patches.visible.len() / m.patch_dim() * d);
+        let (dcls, dmask) = pair_mut(g, &r.cls_token, &r.mask_token);
+        tokens::assemble_backward(dcls, dmask, &mut dembedded, &dx, &f.slots, m.window_area());
+        let (dw, db) = pair_mut(g, &r.patch_w, &r.patch_b);
+        linear::backward(
+            None,
+            dw,
+            db,
+            &dembedded,
+            &f.patches.visible,
+            self.w(&r.patch_w),
+        );
+    }
+
+    /// One block in reverse: `dx` holds dL/dx_out on entry and dL/dx_in on return.
+    fn block_backward(
+        &self,
+        br: &BlockRanges,
+        a: &BlockActs<T>,
+        dx: &mut [T],
+        g: &mut [T],
+        s: &mut Scratch<T>,
+    ) {
+        // x_out = x_mid + fc2(gelu(fc1(LN2(x_mid)))): dx becomes dL/dx_mid.
+        let (dw, db) = pair_mut(g, &br.fc2_w, &br.fc2_b);
+        linear::backward(Some(&mut s.hidden), dw, db, dx, &a.gelu, self.w(&br.fc2_w));
+        gelu::backward(&mut s.hidden, &a.fc1);
+        let (dw, db) = pair_mut(g, &br.fc1_w, &br.fc1_b);
+        linear::backward(
+            Some(&mut s.normed),
+            dw,
+            db,
+            &s.hidden,
+            &a.ln2,
+            self.w(&br.fc1_w),
+        );
+        let (dw, db) = pair_mut(g, &br.norm2_w, &br.norm2_b);
+        layer_norm::backward(
+            dx,
+            dw,
+            db,
+            &s.normed,
+            &a.x_mid,
+            &a.ln2_stats,
+            self.w(&br.norm2_w),
+        );
+
+        // x_mid = x_in + proj(attn(LN1(x_in))): dx becomes dL/dx_in.
+        let (dw, db) = pair_mut(g, &br.proj_w, &br.proj_b);
+        linear::backward(Some(&mut s.attn), dw, db, dx, &a.attn, self.w(&br.proj_w));
+        attention::backward(
+            &mut s.qkv,
+            &mut g[br.rel_bias.clone()],
+            &s.attn,
+            &a.qkv,
+            &a.probs,
+            &self.rel,
+            self.m.heads,
+        );
+        let (dw, db) = pair_mut(g, &br.qkv_w, &br.qkv_b);
+        linear::backward(
+            Some(&mut s.normed),
+            dw,
+            db,
+            &s.qkv,
+            &a.ln1,
+            self.w(&br.qkv_w),
+        );
+        let (dw, db) = pair_mut(g, &br.norm1_w, &br.norm1_b);
+        layer_norm::backward(
+            dx,
+            dw,
+            db,
+            &s.normed,
+            &a.x_in,
+            &a.ln1_stats,
+            self.w(&br.norm1_w),
+        );
+    }
+}

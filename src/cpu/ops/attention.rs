@@ -1,0 +1,222 @@
+//! Multi-head self-attention inside each window sequence, with BEiT's relative position
+//! bias (DESIGN.md §1.2).
+//! Shapes: qkv `[S, T, 3D]` (q | k | v, head `i` owns columns `i*d..(i+1)*d` of each),
+//! table `[(2K-1)²+3, h]` → out `[S, T, D]`, saving probs `[S, h, T, T]`.
+
+use gemm::Parallelism;
+use rayon::prelude::*;
+
+use super::super::gemm::{matmul, Mat};
+use super::super::real::Real;
+
+/// For every (query, key) token pair of a window sequence, its row of the bias table.
+#[derive(Clone, Debug)]
+pub struct RelativeIndex {
+    /// Tokens per sequence, `T = 1 + K²`.
+    pub tokens: usize,
+    /// Rows of the table, `(2K-1)² + 3`.
+    pub table_rows: usize,
+    /// `[T, T]`, row = query token, column = key token; token 0 is cls.
+    pub index: Vec<u32>,
+}
+
+impl RelativeIndex {
+    pub fn new(window: usize) -> Self {
+        let (k, span) = (window, 2 * window - 1);
+        let tokens = 1 + k * k;
+        let patch_rows = span * span;
+        let mut index = vec![0u32; tokens * tokens];
+        for i in 0..tokens {
+            for j in 0..tokens {
+                index[i * tokens + j] = match (i, j) {
+                    (0, 0) => patch_rows + 2,
+                    (0, _) => patch_rows,
+                    (_, 0) => patch_rows + 1,
+                    _ => {
+                        let (yi, xi) = ((i - 1) / k, (i - 1) % k);
+                        let (yj, xj) = ((j - 1) / k, (j - 1) % k);
+                        (yi + k - 1 - yj) * span + (xi + k - 1 - xj)
+                    }
+                } as u32;
+            }
+        }
+        RelativeIndex {
+            tokens,
+            table_rows: patch_rows + 3,
+            index,
+        }
+    }
+}
+
+/// Sequences and width from the slices, checking they agree.
+fn dims(qkv_len: usize, probs_len: usize, rel: &RelativeIndex, heads: usize) -> (usize, usize) {
+    let t = rel.tokens;
+    assert!(heads > 0 && probs_len.is_multiple_of(heads * t * t));
+    let seqs = probs_len / (heads * t * t);
+    assert!(
+        seqs > 0 && qkv_len.is_multiple_of(seqs * t * 3 * heads),
+        "qkv of {qkv_len} values"
+    );
+    (seqs, qkv_len / (seqs * t * 3))
+}
+
+/// out `[S, T, D]` = per head softmax(q·kᵀ/√d + bias)·v; probs `[S, h, T, T]` keeps the
+/// softmax for the backward. Overwrites both.
+pub fn forward<T: Real>(
+    out: &mut [T],
+    probs: &mut [T],
+    qkv: &[T],
+    table: &[T],
+    rel: &RelativeIndex,
+    heads: usize,
+) {
+    let (seqs, width) = dims(qkv.len(), probs.len(), rel, heads);
+    let (t, d) = (rel.tokens, width / heads);
+    assert!(out.len() == seqs * t * width && table.len() == rel.table_rows * heads);
+    let scale = T::one() / T::of(d as f64).sqrt();
+    out.par_chunks_mut(t * width)
+        .zip(probs.par_chunks_mut(heads * t * t))
+        .zip(qkv.par_chunks(t * 3 * width))
+        .for_each(|((out, probs), qkv)| {
+            for (h, p) in probs.chunks_exact_mut(t * t).enumerate() {
+                let q = Mat::strided(&qkv[h * d..], t, d, 3 * width);
+                let k = Mat::strided(&qkv[width + h * d..], t, d, 3 * width);
+                let v = Mat::strided(&qkv[2 * width + h * d..], t, d, 3 * width);
+                matmul(p, t, q, k.t(), scale, false, Parallelism::None);
+                for (row, idx) in p.chunks_exact_mut(t).zip(rel.index.chunks_exact(t)) {
+                    for (logit, &i) in row.iter_mut().zip(idx) {
+                        *logit += table[i as usize * heads + h];
+                    }
+                    softmax_in_place(row);
+                }
+                matmul(
+                    &mut out[h * d..],
+                    width,
+                    Mat::new(p, t, t),
+                    v,
+                    T::one(),
+                    false,
+                    Parallelism::None,
+                );
+            }
+        });
+}
+
+fn softmax_in_place<T: Real>(row: &mut [T]) {
+    let max = row.iter().copied().fold(T::neg_infinity(), T::max);
+    let mut sum = T::zero();
+    for v in row.iter_mut() {
+        *v = (*v - max).exp();
+        sum += *v;
+    }
+    let inv = T::one() / sum;
+    for v in row.iter_mut() {
+        *v *= inv;
+    }
+}
+
+/// From dout `[S, T, D]`: dqkv `[S, T, 3D]` (overwritten) and dtable `[(2K-1)²+3, h]` +=
+/// the logit gradients scattered by index.
+pub fn backward<T: Real>(
+    dqkv: &mut [T],
+    dtable: &mut [T],
+    dout: &[T],
+    qkv: &[T],
+    probs: &[T],
+    rel: &RelativeIndex,
+    heads: usize,
+) {
+    let (seqs, width) = dims(qkv.len(), probs.len(), rel, heads);
+    let (t, d) = (rel.tokens, width / heads);
+    assert!(dout.len() == seqs * t * width && dqkv.len() == qkv.len());
+    assert_eq!(dtable.len(), rel.table_rows * heads);
+    let scale = T::one() / T::of(d as f64).sqrt();
+    let none = Parallelism::None;
+    let partials: Vec<Vec<T>> = dqkv
+        .par_chunks_mut(t * 3 * width)
+        .zip(dout.par_chunks(t * width))
+        .zip(qkv.par_chunks(t * 3 * width))
+        .zip(probs.par_chunks(heads * t * t))
+        .map(|(((dqkv, dout), qkv), probs)| {
+            let mut dtable = vec![T::zero(); dtable.len()];
+            let mut dlogits = vec![T::zero(); t * t];
+            for (h, p) in probs.chunks_exact(t * t).enumerate() {
+                let q = Mat::strided(&qkv[h * d..], t, d, 3 * width);
+                let k = Mat::strided(&qkv[width + h * d..], t, d, 3 * width);
+                let v = Mat::strided(&qkv[2 * width + h * d..], t, d, 3 * width);
+                let dout = Mat::strided(&dout[h * d..], t, d, width);
+                let p_mat = Mat::new(p, t, t);
+                // dv = pᵀ·dout, dp = dout·vᵀ.
+                matmul(
+                    &mut dqkv[2 * width + h * d..],
+                    3 * width,
+                    p_mat.t(),
+                    dout,
+                    T::one(),
+                    false,
+                    none,
+                );
+                matmul(&mut dlogits, t, dout, v.t(), T::one(), false, none);
+                // Softmax backward per query row: dz = p ⊙ (dp - Σ_j p dp).
+                for ((dz, p), idx) in dlogits
+                    .chunks_exact_mut(t)
+                    .zip(p.chunks_exact(t))
+                    .zip(rel.index.chunks_exact(t))
+                {
+                    let dot = dz.iter().zip(p).map(|(&a, &b)| a * b).sum::<T>();
+                    for ((dz, &p), &i) in dz.iter_mut().zip(p).zip(idx) {
+                        *dz = p * (*dz - dot);
+                        dtable[i as usize * heads + h] += *dz;
+                    }
+                }
+                let dz = Mat::new(&dlogits, t, t);
+                matmul(&mut dqkv[h * d..], 3 * width, dz, k, scale, false, none);
+                matmul(
+                    &mut dqkv[width + h * d..],
+                    3 * width,
+                    dz.t(),
+                    q,
+                    scale,
+                    false,
+                    none,
+                );
+            }
+            dtable
+        })
+        .collect();
+    for part in partials {
+        for (a, b) in dtable.iter_mut().zip(part) {
+            *a += b;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn relative_index_follows_the_beit_layout() {
+        let k = 3;
+        let rel = RelativeIndex::new(k);
+        let t = rel.tokens;
+        let span = 2 * k - 1;
+        let at = |i: usize, j: usize| rel.index[i * t + j] as usize;
+        assert_eq!((t, rel.table_rows), (10, 28));
+        assert_eq!(at(0, 0), span * span + 2);
+        assert_eq!(at(0, 4), span * span);
+        assert_eq!(at(4, 0), span * span + 1);
+        // A patch with itself is offset (0, 0): the table's centre.
+        assert_eq!(at(5, 5), (k - 1) * span + (k - 1));
+        // Query at window (0, 0), key at (2, 2): offset (-2, -2), the first row.
+        assert_eq!(at(1, 9), 0);
+        // Query (2, 2), key (0, 0): offset (+2, +2), the last patch row.
+        assert_eq!(at(9, 1), span * span - 1);
+        // Query (0, 1), key (1, 0): offset (-1, +1).
+        assert_eq!(at(2, 4), (k - 2) * span + k);
+        // Every offset occurs, so every table row receives gradient.
+        let mut seen = vec![false; rel.table_rows];
+        rel.index.iter().for_each(|&i| seen[i as usize] = true);
+        assert!(seen.iter().all(|&s| s));
+    }
+}

@@ -1,0 +1,65 @@
+//! Linear layer `y = x·Wᵀ + b`, with `W` stored `[out, in]` as in PyTorch.
+//! Shapes: x `[n, in]`, W `[out, in]`, b `[out]` → y `[n, out]`.
+
+use super::super::gemm::{add_dyt_x, dy_w, x_wt};
+use super::super::real::Real;
+use super::add_column_sums;
+
+/// `(n, in, out)` from the slices, checking they agree.
+fn dims<T>(x_len: usize, w: &[T], b: &[T]) -> (usize, usize, usize) {
+    let d_out = b.len();
+    assert!(
+        d_out > 0 && w.len().is_multiple_of(d_out),
+        "weight of {} values for {d_out} outputs",
+        w.len()
+    );
+    let d_in = w.len() / d_out;
+    assert!(
+        d_in > 0 && x_len.is_multiple_of(d_in),
+        "input of {x_len} values for rows of {d_in}"
+    );
+    (x_len / d_in, d_in, d_out)
+}
+
+/// y `[n, out]` = x `[n, in]` · W `[out, in]`ᵀ + b `[out]`; overwrites y.
+pub fn forward<T: Real>(y: &mut [T], x: &[T], w: &[T], b: &[T]) {
+    let (n, d_in, d_out) = dims(x.len(), w, b);
+    assert_eq!(y.len(), n * d_out);
+    for row in y.chunks_exact_mut(d_out) {
+        row.copy_from_slice(b);
+    }
+    x_wt(y, x, w, n, d_in, d_out, true);
+}
+
+/// y `[n, out]` += x `[n, in]` · W `[out, in]`ᵀ + b `[out]`: a residual branch's last layer.
+pub fn forward_add<T: Real>(y: &mut [T], x: &[T], w: &[T], b: &[T]) {
+    let (n, d_in, d_out) = dims(x.len(), w, b);
+    assert_eq!(y.len(), n * d_out);
+    for row in y.chunks_exact_mut(d_out) {
+        for (v, &bias) in row.iter_mut().zip(b) {
+            *v += bias;
+        }
+    }
+    x_wt(y, x, w, n, d_in, d_out, true);
+}
+
+/// From dy `[n, out]`: dx `[n, in]` = dy·W (overwritten, skipped when `None`),
+/// dW `[out, in]` += dyᵀ·x, db `[out]` += Σ_rows dy.
+pub fn backward<T: Real>(
+    dx: Option<&mut [T]>,
+    dw: &mut [T],
+    db: &mut [T],
+    dy: &[T],
+    x: &[T],
+    w: &[T],
+) {
+    let (n, d_in, d_out) = dims(x.len(), w, db);
+    assert_eq!(dy.len(), n * d_out);
+    assert_eq!(dw.len(), w.len());
+    if let Some(dx) = dx {
+        assert_eq!(dx.len(), x.len());
+        dy_w(dx, dy, w, n, d_in, d_out);
+    }
+    add_dyt_x(dw, dy, x, n, d_in, d_out);
+    add_column_sums(db, dy);
+}

@@ -1,0 +1,42 @@
+//! The scalar the CPU reference computes in: f32 for training, f64 for finite-difference
+//! checks of every gradient.
+
+use std::fmt::Debug;
+use std::iter::Sum;
+
+use num_traits::{Float, NumAssign};
+
+/// A float the ops and the model are generic over. Only f32 and f64 implement it, the two
+/// types the GEMM crate multiplies.
+pub trait Real: Float + NumAssign + Sum + Debug + Default + Send + Sync + Copy + 'static {
+    /// The error function, for the exact GELU.
+    fn erf(self) -> Self;
+    /// A constant or a count, converted once; exact for f64, rounded for f32.
+    fn of(v: f64) -> Self;
+    /// An input pixel.
+    fn of_f32(v: f32) -> Self;
+}
+
+impl Real for f32 {
+    fn erf(self) -> Self {
+        libm::erff(self)
+    }
+    fn of(v: f64) -> Self {
+        v as f32
+    }
+    fn of_f32(v: f32) -> Self {
+        v
+    }
+}
+
+impl Real for f64 {
+    fn erf(self) -> Self {
+        libm::erf(self)
+    }
+    fn of(v: f64) -> Self {
+        v
+    }
+    fn of_f32(v: f32) -> Self {
+        v as f64
+    }
+}
