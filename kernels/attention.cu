@@ -20,13 +20,13 @@
 // by __syncthreads, everything one lane writes and another lane of the same warp reads by
 // __syncwarp.
 
-#include <cuda_bf16.h>
 #include <mma.h>
+
+#include "common.cuh"
 
 namespace {
 
 namespace wmma = nvcuda::wmma;
-using bf16 = __nv_bfloat16;
 
 constexpr int TILE = 16;
 constexpr int WARP_SIZE = 32;
@@ -41,29 +41,10 @@ constexpr int F32_PAD = 4;
 template <typename E>
 constexpr int ROW_PAD = 16 / static_cast<int>(sizeof(E));
 
-__device__ __forceinline__ float to_f32(float x) { return x; }
-__device__ __forceinline__ float to_f32(bf16 x) { return __bfloat162float(x); }
-
-template <typename E>
-__device__ __forceinline__ E from_f32(float x);
-template <>
-__device__ __forceinline__ float from_f32<float>(float x) {
-    return x;
-}
-template <>
-__device__ __forceinline__ bf16 from_f32<bf16>(float x) {
-    return __float2bfloat16(x);
-}
-
 __device__ __forceinline__ int round_up(int x, int m) { return (x + m - 1) / m * m; }
 
 __device__ __forceinline__ float warp_max(float x) {
     for (int o = WARP_SIZE / 2; o > 0; o /= 2) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, o));
-    return x;
-}
-
-__device__ __forceinline__ float warp_sum(float x) {
-    for (int o = WARP_SIZE / 2; o > 0; o /= 2) x += __shfl_xor_sync(0xffffffffu, x, o);
     return x;
 }
 
@@ -143,7 +124,7 @@ __device__ void store_tile(E* dst, size_t dst_ld, const float* tile, int ld, int
         uint4 v[8 * sizeof(E) / 16];
     } vals;
 #pragma unroll
-    for (int c = 0; c < 8; ++c) vals.e[c] = from_f32<E>(tile[r * ld + c0 + c] * scale);
+    for (int c = 0; c < 8; ++c) vals.e[c] = from_float<E>(tile[r * ld + c0 + c] * scale);
     uint4* out = reinterpret_cast<uint4*>(dst + (row0 + r) * dst_ld + c0);
 #pragma unroll
     for (int k = 0; k < static_cast<int>(8 * sizeof(E) / 16); ++k) out[k] = vals.v[k];
@@ -250,7 +231,7 @@ __device__ void softmax_rows(float* scores, int ld_s, E* probs, int ld_p, int ro
         float* s = scores + r * ld_s;
         E* p = probs + r * ld_p;
         if (i >= tokens) {
-            for (int j = lane; j < padded; j += WARP_SIZE) p[j] = from_f32<E>(0.0f);
+            for (int j = lane; j < padded; j += WARP_SIZE) p[j] = from_float<E>(0.0f);
             continue;
         }
         float row_max = -INFINITY;
@@ -266,7 +247,7 @@ __device__ void softmax_rows(float* scores, int ld_s, E* probs, int ld_p, int ro
         }
         sum = warp_sum(sum);
         const float inv = 1.0f / sum;
-        for (int j = lane; j < padded; j += WARP_SIZE) p[j] = from_f32<E>(j < tokens ? s[j] * inv : 0.0f);
+        for (int j = lane; j < padded; j += WARP_SIZE) p[j] = from_float<E>(j < tokens ? s[j] * inv : 0.0f);
         if (lane == 0) lse[i] = row_max + logf(sum);
     }
 }
@@ -348,8 +329,8 @@ __device__ void softmax_grad_tile(const float* s_tile, const float* dp_tile, E* 
             ds = p * (dp_tile[e] - delta[i]);
             if (dbias != nullptr) atomicAdd(&dbias[idx], ds);
         }
-        p_tile[e] = from_f32<E>(p);
-        ds_tile[e] = from_f32<E>(ds);
+        p_tile[e] = from_float<E>(p);
+        ds_tile[e] = from_float<E>(ds);
     }
 }
 
@@ -395,7 +376,7 @@ __device__ void attention_backward(const E* __restrict__ qkv, const float* __res
         float acc = 0.0f;
         if (i < tokens)
             for (int c = lane; c < HEAD_DIM; c += WARP_SIZE)
-                acc += to_f32(dout[g.o + i * g.out_ld + c]) * to_f32(out[g.o + i * g.out_ld + c]);
+                acc += to_float(dout[g.o + i * g.out_ld + c]) * to_float(out[g.o + i * g.out_ld + c]);
         acc = warp_sum(acc);
         if (lane == 0) delta[i] = acc;
     }
