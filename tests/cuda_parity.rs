@@ -6,9 +6,9 @@
 
 mod common;
 
-use common::{gpu_or_skip, random_batch, rng, Report};
+use common::{gpu_or_skip, random_batch, rng, tiny_d32, Report};
 use lomar::backend::{AdamWStep, Backend, Precision};
-use lomar::config::{preset, ModelConfig};
+use lomar::config::ModelConfig;
 use lomar::cpu::CpuBackend;
 use lomar::cuda::CudaBackend;
 use lomar::params::{standard_normal, ParamLayout};
@@ -51,10 +51,9 @@ fn compare_tensors(
     }
 }
 
-/// The tiny preset with a window large enough for several heads' worth of tokens, and a
-/// 16-pixel variant with head dim 32.
+/// The tiny preset at head dim 32, and a 16-pixel model at head dim 64 with three windows
+/// per image and a 5×5 window.
 fn models() -> Vec<(&'static str, ModelConfig)> {
-    let tiny = preset("tiny").unwrap();
     let p16 = ModelConfig {
         image: 96,
         patch: 16,
@@ -62,11 +61,11 @@ fn models() -> Vec<(&'static str, ModelConfig)> {
         windows_per_image: 3,
         mask_ratio: 0.6,
         depth: 2,
-        width: 96,
-        heads: 3,
+        width: 128,
+        heads: 2,
         norm_pix: true,
     };
-    vec![("tiny", tiny), ("p16 d32", p16)]
+    vec![("tiny d32", tiny_d32()), ("p16 d64", p16)]
 }
 
 fn gradient_parity(precision: Precision) {
@@ -116,7 +115,7 @@ fn training_parity(precision: Precision, tol: f64) {
     if gpu_or_skip(&test).is_none() {
         return;
     }
-    let m = preset("tiny").unwrap();
+    let m = tiny_d32();
     let params = test_params(&m, 7);
     let mut cpu = CpuBackend::new(&m, params.clone()).unwrap();
     let mut gpu = CudaBackend::new(&m, params, precision).expect("opening the CUDA backend");
@@ -179,7 +178,7 @@ fn state_round_trips_through_the_device() {
     if gpu_or_skip(test).is_none() {
         return;
     }
-    let m = preset("tiny").unwrap();
+    let m = tiny_d32();
     let params = test_params(&m, 9);
     let mut gpu = CudaBackend::new(&m, params.clone(), Precision::Bf16).unwrap();
     assert_eq!(gpu.params().unwrap(), params);
@@ -207,7 +206,7 @@ fn state_round_trips_through_the_device() {
 /// never panic; with one it must succeed.
 #[test]
 fn constructor_explains_a_missing_gpu() {
-    let m = preset("tiny").unwrap();
+    let m = tiny_d32();
     let params = ParamLayout::new(&m).init(0);
     let result = CudaBackend::new(&m, params, Precision::Bf16);
     match lomar::cuda::unavailable() {

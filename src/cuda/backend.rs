@@ -6,10 +6,10 @@ use cudarc::driver::CudaSlice;
 use half::bf16;
 
 use super::activations::Activations;
-use super::attention::Attention;
+use super::attention::{AttentionKernels, AttnElem};
 use super::device::Gpu;
 use super::gemm::Blas;
-use super::kernels::Kernels;
+use super::kernels::{load_module, Kernels, ATTENTION};
 use super::launch::scratch_len;
 use super::model::Pass;
 use super::storage::Storage;
@@ -87,10 +87,10 @@ impl Backend for CudaBackend {
 }
 
 /// The backend for one storage type.
-struct Engine<T: Storage> {
+struct Engine<T: Storage + AttnElem> {
     gpu: Gpu,
     kernels: Kernels<T>,
-    attention: Attention,
+    attention: AttentionKernels,
     blas: Blas,
     precision: Precision,
     model: ModelConfig,
@@ -115,7 +115,7 @@ struct Engine<T: Storage> {
     acts: Option<Activations<T>>,
 }
 
-impl<T: Storage> Engine<T> {
+impl<T: Storage + AttnElem> Engine<T> {
     fn new(
         gpu: Gpu,
         model: &ModelConfig,
@@ -125,7 +125,8 @@ impl<T: Storage> Engine<T> {
     ) -> Result<Self> {
         let total = layout.total();
         let kernels = Kernels::load(&gpu)?;
-        let attention = Attention::load(&gpu, model)?;
+        let attention_module = load_module(&gpu, ATTENTION, "attention")?;
+        let attention = AttentionKernels::load(gpu.ctx(), &attention_module)?;
         let blas = Blas::new(gpu.stream())?;
         let decay: Vec<u8> = layout
             .decay_mask()
@@ -173,7 +174,7 @@ impl<T: Storage> Engine<T> {
     }
 }
 
-impl<T: Storage> Backend for Engine<T> {
+impl<T: Storage + AttnElem> Backend for Engine<T> {
     fn device_name(&self) -> String {
         format!("{} (CUDA, {})", self.gpu.name(), self.precision)
     }

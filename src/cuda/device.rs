@@ -5,6 +5,7 @@
 //! cross-stream event tracking is switched off.
 
 use std::marker::PhantomData;
+use std::mem::ManuallyDrop;
 use std::ops::Range;
 use std::sync::Arc;
 
@@ -186,6 +187,16 @@ impl Gpu {
             len: s.len(),
             _type: PhantomData,
         }
+    }
+
+    /// A `CudaSlice` over the memory behind `p`, for APIs that take cudarc views. It is
+    /// wrapped in `ManuallyDrop` because it does not own the memory: dropping it would
+    /// free the owner's buffer.
+    ///
+    /// # Safety
+    /// The buffer behind `p` must outlive the returned value (DevPtr's contract).
+    pub unsafe fn alias<T>(&self, p: DevPtr<T>) -> ManuallyDrop<CudaSlice<T>> {
+        ManuallyDrop::new(self.stream.upgrade_device_ptr(p.addr, p.len))
     }
 
     /// Zero-fills the memory behind `p`, queued on the stream.

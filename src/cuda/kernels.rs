@@ -16,7 +16,7 @@ mod fatbins {
 }
 pub use fatbins::*;
 
-fn load_module(gpu: &Gpu, fatbin: &[u8], file: &str) -> Result<Arc<CudaModule>> {
+pub(super) fn load_module(gpu: &Gpu, fatbin: &[u8], file: &str) -> Result<Arc<CudaModule>> {
     gpu.ctx()
         .load_module(Ptx::from_binary(fatbin.to_vec()))
         .with_context(|| {

@@ -10,7 +10,9 @@ use anyhow::{Context, Result};
 use cudarc::driver::CudaSlice;
 
 use super::activations::Activations;
-use super::attention::Attention;
+use super::attention::{
+    attention_backward, attention_forward, AttentionKernels, AttnElem, AttnShape,
+};
 use super::device::{DevPtr, Gpu};
 use super::gemm::Blas;
 use super::kernels::Kernels;
@@ -20,10 +22,10 @@ use crate::params::ModelRanges;
 
 /// Everything one pass reads, borrowed; kernels write through device addresses, so the
 /// pass needs no mutable borrows.
-pub(super) struct Pass<'a, T: Storage> {
+pub(super) struct Pass<'a, T: Storage + AttnElem> {
     pub gpu: &'a Gpu,
     pub kernels: &'a Kernels<T>,
-    pub attention: &'a Attention,
+    pub attention: &'a AttentionKernels,
     pub blas: &'a Blas,
     pub model: &'a ModelConfig,
     pub ranges: &'a ModelRanges,
@@ -36,7 +38,7 @@ pub(super) struct Pass<'a, T: Storage> {
     pub acts: &'a Activations<T>,
 }
 
-impl<T: Storage> Pass<'_, T> {
+impl<T: Storage + AttnElem> Pass<'_, T> {
     fn seqs(&self) -> usize {
         self.acts.images_len * self.model.windows_per_image
     }
@@ -55,6 +57,81 @@ impl<T: Storage> Pass<'_, T> {
 
     fn g(&self, r: &std::ops::Range<usize>) -> Result<DevPtr<f32>> {
         self.grads.range(r.clone())
+    }
+
+    fn attention_shape(&self) -> AttnShape {
+        AttnShape {
+            seqs: self.seqs(),
+            window: self.model.window,
+            heads: self.model.heads,
+            head_dim: self.model.head_dim(),
+        }
+    }
+
+    /// qkv [S, T, 3D] T, table [(2K-1)²+3, h] f32 -> out [S, T, D] T, lse [S, h, T] f32.
+    fn attention_forward(
+        &self,
+        qkv: DevPtr<T>,
+        table: DevPtr<f32>,
+        out: DevPtr<T>,
+        lse: DevPtr<f32>,
+    ) -> Result<()> {
+        // SAFETY: the buffers belong to the backend and outlive this call.
+        let (qkv, table, mut out, mut lse) = unsafe {
+            (
+                self.gpu.alias(qkv),
+                self.gpu.alias(table),
+                self.gpu.alias(out),
+                self.gpu.alias(lse),
+            )
+        };
+        attention_forward(
+            self.gpu.stream(),
+            self.attention,
+            &qkv.slice(..),
+            &table.slice(..),
+            &mut out.slice_mut(..),
+            &mut lse.slice_mut(..),
+            self.attention_shape(),
+        )
+    }
+
+    /// qkv, table, out, dout [S, T, D], lse -> dqkv [S, T, 3D] T (written), dtable (+=).
+    #[allow(clippy::too_many_arguments)]
+    fn attention_backward(
+        &self,
+        qkv: DevPtr<T>,
+        table: DevPtr<f32>,
+        out: DevPtr<T>,
+        dout: DevPtr<T>,
+        lse: DevPtr<f32>,
+        dqkv: DevPtr<T>,
+        dtable: DevPtr<f32>,
+    ) -> Result<()> {
+        // SAFETY: the buffers belong to the backend and outlive this call.
+        let (qkv, table, out, dout, lse, mut dqkv, mut dtable) = unsafe {
+            (
+                self.gpu.alias(qkv),
+                self.gpu.alias(table),
+                self.gpu.alias(out),
+                self.gpu.alias(dout),
+                self.gpu.alias(lse),
+                self.gpu.alias(dqkv),
+                self.gpu.alias(dtable),
+            )
+        };
+        attention_backward(
+            self.gpu.stream(),
+            self.attention,
+            &qkv.slice(..),
+            &table.slice(..),
+            &out.slice(..),
+            &dout.slice(..),
+            &lse.slice(..),
+            &mut dqkv.slice_mut(..),
+            &mut dtable.slice_mut(..),
+            self.attention_shape(),
+        )
     }
 
     /// Queues the whole forward and backward; the mean loss lands in `acts.loss`.
@@ -135,12 +212,11 @@ impl<T: Storage> Pass<'_, T> {
             3 * d,
         )?;
         k.add_bias(self.ptr(&ba.qkv), self.p(&r.qkv_b)?, n, 3 * d)?;
-        self.attention.forward(
+        self.attention_forward(
             self.ptr(&ba.qkv),
             self.p(&r.rel_bias)?,
             self.ptr(&ba.attn),
             self.ptr(&ba.lse),
-            self.seqs(),
         )?;
         self.blas
             .linear_forward(self.ptr(&ba.attn), self.w(&r.proj_w)?, branch, n, d, d)?;
@@ -302,7 +378,7 @@ impl<T: Storage> Pass<'_, T> {
             .linear_backward_weight(dy, self.ptr(&ba.attn), self.g(&r.proj_w)?, n, d, d)?;
         self.blas
             .linear_backward_input(dy, self.w(&r.proj_w)?, dsmall, n, d, d)?;
-        self.attention.backward(
+        self.attention_backward(
             self.ptr(&ba.qkv),
             self.p(&r.rel_bias)?,
             self.ptr(&ba.attn),
@@ -310,7 +386,6 @@ impl<T: Storage> Pass<'_, T> {
             self.ptr(&ba.lse),
             dqkv,
             self.g(&r.rel_bias)?,
-            self.seqs(),
         )?;
         k.column_sum(dqkv, n, 3 * d, self.scratch, self.g(&r.qkv_b)?)?;
         self.blas.linear_backward_weight(

@@ -10,6 +10,15 @@ use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
+/// The tiny preset with two heads: head dim 32, the smallest the attention kernels are
+/// built for.
+pub fn tiny_d32() -> ModelConfig {
+    ModelConfig {
+        heads: 2,
+        ..lomar::config::preset("tiny").expect("the tiny preset")
+    }
+}
+
 /// The GPU, or `None` after printing `skipped: <reason>` when this machine has none. With
 /// `LOMAR_REQUIRE_GPU=1` a missing GPU fails the test instead, so a GPU run cannot pass by
 /// skipping. A machine with a GPU that fails to open fails the test.
