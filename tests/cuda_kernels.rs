@@ -721,7 +721,7 @@ fn linear_gemms_match_cpu() {
     let Some(gpu) = gpu_or_skip("linear_gemms") else {
         return;
     };
-    let blas = Blas::new(gpu.stream()).expect("cuBLAS handle");
+    let blas = Blas::new(&gpu).expect("cuBLAS handle");
     gemm_case::<f32>(&gpu, &blas, "linear_gemms f32".into());
     gemm_case::<bf16>(&gpu, &blas, "linear_gemms bf16".into());
 }

@@ -6,7 +6,7 @@ use cudarc::driver::CudaSlice;
 use half::bf16;
 
 use super::activations::Activations;
-use super::attention::{AttentionKernels, AttnElem};
+use super::attention::{AttentionKernels, AttnElem, HEAD_DIMS};
 use super::device::Gpu;
 use super::gemm::Blas;
 use super::kernels::{load_module, Kernels, ATTENTION};
@@ -35,6 +35,15 @@ impl CudaBackend {
                 "params: {} values, the model has {} parameters",
                 params.len(),
                 layout.total()
+            );
+        }
+        if !HEAD_DIMS.contains(&model.head_dim()) {
+            bail!(
+                "head dim {} (width {} / heads {}) has no CUDA attention kernel; the GPU \
+                 backend supports head dims {HEAD_DIMS:?}",
+                model.head_dim(),
+                model.width,
+                model.heads
             );
         }
         let gpu = Gpu::open(0)?;
@@ -127,7 +136,7 @@ impl<T: Storage + AttnElem> Engine<T> {
         let kernels = Kernels::load(&gpu)?;
         let attention_module = load_module(&gpu, ATTENTION, "attention")?;
         let attention = AttentionKernels::load(gpu.ctx(), &attention_module)?;
-        let blas = Blas::new(gpu.stream())?;
+        let blas = Blas::new(&gpu)?;
         let decay: Vec<u8> = layout
             .decay_mask()
             .iter()

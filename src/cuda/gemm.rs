@@ -7,10 +7,11 @@
 //! into the gradient buffer with beta = 1, so they accumulate across micro-batches.
 
 use std::ffi::c_void;
+use std::mem::ManuallyDrop;
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
-use cudarc::cublas::result::gemm_ex;
+use cudarc::cublas::result::{destroy_handle, gemm_ex};
 use cudarc::cublas::sys::{
     cublasComputeType_t, cublasGemmAlgo_t, cublasMath_t, cublasOperation_t, cublasSetMathMode,
     cudaDataType,
@@ -18,15 +19,26 @@ use cudarc::cublas::sys::{
 use cudarc::cublas::CudaBlas;
 use cudarc::driver::CudaStream;
 
-use super::device::DevPtr;
+use super::device::{DevPtr, Gpu};
 use super::storage::Storage;
 
 const N: cublasOperation_t = cublasOperation_t::CUBLAS_OP_N;
 const T: cublasOperation_t = cublasOperation_t::CUBLAS_OP_T;
 
 pub struct Blas {
-    blas: CudaBlas,
+    /// Never dropped by cudarc: its Drop unwraps cublasDestroy, which fails after a device
+    /// fault and would turn an error report into a panic. [`Blas`]'s Drop destroys the
+    /// handle instead and ignores that failure (the wrapper's stream reference is leaked).
+    blas: ManuallyDrop<CudaBlas>,
     stream: Arc<CudaStream>,
+    sync_launches: bool,
+}
+
+impl Drop for Blas {
+    fn drop(&mut self) {
+        // SAFETY: the handle is valid and nothing uses it after this.
+        let _ = unsafe { destroy_handle(*self.blas.handle()) };
+    }
 }
 
 /// One column-major operand: address, element type, leading dimension.
@@ -37,7 +49,8 @@ struct Operand {
 }
 
 impl Blas {
-    pub fn new(stream: &Arc<CudaStream>) -> Result<Blas> {
+    pub fn new(gpu: &Gpu) -> Result<Blas> {
+        let stream = gpu.stream();
         let blas = CudaBlas::new(stream.clone()).context("creating the cuBLAS handle")?;
         // The default math mode never lowers precision below the compute type (no TF32).
         // SAFETY: a valid handle and a valid enum value.
@@ -45,8 +58,9 @@ impl Blas {
             .result()
             .context("setting the cuBLAS math mode")?;
         Ok(Blas {
-            blas,
+            blas: ManuallyDrop::new(blas),
             stream: stream.clone(),
+            sync_launches: gpu.sync_launches(),
         })
     }
 
@@ -166,7 +180,11 @@ impl Blas {
                 cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
             )
         }
-        .map_err(|e| anyhow::anyhow!("cublasGemmEx failed: {e:?}"))
+        .map_err(|e| anyhow::anyhow!("cublasGemmEx failed: {e:?}"))?;
+        if self.sync_launches {
+            self.stream.synchronize().context("a cuBLAS GEMM failed")?;
+        }
+        Ok(())
     }
 }
 

@@ -93,7 +93,17 @@ impl<T: Storage + AttnElem> Pass<'_, T> {
             &mut out.slice_mut(..),
             &mut lse.slice_mut(..),
             self.attention_shape(),
-        )
+        )?;
+        self.wait_if_debugging("attention forward")
+    }
+
+    /// With `LOMAR_CUDA_SYNC` set, waits for the kernel just queued so a fault is reported
+    /// against it.
+    fn wait_if_debugging(&self, what: &str) -> Result<()> {
+        if self.gpu.sync_launches() {
+            self.gpu.synchronize(what)?;
+        }
+        Ok(())
     }
 
     /// qkv, table, out, dout [S, T, D], lse -> dqkv [S, T, 3D] T (written), dtable (+=).
@@ -131,7 +141,8 @@ impl<T: Storage + AttnElem> Pass<'_, T> {
             &mut dqkv.slice_mut(..),
             &mut dtable.slice_mut(..),
             self.attention_shape(),
-        )
+        )?;
+        self.wait_if_debugging("attention backward")
     }
 
     /// Queues the whole forward and backward; the mean loss lands in `acts.loss`.
