@@ -6,5 +6,6 @@ pub mod backend;
 pub mod batch;
 pub mod config;
 pub mod cpu;
+pub mod cuda;
 pub mod optim;
 pub mod params;

@@ -1,0 +1,3 @@
+//! The CUDA backend's pieces, driven through cudarc with dynamic loading.
+
+pub mod attention;
