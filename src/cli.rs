@@ -11,12 +11,13 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 
 use crate::backend::Backend;
+use crate::backend::Precision;
 use crate::batch_file;
 use crate::bench;
 use crate::checkpoint::{self, CheckpointFile};
 use crate::config::{preset, Config, TrainConfig};
 use crate::data::BatchSource;
-use crate::device::{open_backend, Device, Precision};
+use crate::device::{open_backend, Device};
 use crate::params::ParamLayout;
 use crate::train::{self, TrainOptions};
 
@@ -480,19 +481,14 @@ fn init(a: InitArgs) -> Result<()> {
 
 fn bench(a: BenchArgs) -> Result<()> {
     let config = resolve_config(&a.model, &a.train, None)?;
-    if let Some(p) = a.peak_tflops {
-        if !(p.is_finite() && p > 0.0) {
-            bail!("--peak-tflops {p}: must be a finite number > 0");
-        }
-    }
-    let layout = ParamLayout::new(&config.model);
-    let params = layout.init(config.train.seed);
-    let mut backend = open_backend(a.device.device, &config.model, params, a.device.precision)?;
     let plan = bench::BenchPlan {
         warmup_steps: a.warmup,
         timed_steps: a.timed_steps,
         peak_flops: a.peak_tflops.map(|t| t * 1e12),
     };
+    plan.validate()?;
+    let params = ParamLayout::new(&config.model).init(config.train.seed);
+    let mut backend = open_backend(a.device.device, &config.model, params, a.device.precision)?;
     let report = bench::run(backend.as_mut(), &config, &plan)?;
     print!("{}", bench::summary(&report));
     if let Some(path) = &a.json {
