@@ -82,7 +82,9 @@ fn find_nvcc() -> Option<PathBuf> {
 }
 
 /// Compiles every source in parallel (nvcc is slow); any failure stops the build with
-/// nvcc's own output.
+/// nvcc's own output. No `--use_fast_math`: GELU's erff/expf and the divisions and square
+/// roots of LayerNorm, norm-pix and AdamW stay IEEE-accurate, which the fp32 parity with
+/// the CPU reference relies on; those kernels are memory-bound, so it would buy nothing.
 fn compile_all(nvcc: &Path, sources: &[PathBuf], out_dir: &Path) {
     let gencode = env::var("LOMAR_CUDA_GENCODE").unwrap_or_else(|_| DEFAULT_GENCODE.into());
     let jobs: Vec<(&PathBuf, Child)> = sources
