@@ -107,7 +107,9 @@ pub fn run(backend: &mut dyn Backend, config: &Config, plan: &BenchPlan) -> Resu
     // their generation inside the step.
     let distinct = (plan.warmup_steps + plan.timed_steps).clamp(1, 4);
     let input_started = Instant::now();
-    let batches: Vec<Batch> = (0..distinct).map(|_| source.next_batch(t.batch)).collect();
+    let batches: Vec<Batch> = (0..distinct)
+        .map(|_| source.next_batch(t.batch))
+        .collect::<Result<_>>()?;
     let input_images_per_s = (distinct * t.batch) as f64 / input_started.elapsed().as_secs_f64();
 
     let mut fb_ms = Vec::new();

@@ -16,10 +16,12 @@ use crate::batch_file;
 use crate::bench;
 use crate::checkpoint::{self, CheckpointFile};
 use crate::config::{preset, Config, TrainConfig};
-use crate::data::BatchSource;
+use crate::data::{loader, BatchSource, DataArgs};
 use crate::device::{open_backend, Device};
 use crate::params::ParamLayout;
+use crate::plot::{self, PlotOptions};
 use crate::train::{self, TrainOptions};
+use crate::visualize::{self, Images};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -35,15 +37,21 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Pretrain a model; by default the tiny preset on the embedded synthetic images.
-    Pretrain(PretrainArgs),
+    Pretrain(Box<PretrainArgs>),
     /// One forward and backward pass on a batch file: writes the loss and every gradient.
     Grad(GradArgs),
-    /// Write a batch file from the embedded synthetic images and the sampler.
+    /// Write a batch file from the embedded synthetic images (or --data) and the sampler.
     SampleBatch(SampleBatchArgs),
     /// Write freshly initialised parameters.
     Init(InitArgs),
     /// Time training steps: images/s, ms/step, TFLOP/s, MFU, per-phase times.
     Bench(BenchArgs),
+    /// Draw what a checkpoint reconstructs: image, windows, masked input, reconstruction.
+    Visualize(VisualizeArgs),
+    /// Plot the loss curve of a metrics.jsonl file as a PNG.
+    Plot(PlotArgs),
+    /// Measure how many images per second the --data loader delivers on its own.
+    LoaderBench(LoaderBenchArgs),
 }
 
 /// Which model: a preset or a config file, then per-field overrides.
@@ -145,6 +153,8 @@ pub struct PretrainArgs {
     pub train: TrainArgs,
     #[command(flatten)]
     pub device: DeviceArgs,
+    #[command(flatten)]
+    pub data: DataArgs,
     /// Directory for checkpoint.safetensors, metrics.jsonl and config.json.
     #[arg(long, default_value = "runs/pretrain")]
     pub out: PathBuf,
@@ -188,6 +198,8 @@ pub struct SampleBatchArgs {
     pub out: PathBuf,
     #[command(flatten)]
     pub model: ModelArgs,
+    #[command(flatten)]
+    pub data: DataArgs,
     /// Images in the batch.
     #[arg(long, default_value_t = 8)]
     pub batch: usize,
@@ -228,6 +240,65 @@ pub struct BenchArgs {
     /// Also write the whole report as JSON (with the commit and the settings).
     #[arg(long, value_name = "FILE.json")]
     pub json: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+pub struct VisualizeArgs {
+    /// The checkpoint whose model reconstructs.
+    #[arg(long, value_name = "CKPT")]
+    pub checkpoint: PathBuf,
+    /// An image file to show (repeat for more rows).
+    #[arg(long, value_name = "FILE", conflicts_with = "data")]
+    pub image: Vec<PathBuf>,
+    /// Show --images files spread over this folder tree.
+    #[arg(long, value_name = "PATH")]
+    pub data: Option<PathBuf>,
+    /// Rows to show from --data, or from the embedded synthetic images when neither
+    /// --image nor --data is given.
+    #[arg(long, default_value_t = 4, value_name = "N")]
+    pub images: usize,
+    /// Seed of the windows and masks drawn.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// The PNG to write.
+    #[arg(long, value_name = "FILE.png")]
+    pub out: PathBuf,
+}
+
+#[derive(Args, Debug)]
+pub struct PlotArgs {
+    /// A run's metrics.jsonl.
+    #[arg(value_name = "METRICS")]
+    pub metrics: PathBuf,
+    /// The PNG to write.
+    #[arg(long, value_name = "FILE.png")]
+    pub out: PathBuf,
+    /// Steps in the running mean (0: about a fiftieth of the run).
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    pub smooth: usize,
+    #[arg(long, default_value_t = 800)]
+    pub width: usize,
+    #[arg(long, default_value_t = 480)]
+    pub height: usize,
+}
+
+#[derive(Args, Debug)]
+pub struct LoaderBenchArgs {
+    /// The image folder tree to read.
+    #[arg(long, value_name = "PATH")]
+    pub data: PathBuf,
+    /// Decoding threads [default: every core].
+    #[arg(long, value_name = "N")]
+    pub threads: Option<usize>,
+    /// Images to load.
+    #[arg(long, default_value_t = 1000, value_name = "N")]
+    pub images: usize,
+    /// Output side in pixels.
+    #[arg(long, default_value_t = 224)]
+    pub image: usize,
+    /// Seed of the order and the augmentation.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
 }
 
 /// Training defaults of a preset. `tiny` is the embedded default job: a learning rate
@@ -308,11 +379,14 @@ fn set<T>(field: &mut T, value: Option<T>) {
 
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Pretrain(a) => pretrain(a),
+        Command::Pretrain(a) => pretrain(*a),
         Command::Grad(a) => grad(a),
         Command::SampleBatch(a) => sample_batch(a),
         Command::Init(a) => init(a),
         Command::Bench(a) => bench(a),
+        Command::Visualize(a) => visualize(a),
+        Command::Plot(a) => plot(a),
+        Command::LoaderBench(a) => loader_bench(a),
     }
 }
 
@@ -344,7 +418,7 @@ fn pretrain(a: PretrainArgs) -> Result<()> {
     .with_context(|| format!("cannot write {}", out.join("config.json").display()))?;
 
     let layout = ParamLayout::new(&config.model);
-    let (mut backend, step, source) = match resumed {
+    let (mut backend, step, resumed_states) = match resumed {
         Some(file) => {
             if file.config().train.seed != config.train.seed {
                 bail!(
@@ -361,21 +435,23 @@ fn pretrain(a: PretrainArgs) -> Result<()> {
                 a.device.precision,
             )?;
             backend.set_moments(&ck.moments)?;
-            let source =
-                BatchSource::restore(&config.model, config.train.seed, ck.sampler, ck.data);
-            (backend, ck.step, source)
+            (backend, ck.step, Some((ck.sampler, ck.data)))
         }
         None => {
             let params = layout.init(config.train.seed);
             let backend = open_backend(a.device.device, &config.model, params, a.device.precision)?;
-            (
-                backend,
-                0,
-                BatchSource::new(&config.model, config.train.seed),
-            )
+            (backend, 0, None)
         }
     };
+    let source = BatchSource::open(
+        &config.model,
+        config.train.seed,
+        config.train.batch,
+        &a.data,
+        resumed_states,
+    )?;
     print_run_header(&config, backend.as_ref(), layout.total(), step);
+    println!("data: {}", source.describe());
     let outcome = train::train(
         backend.as_mut(),
         &config,
@@ -461,7 +537,8 @@ fn sample_batch(a: SampleBatchArgs) -> Result<()> {
         ..TrainArgs::default()
     };
     let config = resolve_config(&a.model, &train, None)?;
-    let batch = BatchSource::new(&config.model, a.seed).next_batch(config.train.batch);
+    let batch = BatchSource::open(&config.model, a.seed, a.batch, &a.data, None)?
+        .next_batch(config.train.batch)?;
     batch_file::write(&a.out, &config, &batch)?;
     println!("{} images written to {}", a.batch, a.out.display());
     Ok(())
@@ -501,5 +578,47 @@ fn bench(a: BenchArgs) -> Result<()> {
             .with_context(|| format!("cannot write {}", path.display()))?;
         println!("wrote {}", path.display());
     }
+    Ok(())
+}
+
+fn visualize(a: VisualizeArgs) -> Result<()> {
+    let images = match (&a.data, a.image.is_empty()) {
+        (Some(root), _) => Images::Folder(root.clone(), a.images),
+        (None, false) => Images::Files(a.image.clone()),
+        (None, true) => Images::Synthetic(a.images),
+    };
+    let rows = visualize::visualize(&a.checkpoint, &images, a.seed, &a.out)?;
+    println!("{rows} images drawn to {}", a.out.display());
+    Ok(())
+}
+
+fn plot(a: PlotArgs) -> Result<()> {
+    let opts = PlotOptions {
+        width: a.width,
+        height: a.height,
+        smooth: a.smooth,
+    };
+    let steps = plot::plot_file(&a.metrics, &a.out, opts)?;
+    println!("{steps} steps plotted to {}", a.out.display());
+    Ok(())
+}
+
+fn loader_bench(a: LoaderBenchArgs) -> Result<()> {
+    let threads = DataArgs {
+        data: None,
+        loader_threads: a.threads,
+    }
+    .threads();
+    let speed = loader::measure(&a.data, a.image, threads, a.images, a.seed)?;
+    println!(
+        "loader: {} images of {}x{} from {} in {:.2} s with {threads} threads: {:.1} images/s ({} files skipped)",
+        speed.images,
+        a.image,
+        a.image,
+        a.data.display(),
+        speed.seconds,
+        speed.images_per_s(),
+        speed.skipped
+    );
     Ok(())
 }
