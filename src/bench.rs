@@ -27,6 +27,20 @@ pub struct BenchPlan {
     pub peak_flops: Option<f64>,
 }
 
+impl BenchPlan {
+    pub fn validate(&self) -> Result<()> {
+        if self.timed_steps == 0 {
+            bail!("--timed-steps 0: bench needs at least one timed step");
+        }
+        if let Some(p) = self.peak_flops {
+            if !(p.is_finite() && p > 0.0) {
+                bail!("--peak-tflops {}: must be a finite number > 0", p / 1e12);
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Spread of a set of timings, milliseconds.
 #[derive(Clone, Debug, Serialize, PartialEq)]
 pub struct Spread {
@@ -96,9 +110,7 @@ pub fn run(
     plan: &BenchPlan,
     data: &DataArgs,
 ) -> Result<BenchReport> {
-    if plan.timed_steps == 0 {
-        bail!("--timed-steps 0: bench needs at least one timed step");
-    }
+    plan.validate()?;
     let (m, t) = (&config.model, &config.train);
     let mut source = BatchSource::open(m, t.seed, t.batch, data, None)?;
     // A few distinct batches, cycled, keep the step's inputs realistic without timing

@@ -11,12 +11,13 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 
 use crate::backend::Backend;
+use crate::backend::Precision;
 use crate::batch_file;
 use crate::bench;
 use crate::checkpoint::{self, CheckpointFile};
 use crate::config::{preset, Config, TrainConfig};
 use crate::data::{BatchSource, DataArgs};
-use crate::device::{open_backend, Device, Precision};
+use crate::device::{open_backend, Device};
 use crate::params::ParamLayout;
 use crate::plot::{self, PlotOptions};
 use crate::train::{self, TrainOptions};
@@ -43,12 +44,12 @@ pub enum Command {
     SampleBatch(SampleBatchArgs),
     /// Write freshly initialised parameters.
     Init(InitArgs),
+    /// Time training steps: images/s, ms/step, TFLOP/s, MFU, per-phase times.
+    Bench(Box<BenchArgs>),
     /// Draw what a checkpoint reconstructs: image, windows, masked input, reconstruction.
     Visualize(VisualizeArgs),
     /// Plot the loss curve of a metrics.jsonl file as a PNG.
     Plot(PlotArgs),
-    /// Time training steps: images/s, ms/step, TFLOP/s, MFU, per-phase times.
-    Bench(Box<BenchArgs>),
 }
 
 /// Which model: a preset or a config file, then per-field overrides.
@@ -218,6 +219,30 @@ pub struct InitArgs {
 }
 
 #[derive(Args, Debug)]
+pub struct BenchArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub train: TrainArgs,
+    #[command(flatten)]
+    pub device: DeviceArgs,
+    #[command(flatten)]
+    pub data: DataArgs,
+    /// Untimed steps first (kernel loading, allocator and cache warm-up).
+    #[arg(long, default_value_t = 3)]
+    pub warmup: usize,
+    /// Timed steps.
+    #[arg(long = "timed-steps", default_value_t = 10)]
+    pub timed_steps: usize,
+    /// Dense bf16 peak of the device in TFLOP/s, for MFU [default: looked up by name].
+    #[arg(long)]
+    pub peak_tflops: Option<f64>,
+    /// Also write the whole report as JSON (with the commit and the settings).
+    #[arg(long, value_name = "FILE.json")]
+    pub json: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
 pub struct VisualizeArgs {
     /// The checkpoint whose model reconstructs.
     #[arg(long, value_name = "CKPT")]
@@ -255,30 +280,6 @@ pub struct PlotArgs {
     pub width: usize,
     #[arg(long, default_value_t = 480)]
     pub height: usize,
-}
-
-#[derive(Args, Debug)]
-pub struct BenchArgs {
-    #[command(flatten)]
-    pub model: ModelArgs,
-    #[command(flatten)]
-    pub train: TrainArgs,
-    #[command(flatten)]
-    pub device: DeviceArgs,
-    #[command(flatten)]
-    pub data: DataArgs,
-    /// Untimed steps first (kernel loading, allocator and cache warm-up).
-    #[arg(long, default_value_t = 3)]
-    pub warmup: usize,
-    /// Timed steps.
-    #[arg(long = "timed-steps", default_value_t = 10)]
-    pub timed_steps: usize,
-    /// Dense bf16 peak of the device in TFLOP/s, for MFU [default: looked up by name].
-    #[arg(long)]
-    pub peak_tflops: Option<f64>,
-    /// Also write the whole report as JSON (with the commit and the settings).
-    #[arg(long, value_name = "FILE.json")]
-    pub json: Option<PathBuf>,
 }
 
 /// Training defaults of a preset. `tiny` is the embedded default job: a learning rate
@@ -363,9 +364,9 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Grad(a) => grad(a),
         Command::SampleBatch(a) => sample_batch(a),
         Command::Init(a) => init(a),
+        Command::Bench(a) => bench(*a),
         Command::Visualize(a) => visualize(a),
         Command::Plot(a) => plot(a),
-        Command::Bench(a) => bench(*a),
     }
 }
 
@@ -535,6 +536,31 @@ fn init(a: InitArgs) -> Result<()> {
     Ok(())
 }
 
+fn bench(a: BenchArgs) -> Result<()> {
+    let config = resolve_config(&a.model, &a.train, None)?;
+    let plan = bench::BenchPlan {
+        warmup_steps: a.warmup,
+        timed_steps: a.timed_steps,
+        peak_flops: a.peak_tflops.map(|t| t * 1e12),
+    };
+    plan.validate()?;
+    let params = ParamLayout::new(&config.model).init(config.train.seed);
+    let mut backend = open_backend(a.device.device, &config.model, params, a.device.precision)?;
+    let report = bench::run(backend.as_mut(), &config, &plan, &a.data)?;
+    print!("{}", bench::summary(&report));
+    if let Some(path) = &a.json {
+        let json = serde_json::json!({
+            "lomar_version": env!("CARGO_PKG_VERSION"),
+            "commit": bench::commit(),
+            "report": report,
+        });
+        fs::write(path, serde_json::to_string_pretty(&json)? + "\n")
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        println!("wrote {}", path.display());
+    }
+    Ok(())
+}
+
 fn visualize(a: VisualizeArgs) -> Result<()> {
     let images = match (&a.data, a.image.is_empty()) {
         (Some(root), _) => Images::Folder(root.clone(), a.images),
@@ -554,35 +580,5 @@ fn plot(a: PlotArgs) -> Result<()> {
     };
     let steps = plot::plot_file(&a.metrics, &a.out, opts)?;
     println!("{steps} steps plotted to {}", a.out.display());
-    Ok(())
-}
-
-fn bench(a: BenchArgs) -> Result<()> {
-    let config = resolve_config(&a.model, &a.train, None)?;
-    if let Some(p) = a.peak_tflops {
-        if !(p.is_finite() && p > 0.0) {
-            bail!("--peak-tflops {p}: must be a finite number > 0");
-        }
-    }
-    let layout = ParamLayout::new(&config.model);
-    let params = layout.init(config.train.seed);
-    let mut backend = open_backend(a.device.device, &config.model, params, a.device.precision)?;
-    let plan = bench::BenchPlan {
-        warmup_steps: a.warmup,
-        timed_steps: a.timed_steps,
-        peak_flops: a.peak_tflops.map(|t| t * 1e12),
-    };
-    let report = bench::run(backend.as_mut(), &config, &plan, &a.data)?;
-    print!("{}", bench::summary(&report));
-    if let Some(path) = &a.json {
-        let json = serde_json::json!({
-            "lomar_version": env!("CARGO_PKG_VERSION"),
-            "commit": bench::commit(),
-            "report": report,
-        });
-        fs::write(path, serde_json::to_string_pretty(&json)? + "\n")
-            .with_context(|| format!("cannot write {}", path.display()))?;
-        println!("wrote {}", path.display());
-    }
     Ok(())
 }

@@ -10,6 +10,7 @@ pub mod checkpoint;
 pub mod cli;
 pub mod config;
 pub mod cpu;
+pub mod cuda;
 pub mod data;
 pub mod device;
 pub mod draw;

@@ -658,3 +658,30 @@ fn backend_training_steps_lower_the_loss() {
     }
     assert!(losses[29] < 0.8 * losses[0], "{losses:?}");
 }
+
+#[test]
+fn results_do_not_depend_on_the_thread_count() {
+    // Wide enough that the matrix products split over threads too.
+    let m = ModelConfig {
+        width: 192,
+        heads: 3,
+        depth: 1,
+        ..preset("tiny").unwrap()
+    };
+    let params: Vec<f32> = random_params(&m, 71).iter().map(|&v| v as f32).collect();
+    let batch = sample_batch(&m, 8, 72);
+    let run = |threads: usize| {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        pool.install(|| {
+            let mut grads = vec![0.0f32; params.len()];
+            let loss = model::loss_and_grad(&m, &params, &batch, &mut grads, 1.0).unwrap();
+            (loss, grads)
+        })
+    };
+    let one = run(1);
+    assert_eq!(one, run(3));
+    assert_eq!(one, run(8));
+}
