@@ -225,7 +225,7 @@ fn constructor_explains_a_missing_gpu() {
 /// Runs everywhere: a model whose head dim has no attention kernel is refused up front.
 #[test]
 fn constructor_refuses_head_dims_without_a_kernel() {
-    let m = lomar::config::preset("tiny").unwrap();
+    let m = ModelConfig { heads: 4, ..tiny() };
     assert_eq!(m.head_dim(), 16);
     let params = ParamLayout::new(&m).init(0);
     let err = CudaBackend::new(&m, params, Precision::Fp32)
