@@ -6,6 +6,26 @@ use anyhow::Result;
 use crate::batch::Batch;
 use crate::params::ParamLayout;
 
+/// `--precision`: what the CUDA backend stores activations and matrix-product operands
+/// in. Master weights, gradients, optimiser state and the loss are fp32 in both; the CPU
+/// always computes in fp32.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Precision {
+    /// bf16 operands, fp32 accumulation: the fast mode.
+    Bf16,
+    /// fp32 throughout, TF32 off: the reference mode.
+    Fp32,
+}
+
+impl std::fmt::Display for Precision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Precision::Bf16 => "bf16",
+            Precision::Fp32 => "fp32",
+        })
+    }
+}
+
 /// One AdamW update's settings (DESIGN.md §1.4).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct AdamWStep {
@@ -50,4 +70,15 @@ pub trait Backend {
     fn grads(&mut self) -> Result<Vec<f32>>;
     fn moments(&mut self) -> Result<Moments>;
     fn set_moments(&mut self, moments: &Moments) -> Result<()>;
+
+    /// Waits for all queued work, so host clocks time finished work. The CPU backend
+    /// computes synchronously.
+    fn synchronize(&mut self) -> Result<()> {
+        Ok(())
+    }
+
+    /// Most memory the backend has held for tensors, in bytes, where it can tell.
+    fn peak_memory_bytes(&mut self) -> Option<u64> {
+        None
+    }
 }

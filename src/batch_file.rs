@@ -85,7 +85,7 @@ mod tests {
             model: preset("tiny").unwrap(),
             train: TrainConfig::default(),
         };
-        let batch = BatchSource::new(&config.model, 2).next_batch(3);
+        let batch = BatchSource::new(&config.model, 2).next_batch(3).unwrap();
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("b.safetensors");
         write(&path, &config, &batch).unwrap();

@@ -269,7 +269,7 @@ mod tests {
                 seed: 4,
                 word_pos: 1 << 70,
             },
-            data: DataState { next_image: 384 },
+            data: DataState::synthetic(384),
             config,
         }
     }

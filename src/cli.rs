@@ -11,18 +11,22 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::backend::Backend;
+use crate::backend::Precision;
 use crate::batch_file;
+use crate::bench;
 use crate::checkpoint::{self, CheckpointFile};
 use crate::config::{preset, Config, TrainConfig};
 use crate::cpu::encoder::{Encoder, Pool, View};
-use crate::data::BatchSource;
-use crate::device::{open_backend, Device, Precision};
+use crate::data::{BatchSource, DataArgs};
+use crate::device::{open_backend, Device};
 use crate::export::{self as encoder_export, ExportOptions};
 use crate::features::{open_source, Features, Provenance};
 use crate::params::ParamLayout;
+use crate::plot::{self, PlotOptions};
 use crate::pretrained::Pretrained;
 use crate::probe::{self as linear_probe, ProbeOptions, ProbeReport};
 use crate::train::{self, TrainOptions};
+use crate::visualize::{self, Images};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -38,10 +42,10 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Pretrain a model; by default the tiny preset on the embedded synthetic images.
-    Pretrain(PretrainArgs),
+    Pretrain(Box<PretrainArgs>),
     /// One forward and backward pass on a batch file: writes the loss and every gradient.
     Grad(GradArgs),
-    /// Write a batch file from the embedded synthetic images and the sampler.
+    /// Write a batch file from the embedded synthetic images (or --data) and the sampler.
     SampleBatch(SampleBatchArgs),
     /// Write freshly initialised parameters.
     Init(InitArgs),
@@ -51,6 +55,12 @@ pub enum Command {
     Features(FeaturesArgs),
     /// Linear-probe and k-NN top-1 accuracy of frozen features.
     Probe(ProbeArgs),
+    /// Time training steps: images/s, ms/step, TFLOP/s, MFU, per-phase times.
+    Bench(Box<BenchArgs>),
+    /// Draw what a checkpoint reconstructs: image, windows, masked input, reconstruction.
+    Visualize(VisualizeArgs),
+    /// Plot the loss curve of a metrics.jsonl file as a PNG.
+    Plot(PlotArgs),
 }
 
 /// Which model: a preset or a config file, then per-field overrides.
@@ -152,6 +162,8 @@ pub struct PretrainArgs {
     pub train: TrainArgs,
     #[command(flatten)]
     pub device: DeviceArgs,
+    #[command(flatten)]
+    pub data: DataArgs,
     /// Directory for checkpoint.safetensors, metrics.jsonl and config.json.
     #[arg(long, default_value = "runs/pretrain")]
     pub out: PathBuf,
@@ -195,6 +207,8 @@ pub struct SampleBatchArgs {
     pub out: PathBuf,
     #[command(flatten)]
     pub model: ModelArgs,
+    #[command(flatten)]
+    pub data: DataArgs,
     /// Images in the batch.
     #[arg(long, default_value_t = 8)]
     pub batch: usize,
@@ -308,6 +322,70 @@ pub struct ProbeArgs {
     pub temperature: f64,
 }
 
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub train: TrainArgs,
+    #[command(flatten)]
+    pub device: DeviceArgs,
+    #[command(flatten)]
+    pub data: DataArgs,
+    /// Untimed steps first (kernel loading, allocator and cache warm-up).
+    #[arg(long, default_value_t = 3)]
+    pub warmup: usize,
+    /// Timed steps.
+    #[arg(long = "timed-steps", default_value_t = 10)]
+    pub timed_steps: usize,
+    /// Dense bf16 peak of the device in TFLOP/s, for MFU [default: looked up by name].
+    #[arg(long)]
+    pub peak_tflops: Option<f64>,
+    /// Also write the whole report as JSON (with the commit and the settings).
+    #[arg(long, value_name = "FILE.json")]
+    pub json: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+pub struct VisualizeArgs {
+    /// The checkpoint whose model reconstructs.
+    #[arg(long, value_name = "CKPT")]
+    pub checkpoint: PathBuf,
+    /// An image file to show (repeat for more rows).
+    #[arg(long, value_name = "FILE", conflicts_with = "data")]
+    pub image: Vec<PathBuf>,
+    /// Show --images files spread over this folder tree.
+    #[arg(long, value_name = "PATH")]
+    pub data: Option<PathBuf>,
+    /// Rows to show from --data, or from the embedded synthetic images when neither
+    /// --image nor --data is given.
+    #[arg(long, default_value_t = 4, value_name = "N")]
+    pub images: usize,
+    /// Seed of the windows and masks drawn.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// The PNG to write.
+    #[arg(long, value_name = "FILE.png")]
+    pub out: PathBuf,
+}
+
+#[derive(Args, Debug)]
+pub struct PlotArgs {
+    /// A run's metrics.jsonl.
+    #[arg(value_name = "METRICS")]
+    pub metrics: PathBuf,
+    /// The PNG to write.
+    #[arg(long, value_name = "FILE.png")]
+    pub out: PathBuf,
+    /// Steps in the running mean (0: about a fiftieth of the run).
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    pub smooth: usize,
+    #[arg(long, default_value_t = 800)]
+    pub width: usize,
+    #[arg(long, default_value_t = 480)]
+    pub height: usize,
+}
+
 /// Training defaults of a preset. `tiny` is the embedded default job: a learning rate
 /// and length that show the loss falling within minutes on a laptop CPU. The ViT presets
 /// keep the reference recipe.
@@ -386,13 +464,16 @@ fn set<T>(field: &mut T, value: Option<T>) {
 
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Pretrain(a) => pretrain(a),
+        Command::Pretrain(a) => pretrain(*a),
         Command::Grad(a) => grad(a),
         Command::SampleBatch(a) => sample_batch(a),
         Command::Init(a) => init(a),
         Command::Export(a) => export(a),
         Command::Features(a) => features(a),
         Command::Probe(a) => probe(a),
+        Command::Bench(a) => bench(*a),
+        Command::Visualize(a) => visualize(a),
+        Command::Plot(a) => plot(a),
     }
 }
 
@@ -424,7 +505,7 @@ fn pretrain(a: PretrainArgs) -> Result<()> {
     .with_context(|| format!("cannot write {}", out.join("config.json").display()))?;
 
     let layout = ParamLayout::new(&config.model);
-    let (mut backend, step, source) = match resumed {
+    let (mut backend, step, resumed_states) = match resumed {
         Some(file) => {
             if file.config().train.seed != config.train.seed {
                 bail!(
@@ -441,21 +522,23 @@ fn pretrain(a: PretrainArgs) -> Result<()> {
                 a.device.precision,
             )?;
             backend.set_moments(&ck.moments)?;
-            let source =
-                BatchSource::restore(&config.model, config.train.seed, ck.sampler, ck.data);
-            (backend, ck.step, source)
+            (backend, ck.step, Some((ck.sampler, ck.data)))
         }
         None => {
             let params = layout.init(config.train.seed);
             let backend = open_backend(a.device.device, &config.model, params, a.device.precision)?;
-            (
-                backend,
-                0,
-                BatchSource::new(&config.model, config.train.seed),
-            )
+            (backend, 0, None)
         }
     };
+    let source = BatchSource::open(
+        &config.model,
+        config.train.seed,
+        config.train.batch,
+        &a.data,
+        resumed_states,
+    )?;
     print_run_header(&config, backend.as_ref(), layout.total(), step);
+    println!("data: {}", source.describe());
     let outcome = train::train(
         backend.as_mut(),
         &config,
@@ -541,7 +624,8 @@ fn sample_batch(a: SampleBatchArgs) -> Result<()> {
         ..TrainArgs::default()
     };
     let config = resolve_config(&a.model, &train, None)?;
-    let batch = BatchSource::new(&config.model, a.seed).next_batch(config.train.batch);
+    let batch = BatchSource::open(&config.model, a.seed, a.batch, &a.data, None)?
+        .next_batch(config.train.batch)?;
     batch_file::write(&a.out, &config, &batch)?;
     println!("{} images written to {}", a.batch, a.out.display());
     Ok(())
@@ -695,4 +779,50 @@ fn print_probe_report(r: &ProbeReport, dim: usize, opts: &ProbeOptions) {
         Some(r.knn_top1_sd),
         format!("(cosine, vote weight exp(s/{}))", opts.temperature),
     );
+}
+fn bench(a: BenchArgs) -> Result<()> {
+    let config = resolve_config(&a.model, &a.train, None)?;
+    let plan = bench::BenchPlan {
+        warmup_steps: a.warmup,
+        timed_steps: a.timed_steps,
+        peak_flops: a.peak_tflops.map(|t| t * 1e12),
+    };
+    plan.validate()?;
+    let params = ParamLayout::new(&config.model).init(config.train.seed);
+    let mut backend = open_backend(a.device.device, &config.model, params, a.device.precision)?;
+    let report = bench::run(backend.as_mut(), &config, &plan, &a.data)?;
+    print!("{}", bench::summary(&report));
+    if let Some(path) = &a.json {
+        let json = serde_json::json!({
+            "lomar_version": env!("CARGO_PKG_VERSION"),
+            "commit": bench::commit(),
+            "report": report,
+        });
+        fs::write(path, serde_json::to_string_pretty(&json)? + "\n")
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        println!("wrote {}", path.display());
+    }
+    Ok(())
+}
+
+fn visualize(a: VisualizeArgs) -> Result<()> {
+    let images = match (&a.data, a.image.is_empty()) {
+        (Some(root), _) => Images::Folder(root.clone(), a.images),
+        (None, false) => Images::Files(a.image.clone()),
+        (None, true) => Images::Synthetic(a.images),
+    };
+    let rows = visualize::visualize(&a.checkpoint, &images, a.seed, &a.out)?;
+    println!("{rows} images drawn to {}", a.out.display());
+    Ok(())
+}
+
+fn plot(a: PlotArgs) -> Result<()> {
+    let opts = PlotOptions {
+        width: a.width,
+        height: a.height,
+        smooth: a.smooth,
+    };
+    let steps = plot::plot_file(&a.metrics, &a.out, opts)?;
+    println!("{steps} steps plotted to {}", a.out.display());
+    Ok(())
 }

@@ -82,9 +82,9 @@ impl ModelConfig {
         if self.patch == 0 || self.patch > 64 {
             bail!("patch = {}: must be in 1..=64", self.patch);
         }
-        if self.image == 0 || !self.image.is_multiple_of(self.patch) {
+        if self.image == 0 || self.image > 4096 || !self.image.is_multiple_of(self.patch) {
             bail!(
-                "image = {}: must be a positive multiple of patch ({})",
+                "image = {}: must be a multiple of patch ({}) in 1..=4096",
                 self.image,
                 self.patch
             );
@@ -127,9 +127,9 @@ impl ModelConfig {
         if self.heads == 0 {
             bail!("heads = {}: must be at least 1", self.heads);
         }
-        if self.width == 0 || !self.width.is_multiple_of(self.heads) {
+        if self.width == 0 || self.width > 8192 || !self.width.is_multiple_of(self.heads) {
             bail!(
-                "width = {}: must be a positive multiple of heads ({})",
+                "width = {}: must be a multiple of heads ({}) in 1..=8192",
                 self.width,
                 self.heads
             );
@@ -179,8 +179,8 @@ impl TrainConfig {
     }
 
     pub fn validate(&self) -> Result<()> {
-        if self.batch == 0 {
-            bail!("batch = 0: must be at least 1");
+        if self.batch == 0 || self.batch > 65536 {
+            bail!("batch = {}: must be in 1..=65536", self.batch);
         }
         if self.accum == 0 {
             bail!("accum = 0: must be at least 1");
@@ -295,7 +295,8 @@ pub fn preset(name: &str) -> Result<ModelConfig> {
             mask_ratio: 0.75,
             depth: 2,
             width: 64,
-            heads: 4,
+            // Head dim 32, the smallest the CUDA attention kernels are built for.
+            heads: 2,
             norm_pix: true,
         },
         "vit_tiny" => vit(192, 12, 3, 16),
@@ -336,6 +337,22 @@ mod tests {
     #[test]
     fn invalid_models_are_refused_naming_the_field() {
         let base = preset("tiny").unwrap();
+        // Sizes that would exhaust memory before any error could be reported.
+        refused(
+            ModelConfig {
+                image: 100_000,
+                ..base.clone()
+            },
+            "image",
+        );
+        refused(
+            ModelConfig {
+                width: 1 << 20,
+                heads: 1,
+                ..base.clone()
+            },
+            "width",
+        );
         refused(
             ModelConfig {
                 image: 30,
@@ -352,7 +369,7 @@ mod tests {
         );
         refused(
             ModelConfig {
-                width: 66,
+                width: 65,
                 ..base.clone()
             },
             "width",
@@ -408,6 +425,13 @@ mod tests {
             (
                 TrainConfig {
                     batch: 0,
+                    ..ok.clone()
+                },
+                "batch",
+            ),
+            (
+                TrainConfig {
+                    batch: 1 << 30,
                     ..ok.clone()
                 },
                 "batch",

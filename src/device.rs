@@ -3,9 +3,10 @@
 use anyhow::{bail, Result};
 use clap::ValueEnum;
 
-use crate::backend::Backend;
+use crate::backend::{Backend, Precision};
 use crate::config::ModelConfig;
 use crate::cpu::CpuBackend;
+use crate::cuda::{self, CudaBackend};
 
 /// `--device`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -18,15 +19,6 @@ pub enum Device {
     Cuda,
 }
 
-/// `--precision`: what the CUDA backend computes in. The CPU always computes in fp32.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum Precision {
-    /// bf16 matmul inputs, fp32 accumulation and fp32 master weights.
-    Bf16,
-    /// fp32 throughout (TF32 off).
-    Fp32,
-}
-
 /// Opens a backend holding `params`. `precision` is `None` when the user did not ask for
 /// one.
 pub fn open_backend(
@@ -35,15 +27,39 @@ pub fn open_backend(
     params: Vec<f32>,
     precision: Option<Precision>,
 ) -> Result<Box<dyn Backend>> {
-    match device {
-        Device::Auto | Device::Cpu => {
-            if device == Device::Cpu && precision == Some(Precision::Bf16) {
-                bail!("--precision bf16 needs --device cuda; the CPU backend computes in fp32");
+    let cpu_precision = || match precision {
+        Some(Precision::Bf16) => {
+            bail!("--precision bf16 needs --device cuda; the CPU backend computes in fp32")
+        }
+        _ => Ok(()),
+    };
+    let use_cuda = match device {
+        Device::Cpu => false,
+        Device::Cuda => true,
+        Device::Auto => match cuda_unusable() {
+            Some(reason) => {
+                println!("device: cpu ({reason})");
+                false
             }
-            Ok(Box::new(CpuBackend::new(model, params)?))
-        }
-        Device::Cuda => {
-            bail!("--device cuda: this build has no CUDA backend; use --device cpu (or auto)")
-        }
+            None => {
+                println!("device: cuda (GPU 0)");
+                true
+            }
+        },
+    };
+    if use_cuda {
+        let precision = precision.unwrap_or(Precision::Bf16);
+        Ok(Box::new(CudaBackend::new(model, params, precision)?))
+    } else {
+        cpu_precision()?;
+        Ok(Box::new(CpuBackend::new(model, params)?))
     }
+}
+
+/// Why this build or machine cannot run the CUDA backend, if it cannot.
+fn cuda_unusable() -> Option<String> {
+    if !cuda::KERNELS_BUILT {
+        return Some("this binary was built without nvcc, so it holds no CUDA kernels".into());
+    }
+    cuda::unavailable()
 }

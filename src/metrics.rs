@@ -24,6 +24,9 @@ pub struct StepRecord {
     pub images_per_s: f64,
     /// Seconds since this process started training.
     pub elapsed_s: f64,
+    /// Image files found unusable and skipped so far (image-folder data only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub skipped_files: Option<u64>,
 }
 
 /// Appends records to a JSONL file, flushed per line so a crash loses nothing written.
@@ -89,12 +92,14 @@ pub fn format_duration(d: Duration) -> String {
 /// The terminal line for a logged step; `eta` is the time the remaining steps should take.
 pub fn progress_line(r: &StepRecord, total_steps: u64, eta: Duration) -> String {
     format!(
-        "step {:>width$}/{total_steps} | loss {:.4} | lr {:.3e} | grad norm {:.3} | {:.1} img/s | elapsed {} | eta {}",
+        "step {:>width$}/{total_steps} | loss {:.4} | lr {:.3e} | grad norm {:.3} | {:.1} img/s{} | elapsed {} | eta {}",
         r.step,
         r.loss,
         r.lr,
         r.grad_norm,
         r.images_per_s,
+        r.skipped_files
+            .map_or(String::new(), |n| format!(" | skipped {n} files")),
         format_duration(Duration::from_secs_f64(r.elapsed_s)),
         format_duration(eta),
         width = total_steps.to_string().len(),
@@ -116,6 +121,7 @@ mod tests {
             grad_norm: 0.5,
             images_per_s: 100.0,
             elapsed_s: 2.0,
+            skipped_files: None,
         };
         let mut log = MetricsLog::open(&path, None).unwrap();
         for step in 1..=3 {
@@ -134,10 +140,34 @@ mod tests {
             .collect();
         assert_eq!(lines.len(), 2);
         assert_eq!(lines[0]["step"], 1);
+        assert!(lines[0].get("skipped_files").is_none());
         assert_eq!(lines[0]["loss"], 0.25);
         assert!(lines[1]["loss"].is_null());
         MetricsLog::open(&path, None).unwrap();
         assert_eq!(std::fs::read_to_string(&path).unwrap(), "");
+    }
+
+    #[test]
+    fn skipped_files_show_in_the_line_and_the_record_only_for_image_folders() {
+        let mut r = StepRecord {
+            step: 7,
+            loss: 0.5,
+            lr: 1e-3,
+            grad_norm: 1.0,
+            images_per_s: 10.0,
+            elapsed_s: 3.0,
+            skipped_files: Some(2),
+        };
+        let line = progress_line(&r, 100, Duration::from_secs(9));
+        assert!(line.contains("img/s | skipped 2 files | elapsed"), "{line}");
+        let json = serde_json::to_value(&r).unwrap();
+        assert_eq!(json["skipped_files"], 2);
+        r.skipped_files = None;
+        assert!(!progress_line(&r, 100, Duration::ZERO).contains("skipped"));
+        assert!(serde_json::to_value(&r)
+            .unwrap()
+            .get("skipped_files")
+            .is_none());
     }
 
     #[test]

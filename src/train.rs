@@ -83,7 +83,7 @@ pub fn train(
         backend.zero_grads()?;
         let mut loss_sum = 0.0f64;
         for _ in 0..t.accum {
-            let batch = source.next_batch(t.batch);
+            let batch = source.next_batch(t.batch)?;
             loss_sum += backend.forward_backward(&batch, micro_scale)? as f64;
         }
         let loss = loss_sum / t.accum as f64;
@@ -96,6 +96,7 @@ pub fn train(
             grad_norm,
             images_per_s: images_per_step / step_secs,
             elapsed_s: started.elapsed().as_secs_f64(),
+            skipped_files: source.skipped_files(),
         };
         if !(loss.is_finite() && grad_norm.is_finite()) {
             let record = timed(step_started.elapsed().as_secs_f64());

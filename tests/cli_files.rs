@@ -156,7 +156,7 @@ fn grad_writes_the_loss_and_every_gradient_the_backend_computes() {
 
     let m = preset("tiny").unwrap();
     let layout = ParamLayout::new(&m);
-    let batch = BatchSource::new(&m, 5).next_batch(3);
+    let batch = BatchSource::new(&m, 5).next_batch(3).unwrap();
     let mut backend = CpuBackend::new(&m, layout.init(2)).unwrap();
     backend.zero_grads().unwrap();
     let loss = backend.forward_backward(&batch, 1.0).unwrap();

@@ -11,8 +11,11 @@ use lomar::cpu::ops::{gelu, layer_norm, linear, mse, patches, tokens};
 use lomar::cpu::CpuBackend;
 use lomar::params::{standard_normal, Init, ParamLayout};
 use rand::seq::index::sample;
-use rand::{Rng, SeedableRng};
+use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
+
+mod common;
+use common::sample_batch;
 
 /// Central-difference step. In f64 the truncation error (h²) and the rounding error
 /// (1e-16/h) both stay near 1e-10 of the function's scale.
@@ -24,37 +27,6 @@ fn randn(rng: &mut ChaCha8Rng, len: usize, std: f64) -> Vec<f64> {
 
 fn dot(a: &[f64], b: &[f64]) -> f64 {
     a.iter().zip(b).map(|(x, y)| x * y).sum()
-}
-
-/// A batch as the sampler would draw it: uniform window origins, `M` distinct ascending
-/// mask indices per window, normal pixels.
-fn sample_batch(m: &ModelConfig, images_len: usize, seed: u64) -> Batch {
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let images = (0..images_len * 3 * m.image * m.image)
-        .map(|_| standard_normal(&mut rng) as f32)
-        .collect();
-    let seqs = images_len * m.windows_per_image;
-    let max_origin = (m.grid() - m.window) as u32;
-    let window_origin = (0..2 * seqs)
-        .map(|_| rng.gen_range(0..=max_origin))
-        .collect();
-    let mut mask_index = Vec::new();
-    for _ in 0..seqs {
-        let mut picked: Vec<u32> = sample(&mut rng, m.window_area(), m.masked_per_window())
-            .into_iter()
-            .map(|i| i as u32)
-            .collect();
-        picked.sort_unstable();
-        mask_index.extend(picked);
-    }
-    let batch = Batch {
-        images_len,
-        images,
-        window_origin,
-        mask_index,
-    };
-    batch.validate(m).unwrap();
-    batch
 }
 
 /// Parameters with nothing left at a trivial value: the initialisation, then every bias,
@@ -291,13 +263,14 @@ fn gelu_backward_matches_finite_differences() {
         .map(|i| -4.0 + 0.2 * i as f64 + 0.013)
         .collect::<Vec<_>>()];
     let weights: Vec<f64> = (0..40).map(|i| 1.0 + (i as f64 * 0.37).sin()).collect();
-    let f = |inp: &[Vec<f64>]| {
-        let mut y = vec![0.0; 40];
-        gelu::forward(&mut y, &inp[0]);
-        dot(&y, &weights)
+    let run = |inp: &[Vec<f64>]| {
+        let (mut y, mut cdf) = (vec![0.0; 40], vec![0.0; 40]);
+        gelu::forward(&mut y, &mut cdf, &inp[0]);
+        (y, cdf)
     };
+    let f = |inp: &[Vec<f64>]| dot(&run(inp).0, &weights);
     let mut grad = weights.clone();
-    gelu::backward(&mut grad, &inputs[0]);
+    gelu::backward(&mut grad, &inputs[0], &run(&inputs).1);
     OP_TOL.run("gelu", &mut inputs, &[grad], every, f);
 }
 
@@ -684,4 +657,31 @@ fn backend_training_steps_lower_the_loss() {
         backend.adamw_step(&step).unwrap();
     }
     assert!(losses[29] < 0.8 * losses[0], "{losses:?}");
+}
+
+#[test]
+fn results_do_not_depend_on_the_thread_count() {
+    // Wide enough that the matrix products split over threads too.
+    let m = ModelConfig {
+        width: 192,
+        heads: 3,
+        depth: 1,
+        ..preset("tiny").unwrap()
+    };
+    let params: Vec<f32> = random_params(&m, 71).iter().map(|&v| v as f32).collect();
+    let batch = sample_batch(&m, 8, 72);
+    let run = |threads: usize| {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        pool.install(|| {
+            let mut grads = vec![0.0f32; params.len()];
+            let loss = model::loss_and_grad(&m, &params, &batch, &mut grads, 1.0).unwrap();
+            (loss, grads)
+        })
+    };
+    let one = run(1);
+    assert_eq!(one, run(3));
+    assert_eq!(one, run(8));
 }

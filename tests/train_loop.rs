@@ -140,7 +140,7 @@ fn each_step_accumulates_scaled_micro_batches_then_updates_at_the_scheduled_rate
         want.push(Call::Zero);
         for _ in 0..3 {
             want.push(Call::ForwardBackward {
-                batch: expected_batches.next_batch(2),
+                batch: expected_batches.next_batch(2).unwrap(),
                 grad_scale: 1.0 / 3.0,
             });
         }

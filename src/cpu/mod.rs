@@ -3,6 +3,7 @@
 //! It trains on any machine and is the oracle the CUDA kernels are tested against.
 
 pub mod encoder;
+mod erf;
 pub mod gemm;
 pub mod model;
 pub mod ops;

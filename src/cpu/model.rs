@@ -79,9 +79,9 @@ pub(crate) struct BlockActs<T> {
     x_mid: Vec<T>,
     ln2: Vec<T>,
     ln2_stats: Stats<T>,
-    /// `[S·T, 4D]` before and after GELU.
+    /// `[S·T, 4D]` before GELU, and Φ of it (GELU's output is recomputed from the two).
     fc1: Vec<T>,
-    gelu: Vec<T>,
+    cdf: Vec<T>,
 }
 
 /// What the whole forward keeps for the backward.
@@ -100,7 +100,9 @@ struct Forward<T> {
 
 /// Input-gradient buffers the blocks' backward reuses.
 struct Scratch<T> {
-    /// `[S·T, 4D]`.
+    /// `[S·T, 4D]`, GELU's output.
+    act: Vec<T>,
+    /// `[S·T, 4D]`, gradient at fc2's input, then at fc1's output.
     hidden: Vec<T>,
     /// `[S·T, D]`, gradient at a LayerNorm output.
     normed: Vec<T>,
@@ -158,8 +160,8 @@ pub(crate) fn block_forward<T: Real>(
     let ln2_stats = layer_norm::forward(&mut ln2, &x_mid, w(&br.norm2_w), w(&br.norm2_b));
     let mut fc1 = zeros(rows * hidden);
     linear::forward(&mut fc1, &ln2, w(&br.fc1_w), w(&br.fc1_b));
-    let mut act = zeros(rows * hidden);
-    gelu::forward(&mut act, &fc1);
+    let (mut act, mut cdf) = (zeros(rows * hidden), zeros(rows * hidden));
+    gelu::forward(&mut act, &mut cdf, &fc1);
     let mut x_out = x_mid.clone();
     linear::forward_add(&mut x_out, &act, w(&br.fc2_w), w(&br.fc2_b));
 
@@ -174,7 +176,7 @@ pub(crate) fn block_forward<T: Real>(
         ln2,
         ln2_stats,
         fc1,
-        gelu: act,
+        cdf,
     };
     (acts, x_out)
 }
@@ -287,6 +289,7 @@ impl<'a, T: Real> Net<'a, T> {
         tokens::select_masked_backward(&mut dx, &dpicked, &batch.mask_index, m.seq_len());
 
         let mut scratch = Scratch {
+            act: zeros(rows * m.hidden()),
             hidden: zeros(rows * m.hidden()),
             normed: zeros(rows * d),
             attn: zeros(rows * d),
@@ -320,9 +323,10 @@ impl<'a, T: Real> Net<'a, T> {
         s: &mut Scratch<T>,
     ) {
         // x_out = x_mid + fc2(gelu(fc1(LN2(x_mid)))): dx becomes dL/dx_mid.
+        gelu::recompute(&mut s.act, &a.fc1, &a.cdf);
         let (dw, db) = pair_mut(g, &br.fc2_w, &br.fc2_b);
-        linear::backward(Some(&mut s.hidden), dw, db, dx, &a.gelu, self.w(&br.fc2_w));
-        gelu::backward(&mut s.hidden, &a.fc1);
+        linear::backward(Some(&mut s.hidden), dw, db, dx, &s.act, self.w(&br.fc2_w));
+        gelu::backward(&mut s.hidden, &a.fc1, &a.cdf);
         let (dw, db) = pair_mut(g, &br.fc1_w, &br.fc1_b);
         linear::backward(
             Some(&mut s.normed),

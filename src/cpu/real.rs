@@ -19,7 +19,7 @@ pub trait Real: Float + NumAssign + Sum + Debug + Default + Send + Sync + Copy +
 
 impl Real for f32 {
     fn erf(self) -> Self {
-        libm::erff(self)
+        super::erf::erf_f32(self)
     }
     fn of(v: f64) -> Self {
         v as f32

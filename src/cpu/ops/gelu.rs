@@ -1,5 +1,5 @@
 //! GELU, exact erf form: `y = x Φ(x)` with Φ the standard normal CDF.
-//! Shapes: x `[n]` → y `[n]`, elementwise.
+//! Shapes: x `[n]` → y `[n]`, elementwise, saving Φ(x) `[n]` so the backward needs no erf.
 
 use rayon::prelude::*;
 
@@ -7,31 +7,46 @@ use super::super::real::Real;
 
 const CHUNK: usize = 4096;
 
-/// y `[n]` = x Φ(x); overwrites y.
-pub fn forward<T: Real>(y: &mut [T], x: &[T]) {
-    assert_eq!(y.len(), x.len());
+/// y `[n]` = x Φ(x) and cdf `[n]` = Φ(x); overwrites both.
+pub fn forward<T: Real>(y: &mut [T], cdf: &mut [T], x: &[T]) {
+    assert!(y.len() == x.len() && cdf.len() == x.len());
     let (half, inv_sqrt2) = (T::of(0.5), T::of(std::f64::consts::FRAC_1_SQRT_2));
     y.par_chunks_mut(CHUNK)
+        .zip(cdf.par_chunks_mut(CHUNK))
         .zip(x.par_chunks(CHUNK))
-        .for_each(|(y, x)| {
-            for (y, &x) in y.iter_mut().zip(x) {
-                *y = half * x * (T::one() + (x * inv_sqrt2).erf());
+        .for_each(|((y, cdf), x)| {
+            for ((y, cdf), &x) in y.iter_mut().zip(cdf).zip(x) {
+                *cdf = half * (T::one() + (x * inv_sqrt2).erf());
+                *y = x * *cdf;
             }
         });
 }
 
 /// In place: `grad` `[n]` holds dy on entry and dx = dy (Φ(x) + x φ(x)) on return.
-pub fn backward<T: Real>(grad: &mut [T], x: &[T]) {
-    assert_eq!(grad.len(), x.len());
-    let (half, inv_sqrt2) = (T::of(0.5), T::of(std::f64::consts::FRAC_1_SQRT_2));
+pub fn backward<T: Real>(grad: &mut [T], x: &[T], cdf: &[T]) {
+    assert!(grad.len() == x.len() && cdf.len() == x.len());
+    let half = T::of(0.5);
     let inv_sqrt_2pi = T::of(1.0 / (2.0 * std::f64::consts::PI).sqrt());
     grad.par_chunks_mut(CHUNK)
         .zip(x.par_chunks(CHUNK))
-        .for_each(|(g, x)| {
-            for (g, &x) in g.iter_mut().zip(x) {
-                let cdf = half * (T::one() + (x * inv_sqrt2).erf());
+        .zip(cdf.par_chunks(CHUNK))
+        .for_each(|((g, x), cdf)| {
+            for ((g, &x), &cdf) in g.iter_mut().zip(x).zip(cdf) {
                 let pdf = inv_sqrt_2pi * (-half * x * x).exp();
                 *g *= cdf + x * pdf;
+            }
+        });
+}
+
+/// y `[n]` = x Φ(x) from a saved Φ(x), for a backward that did not keep y.
+pub fn recompute<T: Real>(y: &mut [T], x: &[T], cdf: &[T]) {
+    assert!(y.len() == x.len() && cdf.len() == x.len());
+    y.par_chunks_mut(CHUNK)
+        .zip(x.par_chunks(CHUNK))
+        .zip(cdf.par_chunks(CHUNK))
+        .for_each(|((y, x), cdf)| {
+            for ((y, &x), &cdf) in y.iter_mut().zip(x).zip(cdf) {
+                *y = x * cdf;
             }
         });
 }
@@ -43,8 +58,9 @@ mod tests {
     #[test]
     fn matches_known_values() {
         // x Φ(x) at 1, -1 and 2, from Φ(1) = 0.841344746068543, Φ(2) = 0.977249868051821.
-        let mut y = [0.0f64; 4];
-        forward(&mut y, &[0.0, 1.0, -1.0, 2.0]);
+        let x = [0.0f64, 1.0, -1.0, 2.0];
+        let (mut y, mut cdf, mut again) = ([0.0; 4], [0.0; 4], [0.0; 4]);
+        forward(&mut y, &mut cdf, &x);
         let want = [
             0.0,
             0.841344746068543,
@@ -54,5 +70,7 @@ mod tests {
         for (a, b) in y.iter().zip(want) {
             assert!((a - b).abs() < 1e-14, "{a} vs {b}");
         }
+        recompute(&mut again, &x, &cdf);
+        assert_eq!(again, y);
     }
 }

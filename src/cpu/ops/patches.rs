@@ -108,7 +108,7 @@ mod tests {
         for s in 0..2 * m.windows_per_image {
             mask_index.extend(
                 (0..mk as u32)
-                    .map(|j| (j + s as u32) % 16)
+                    .map(|j| (j + s as u32) % m.window_area() as u32)
                     .collect::<std::collections::BTreeSet<_>>(),
             );
         }
@@ -130,7 +130,7 @@ mod tests {
         };
         let batch = coded_batch(&m);
         let got = gather::<f64>(&m, &batch);
-        let (p, pd, k) = (m.patch, m.patch_dim(), m.window);
+        let (p, pd, k, mk) = (m.patch, m.patch_dim(), m.window, m.masked_per_window());
         let code = |b: usize, c: usize, y: usize, x: usize| {
             (b * 1_000_000 + c * 100_000 + y * 100 + x) as f64
         };
@@ -143,7 +143,7 @@ mod tests {
             );
             for i in 0..m.window_area() {
                 let (top, left) = ((r0 + i / k) * p, (c0 + i % k) * p);
-                match slots[s * 16 + i] {
+                match slots[s * m.window_area() + i] {
                     Some(v) => {
                         let row =
                             &got.visible[(s * m.visible_per_window() + v as usize) * pd..][..pd];
@@ -152,11 +152,11 @@ mod tests {
                         }
                     }
                     None => {
-                        let j = batch.mask_index[s * 12..][..12]
+                        let j = batch.mask_index[s * mk..][..mk]
                             .iter()
                             .position(|&q| q as usize == i)
                             .unwrap();
-                        let row = &got.targets[(s * 12 + j) * pd..][..pd];
+                        let row = &got.targets[(s * mk + j) * pd..][..pd];
                         for (c, y, x) in [(0, 0, 0), (2, 1, 3), (1, 3, 2)] {
                             assert_eq!(row[(y * p + x) * 3 + c], code(b, c, top + y, left + x));
                         }

@@ -1,0 +1,763 @@
+#!/usr/bin/env python3
+"""The lomar model (DESIGN.md §1) in PyTorch, written once and used for two jobs.
+
+Gradient check (default): loads lomar's parameter file and a batch file, computes the loss
+and every parameter's gradient in fp64 (or fp32) and compares them with the file that
+`lomar grad` wrote, tensor by tensor.
+
+    python3 bench/torch_reference.py --preset tiny --params P.safetensors \
+        --batch-file B.safetensors --grads G.safetensors [--tol 1e-4]
+
+Benchmark (`--bench`): times a whole training step (forward, backward, fused AdamW) in
+bf16 autocast, eager and under torch.compile, on batches sampled on the GPU.
+
+    python3 bench/torch_reference.py --bench --preset vit_base --image 384 --batch 64 \
+        --json torch_vit_base_384.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# ---------------------------------------------------------------------------------------
+# Settings (mirror src/config.rs)
+# ---------------------------------------------------------------------------------------
+
+LN_EPS = 1e-6
+NORM_PIX_EPS = 1e-6
+MLP_RATIO = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    image: int
+    patch: int
+    window: int
+    windows_per_image: int
+    mask_ratio: float
+    depth: int
+    width: int
+    heads: int
+    norm_pix: bool = True
+
+    @property
+    def grid(self) -> int:
+        return self.image // self.patch
+
+    @property
+    def window_area(self) -> int:
+        return self.window * self.window
+
+    @property
+    def seq_len(self) -> int:
+        return 1 + self.window_area
+
+    @property
+    def masked_per_window(self) -> int:
+        # The small epsilon keeps e.g. 0.7 * 10 from flooring to 6, as lomar does.
+        return math.floor(self.window_area * self.mask_ratio + 1e-9)
+
+    @property
+    def visible_per_window(self) -> int:
+        return self.window_area - self.masked_per_window
+
+    @property
+    def hidden(self) -> int:
+        return self.width * MLP_RATIO
+
+    @property
+    def patch_dim(self) -> int:
+        return 3 * self.patch * self.patch
+
+    @property
+    def rel_bias_rows(self) -> int:
+        span = 2 * self.window - 1
+        return span * span + 3
+
+    def validate(self) -> None:
+        """Refuses what lomar refuses, naming the field first."""
+        if not 1 <= self.patch <= 64:
+            raise ValueError(f"patch = {self.patch}: must be in 1..=64")
+        if self.image <= 0 or self.image % self.patch:
+            raise ValueError(f"image = {self.image}: must be a positive multiple of patch ({self.patch})")
+        if not 2 <= self.window <= 32:
+            raise ValueError(f"window = {self.window}: must be in 2..=32")
+        if self.grid < self.window:
+            raise ValueError(
+                f"image = {self.image}: the patch grid ({self.grid}x{self.grid}) must be at least "
+                f"window ({self.window}) patches wide; use image >= {self.window * self.patch}"
+            )
+        if not 1 <= self.windows_per_image <= 1024:
+            raise ValueError(f"windows_per_image = {self.windows_per_image}: must be in 1..=1024")
+        if not 0.0 < self.mask_ratio < 1.0:
+            raise ValueError(f"mask_ratio = {self.mask_ratio}: must be in (0, 1)")
+        if not 0 < self.masked_per_window < self.window_area:
+            raise ValueError(
+                f"mask_ratio = {self.mask_ratio}: masks {self.masked_per_window} of the "
+                f"{self.window_area} window positions; it must mask between 1 and {self.window_area - 1}"
+            )
+        if not 1 <= self.depth <= 256:
+            raise ValueError(f"depth = {self.depth}: must be in 1..=256")
+        if self.heads <= 0:
+            raise ValueError(f"heads = {self.heads}: must be at least 1")
+        if self.width <= 0 or self.width % self.heads:
+            raise ValueError(f"width = {self.width}: must be a positive multiple of heads ({self.heads})")
+
+
+def _vit(width: int, depth: int, heads: int, patch: int) -> ModelConfig:
+    return ModelConfig(224, patch, 7, 4, 0.8, depth, width, heads)
+
+
+PRESETS = {
+    "tiny": ModelConfig(32, 4, 4, 2, 0.75, 2, 64, 4),
+    "vit_tiny": _vit(192, 12, 3, 16),
+    "vit_small": _vit(384, 12, 6, 16),
+    "vit_base": _vit(768, 12, 12, 16),
+    "vit_large": _vit(1024, 24, 16, 16),
+    "vit_huge": _vit(1280, 32, 16, 14),
+}
+
+# ---------------------------------------------------------------------------------------
+# Model (DESIGN.md §1.2); parameter names and shapes are those of src/params.rs
+# ---------------------------------------------------------------------------------------
+
+
+def relative_position_index(k: int) -> list[list[int]]:
+    """Row of the bias table for every (query, key) token pair of a window sequence.
+
+    `[T][T]`, T = 1 + K²; token 0 is cls, token 1 + ky*K + kx the window position (ky, kx).
+    """
+    span = 2 * k - 1
+    cls_to_patch, patch_to_cls, cls_to_cls = span * span, span * span + 1, span * span + 2
+    coords = [divmod(i, k) for i in range(k * k)]
+    index = [[cls_to_cls] + [cls_to_patch] * (k * k)]
+    for yi, xi in coords:
+        index.append([patch_to_cls] + [(yi - yj + k - 1) * span + (xi - xj + k - 1) for yj, xj in coords])
+    return index
+
+
+class PatchEmbed(nn.Module):
+    """Conv2d layout so the weight is lomar's `[D, 3, p, p]`; applied as a linear on the
+    gathered visible patches, since a masked patch is never embedded."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.proj = nn.Conv2d(3, cfg.width, cfg.patch, stride=cfg.patch)
+
+    def forward(self, patches: torch.Tensor) -> torch.Tensor:
+        # [N, 3, p, p] -> [N, D]; (c, y, x) flattening matches the weight's.
+        return F.linear(patches.flatten(1), self.proj.weight.flatten(1), self.proj.bias)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.heads = cfg.heads
+        self.qkv = nn.Linear(cfg.width, 3 * cfg.width)
+        self.relative_position_bias_table = nn.Parameter(torch.zeros(cfg.rel_bias_rows, cfg.heads))
+        self.proj = nn.Linear(cfg.width, cfg.width)
+        index = torch.tensor(relative_position_index(cfg.window))
+        self.register_buffer("relative_position_index", index, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # [S, T, D] -> [S, T, D]
+        s, t, d = x.shape
+        # qkv rows are q, k, v; head i owns rows i*d..(i+1)*d of each: 3 x [S, h, T, d/h].
+        q, k, v = self.qkv(x).view(s, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+        # Every window has the same layout, so one bias serves all sequences. The fused CUDA
+        # kernels need the mask's last stride to be 1 (else torch falls back to the unfused
+        # math path), and reduce a [1, h, T, T] mask's gradient slowly: gather per head, and
+        # pass the bias expanded (stride 0) to [S, h, T, T].
+        bias = self.relative_position_bias_table.t()[:, self.relative_position_index]  # [h, T, T]
+        bias = bias.unsqueeze(0).to(q.dtype).expand(s, -1, -1, -1)  # [S, h, T, T]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # [S, h, T, d/h]
+        return self.proj(out.transpose(1, 2).reshape(s, t, d))
+
+
+class Mlp(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(cfg.width, cfg.hidden)
+        self.fc2 = nn.Linear(cfg.hidden, cfg.width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # [S, T, D] -> [S, T, 4D] -> [S, T, D]; exact erf GELU.
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(cfg.width, eps=LN_EPS)
+        self.attn = Attention(cfg)
+        self.norm2 = nn.LayerNorm(cfg.width, eps=LN_EPS)
+        self.mlp = Mlp(cfg)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # [S, T, D] -> [S, T, D], pre-norm residual.
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class LomarViT(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.patch_embed = PatchEmbed(cfg)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.width))
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, cfg.width))
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
+        self.norm = nn.LayerNorm(cfg.width, eps=LN_EPS)
+        self.head = nn.Linear(cfg.width, cfg.patch_dim)
+        window_position = torch.arange(cfg.window_area)
+        self.register_buffer("window_row", window_position // cfg.window, persistent=False)
+        self.register_buffer("window_col", window_position % cfg.window, persistent=False)
+
+    def forward(
+        self,
+        images: torch.Tensor,
+        window_origin: torch.Tensor,
+        mask_index: torch.Tensor,
+        visible_index: torch.Tensor,
+    ) -> torch.Tensor:
+        """The batch's mean loss (DESIGN.md §1.3).
+
+        images [B, 3, H, W] normalised; window_origin [B, n, 2] (row, col) of each window's
+        top-left patch; mask_index [B, n, M] and visible_index [B, n, V] the masked and
+        visible window positions ky*K + kx, each ascending.
+        """
+        cfg = self.cfg
+        b, n = window_origin.shape[:2]
+        s, p, g, d = b * n, cfg.patch, cfg.grid, cfg.width
+        m, v = cfg.masked_per_window, cfg.visible_per_window
+
+        # [B, 3, H, W] -> [B, G², 3, p, p]: patch (gy, gx) at row gy*G + gx.
+        patches = images.view(b, 3, g, p, g, p).permute(0, 2, 4, 1, 3, 5).reshape(b, g * g, 3, p, p)
+        row, col = window_origin.unbind(-1)  # [B, n] each
+        cell = (row[..., None] + self.window_row) * g + col[..., None] + self.window_col  # [B, n, K²]
+        image_of = torch.arange(b, device=images.device).view(b, 1)
+        visible = patches[image_of, cell.gather(-1, visible_index).view(b, n * v)]  # [B, n*V, 3, p, p]
+        masked = patches[image_of, cell.gather(-1, mask_index).view(b, n * m)]  # [B, n*M, 3, p, p]
+
+        # Tokens: mask_token everywhere, then the embedded visible patches at their positions.
+        embedded = self.patch_embed(visible.view(s * v, 3, p, p)).view(s, v, d)  # [S, V, D]
+        tokens = self.mask_token.expand(s, cfg.window_area, d).scatter(
+            1, visible_index.view(s, v, 1).expand(s, v, d), embedded.to(self.mask_token.dtype)
+        )  # [S, K², D]
+        x = torch.cat([self.cls_token.expand(s, 1, d), tokens], dim=1)  # [S, T, D]
+        for block in self.blocks:
+            x = block(x)
+
+        # The final norm and the head act per token, so only the masked tokens need them.
+        x_masked = x[:, 1:].gather(1, mask_index.view(s, m, 1).expand(s, m, d))  # [S, M, D]
+        pred = self.head(self.norm(x_masked))  # [S, M, 3p²]
+
+        # Targets in (y, x, c) order, channel fastest: [S, M, 3p²].
+        target = masked.view(s, m, 3, p, p).permute(0, 1, 3, 4, 2).reshape(s, m, cfg.patch_dim)
+        if cfg.norm_pix:
+            mean = target.mean(-1, keepdim=True)
+            var = target.var(-1, keepdim=True)  # unbiased
+            target = (target - mean) / (var + NORM_PIX_EPS).sqrt()
+        # Every masked token has 3p² values, so one mean is the mean of per-token means.
+        return (pred.to(target.dtype) - target).pow(2).mean()
+
+
+def is_decayed(name: str, param: torch.Tensor) -> bool:
+    """AdamW decays the matrix weights only (linear and patch-embed), as src/params.rs."""
+    return name.endswith(".weight") and param.dim() >= 2
+
+
+@torch.no_grad()
+def init_parameters(model: LomarViT) -> None:
+    """DESIGN.md §1.4: xavier-uniform matrices, zero biases and tables, unit norm weights."""
+    for name, param in model.named_parameters():
+        if is_decayed(name, param):
+            nn.init.xavier_uniform_(param.view(param.shape[0], -1))
+        elif name.endswith("_token"):
+            nn.init.normal_(param, std=0.02)
+        elif name.endswith(".weight"):
+            nn.init.ones_(param)
+        else:
+            nn.init.zeros_(param)
+
+
+# ---------------------------------------------------------------------------------------
+# Batches
+# ---------------------------------------------------------------------------------------
+
+
+def sample_batch(cfg: ModelConfig, images: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """A random batch drawn like lomar's sampler (DESIGN.md §1.1), on `device`.
+
+    Window origins uniform in [0, G-K]² per image and window; M distinct masked positions
+    per window, uniform. Returns (images, window_origin, mask_index, visible_index).
+    """
+    n, area, m = cfg.windows_per_image, cfg.window_area, cfg.masked_per_window
+    pixels = torch.randn(images, 3, cfg.image, cfg.image, device=device)
+    window_origin = torch.randint(0, cfg.grid - cfg.window + 1, (images, n, 2), device=device)
+    order = torch.rand(images, n, area, device=device).argsort(-1)  # a random permutation per window
+    mask_index = order[..., :m].sort(-1).values
+    visible_index = order[..., m:].sort(-1).values
+    return pixels, window_origin, mask_index, visible_index
+
+
+def visible_index_from_mask(mask_index: torch.Tensor, area: int) -> torch.Tensor:
+    """[..., M] masked positions -> [..., K² - M] the other positions, ascending."""
+    is_masked = torch.zeros(*mask_index.shape[:-1], area, dtype=torch.uint8, device=mask_index.device)
+    is_masked.scatter_(-1, mask_index, 1)
+    # A stable sort puts the unmasked positions first, in ascending order.
+    order = torch.sort(is_masked, dim=-1, stable=True).indices
+    return order[..., : area - mask_index.shape[-1]]
+
+
+# ---------------------------------------------------------------------------------------
+# safetensors files (read and written here so nothing beyond torch is needed)
+# ---------------------------------------------------------------------------------------
+
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+# Unsigned types torch handles poorly are read through the signed type of the same width.
+_UNSIGNED_AS_SIGNED = {"U16": (torch.int16, 0xFFFF), "U32": (torch.int32, 0xFFFFFFFF)}
+
+
+def read_safetensors(
+    path: str | Path, keep: Callable[[str], bool] = lambda name: True
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors that `keep` accepts, on the CPU (unsigned integers as int64), and the
+    file's metadata."""
+    with open(path, "rb") as file:
+        prefix = file.read(8)
+        if len(prefix) < 8:
+            raise ValueError(f"{path}: too short to be a safetensors file")
+        header_len = int.from_bytes(prefix, "little")
+        try:
+            header = json.loads(file.read(header_len))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ValueError(f"{path}: not a safetensors file ({err})") from err
+        metadata = header.pop("__metadata__", None) or {}
+        tensors = {}
+        for name, info in header.items():
+            if not keep(name):
+                continue
+            kind, shape, (start, end) = info["dtype"], info["shape"], info["data_offsets"]
+            if kind in _SAFETENSORS_DTYPES:
+                dtype, wrap = _SAFETENSORS_DTYPES[kind], None
+            elif kind in _UNSIGNED_AS_SIGNED:
+                dtype, wrap = _UNSIGNED_AS_SIGNED[kind]
+            else:
+                raise ValueError(f"{path}: tensor {name} has dtype {kind}, which this reader does not handle")
+            numel = math.prod(shape)
+            file.seek(8 + header_len + start)
+            raw = bytearray(file.read(end - start))
+            if len(raw) != end - start or end - start != numel * dtype.itemsize:
+                raise ValueError(f"{path}: tensor {name} {kind}{shape} has a byte range that does not fit it")
+            if numel == 0:
+                tensors[name] = torch.empty(shape, dtype=dtype)
+                continue
+            tensor = torch.frombuffer(raw, dtype=dtype).reshape(shape)
+            tensors[name] = tensor.to(torch.int64) & wrap if wrap else tensor
+    return tensors, metadata
+
+
+def save_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    names = {dtype: kind for kind, dtype in _SAFETENSORS_DTYPES.items()}
+    header, chunks, offset = {"__metadata__": metadata or {}}, [], 0
+    for name, tensor in tensors.items():
+        tensor = tensor.detach().cpu().contiguous()
+        raw = bytearray(tensor.numel() * tensor.element_size())
+        if raw:
+            torch.frombuffer(raw, dtype=torch.uint8).copy_(tensor.view(-1).view(torch.uint8))
+        header[name] = {"dtype": names[tensor.dtype], "shape": list(tensor.shape), "data_offsets": [offset, offset + len(raw)]}
+        chunks.append(raw)
+        offset += len(raw)
+    encoded = json.dumps(header).encode()
+    encoded += b" " * (-len(encoded) % 8)  # keeps the data 8-byte aligned
+    Path(path).write_bytes(len(encoded).to_bytes(8, "little") + encoded + b"".join(chunks))
+
+
+def check_same_model(path: str | Path, metadata: dict[str, str], cfg: ModelConfig) -> None:
+    """Refuses a lomar file whose stored settings differ from ours, naming each field."""
+    if "config" not in metadata:
+        return
+    try:
+        found = json.loads(metadata["config"])["model"]
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise ValueError(f"{path}: metadata `config` is malformed ({err})") from err
+    ours = dataclasses.asdict(cfg)
+    differ = [f"{k} = {found.get(k)} in the file, {v} requested" for k, v in ours.items() if found.get(k) != v]
+    if differ:
+        raise ValueError(f"{path} was made for another model: {'; '.join(differ)}")
+
+
+def load_parameters(model: LomarViT, path: str | Path) -> None:
+    """Copies a lomar parameter or checkpoint file into the model, checking every shape."""
+    tensors, metadata = read_safetensors(path, keep=lambda name: not name.startswith("optimizer."))
+    check_same_model(path, metadata, model.cfg)
+    own = dict(model.named_parameters())
+    unknown = sorted(set(tensors) - set(own))
+    if unknown:
+        raise ValueError(f"{path}: holds {unknown[0]} (and {len(unknown) - 1} more) that the model does not have")
+    with torch.no_grad():
+        for name, param in own.items():
+            if name not in tensors:
+                raise ValueError(f"{path}: has no tensor {name}")
+            if tuple(tensors[name].shape) != tuple(param.shape):
+                raise ValueError(
+                    f"{path}: {name} is {list(tensors[name].shape)}, these settings make it "
+                    f"{list(param.shape)}; pass the settings the file was made with"
+                )
+            param.copy_(tensors[name])
+
+
+def load_batch(path: str | Path, cfg: ModelConfig) -> tuple[torch.Tensor, ...]:
+    """(images, window_origin, mask_index, visible_index) of a batch file, checked as
+    src/batch.rs checks a batch."""
+    tensors, metadata = read_safetensors(path)
+    check_same_model(path, metadata, cfg)
+    for name in ("images", "window_origin", "mask_index"):
+        if name not in tensors:
+            raise ValueError(f"{path}: has no tensor {name}")
+    images = tensors["images"].to(torch.float64)
+    window_origin, mask_index = tensors["window_origin"].long(), tensors["mask_index"].long()
+    b, n, m, area = images.shape[0], cfg.windows_per_image, cfg.masked_per_window, cfg.window_area
+    expect = {
+        "images": (images, (b, 3, cfg.image, cfg.image)),
+        "window_origin": (window_origin, (b, n, 2)),
+        "mask_index": (mask_index, (b, n, m)),
+    }
+    for name, (tensor, shape) in expect.items():
+        if tuple(tensor.shape) != shape:
+            raise ValueError(f"{path}: {name} is {list(tensor.shape)}, these settings want {list(shape)}")
+    if b == 0:
+        raise ValueError(f"{path}: the batch holds no images")
+    if not torch.isfinite(images).all():
+        raise ValueError(f"{path}: images hold a value that is not finite")
+    if window_origin.min() < 0 or window_origin.max() > cfg.grid - cfg.window:
+        raise ValueError(f"{path}: window_origin has a value outside 0..={cfg.grid - cfg.window}")
+    if mask_index.min() < 0 or mask_index.max() >= area:
+        raise ValueError(f"{path}: mask_index has a value outside 0..{area}")
+    if m > 1 and not (mask_index[..., 1:] > mask_index[..., :-1]).all():
+        raise ValueError(f"{path}: mask_index has a window that is not strictly ascending")
+    return images, window_origin, mask_index, visible_index_from_mask(mask_index, area)
+
+
+# ---------------------------------------------------------------------------------------
+# Gradient check
+# ---------------------------------------------------------------------------------------
+
+
+def loss_and_grads(model: LomarViT, batch: tuple[torch.Tensor, ...]) -> tuple[float, dict[str, torch.Tensor]]:
+    param = next(model.parameters())
+    images, *indices = batch
+    model.zero_grad(set_to_none=True)
+    loss = model(images.to(param.device, param.dtype), *(t.to(param.device) for t in indices))
+    loss.backward()
+    return loss.item(), {name: p.grad.detach().cpu() for name, p in model.named_parameters()}
+
+
+def relative_errors(
+    loss: float, grads: dict[str, torch.Tensor], other: dict[str, torch.Tensor]
+) -> list[tuple[str, float, float]]:
+    """(name, max |ours - theirs|, max |ours|) for the loss and every gradient."""
+    if "loss" not in other:
+        raise ValueError("the gradient file has no tensor loss")
+    rows = [("loss", abs(loss - other["loss"].double().reshape(-1)[0].item()), abs(loss))]
+    for name, ours in grads.items():
+        if name not in other:
+            raise ValueError(f"the gradient file has no tensor {name}")
+        theirs = other[name].double()
+        if tuple(theirs.shape) != tuple(ours.shape):
+            raise ValueError(f"the gradient file's {name} is {list(theirs.shape)}, want {list(ours.shape)}")
+        ours = ours.double()
+        rows.append((name, (ours - theirs).abs().max().item(), ours.abs().max().item()))
+    return rows
+
+
+def ratio(err: float, scale: float) -> float:
+    if scale > 0:
+        return err / scale
+    return 0.0 if err == 0 else math.inf
+
+
+def run_check(args: argparse.Namespace, cfg: ModelConfig) -> int:
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+    model = LomarViT(cfg).to(device, dtype)
+    load_parameters(model, args.params)
+    loss, grads = loss_and_grads(model, load_batch(args.batch_file, cfg))
+    print(f"loss {loss:.9g} ({args.dtype} on {device})")
+    if args.save_grads:
+        as_lomar = {"loss": torch.tensor(loss)} | {name: g.float() for name, g in grads.items()}
+        config = {"preset": args.preset, "model": dataclasses.asdict(cfg)}
+        save_safetensors(args.save_grads, as_lomar, {"format": "lomar-grad", "config": json.dumps(config)})
+        print(f"wrote {args.save_grads}")
+    if not args.grads:
+        return 0
+    theirs, metadata = read_safetensors(args.grads)
+    check_same_model(args.grads, metadata, cfg)
+    rows = relative_errors(loss, grads, theirs)
+    width = max(len(name) for name, _, _ in rows)
+    print(f"{'tensor':<{width}}  {'max|err|':>10}  {'max|ref|':>10}  {'err/ref':>10}")
+    for name, err, scale in rows:
+        print(f"{name:<{width}}  {err:10.3e}  {scale:10.3e}  {ratio(err, scale):10.3e}")
+    worst_name, worst_err, worst_scale = max(rows, key=lambda r: ratio(r[1], r[2]))
+    worst = ratio(worst_err, worst_scale)
+    verdict = "within" if worst <= args.tol else "BEYOND"
+    print(f"worst: {worst_name} {worst:.3e} ({verdict} tol {args.tol:.1e})")
+    return 0 if worst <= args.tol else 1
+
+
+# ---------------------------------------------------------------------------------------
+# Benchmark
+# ---------------------------------------------------------------------------------------
+
+
+def training_flops(cfg: ModelConfig, images: int) -> float:
+    """Matrix-product FLOPs of one training step, counted exactly as src/flops.rs counts."""
+    t, d, hidden = cfg.seq_len, cfg.width, cfg.hidden
+    per_block = 2 * t * d * 3 * d + 2 * 2 * t * t * d + 2 * t * d * d + 2 * 2 * t * d * hidden
+    head = 2 * cfg.masked_per_window * d * cfg.patch_dim
+    embed = 2 * cfg.visible_per_window * cfg.patch_dim * d
+    # Backward doubles every product but the embedding's, which needs no input gradient.
+    return float(images * cfg.windows_per_image * (3 * (cfg.depth * per_block + head) + 2 * embed))
+
+
+# Dense bf16 tensor-core peaks, matched on the device name (the table of src/flops.rs).
+BF16_PEAKS = [("H200", 989.4e12), ("H100 PCIE", 756.0e12), ("H100", 989.4e12), ("A100", 312.0e12), ("L40S", 362.0e12), ("A10G", 70.0e12)]
+
+
+def known_bf16_peak(device_name: str) -> float | None:
+    return next((peak for key, peak in BF16_PEAKS if key in device_name.upper()), None)
+
+
+def make_adamw(model: nn.Module, lr: float) -> torch.optim.AdamW:
+    decay = [p for n, p in model.named_parameters() if is_decayed(n, p)]
+    rest = [p for n, p in model.named_parameters() if not is_decayed(n, p)]
+    groups = [{"params": decay, "weight_decay": 0.05}, {"params": rest, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8, fused=True)
+
+
+def time_mode(cfg: ModelConfig, args: argparse.Namespace, mode: str, flops: float, peak: float) -> dict:
+    """Warm-up steps, then timed steps of one execution mode ('eager' or 'compile')."""
+    device = torch.device("cuda")
+    torch.manual_seed(args.seed)
+    model = LomarViT(cfg).to(device)
+    init_parameters(model)
+    optimizer = make_adamw(model, lr=1.5e-4 * args.batch / 256)
+    forward = torch.compile(model, mode=args.compile_mode) if mode == "compile" else model
+
+    def step(batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = forward(*batch)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    torch.cuda.reset_peak_memory_stats()
+    started = time.perf_counter()
+    for _ in range(args.warmup):
+        step(sample_batch(cfg, args.batch, device))
+    torch.cuda.synchronize()
+    warmup_s = time.perf_counter() - started
+
+    # Each step's batch is sampled before its start event, so sampling is not timed.
+    events, losses = [], []
+    started = time.perf_counter()
+    for _ in range(args.steps):
+        batch = sample_batch(cfg, args.batch, device)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        losses.append(step(batch))
+        end.record()
+        events.append((start, end))
+    torch.cuda.synchronize()
+    wall_s = time.perf_counter() - started
+    ms = sorted(start.elapsed_time(end) for start, end in events)
+    final_loss = losses[-1].item()
+    if not math.isfinite(final_loss):
+        raise RuntimeError(f"{mode}: the loss is {final_loss}")
+    median = statistics.median(ms)
+    result = {
+        "mode": mode,
+        "ms_median": median,
+        "ms_min": ms[0],
+        "ms_p10": ms[len(ms) // 10],
+        "ms_p90": ms[(len(ms) * 9) // 10],
+        "ms_max": ms[-1],
+        "images_per_s": args.batch * 1000.0 / median,
+        "images_per_s_wall": args.batch * args.steps / wall_s,
+        "tflops": flops / (median / 1000.0) / 1e12,
+        "mfu": flops / (median / 1000.0) / peak,
+        "peak_memory_bytes": torch.cuda.max_memory_allocated(),
+        "warmup_s": warmup_s,
+        "final_loss": final_loss,
+    }
+    del model, forward, optimizer, losses
+    torch._dynamo.reset()
+    gc.collect()
+    torch.cuda.empty_cache()
+    return result
+
+
+def run_bench(args: argparse.Namespace, cfg: ModelConfig) -> int:
+    if not torch.cuda.is_available():
+        raise ValueError("--bench needs a CUDA GPU, and torch sees none")
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    gpu = torch.cuda.get_device_name()
+    if args.peak_flops:
+        peak, peak_source = args.peak_flops, "--peak-flops"
+    elif known_bf16_peak(gpu):
+        peak, peak_source = known_bf16_peak(gpu), "by GPU name"
+    else:
+        peak, peak_source = 989.4e12, "unknown GPU: H100 SXM's, pass --peak-flops"
+    flops = training_flops(cfg, args.batch)
+    modes = args.modes.split(",")
+    for mode in modes:
+        if mode not in ("eager", "compile"):
+            raise ValueError(f"--modes: {mode!r} is not one of eager, compile")
+    print(f"{gpu}, torch {torch.__version__}; {args.preset} {cfg}; batch {args.batch}")
+    print(f"{flops / 1e12:.3f} TFLOP per step; MFU against {peak / 1e12:.1f} TFLOP/s dense bf16 ({peak_source})")
+    results = []
+    for mode in modes:
+        r = time_mode(cfg, args, mode, flops, peak)
+        results.append(r)
+        print(
+            f"{mode:>8}: {r['ms_median']:8.2f} ms/step (min {r['ms_min']:.2f}, p90 {r['ms_p90']:.2f}), "
+            f"{r['images_per_s']:9.1f} img/s, {r['tflops']:6.1f} TFLOP/s, MFU {100 * r['mfu']:5.1f}%, "
+            f"peak mem {r['peak_memory_bytes'] / 2**30:6.2f} GiB, warm-up {r['warmup_s']:.1f} s"
+        )
+    if args.json:
+        report = {
+            "gpu": gpu,
+            "torch": torch.__version__,
+            "cuda": torch.version.cuda,
+            "preset": args.preset,
+            "model": dataclasses.asdict(cfg),
+            "batch": args.batch,
+            "warmup_steps": args.warmup,
+            "timed_steps": args.steps,
+            "compile_mode": args.compile_mode,
+            "precision": "bf16 autocast, fp32 master weights, fused AdamW",
+            "flops_per_step": flops,
+            "peak_flops": peak,
+            "peak_flops_source": peak_source,
+            "results": results,
+        }
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------
+
+
+def base_model(args: argparse.Namespace) -> ModelConfig:
+    if not args.config:
+        args.preset = args.preset or "tiny"
+        return PRESETS[args.preset]
+    try:
+        config = json.loads(Path(args.config).read_text())
+        args.preset = config.get("preset", "config")
+        return ModelConfig(**config["model"])
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
+        raise ValueError(f"--config {args.config}: not a lomar config ({err})") from err
+
+
+def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, ModelConfig]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    model = parser.add_argument_group("model settings (as lomar's flags: a preset or config, then overrides)")
+    base = model.add_mutually_exclusive_group()
+    base.add_argument("--preset", choices=sorted(PRESETS), help="default: tiny, as lomar")
+    base.add_argument("--config", metavar="FILE.json", help="a lomar config (its `model` part is used)")
+    model.add_argument("--image", type=int)
+    model.add_argument("--patch", type=int)
+    model.add_argument("--window", type=int)
+    model.add_argument("--windows-per-image", type=int)
+    model.add_argument("--mask-ratio", type=float)
+    model.add_argument("--depth", type=int)
+    model.add_argument("--width", type=int)
+    model.add_argument("--heads", type=int)
+    model.add_argument("--no-norm-pix", action="store_true")
+
+    check = parser.add_argument_group("gradient check (the default job)")
+    check.add_argument("--params", help="lomar parameter or checkpoint file (safetensors)")
+    check.add_argument("--batch-file", help="batch file: images, window_origin, mask_index")
+    check.add_argument("--grads", help="what `lomar grad` wrote: loss and one gradient per parameter")
+    check.add_argument("--tol", type=float, default=1e-4, help="largest accepted max|err|/max|ref| of any tensor")
+    check.add_argument("--dtype", choices=["float64", "float32"], default="float64")
+    check.add_argument("--device", default="cpu")
+    check.add_argument("--save-grads", help="also write our loss and gradients here, in lomar's format")
+
+    bench = parser.add_argument_group("benchmark")
+    bench.add_argument("--bench", action="store_true", help="time training steps on the GPU instead")
+    bench.add_argument("--batch", type=int, default=32, help="images per step")
+    bench.add_argument("--warmup", type=int, default=10)
+    bench.add_argument("--steps", type=int, default=50, help="timed steps")
+    bench.add_argument("--modes", default="eager,compile", help="comma-separated: eager, compile")
+    bench.add_argument("--compile-mode", default="default", help="torch.compile mode")
+    bench.add_argument("--peak-flops", type=float, help="dense bf16 peak for MFU (default: by GPU name)")
+    bench.add_argument("--seed", type=int, default=0)
+    bench.add_argument("--json", help="write the results here")
+    args = parser.parse_args(argv)
+
+    overrides = {
+        field: getattr(args, field)
+        for field in ("image", "patch", "window", "windows_per_image", "mask_ratio", "depth", "width", "heads")
+        if getattr(args, field) is not None
+    }
+    if args.no_norm_pix:
+        overrides["norm_pix"] = False
+    try:
+        cfg = dataclasses.replace(base_model(args), **overrides)
+        cfg.validate()
+    except (OSError, ValueError) as err:
+        parser.error(str(err))
+    if args.bench:
+        for name in ("batch", "warmup", "steps"):
+            if getattr(args, name) < (0 if name == "warmup" else 1):
+                parser.error(f"--{name} = {getattr(args, name)}: too small")
+    elif not (args.params and args.batch_file):
+        parser.error("the gradient check needs --params and --batch-file (or pass --bench)")
+    return args, cfg
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, cfg = parse_args(argv)
+    try:
+        return run_bench(args, cfg) if args.bench else run_check(args, cfg)
+    except (OSError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,134 @@
+//! CPU reference ops at the shapes of one vit_tiny block at batch 32 (S = 128 windows of
+//! T = 50 tokens), and a whole training step of the `tiny` preset.
+//! Run: `cargo bench --bench cpu_ops`
+
+use std::time::Duration;
+
+use criterion::{criterion_group, criterion_main, Criterion};
+use lomar::backend::{AdamWStep, Backend};
+use lomar::batch::Batch;
+use lomar::config::preset;
+use lomar::cpu::ops::attention::{self, RelativeIndex};
+use lomar::cpu::ops::{gelu, layer_norm, linear};
+use lomar::cpu::CpuBackend;
+use lomar::params::ParamLayout;
+
+const SEQS: usize = 128;
+const TOKENS: usize = 50;
+const WIDTH: usize = 192;
+const HEADS: usize = 3;
+const ROWS: usize = SEQS * TOKENS;
+
+/// Deterministic values in `[-0.5, 0.5]`, without a random generator.
+fn filled(len: usize) -> Vec<f32> {
+    spread(len, 0.5)
+}
+
+fn spread(len: usize, scale: f32) -> Vec<f32> {
+    (0..len).map(|i| (i as f32 * 0.37).sin() * scale).collect()
+}
+
+fn block_ops(c: &mut Criterion) {
+    let mut g = c.benchmark_group("vit_tiny_block_b32");
+    g.sample_size(10).measurement_time(Duration::from_secs(3));
+
+    let (x, w, b) = (
+        filled(ROWS * WIDTH),
+        filled(4 * WIDTH * WIDTH),
+        filled(4 * WIDTH),
+    );
+    let mut y = filled(ROWS * 4 * WIDTH);
+    g.bench_function("fc1_forward", |bench| {
+        bench.iter(|| linear::forward(&mut y, &x, &w, &b))
+    });
+    let (mut dx, mut dw, mut db) = (filled(ROWS * WIDTH), filled(w.len()), filled(b.len()));
+    g.bench_function("fc1_backward", |bench| {
+        bench.iter(|| linear::backward(Some(&mut dx), &mut dw, &mut db, &y, &x, &w))
+    });
+
+    // Pre-activations of the size GELU sees in a trained network.
+    let pre = spread(y.len(), 3.0);
+    let (mut act, mut cdf) = (filled(y.len()), filled(y.len()));
+    g.bench_function("gelu_forward", |bench| {
+        bench.iter(|| gelu::forward(&mut act, &mut cdf, &pre))
+    });
+    let dy = filled(y.len());
+    g.bench_function("gelu_backward_with_copy_of_dy", |bench| {
+        bench.iter(|| {
+            act.copy_from_slice(&dy);
+            gelu::backward(&mut act, &pre, &cdf)
+        })
+    });
+
+    let (gamma, beta) = (filled(WIDTH), filled(WIDTH));
+    let mut normed = filled(x.len());
+    let stats = layer_norm::forward(&mut normed, &x, &gamma, &beta);
+    g.bench_function("layer_norm_forward", |bench| {
+        bench.iter(|| layer_norm::forward(&mut normed, &x, &gamma, &beta))
+    });
+    let (mut dgamma, mut dbeta) = (filled(WIDTH), filled(WIDTH));
+    g.bench_function("layer_norm_backward", |bench| {
+        bench.iter(|| {
+            layer_norm::backward(
+                &mut dx,
+                &mut dgamma,
+                &mut dbeta,
+                &normed,
+                &x,
+                &stats,
+                &gamma,
+            )
+        })
+    });
+
+    let rel = RelativeIndex::new(7);
+    let (qkv, table) = (filled(ROWS * 3 * WIDTH), filled(rel.table_rows * HEADS));
+    let (mut out, mut probs) = (filled(ROWS * WIDTH), filled(SEQS * HEADS * TOKENS * TOKENS));
+    g.bench_function("attention_forward", |bench| {
+        bench.iter(|| attention::forward(&mut out, &mut probs, &qkv, &table, &rel, HEADS))
+    });
+    let (mut dqkv, mut dtable) = (filled(qkv.len()), filled(table.len()));
+    g.bench_function("attention_backward", |bench| {
+        bench.iter(|| attention::backward(&mut dqkv, &mut dtable, &out, &qkv, &probs, &rel, HEADS))
+    });
+    g.finish();
+}
+
+fn tiny_step(c: &mut Criterion) {
+    let m = preset("tiny").unwrap();
+    let mut backend = CpuBackend::new(&m, ParamLayout::new(&m).init(0)).unwrap();
+    let seqs = 32 * m.windows_per_image;
+    // Windows along the diagonal, the first M positions of each masked.
+    let batch = Batch {
+        images_len: 32,
+        images: filled(32 * 3 * m.image * m.image),
+        window_origin: (0..2 * seqs)
+            .map(|i| (i / 2 % (m.grid() - m.window + 1)) as u32)
+            .collect(),
+        mask_index: (0..seqs)
+            .flat_map(|_| 0..m.masked_per_window() as u32)
+            .collect(),
+    };
+    let step = AdamWStep {
+        t: 1,
+        lr: 1e-4,
+        beta1: 0.9,
+        beta2: 0.95,
+        eps: 1e-8,
+        weight_decay: 0.05,
+        grad_scale: 1.0,
+    };
+    let mut g = c.benchmark_group("step");
+    g.sample_size(10);
+    g.bench_function("tiny_b32", |bench| {
+        bench.iter(|| {
+            backend.zero_grads().unwrap();
+            backend.forward_backward(&batch, 1.0).unwrap();
+            backend.adamw_step(&step).unwrap();
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, block_ops, tiny_step);
+criterion_main!(benches);

@@ -1,0 +1,296 @@
+//! `lomar bench`: warm-up, then timed training steps, reported as images/s, ms/step,
+//! achieved TFLOP/s and MFU (DESIGN.md §4).
+//!
+//! Batches are drawn before timing starts, so the step is measured alone; the input
+//! pipeline is timed on its own and reported beside it, which shows which one limits a
+//! run. Each step is forward+backward, the global gradient norm and one AdamW update —
+//! exactly what `pretrain` runs.
+
+use std::time::Instant;
+
+use anyhow::{bail, Result};
+use serde::Serialize;
+
+use crate::backend::{AdamWStep, Backend};
+use crate::batch::Batch;
+use crate::config::Config;
+use crate::data::loader::{self, LoaderSpeed};
+use crate::data::{BatchSource, DataArgs};
+use crate::flops::{known_bf16_peak, training_flops};
+
+/// What to time.
+#[derive(Clone, Debug)]
+pub struct BenchPlan {
+    pub warmup_steps: usize,
+    pub timed_steps: usize,
+    /// Dense bf16 peak for MFU, FLOP/s; `None` looks the device up in the known chips.
+    pub peak_flops: Option<f64>,
+}
+
+impl BenchPlan {
+    pub fn validate(&self) -> Result<()> {
+        if self.timed_steps == 0 {
+            bail!("--timed-steps 0: bench needs at least one timed step");
+        }
+        if let Some(p) = self.peak_flops {
+            if !(p.is_finite() && p > 0.0) {
+                bail!("--peak-tflops {}: must be a finite number > 0", p / 1e12);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Spread of a set of timings, milliseconds.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct Spread {
+    pub median: f64,
+    pub min: f64,
+    pub p10: f64,
+    pub p90: f64,
+    pub max: f64,
+}
+
+impl Spread {
+    pub fn of(samples: &[f64]) -> Result<Spread> {
+        if samples.is_empty() || samples.iter().any(|v| !v.is_finite()) {
+            bail!("no finite timings to summarise");
+        }
+        let mut s = samples.to_vec();
+        s.sort_by(f64::total_cmp);
+        // Nearest-rank quantile: a value that was actually measured.
+        let q = |f: f64| s[((s.len() - 1) as f64 * f).round() as usize];
+        Ok(Spread {
+            median: q(0.5),
+            min: s[0],
+            p10: q(0.1),
+            p90: q(0.9),
+            max: s[s.len() - 1],
+        })
+    }
+}
+
+/// Time spent in each part of a step, median milliseconds.
+#[derive(Clone, Debug, Serialize)]
+pub struct PhaseMedians {
+    pub forward_backward_ms: f64,
+    pub grad_norm_ms: f64,
+    pub optimizer_ms: f64,
+}
+
+/// Everything `lomar bench` reports; `--json` writes it as is.
+#[derive(Clone, Debug, Serialize)]
+pub struct BenchReport {
+    pub device: String,
+    pub config: Config,
+    pub warmup_steps: usize,
+    pub timed_steps: usize,
+    pub step_ms: Spread,
+    pub images_per_s: f64,
+    /// Matrix-product FLOPs of one step (see `flops.rs`).
+    pub flops_per_step: f64,
+    pub achieved_tflops: f64,
+    /// Peak used for MFU, FLOP/s, and the resulting fraction; absent when unknown.
+    pub peak_flops: Option<f64>,
+    pub mfu: Option<f64>,
+    pub phases: PhaseMedians,
+    /// Images/s of the input pipeline alone (images plus sampling), over the first
+    /// batches.
+    pub input_images_per_s: f64,
+    /// With `--data`: the image loader on its own, over enough images to reach its
+    /// steady state.
+    pub loader: Option<LoaderSpeed>,
+    pub peak_memory_bytes: Option<u64>,
+}
+
+/// Runs the plan on `backend` with the settings of `config`, on the images `data` names.
+pub fn run(
+    backend: &mut dyn Backend,
+    config: &Config,
+    plan: &BenchPlan,
+    data: &DataArgs,
+) -> Result<BenchReport> {
+    plan.validate()?;
+    let (m, t) = (&config.model, &config.train);
+    let mut source = BatchSource::open(m, t.seed, t.batch, data, None)?;
+    // A few distinct batches, cycled, keep the step's inputs realistic without timing
+    // their generation inside the step.
+    let distinct = (plan.warmup_steps + plan.timed_steps).clamp(1, 4);
+    let input_started = Instant::now();
+    let batches: Vec<Batch> = (0..distinct)
+        .map(|_| source.next_batch(t.batch))
+        .collect::<Result<_>>()?;
+    let input_images_per_s = (distinct * t.batch) as f64 / input_started.elapsed().as_secs_f64();
+
+    let mut fb_ms = Vec::new();
+    let mut norm_ms = Vec::new();
+    let mut opt_ms = Vec::new();
+    let mut step_ms = Vec::new();
+    for i in 0..plan.warmup_steps + plan.timed_steps {
+        let batch = &batches[i % distinct];
+        backend.synchronize()?;
+        let t0 = Instant::now();
+        backend.zero_grads()?;
+        let loss = backend.forward_backward(batch, 1.0)?;
+        backend.synchronize()?;
+        let t1 = Instant::now();
+        let norm = backend.grad_norm()?;
+        let t2 = Instant::now();
+        backend.adamw_step(&AdamWStep {
+            t: i as u64 + 1,
+            lr: t.peak_lr() as f32,
+            beta1: t.beta1 as f32,
+            beta2: t.beta2 as f32,
+            eps: t.eps as f32,
+            weight_decay: t.weight_decay as f32,
+            grad_scale: 1.0,
+        })?;
+        backend.synchronize()?;
+        let t3 = Instant::now();
+        if !loss.is_finite() || !norm.is_finite() {
+            bail!("bench step {i}: loss {loss}, gradient norm {norm}: not finite");
+        }
+        if i >= plan.warmup_steps {
+            let ms = |a: Instant, b: Instant| (b - a).as_secs_f64() * 1e3;
+            fb_ms.push(ms(t0, t1));
+            norm_ms.push(ms(t1, t2));
+            opt_ms.push(ms(t2, t3));
+            step_ms.push(ms(t0, t3));
+        }
+    }
+
+    let loader = match &data.data {
+        Some(root) => {
+            let images = (4 * t.batch).max(256);
+            Some(loader::measure(
+                root,
+                m.image,
+                data.threads(),
+                images,
+                t.seed,
+            )?)
+        }
+        None => None,
+    };
+    let step = Spread::of(&step_ms)?;
+    let flops_per_step = training_flops(m, t.batch);
+    let achieved = flops_per_step / (step.median * 1e-3);
+    let device = backend.device_name();
+    let peak_flops = plan.peak_flops.or_else(|| known_bf16_peak(&device));
+    Ok(BenchReport {
+        device,
+        config: config.clone(),
+        warmup_steps: plan.warmup_steps,
+        timed_steps: plan.timed_steps,
+        images_per_s: t.batch as f64 / (step.median * 1e-3),
+        flops_per_step,
+        achieved_tflops: achieved / 1e12,
+        peak_flops,
+        mfu: peak_flops.map(|p| achieved / p),
+        phases: PhaseMedians {
+            forward_backward_ms: Spread::of(&fb_ms)?.median,
+            grad_norm_ms: Spread::of(&norm_ms)?.median,
+            optimizer_ms: Spread::of(&opt_ms)?.median,
+        },
+        step_ms: step,
+        input_images_per_s,
+        loader,
+        peak_memory_bytes: backend.peak_memory_bytes(),
+    })
+}
+
+/// The commit the binary was built from, when run inside the repository.
+pub fn commit() -> Option<String> {
+    let out = std::process::Command::new("git")
+        .args(["rev-parse", "HEAD"])
+        .output()
+        .ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+/// The report as the terminal shows it.
+pub fn summary(r: &BenchReport) -> String {
+    let m = &r.config.model;
+    let s = &r.step_ms;
+    let mut out = format!(
+        "{} | {} {}px batch {} | {} timed steps after {} warm-up\n\
+         step      {:.2} ms median (min {:.2}, p10 {:.2}, p90 {:.2}, max {:.2})\n\
+         speed     {:.1} images/s, {:.2} TFLOP/s ({:.1} GFLOP/step)\n",
+        r.device,
+        r.config.preset,
+        m.image,
+        r.config.train.batch,
+        r.timed_steps,
+        r.warmup_steps,
+        s.median,
+        s.min,
+        s.p10,
+        s.p90,
+        s.max,
+        r.images_per_s,
+        r.achieved_tflops,
+        r.flops_per_step / 1e9,
+    );
+    match (r.mfu, r.peak_flops) {
+        (Some(mfu), Some(peak)) => {
+            out += &format!(
+                "MFU       {:.1}% of {:.0} TFLOP/s dense bf16\n",
+                mfu * 100.0,
+                peak / 1e12
+            )
+        }
+        _ => out += "MFU       n/a (unknown peak; pass --peak-tflops)\n",
+    }
+    out += &format!(
+        "phases    forward+backward {:.2} ms, grad norm {:.2} ms, AdamW {:.2} ms\n\
+         input     {:.1} images/s (images + sampling, first batches)\n",
+        r.phases.forward_backward_ms,
+        r.phases.grad_norm_ms,
+        r.phases.optimizer_ms,
+        r.input_images_per_s,
+    );
+    if let Some(l) = &r.loader {
+        out += &format!(
+            "loader    {:.1} images/s alone ({} images, {} threads decoding and augmenting, {} files skipped)\n",
+            l.images_per_s, l.images, l.threads, l.skipped
+        );
+        if let Some(cpu) = l.cpu_seconds {
+            out += &format!(
+                "          {:.1} images per CPU-second ({:.2} ms of CPU per image)\n",
+                l.images as f64 / cpu,
+                cpu * 1e3 / l.images as f64
+            );
+        }
+    }
+    if let Some(bytes) = r.peak_memory_bytes {
+        out += &format!(
+            "memory    {:.2} GiB peak\n",
+            bytes as f64 / (1u64 << 30) as f64
+        );
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spread_uses_measured_values() {
+        let s = Spread::of(&[5.0, 1.0, 3.0, 2.0, 4.0]).unwrap();
+        assert_eq!(
+            s,
+            Spread {
+                median: 3.0,
+                min: 1.0,
+                p10: 1.0,
+                p90: 5.0,
+                max: 5.0
+            }
+        );
+        assert!(Spread::of(&[]).is_err());
+        assert!(Spread::of(&[1.0, f64::NAN]).is_err());
+    }
+}

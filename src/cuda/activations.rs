@@ -1,0 +1,241 @@
+//! Device buffers for one batch shape: the uploaded batch, everything the forward saves for
+//! the backward, and the backward's scratch. Allocated once per batch size and reused.
+//!
+//! Shapes use S sequences (images × windows), T = 1 + K² tokens, N = S·T token rows,
+//! V / M visible / masked positions per window, Nv = S·V, Nm = S·M, D width, H = 4D, P = 3p².
+
+use anyhow::{Context, Result};
+use cudarc::driver::CudaSlice;
+
+use super::device::Gpu;
+use super::storage::Storage;
+use crate::batch::Batch;
+use crate::config::ModelConfig;
+
+/// What one transformer block saves for its backward.
+pub(super) struct BlockActivations<T> {
+    /// [N, D] LN1 output, the qkv GEMM's input.
+    pub ln1: CudaSlice<T>,
+    pub ln1_mean: CudaSlice<f32>,
+    pub ln1_rstd: CudaSlice<f32>,
+    /// [N, 3D] with bias.
+    pub qkv: CudaSlice<T>,
+    /// [N, D] attention output, heads concatenated.
+    pub attn: CudaSlice<T>,
+    /// [S, h, T] log-sum-exp of each softmax row.
+    pub lse: CudaSlice<f32>,
+    pub ln2: CudaSlice<T>,
+    pub ln2_mean: CudaSlice<f32>,
+    pub ln2_rstd: CudaSlice<f32>,
+    /// [N, H] fc1 output with bias, before GELU.
+    pub pre: CudaSlice<T>,
+    /// [N, H] GELU output, fc2's input.
+    pub act: CudaSlice<T>,
+}
+
+pub(super) struct Activations<T> {
+    pub images_len: usize,
+    /// [B, 3, H, W]
+    pub images: CudaSlice<f32>,
+    /// [S, 2]
+    pub window_origin: CudaSlice<u32>,
+    /// [S, M]
+    pub mask_index: CudaSlice<u32>,
+    /// [S, K²], see [`pos_slots`].
+    pub pos_slot: CudaSlice<i32>,
+    /// [Nv, P] visible patches, (c, y, x).
+    pub patches: CudaSlice<T>,
+    /// [Nm, P] loss targets, (y, x, c).
+    pub targets: CudaSlice<f32>,
+    /// [Nv, D] patch embeddings without bias.
+    pub emb: CudaSlice<T>,
+    /// 2L + 1 residual-stream snapshots [N, D]: block l reads 2l, writes 2l+1 (after
+    /// attention) and 2l+2 (after the MLP).
+    pub resid: Vec<CudaSlice<f32>>,
+    pub blocks: Vec<BlockActivations<T>>,
+    /// [N, D] a branch's output projection before the residual add.
+    pub branch: CudaSlice<T>,
+    /// [Nm, D] masked tokens of the last residual snapshot.
+    pub xm: CudaSlice<f32>,
+    /// [Nm, D] final LayerNorm of the masked tokens.
+    pub lnm: CudaSlice<T>,
+    pub lnm_mean: CudaSlice<f32>,
+    pub lnm_rstd: CudaSlice<f32>,
+    /// [Nm, P] head output without bias, and its gradient.
+    pub pred: CudaSlice<T>,
+    pub dpred: CudaSlice<T>,
+    /// [Nm] squared error per masked token, then [1] the mean loss.
+    pub row_loss: CudaSlice<f32>,
+    pub loss: CudaSlice<f32>,
+    /// [N, D] residual-stream gradient.
+    pub dx: CudaSlice<f32>,
+    /// [N, D] the residual gradient cast to T, a GEMM operand.
+    pub dy: CudaSlice<T>,
+    /// [N, D] gradient of a LayerNorm output or of the attention output.
+    pub dsmall: CudaSlice<T>,
+    /// [N, H] gradient of the GELU output, then of its input.
+    pub dhidden: CudaSlice<T>,
+    /// [N, 3D]
+    pub dqkv: CudaSlice<T>,
+    /// [Nm, D] gradients of the final LayerNorm's output and input.
+    pub dlnm: CudaSlice<T>,
+    pub dxm: CudaSlice<f32>,
+    /// [Nv, D] gradient of the patch embeddings.
+    pub demb: CudaSlice<T>,
+}
+
+impl<T: Storage> Activations<T> {
+    pub fn new(gpu: &Gpu, m: &ModelConfig, images_len: usize) -> Result<Self> {
+        Self::allocate(gpu, m, images_len).with_context(|| {
+            format!(
+                "allocating activations for batch {images_len} (about {:.2} GiB); try a smaller batch",
+                Self::bytes(m, images_len) as f64 / (1u64 << 30) as f64
+            )
+        })
+    }
+
+    /// Device memory the buffers of batch `images_len` take, for the error message.
+    pub fn bytes(m: &ModelConfig, images_len: usize) -> usize {
+        let (s, n, nm, nv) = dims(m, images_len);
+        let (d, h, p, l) = (m.width, m.hidden(), m.patch_dim(), m.depth);
+        let block_t = n * (6 * d + 2 * h);
+        let block_f32 = 4 * n + s * m.heads * m.seq_len();
+        let storage = l * block_t + nv * (p + 2 * d) + n * (6 * d + h) + nm * (2 * d + 2 * p);
+        let fp32 = l * block_f32
+            + images_len * 3 * m.image * m.image
+            + (2 * l + 2) * n * d
+            + nm * (p + 2 * d + 3)
+            + 1;
+        let index = 2 * s + nm + s * m.window_area();
+        storage * std::mem::size_of::<T>() + 4 * (fp32 + index)
+    }
+
+    fn allocate(gpu: &Gpu, m: &ModelConfig, images_len: usize) -> Result<Self> {
+        let (s, n, nm, nv) = dims(m, images_len);
+        let (d, h, p) = (m.width, m.hidden(), m.patch_dim());
+        let blocks = (0..m.depth)
+            .map(|l| {
+                let z = |len: usize, what: &str| gpu.zeros::<T>(len, &format!("block {l} {what}"));
+                let f =
+                    |len: usize, what: &str| gpu.zeros::<f32>(len, &format!("block {l} {what}"));
+                Ok(BlockActivations {
+                    ln1: z(n * d, "ln1")?,
+                    ln1_mean: f(n, "ln1 mean")?,
+                    ln1_rstd: f(n, "ln1 rstd")?,
+                    qkv: z(n * 3 * d, "qkv")?,
+                    attn: z(n * d, "attention output")?,
+                    lse: f(s * m.heads * m.seq_len(), "attention lse")?,
+                    ln2: z(n * d, "ln2")?,
+                    ln2_mean: f(n, "ln2 mean")?,
+                    ln2_rstd: f(n, "ln2 rstd")?,
+                    pre: z(n * h, "fc1 output")?,
+                    act: z(n * h, "GELU output")?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let resid = (0..2 * m.depth + 1)
+            .map(|i| gpu.zeros::<f32>(n * d, &format!("residual stream {i}")))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Activations {
+            images_len,
+            images: gpu.zeros(images_len * 3 * m.image * m.image, "images")?,
+            window_origin: gpu.zeros(s * 2, "window origins")?,
+            mask_index: gpu.zeros(nm, "mask indices")?,
+            pos_slot: gpu.zeros(s * m.window_area(), "position slots")?,
+            patches: gpu.zeros(nv * p, "visible patches")?,
+            targets: gpu.zeros(nm * p, "targets")?,
+            emb: gpu.zeros(nv * d, "patch embeddings")?,
+            resid,
+            blocks,
+            branch: gpu.zeros(n * d, "branch output")?,
+            xm: gpu.zeros(nm * d, "masked tokens")?,
+            lnm: gpu.zeros(nm * d, "final norm output")?,
+            lnm_mean: gpu.zeros(nm, "final norm mean")?,
+            lnm_rstd: gpu.zeros(nm, "final norm rstd")?,
+            pred: gpu.zeros(nm * p, "predictions")?,
+            dpred: gpu.zeros(nm * p, "prediction gradient")?,
+            row_loss: gpu.zeros(nm, "row losses")?,
+            loss: gpu.zeros(1, "loss")?,
+            dx: gpu.zeros(n * d, "residual gradient")?,
+            dy: gpu.zeros(n * d, "residual gradient copy")?,
+            dsmall: gpu.zeros(n * d, "branch gradient")?,
+            dhidden: gpu.zeros(n * h, "MLP hidden gradient")?,
+            dqkv: gpu.zeros(n * 3 * d, "qkv gradient")?,
+            dlnm: gpu.zeros(nm * d, "final norm output gradient")?,
+            dxm: gpu.zeros(nm * d, "masked token gradient")?,
+            demb: gpu.zeros(nv * d, "patch embedding gradient")?,
+        })
+    }
+
+    /// Copies a validated batch into the input buffers.
+    pub fn upload(&mut self, gpu: &Gpu, m: &ModelConfig, batch: &Batch) -> Result<()> {
+        gpu.write(&batch.images, &mut self.images, "images")?;
+        gpu.write(
+            &batch.window_origin,
+            &mut self.window_origin,
+            "window origins",
+        )?;
+        gpu.write(&batch.mask_index, &mut self.mask_index, "mask indices")?;
+        gpu.write(&pos_slots(batch, m), &mut self.pos_slot, "position slots")
+    }
+}
+
+/// (S, N, Nm, Nv) of a batch of `images_len` images.
+fn dims(m: &ModelConfig, images_len: usize) -> (usize, usize, usize, usize) {
+    let s = images_len * m.windows_per_image;
+    (
+        s,
+        s * m.seq_len(),
+        s * m.masked_per_window(),
+        s * m.visible_per_window(),
+    )
+}
+
+/// For every window position `s*K² + i`: its row among the batch's visible patches
+/// (`s*V + j`, j counting visible positions in ascending order), or `-(1 + s*M + j)` for the
+/// j-th masked position, the row of its loss target and of its head output.
+pub fn pos_slots(batch: &Batch, m: &ModelConfig) -> Vec<i32> {
+    let (area, v, mk) = (
+        m.window_area(),
+        m.visible_per_window(),
+        m.masked_per_window(),
+    );
+    let mut slots = Vec::with_capacity(batch.sequences(m) * area);
+    for (s, window) in batch.visible_slots(m).chunks(area).enumerate() {
+        let mut masked = 0;
+        for slot in window {
+            slots.push(match slot {
+                Some(j) => (s * v + *j as usize) as i32,
+                None => {
+                    masked += 1;
+                    -((s * mk + masked) as i32)
+                }
+            });
+        }
+    }
+    slots
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::preset;
+
+    #[test]
+    fn pos_slots_number_visible_and_masked_rows_in_window_order() {
+        let mut m = preset("tiny").unwrap();
+        m.window = 2;
+        m.mask_ratio = 0.5;
+        m.windows_per_image = 2;
+        let batch = Batch {
+            images_len: 1,
+            images: vec![0.0; 3 * m.image * m.image],
+            window_origin: vec![0, 0, 1, 1],
+            // Window 0 masks positions 1 and 2, window 1 masks 0 and 3.
+            mask_index: vec![1, 2, 0, 3],
+        };
+        batch.validate(&m).unwrap();
+        // Visible rows 0,1 | 2,3; masked rows 0,1 | 2,3 encoded as -(1 + row).
+        assert_eq!(pos_slots(&batch, &m), vec![0, -1, -2, 1, -3, 2, 3, -4]);
+    }
+}

@@ -1,0 +1,303 @@
+//! Opening the GPU without ever panicking, typed device addresses, and checked copies.
+//!
+//! cudarc loads libcuda and libcublas lazily and panics when one is missing, so every
+//! library is probed before its first use. One stream carries all the work, so cudarc's
+//! cross-stream event tracking is switched off.
+
+use std::marker::PhantomData;
+use std::mem::ManuallyDrop;
+use std::ops::Range;
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use cudarc::driver::sys::cudaError_enum;
+use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DevicePtr, DeviceRepr, ValidAsZeroBits};
+
+use super::kernels::KERNELS_BUILT;
+
+/// How to get an nvcc that matches the CUDA 13.0 driver.
+pub const NVCC_HINT: &str = "rebuild with nvcc 13.0 available: pip install \
+    nvidia-cuda-nvcc==13.0.88 nvidia-cuda-crt==13.0.88 nvidia-nvvm==13.0.88 \
+    nvidia-cuda-runtime==13.0.96 nvidia-cuda-cccl==13.0.85, then set \
+    NVCC=<site-packages>/nvidia/cu13/bin/nvcc and run cargo build again";
+
+/// Why this machine has no usable GPU (no driver, or no device), or `None` when it has
+/// one. A missing cuBLAS or a build without kernels is not reported here: on a GPU
+/// machine those are errors for [`Gpu::open`] to name.
+pub fn unavailable() -> Option<String> {
+    // SAFETY: only tries to dlopen the driver library.
+    if !unsafe { cudarc::driver::sys::is_culib_present() } {
+        return Some("no NVIDIA driver: libcuda.so.1 could not be loaded".into());
+    }
+    match CudaContext::device_count() {
+        Ok(0) => Some("the NVIDIA driver reports no CUDA device".into()),
+        Ok(_) => None,
+        Err(e) if e.0 == cudaError_enum::CUDA_ERROR_NO_DEVICE => {
+            Some("the NVIDIA driver reports no CUDA device".into())
+        }
+        Err(e) => Some(format!("the NVIDIA driver failed to start: {e}")),
+    }
+}
+
+/// The device, its one stream, and the launch policy.
+pub struct Gpu {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    name: String,
+    sync_launches: bool,
+}
+
+impl Gpu {
+    /// Opens device `ordinal`, or explains why it cannot.
+    pub fn open(ordinal: usize) -> Result<Gpu> {
+        if let Some(why) = unavailable() {
+            bail!("no usable GPU: {why}");
+        }
+        if !KERNELS_BUILT {
+            bail!("this build of lomar has no CUDA kernels (nvcc was not found when it was compiled); {NVCC_HINT}");
+        }
+        // SAFETY: only tries to dlopen the library.
+        if !unsafe { cudarc::cublas::sys::is_culib_present() } {
+            bail!(
+                "cuBLAS 13 not found: libcublas.so.13 could not be loaded; install it \
+                 (pip install nvidia-cublas) and put its nvidia/cu13/lib directory on LD_LIBRARY_PATH"
+            );
+        }
+        let ctx =
+            CudaContext::new(ordinal).with_context(|| format!("opening CUDA device {ordinal}"))?;
+        // SAFETY: every buffer is used on the one stream below, in issue order.
+        unsafe { ctx.disable_event_tracking() };
+        let name = ctx.name().context("reading the device name")?;
+        let (major, minor) = ctx
+            .compute_capability()
+            .context("reading the compute capability")?;
+        if major < 8 {
+            bail!("{name} has compute capability {major}.{minor}; lomar's kernels need 8.0 or newer (bf16)");
+        }
+        let stream = ctx.default_stream();
+        let sync_launches =
+            std::env::var("LOMAR_CUDA_SYNC").is_ok_and(|v| !v.is_empty() && v != "0");
+        Ok(Gpu {
+            ctx,
+            stream,
+            name,
+            sync_launches,
+        })
+    }
+
+    pub fn ctx(&self) -> &Arc<CudaContext> {
+        &self.ctx
+    }
+
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// With `LOMAR_CUDA_SYNC=1` every launch waits for its kernel, so a fault is reported
+    /// against the kernel that caused it rather than at the next copy.
+    pub fn sync_launches(&self) -> bool {
+        self.sync_launches
+    }
+
+    /// Waits for all queued work; a kernel fault surfaces here.
+    pub fn synchronize(&self, after: &str) -> Result<()> {
+        self.stream
+            .synchronize()
+            .with_context(|| format!("GPU error after {after}"))
+    }
+
+    /// A zero-filled buffer; `what` names it in the out-of-memory error.
+    pub fn zeros<T: DeviceRepr + ValidAsZeroBits>(
+        &self,
+        len: usize,
+        what: &str,
+    ) -> Result<CudaSlice<T>> {
+        if len == 0 {
+            bail!("{what}: a device buffer must not be empty");
+        }
+        let bytes = len * std::mem::size_of::<T>();
+        self.stream
+            .alloc_zeros::<T>(len)
+            .with_context(|| format!("allocating {what} ({})", human_bytes(bytes)))
+    }
+
+    /// A new device copy of `host`.
+    pub fn upload<T: DeviceRepr + ValidAsZeroBits>(
+        &self,
+        host: &[T],
+        what: &str,
+    ) -> Result<CudaSlice<T>> {
+        let mut dst = self.zeros(host.len(), what)?;
+        self.write(host, &mut dst, what)?;
+        Ok(dst)
+    }
+
+    /// Copies `host` into `dst`, which must have exactly its length.
+    pub fn write<T: DeviceRepr>(
+        &self,
+        host: &[T],
+        dst: &mut CudaSlice<T>,
+        what: &str,
+    ) -> Result<()> {
+        if host.len() != dst.len() {
+            bail!(
+                "{what}: {} values given, the device buffer holds {}",
+                host.len(),
+                dst.len()
+            );
+        }
+        self.stream
+            .memcpy_htod(host, dst)
+            .with_context(|| format!("copying {what} to the GPU"))
+    }
+
+    /// Copies the first `len` values of `src` back (waits for queued work).
+    pub fn read<T: DeviceRepr + Default + Clone>(
+        &self,
+        src: &CudaSlice<T>,
+        len: usize,
+        what: &str,
+    ) -> Result<Vec<T>> {
+        if len > src.len() {
+            bail!(
+                "{what}: {len} values asked for, the device buffer holds {}",
+                src.len()
+            );
+        }
+        let mut host = vec![T::default(); len];
+        if len > 0 {
+            let view = src.slice(0..len);
+            self.stream
+                .memcpy_dtoh(&view, &mut host)
+                .with_context(|| format!("copying {what} from the GPU"))?;
+        }
+        Ok(host)
+    }
+
+    /// The device address of a whole buffer.
+    pub fn ptr<T>(&self, s: &CudaSlice<T>) -> DevPtr<T> {
+        // The guard records nothing with event tracking off; dropping it at once is fine.
+        let (addr, _guard) = s.device_ptr(&self.stream);
+        DevPtr {
+            addr,
+            len: s.len(),
+            _type: PhantomData,
+        }
+    }
+
+    /// A `CudaSlice` over the memory behind `p`, for APIs that take cudarc views. It is
+    /// wrapped in `ManuallyDrop` because it does not own the memory: dropping it would
+    /// free the owner's buffer.
+    ///
+    /// # Safety
+    /// The buffer behind `p` must outlive the returned value (DevPtr's contract).
+    pub unsafe fn alias<T>(&self, p: DevPtr<T>) -> ManuallyDrop<CudaSlice<T>> {
+        ManuallyDrop::new(self.stream.upgrade_device_ptr(p.addr, p.len))
+    }
+
+    /// Zero-fills the memory behind `p`, queued on the stream.
+    pub fn memset_zero<T>(&self, p: DevPtr<T>) -> Result<()> {
+        if p.len == 0 {
+            return Ok(());
+        }
+        self.ctx
+            .bind_to_thread()
+            .context("binding the CUDA context")?;
+        // SAFETY: `p` addresses `p.len` live elements (DevPtr's contract).
+        unsafe {
+            cudarc::driver::result::memset_d8_async(
+                p.addr,
+                0,
+                p.len * std::mem::size_of::<T>(),
+                self.stream.cu_stream(),
+            )
+        }
+        .context("clearing a device buffer")
+    }
+}
+
+/// A typed device address and the number of elements behind it.
+///
+/// It owns nothing: every buffer is a `CudaSlice` owned by the backend, which hands these
+/// out only while computing, so they never outlive their memory. Sub-ranges are bounds
+/// checked, and every launcher checks the lengths it will touch, so a shape mistake is an
+/// error naming the tensor instead of a fault on the device.
+pub struct DevPtr<T> {
+    addr: u64,
+    len: usize,
+    _type: PhantomData<fn() -> T>,
+}
+
+impl<T> Clone for DevPtr<T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T> Copy for DevPtr<T> {}
+
+impl<T> std::fmt::Debug for DevPtr<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "DevPtr({:#x}, {} x {})",
+            self.addr,
+            self.len,
+            std::any::type_name::<T>()
+        )
+    }
+}
+
+impl<T> DevPtr<T> {
+    /// The raw address, as a kernel argument.
+    pub fn addr(&self) -> &u64 {
+        &self.addr
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The elements `r` of this buffer.
+    pub fn range(&self, r: Range<usize>) -> Result<DevPtr<T>> {
+        if r.start > r.end || r.end > self.len {
+            bail!(
+                "range {r:?} is outside a device buffer of {} values",
+                self.len
+            );
+        }
+        Ok(DevPtr {
+            addr: self.addr + (r.start * std::mem::size_of::<T>()) as u64,
+            len: r.len(),
+            _type: PhantomData,
+        })
+    }
+
+    /// Errors unless at least `need` elements are behind the address.
+    pub fn check(&self, need: usize, what: &str) -> Result<()> {
+        if self.len < need {
+            bail!(
+                "{what}: the device buffer holds {} values, the launch needs {need}",
+                self.len
+            );
+        }
+        Ok(())
+    }
+}
+
+fn human_bytes(bytes: usize) -> String {
+    const GIB: f64 = (1u64 << 30) as f64;
+    const MIB: f64 = (1u64 << 20) as f64;
+    if bytes as f64 >= GIB {
+        format!("{:.2} GiB", bytes as f64 / GIB)
+    } else {
+        format!("{:.2} MiB", bytes as f64 / MIB)
+    }
+}

@@ -1,0 +1,665 @@
+//! One thin typed launcher per kernel. Each checks every buffer it touches against the
+//! launch's extent, converts sizes to the kernel's integer types, and picks the grid.
+//! Launchers of two-pass reductions run both passes.
+
+use anyhow::{bail, Result};
+use cudarc::driver::{CudaFunction, LaunchConfig, PushKernelArg};
+
+use super::device::DevPtr;
+use super::kernels::Kernels;
+use super::storage::Storage;
+use crate::backend::AdamWStep;
+use crate::config::ModelConfig;
+
+const THREADS: u32 = 256;
+/// Threads of the one-block-per-row kernels (rows are 3p² or D values).
+const ROW_THREADS: u32 = 128;
+/// Target chunk count of the two-pass column reductions: enough blocks to fill the GPU,
+/// few enough partials that the finishing pass is short.
+pub const REDUCE_CHUNKS: usize = 128;
+/// Blocks of the sum-of-squares pass, and so the partials it leaves.
+pub const SUM_BLOCKS: usize = 1024;
+/// Grid-stride kernels never launch more blocks than this.
+const MAX_BLOCKS: usize = 1 << 16;
+
+/// Floats of reduction scratch a model needs (see [`Kernels::column_sum`] and friends).
+pub fn scratch_len(m: &ModelConfig) -> usize {
+    let widest = (m.hidden()).max(3 * m.width).max(m.patch_dim());
+    (REDUCE_CHUNKS * widest).max(SUM_BLOCKS)
+}
+
+/// Rows per chunk and the chunk count of a two-pass column reduction over `rows`.
+fn chunking(rows: usize) -> (usize, usize) {
+    let per = rows.div_ceil(REDUCE_CHUNKS).max(1);
+    (per, rows.div_ceil(per))
+}
+
+fn int(v: usize, what: &str) -> Result<i32> {
+    i32::try_from(v)
+        .map_err(|_| anyhow::anyhow!("{what} = {v} does not fit the kernels' 32-bit indices"))
+}
+
+fn long(v: usize) -> i64 {
+    v as i64
+}
+
+fn blocks(n: usize, per_block: u32) -> Result<u32> {
+    Ok(int(n.div_ceil(per_block as usize), "grid size")? as u32)
+}
+
+fn config(grid: (u32, u32), block: u32) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (grid.0, grid.1, 1),
+        block_dim: (block, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// A grid-stride launch over `n` elements.
+fn elementwise(n: usize) -> Result<LaunchConfig> {
+    Ok(config(
+        (blocks(n.min(MAX_BLOCKS * THREADS as usize), THREADS)?, 1),
+        THREADS,
+    ))
+}
+
+/// Checks that a chunked partial buffer fits in the scratch.
+fn check_scratch(scratch: &DevPtr<f32>, need: usize, what: &str) -> Result<()> {
+    if scratch.len() < need {
+        bail!(
+            "{what}: reduction scratch holds {} floats, needs {need}",
+            scratch.len()
+        );
+    }
+    Ok(())
+}
+
+impl<T: Storage> Kernels<T> {
+    /// images [B,3,H,W] f32, window_origin [S,2], pos_slot [S,K²]
+    ///   -> patches [S*V, 3p²] T (c,y,x), targets [S*M, 3p²] f32 (y,x,c; norm-pix if set).
+    #[allow(clippy::too_many_arguments)]
+    pub fn window_gather(
+        &self,
+        images: DevPtr<f32>,
+        window_origin: DevPtr<u32>,
+        pos_slot: DevPtr<i32>,
+        patches: DevPtr<T>,
+        targets: DevPtr<f32>,
+        m: &ModelConfig,
+        seqs: usize,
+    ) -> Result<()> {
+        let (area, pd) = (m.window_area(), m.patch_dim());
+        if seqs == 0 || !seqs.is_multiple_of(m.windows_per_image) {
+            bail!("window_gather: {seqs} sequences is not a whole number of images");
+        }
+        images.check(
+            seqs / m.windows_per_image * 3 * m.image * m.image,
+            "window_gather images",
+        )?;
+        window_origin.check(seqs * 2, "window_gather window_origin")?;
+        pos_slot.check(seqs * area, "window_gather pos_slot")?;
+        patches.check(seqs * m.visible_per_window() * pd, "window_gather patches")?;
+        targets.check(seqs * m.masked_per_window() * pd, "window_gather targets")?;
+        let mut b = self.stream.launch_builder(&self.window_gather);
+        let windows = int(m.windows_per_image, "windows_per_image")?;
+        let image = int(m.image, "image")?;
+        let patch = int(m.patch, "patch")?;
+        let window = int(m.window, "window")?;
+        let norm_pix = i32::from(m.norm_pix);
+        b.arg(images.addr())
+            .arg(window_origin.addr())
+            .arg(pos_slot.addr())
+            .arg(patches.addr())
+            .arg(targets.addr())
+            .arg(&windows)
+            .arg(&image)
+            .arg(&patch)
+            .arg(&window)
+            .arg(&norm_pix);
+        let grid = int(seqs * area, "window positions")? as u32;
+        self.run(b, config((grid, 1), ROW_THREADS), "window_gather")
+    }
+
+    /// emb [S*V, D] T, patch_bias [D], cls [D], mask_token [D], pos_slot [S,K²]
+    ///   -> x [S, 1+K², D] f32.
+    #[allow(clippy::too_many_arguments)]
+    pub fn assemble_tokens_forward(
+        &self,
+        emb: DevPtr<T>,
+        patch_bias: DevPtr<f32>,
+        cls: DevPtr<f32>,
+        mask_token: DevPtr<f32>,
+        pos_slot: DevPtr<i32>,
+        x: DevPtr<f32>,
+        m: &ModelConfig,
+        seqs: usize,
+    ) -> Result<()> {
+        let (d, t) = (m.width, m.seq_len());
+        emb.check(
+            seqs * m.visible_per_window() * d,
+            "assemble_tokens_forward emb",
+        )?;
+        patch_bias.check(d, "assemble_tokens_forward patch_bias")?;
+        cls.check(d, "assemble_tokens_forward cls")?;
+        mask_token.check(d, "assemble_tokens_forward mask_token")?;
+        pos_slot.check(seqs * m.window_area(), "assemble_tokens_forward pos_slot")?;
+        x.check(seqs * t * d, "assemble_tokens_forward x")?;
+        let seq_len = int(t, "seq_len")?;
+        let width = int(d, "width")?;
+        let mut b = self.stream.launch_builder(&self.assemble_tokens_forward);
+        b.arg(emb.addr())
+            .arg(patch_bias.addr())
+            .arg(cls.addr())
+            .arg(mask_token.addr())
+            .arg(pos_slot.addr())
+            .arg(x.addr())
+            .arg(&seq_len)
+            .arg(&width);
+        let grid = int(seqs * t, "token rows")? as u32;
+        self.run(b, config((grid, 1), ROW_THREADS), "assemble_tokens_forward")
+    }
+
+    /// dx [S, 1+K², D] f32 -> demb [S*V, D] T (written); d_cls, d_mask_token,
+    /// d_patch_bias [D] f32 (+=).
+    #[allow(clippy::too_many_arguments)]
+    pub fn assemble_tokens_backward(
+        &self,
+        dx: DevPtr<f32>,
+        pos_slot: DevPtr<i32>,
+        demb: DevPtr<T>,
+        scratch: DevPtr<f32>,
+        d_cls: DevPtr<f32>,
+        d_mask_token: DevPtr<f32>,
+        d_patch_bias: DevPtr<f32>,
+        m: &ModelConfig,
+        seqs: usize,
+    ) -> Result<()> {
+        let (d, t) = (m.width, m.seq_len());
+        dx.check(seqs * t * d, "assemble_tokens_backward dx")?;
+        pos_slot.check(seqs * m.window_area(), "assemble_tokens_backward pos_slot")?;
+        demb.check(
+            seqs * m.visible_per_window() * d,
+            "assemble_tokens_backward demb",
+        )?;
+        let (per, chunks) = chunking(seqs);
+        check_scratch(&scratch, 3 * chunks * d, "assemble_tokens_backward")?;
+        let seqs_i = int(seqs, "sequences")?;
+        let seq_len = int(t, "seq_len")?;
+        let width = int(d, "width")?;
+        let per_i = int(per, "sequences per chunk")?;
+        let mut b = self.stream.launch_builder(&self.assemble_tokens_backward);
+        b.arg(dx.addr())
+            .arg(pos_slot.addr())
+            .arg(demb.addr())
+            .arg(scratch.addr())
+            .arg(&seqs_i)
+            .arg(&seq_len)
+            .arg(&width)
+            .arg(&per_i);
+        let grid = (blocks(d, THREADS)?, chunks as u32);
+        self.run(b, config(grid, THREADS), "assemble_tokens_backward")?;
+        for (k, out) in [d_cls, d_mask_token, d_patch_bias].into_iter().enumerate() {
+            let partial = scratch.range(k * chunks * d..(k + 1) * chunks * d)?;
+            self.partials_finish(partial, out, chunks, d)?;
+        }
+        Ok(())
+    }
+
+    /// x [S, 1+K², D] f32, mask_index [S, M] -> xm [S*M, D] f32.
+    pub fn gather_masked_tokens(
+        &self,
+        x: DevPtr<f32>,
+        mask_index: DevPtr<u32>,
+        xm: DevPtr<f32>,
+        m: &ModelConfig,
+        seqs: usize,
+    ) -> Result<()> {
+        self.masked_rows(
+            &self.gather_masked_tokens,
+            "gather_masked_tokens",
+            x,
+            mask_index,
+            xm,
+            m,
+            seqs,
+            true,
+        )
+    }
+
+    /// dxm [S*M, D] f32, mask_index [S, M] -> dx [S, 1+K², D] f32 (+= on the masked rows).
+    pub fn scatter_masked_tokens(
+        &self,
+        dxm: DevPtr<f32>,
+        mask_index: DevPtr<u32>,
+        dx: DevPtr<f32>,
+        m: &ModelConfig,
+        seqs: usize,
+    ) -> Result<()> {
+        self.masked_rows(
+            &self.scatter_masked_tokens,
+            "scatter_masked_tokens",
+            dxm,
+            mask_index,
+            dx,
+            m,
+            seqs,
+            false,
+        )
+    }
+
+    /// The gather and its adjoint share arguments: (source, mask_index, destination).
+    #[allow(clippy::too_many_arguments)]
+    fn masked_rows(
+        &self,
+        f: &CudaFunction,
+        name: &str,
+        src: DevPtr<f32>,
+        mask_index: DevPtr<u32>,
+        dst: DevPtr<f32>,
+        m: &ModelConfig,
+        seqs: usize,
+        gather: bool,
+    ) -> Result<()> {
+        let (d, t, mk) = (m.width, m.seq_len(), m.masked_per_window());
+        let (tokens, rows) = if gather { (src, dst) } else { (dst, src) };
+        tokens.check(seqs * t * d, &format!("{name} tokens"))?;
+        rows.check(seqs * mk * d, &format!("{name} masked rows"))?;
+        mask_index.check(seqs * mk, &format!("{name} mask_index"))?;
+        let masked = int(mk, "masked per window")?;
+        let seq_len = int(t, "seq_len")?;
+        let width = int(d, "width")?;
+        let mut b = self.stream.launch_builder(f);
+        b.arg(src.addr())
+            .arg(mask_index.addr())
+            .arg(dst.addr())
+            .arg(&masked)
+            .arg(&seq_len)
+            .arg(&width);
+        let grid = int(seqs * mk, "masked rows")? as u32;
+        self.run(b, config((grid, 1), ROW_THREADS), name)
+    }
+
+    /// x [N, D] f32, gamma, beta [D] -> y [N, D] T, mean [N], rstd [N].
+    #[allow(clippy::too_many_arguments)]
+    pub fn layernorm_forward(
+        &self,
+        x: DevPtr<f32>,
+        gamma: DevPtr<f32>,
+        beta: DevPtr<f32>,
+        y: DevPtr<T>,
+        mean: DevPtr<f32>,
+        rstd: DevPtr<f32>,
+        rows: usize,
+        width: usize,
+    ) -> Result<()> {
+        x.check(rows * width, "layernorm_forward x")?;
+        gamma.check(width, "layernorm_forward gamma")?;
+        beta.check(width, "layernorm_forward beta")?;
+        y.check(rows * width, "layernorm_forward y")?;
+        mean.check(rows, "layernorm_forward mean")?;
+        rstd.check(rows, "layernorm_forward rstd")?;
+        let rows_i = int(rows, "rows")?;
+        let width_i = int(width, "width")?;
+        let mut b = self.stream.launch_builder(&self.layernorm_forward);
+        b.arg(x.addr())
+            .arg(gamma.addr())
+            .arg(beta.addr())
+            .arg(y.addr())
+            .arg(mean.addr())
+            .arg(rstd.addr())
+            .arg(&rows_i)
+            .arg(&width_i);
+        self.run(
+            b,
+            config((blocks(rows, THREADS / 32)?, 1), THREADS),
+            "layernorm_forward",
+        )
+    }
+
+    /// x [N, D] f32, dy [N, D] T, gamma [D], mean, rstd [N]
+    ///   -> dx [N, D] f32 (+=), d_gamma, d_beta [D] f32 (+=).
+    #[allow(clippy::too_many_arguments)]
+    pub fn layernorm_backward(
+        &self,
+        x: DevPtr<f32>,
+        dy: DevPtr<T>,
+        gamma: DevPtr<f32>,
+        mean: DevPtr<f32>,
+        rstd: DevPtr<f32>,
+        dx: DevPtr<f32>,
+        d_gamma: DevPtr<f32>,
+        d_beta: DevPtr<f32>,
+        scratch: DevPtr<f32>,
+        rows: usize,
+        width: usize,
+    ) -> Result<()> {
+        x.check(rows * width, "layernorm_backward x")?;
+        dy.check(rows * width, "layernorm_backward dy")?;
+        gamma.check(width, "layernorm_backward gamma")?;
+        mean.check(rows, "layernorm_backward mean")?;
+        rstd.check(rows, "layernorm_backward rstd")?;
+        dx.check(rows * width, "layernorm_backward dx")?;
+        let (per, chunks) = chunking(rows);
+        check_scratch(&scratch, 2 * chunks * width, "layernorm_backward")?;
+        let rows_i = int(rows, "rows")?;
+        let width_i = int(width, "width")?;
+        let per_i = int(per, "rows per chunk")?;
+
+        let mut b = self.stream.launch_builder(&self.layernorm_backward);
+        b.arg(x.addr())
+            .arg(dy.addr())
+            .arg(gamma.addr())
+            .arg(mean.addr())
+            .arg(rstd.addr())
+            .arg(dx.addr())
+            .arg(&rows_i)
+            .arg(&width_i);
+        self.run(
+            b,
+            config((blocks(rows, THREADS / 32)?, 1), THREADS),
+            "layernorm_backward",
+        )?;
+
+        let mut b = self.stream.launch_builder(&self.layernorm_param_grad);
+        b.arg(x.addr())
+            .arg(dy.addr())
+            .arg(mean.addr())
+            .arg(rstd.addr())
+            .arg(scratch.addr())
+            .arg(&rows_i)
+            .arg(&width_i)
+            .arg(&per_i);
+        let grid = (blocks(width, THREADS)?, chunks as u32);
+        self.run(b, config(grid, THREADS), "layernorm_param_grad")?;
+        self.partials_finish(scratch.range(0..chunks * width)?, d_gamma, chunks, width)?;
+        self.partials_finish(
+            scratch.range(chunks * width..2 * chunks * width)?,
+            d_beta,
+            chunks,
+            width,
+        )
+    }
+
+    /// pre [N, C] T (+= bias in place), bias [C] f32 -> act [N, C] T = gelu(pre).
+    pub fn bias_gelu_forward(
+        &self,
+        pre: DevPtr<T>,
+        bias: DevPtr<f32>,
+        act: DevPtr<T>,
+        rows: usize,
+        cols: usize,
+    ) -> Result<()> {
+        let n = rows * cols;
+        pre.check(n, "bias_gelu_forward pre")?;
+        bias.check(cols, "bias_gelu_forward bias")?;
+        act.check(n, "bias_gelu_forward act")?;
+        let (n_l, cols_i) = (long(n), int(cols, "cols")?);
+        let mut b = self.stream.launch_builder(&self.bias_gelu_forward);
+        b.arg(pre.addr())
+            .arg(bias.addr())
+            .arg(act.addr())
+            .arg(&n_l)
+            .arg(&cols_i);
+        self.run(b, elementwise(n)?, "bias_gelu_forward")
+    }
+
+    /// pre [n] T (with bias), grad [n] T: d act in, d pre out.
+    pub fn gelu_backward(&self, pre: DevPtr<T>, grad: DevPtr<T>, n: usize) -> Result<()> {
+        pre.check(n, "gelu_backward pre")?;
+        grad.check(n, "gelu_backward grad")?;
+        let n_l = long(n);
+        let mut b = self.stream.launch_builder(&self.gelu_backward);
+        b.arg(pre.addr()).arg(grad.addr()).arg(&n_l);
+        self.run(b, elementwise(n)?, "gelu_backward")
+    }
+
+    /// pred [Nm, P] T, bias [P] f32, target [Nm, P] f32
+    ///   -> dpred [Nm, P] T = grad_scale * dloss/dpred, row_loss [Nm], loss [1] f32 (the mean).
+    #[allow(clippy::too_many_arguments)]
+    pub fn masked_mse(
+        &self,
+        pred: DevPtr<T>,
+        bias: DevPtr<f32>,
+        target: DevPtr<f32>,
+        dpred: DevPtr<T>,
+        row_loss: DevPtr<f32>,
+        loss: DevPtr<f32>,
+        rows: usize,
+        cols: usize,
+        grad_scale: f32,
+    ) -> Result<()> {
+        pred.check(rows * cols, "masked_mse pred")?;
+        bias.check(cols, "masked_mse bias")?;
+        target.check(rows * cols, "masked_mse target")?;
+        dpred.check(rows * cols, "masked_mse dpred")?;
+        row_loss.check(rows, "masked_mse row_loss")?;
+        let count = (rows * cols) as f64;
+        let grad_coef = (grad_scale as f64 * 2.0 / count) as f32;
+        let cols_i = int(cols, "cols")?;
+        let mut b = self.stream.launch_builder(&self.masked_mse);
+        b.arg(pred.addr())
+            .arg(bias.addr())
+            .arg(target.addr())
+            .arg(dpred.addr())
+            .arg(row_loss.addr())
+            .arg(&cols_i)
+            .arg(&grad_coef);
+        let grid = int(rows, "rows")? as u32;
+        self.run(b, config((grid, 1), ROW_THREADS), "masked_mse")?;
+        self.sum(row_loss.range(0..rows)?, (1.0 / count) as f32, loss)
+    }
+
+    /// One AdamW step over the flat buffers; writes the storage copy of the weights.
+    #[allow(clippy::too_many_arguments)]
+    pub fn adamw(
+        &self,
+        params: DevPtr<f32>,
+        grads: DevPtr<f32>,
+        m: DevPtr<f32>,
+        v: DevPtr<f32>,
+        decay_mask: DevPtr<u8>,
+        shadow: DevPtr<T>,
+        step: &AdamWStep,
+    ) -> Result<()> {
+        let n = params.len();
+        grads.check(n, "adamw grads")?;
+        m.check(n, "adamw m")?;
+        v.check(n, "adamw v")?;
+        decay_mask.check(n, "adamw decay_mask")?;
+        shadow.check(n, "adamw shadow")?;
+        if step.t == 0 {
+            bail!("adamw: the step count starts at 1");
+        }
+        // The same host-side constants as optim::adamw_update.
+        let t = i32::try_from(step.t).unwrap_or(i32::MAX);
+        let bc1 = 1.0 - (step.beta1 as f64).powi(t);
+        let bc2 = 1.0 - (step.beta2 as f64).powi(t);
+        let step_size = (step.lr as f64 / bc1) as f32;
+        let inv_sqrt_bc2 = (1.0 / bc2.sqrt()) as f32;
+        let decay_keep = 1.0f32 - step.lr * step.weight_decay;
+        let one_minus_beta1 = 1.0f32 - step.beta1;
+        let one_minus_beta2 = 1.0f32 - step.beta2;
+        let n_l = long(n);
+        let mut b = self.stream.launch_builder(&self.adamw);
+        b.arg(params.addr())
+            .arg(grads.addr())
+            .arg(m.addr())
+            .arg(v.addr())
+            .arg(decay_mask.addr())
+            .arg(shadow.addr())
+            .arg(&n_l)
+            .arg(&step.beta1)
+            .arg(&one_minus_beta1)
+            .arg(&step.beta2)
+            .arg(&one_minus_beta2)
+            .arg(&step.eps)
+            .arg(&decay_keep)
+            .arg(&step.grad_scale)
+            .arg(&step_size)
+            .arg(&inv_sqrt_bc2);
+        self.run(b, elementwise(n)?, "adamw")
+    }
+
+    /// x [N, C] T -> out [C] f32 (+=): the column sums (a bias gradient).
+    pub fn column_sum(
+        &self,
+        x: DevPtr<T>,
+        rows: usize,
+        cols: usize,
+        scratch: DevPtr<f32>,
+        out: DevPtr<f32>,
+    ) -> Result<()> {
+        self.column_sum_with(&self.column_sum, "column_sum", x, rows, cols, scratch, out)
+    }
+
+    /// x [N, C] f32 -> out [C] f32 (+=).
+    pub fn column_sum_f32(
+        &self,
+        x: DevPtr<f32>,
+        rows: usize,
+        cols: usize,
+        scratch: DevPtr<f32>,
+        out: DevPtr<f32>,
+    ) -> Result<()> {
+        self.column_sum_with(
+            &self.column_sum_f32,
+            "column_sum_f32",
+            x,
+            rows,
+            cols,
+            scratch,
+            out,
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn column_sum_with<U>(
+        &self,
+        f: &CudaFunction,
+        name: &str,
+        x: DevPtr<U>,
+        rows: usize,
+        cols: usize,
+        scratch: DevPtr<f32>,
+        out: DevPtr<f32>,
+    ) -> Result<()> {
+        x.check(rows * cols, &format!("{name} x"))?;
+        let (per, chunks) = chunking(rows);
+        check_scratch(&scratch, chunks * cols, name)?;
+        let rows_i = int(rows, "rows")?;
+        let cols_i = int(cols, "cols")?;
+        let per_i = int(per, "rows per chunk")?;
+        let mut b = self.stream.launch_builder(f);
+        b.arg(x.addr())
+            .arg(scratch.addr())
+            .arg(&rows_i)
+            .arg(&cols_i)
+            .arg(&per_i);
+        let grid = (blocks(cols, THREADS)?, chunks as u32);
+        self.run(b, config(grid, THREADS), name)?;
+        self.partials_finish(scratch.range(0..chunks * cols)?, out, chunks, cols)
+    }
+
+    /// partial [chunks, C] f32 -> out [C] f32 (+=).
+    fn partials_finish(
+        &self,
+        partial: DevPtr<f32>,
+        out: DevPtr<f32>,
+        chunks: usize,
+        cols: usize,
+    ) -> Result<()> {
+        partial.check(chunks * cols, "partials_finish partial")?;
+        out.check(cols, "partials_finish out")?;
+        let chunks_i = int(chunks, "chunks")?;
+        let cols_i = int(cols, "cols")?;
+        let mut b = self.stream.launch_builder(&self.partials_finish);
+        b.arg(partial.addr())
+            .arg(out.addr())
+            .arg(&chunks_i)
+            .arg(&cols_i);
+        self.run(
+            b,
+            config((blocks(cols, THREADS)?, 1), THREADS),
+            "partials_finish",
+        )
+    }
+
+    /// x [n] f32 -> out [1] f32 = sum of squares.
+    pub fn sum_squares(
+        &self,
+        x: DevPtr<f32>,
+        scratch: DevPtr<f32>,
+        out: DevPtr<f32>,
+    ) -> Result<()> {
+        let n = x.len();
+        let grid = n.div_ceil(THREADS as usize).clamp(1, SUM_BLOCKS);
+        check_scratch(&scratch, grid, "sum_squares")?;
+        let n_l = long(n);
+        let mut b = self.stream.launch_builder(&self.sum_squares_partial);
+        b.arg(x.addr()).arg(&n_l).arg(scratch.addr());
+        self.run(b, config((grid as u32, 1), THREADS), "sum_squares_partial")?;
+        self.sum(scratch.range(0..grid)?, 1.0, out)
+    }
+
+    /// x [n] f32 -> out [1] f32 = scale * sum(x), in one block.
+    fn sum(&self, x: DevPtr<f32>, scale: f32, out: DevPtr<f32>) -> Result<()> {
+        out.check(1, "sum out")?;
+        let n_i = int(x.len(), "values to sum")?;
+        let mut b = self.stream.launch_builder(&self.sum_finish);
+        b.arg(x.addr()).arg(&n_i).arg(&scale).arg(out.addr());
+        self.run(b, config((1, 1), 1024), "sum_finish")
+    }
+
+    /// y [N, C] T += bias [C] f32.
+    pub fn add_bias(
+        &self,
+        y: DevPtr<T>,
+        bias: DevPtr<f32>,
+        rows: usize,
+        cols: usize,
+    ) -> Result<()> {
+        let n = rows * cols;
+        y.check(n, "add_bias y")?;
+        bias.check(cols, "add_bias bias")?;
+        let (n_l, cols_i) = (long(n), int(cols, "cols")?);
+        let mut b = self.stream.launch_builder(&self.add_bias);
+        b.arg(y.addr()).arg(bias.addr()).arg(&n_l).arg(&cols_i);
+        self.run(b, elementwise(n)?, "add_bias")
+    }
+
+    /// x_in [N, D] f32, y [N, D] T, bias [D] f32 -> x_out [N, D] f32 = x_in + y + bias.
+    pub fn residual_add_bias(
+        &self,
+        x_in: DevPtr<f32>,
+        y: DevPtr<T>,
+        bias: DevPtr<f32>,
+        x_out: DevPtr<f32>,
+        rows: usize,
+        cols: usize,
+    ) -> Result<()> {
+        let n = rows * cols;
+        x_in.check(n, "residual_add_bias x_in")?;
+        y.check(n, "residual_add_bias y")?;
+        bias.check(cols, "residual_add_bias bias")?;
+        x_out.check(n, "residual_add_bias x_out")?;
+        let (n_l, cols_i) = (long(n), int(cols, "cols")?);
+        let mut b = self.stream.launch_builder(&self.residual_add_bias);
+        b.arg(x_in.addr())
+            .arg(y.addr())
+            .arg(bias.addr())
+            .arg(x_out.addr())
+            .arg(&n_l)
+            .arg(&cols_i);
+        self.run(b, elementwise(n)?, "residual_add_bias")
+    }
+
+    /// src [n] f32 -> dst [n] T.
+    pub fn cast_from_f32(&self, src: DevPtr<f32>, dst: DevPtr<T>, n: usize) -> Result<()> {
+        src.check(n, "cast_from_f32 src")?;
+        dst.check(n, "cast_from_f32 dst")?;
+        let n_l = long(n);
+        let mut b = self.stream.launch_builder(&self.cast_from_f32);
+        b.arg(src.addr()).arg(dst.addr()).arg(&n_l);
+        self.run(b, elementwise(n)?, "cast_from_f32")
+    }
+}

@@ -1,0 +1,24 @@
+//! The CUDA backend: hand-written kernels (kernels/*.cu, embedded by build.rs) and cuBLAS,
+//! driven through cudarc with dynamic loading, so nothing CUDA is needed to build or to
+//! run on a machine without a GPU.
+//!
+//! [`CudaBackend`] implements [`crate::backend::Backend`]. The kernels' launchers
+//! ([`Kernels`]) and the GEMM wrappers ([`Blas`]) are public so each can be tested against
+//! the CPU reference on its own.
+
+mod activations;
+pub mod attention;
+mod backend;
+pub mod device;
+pub mod gemm;
+pub mod kernels;
+pub mod launch;
+mod model;
+pub mod storage;
+
+pub use activations::pos_slots;
+pub use backend::CudaBackend;
+pub use device::{unavailable, DevPtr, Gpu};
+pub use gemm::Blas;
+pub use kernels::{Kernels, KERNELS_BUILT};
+pub use storage::Storage;

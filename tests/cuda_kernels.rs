@@ -1,0 +1,727 @@
+//! Every CUDA kernel (and each cuBLAS product) against the matching CPU reference op, in
+//! both storage types. fp32 must agree to rounding; bf16 to the rounding of its stored
+//! outputs (the CPU reference is fed the same bf16-rounded inputs). Skips without a GPU.
+
+mod common;
+
+use common::{gpu_or_skip, rng, round_to, sample_batch, uniform, Report};
+use cudarc::driver::CudaSlice;
+use half::bf16;
+use lomar::backend::AdamWStep;
+use lomar::config::{preset, ModelConfig};
+use lomar::cpu::ops::{gelu, layer_norm, linear, mse, patches, tokens};
+use lomar::cuda::launch::{scratch_len, REDUCE_CHUNKS};
+use lomar::cuda::{Blas, Gpu, Kernels, Storage};
+
+/// Relative tolerance of a kernel whose outputs are stored as T.
+fn tol<T: Storage>() -> f64 {
+    if T::SUFFIX == "f32" {
+        2e-5
+    } else {
+        1e-2
+    }
+}
+
+fn up<T: Storage>(gpu: &Gpu, v: &[f32]) -> CudaSlice<T> {
+    let converted: Vec<T> = v.iter().map(|&x| T::from_f32(x)).collect();
+    gpu.upload(&converted, "test input").expect("upload")
+}
+
+fn down<T: Storage>(gpu: &Gpu, s: &CudaSlice<T>) -> Vec<f32> {
+    gpu.read(s, s.len(), "test output")
+        .expect("read back")
+        .into_iter()
+        .map(T::to_f32)
+        .collect()
+}
+
+fn scratch(gpu: &Gpu, m: &ModelConfig) -> CudaSlice<f32> {
+    gpu.zeros(scratch_len(m), "scratch").expect("scratch")
+}
+
+/// Runs `check` for f32 and bf16 storage.
+fn both(test: &str, check: impl Fn(&Gpu, &str, &Kernels<f32>, &Kernels<bf16>)) {
+    let Some(gpu) = gpu_or_skip(test) else {
+        return;
+    };
+    let k32 = Kernels::<f32>::load(&gpu).expect("loading the f32 kernels");
+    let k16 = Kernels::<bf16>::load(&gpu).expect("loading the bf16 kernels");
+    check(&gpu, test, &k32, &k16);
+}
+
+fn window_gather_case<T: Storage>(gpu: &Gpu, k: &Kernels<T>, m: &ModelConfig, report: &mut Report) {
+    let batch = sample_batch(m, 3, 11);
+    let seqs = batch.sequences(m);
+    let want = patches::gather::<f32>(m, &batch);
+    let images = gpu.upload(&batch.images, "images").unwrap();
+    let origin = gpu.upload(&batch.window_origin, "origins").unwrap();
+    let slots = gpu
+        .upload(&lomar::cuda::pos_slots(&batch, m), "slots")
+        .unwrap();
+    let vis: CudaSlice<T> = gpu.zeros(want.visible.len(), "visible").unwrap();
+    let tgt: CudaSlice<f32> = gpu.zeros(want.targets.len(), "targets").unwrap();
+    k.window_gather(
+        gpu.ptr(&images),
+        gpu.ptr(&origin),
+        gpu.ptr(&slots),
+        gpu.ptr(&vis),
+        gpu.ptr(&tgt),
+        m,
+        seqs,
+    )
+    .unwrap();
+    let tag = format!("p{} norm_pix {}", m.patch, m.norm_pix);
+    report.close(
+        &format!("visible patches ({tag})"),
+        &down(gpu, &vis),
+        &round_to::<T>(&want.visible),
+        tol::<T>(),
+    );
+    report.close(
+        &format!("targets ({tag})"),
+        &down(gpu, &tgt),
+        &want.targets,
+        2e-5,
+    );
+}
+
+#[test]
+fn window_gather_matches_cpu() {
+    both("window_gather", |gpu, test, k32, k16| {
+        let tiny = preset("tiny").unwrap();
+        let wide = ModelConfig {
+            image: 64,
+            patch: 16,
+            window: 3,
+            ..tiny.clone()
+        };
+        let raw = ModelConfig {
+            norm_pix: false,
+            ..tiny.clone()
+        };
+        for (name, m) in [("tiny", &tiny), ("p16", &wide), ("raw pixels", &raw)] {
+            let mut r = Report::new(format!("{test} f32 {name}"));
+            window_gather_case(gpu, k32, m, &mut r);
+            r.finish();
+            let mut r = Report::new(format!("{test} bf16 {name}"));
+            window_gather_case(gpu, k16, m, &mut r);
+            r.finish();
+        }
+    });
+}
+
+fn token_assembly_case<T: Storage>(gpu: &Gpu, k: &Kernels<T>, title: String) {
+    let m = preset("tiny").unwrap();
+    let batch = sample_batch(&m, 5, 12);
+    let (seqs, d) = (batch.sequences(&m), m.width);
+    let (nv, n) = (seqs * m.visible_per_window(), seqs * m.seq_len());
+    let mut r = rng(13);
+    let emb = round_to::<T>(&uniform(&mut r, nv * d, 1.0));
+    let (bias, cls, mask) = (
+        uniform(&mut r, d, 1.0),
+        uniform(&mut r, d, 1.0),
+        uniform(&mut r, d, 1.0),
+    );
+    let slots_opt = batch.visible_slots(&m);
+    let slots = gpu
+        .upload(&lomar::cuda::pos_slots(&batch, &m), "slots")
+        .unwrap();
+    let mut report = Report::new(title);
+
+    // Forward: the CPU op takes the embedded rows with their bias.
+    let with_bias: Vec<f32> = emb
+        .chunks(d)
+        .flat_map(|row| row.iter().zip(&bias).map(|(a, b)| a + b))
+        .collect();
+    let mut want_x = vec![0.0; n * d];
+    tokens::assemble(
+        &mut want_x,
+        &cls,
+        &mask,
+        &with_bias,
+        &slots_opt,
+        m.window_area(),
+    );
+    let (emb_d, bias_d, cls_d, mask_d) = (
+        up::<T>(gpu, &emb),
+        up::<f32>(gpu, &bias),
+        up::<f32>(gpu, &cls),
+        up::<f32>(gpu, &mask),
+    );
+    let x: CudaSlice<f32> = gpu.zeros(n * d, "x").unwrap();
+    k.assemble_tokens_forward(
+        gpu.ptr(&emb_d),
+        gpu.ptr(&bias_d),
+        gpu.ptr(&cls_d),
+        gpu.ptr(&mask_d),
+        gpu.ptr(&slots),
+        gpu.ptr(&x),
+        &m,
+        seqs,
+    )
+    .unwrap();
+    report.close("assembled tokens", &down(gpu, &x), &want_x, 1e-6);
+
+    // Backward, onto gradients that already hold values (they must accumulate).
+    let dx = uniform(&mut r, n * d, 1.0);
+    let start = uniform(&mut r, 3 * d, 1.0);
+    let (mut want_cls, mut want_mask) = (start[..d].to_vec(), start[d..2 * d].to_vec());
+    let mut want_demb = vec![0.0; nv * d];
+    tokens::assemble_backward(
+        &mut want_cls,
+        &mut want_mask,
+        &mut want_demb,
+        &dx,
+        &slots_opt,
+        m.window_area(),
+    );
+    let mut want_bias = start[2 * d..].to_vec();
+    for row in want_demb.chunks(d) {
+        want_bias.iter_mut().zip(row).for_each(|(a, g)| *a += g);
+    }
+    let dx_d = up::<f32>(gpu, &dx);
+    let demb: CudaSlice<T> = gpu.zeros(nv * d, "demb").unwrap();
+    let grads = up::<f32>(gpu, &start);
+    let g = gpu.ptr(&grads);
+    let scratch = scratch(gpu, &m);
+    k.assemble_tokens_backward(
+        gpu.ptr(&dx_d),
+        gpu.ptr(&slots),
+        gpu.ptr(&demb),
+        gpu.ptr(&scratch),
+        g.range(0..d).unwrap(),
+        g.range(d..2 * d).unwrap(),
+        g.range(2 * d..3 * d).unwrap(),
+        &m,
+        seqs,
+    )
+    .unwrap();
+    let got = down(gpu, &grads);
+    report.close("d cls (accumulated)", &got[..d], &want_cls, 1e-5);
+    report.close(
+        "d mask_token (accumulated)",
+        &got[d..2 * d],
+        &want_mask,
+        1e-5,
+    );
+    report.close(
+        "d patch bias (accumulated)",
+        &got[2 * d..],
+        &want_bias,
+        1e-5,
+    );
+    report.close(
+        "d embedded rows",
+        &down(gpu, &demb),
+        &round_to::<T>(&want_demb),
+        tol::<T>(),
+    );
+    report.finish();
+}
+
+#[test]
+fn token_assembly_matches_cpu() {
+    both("token_assembly", |gpu, test, k32, k16| {
+        token_assembly_case(gpu, k32, format!("{test} f32"));
+        token_assembly_case(gpu, k16, format!("{test} bf16"));
+    });
+}
+
+#[test]
+fn masked_token_gather_and_scatter_match_cpu() {
+    both("masked_tokens", |gpu, test, k32, _| {
+        let m = preset("tiny").unwrap();
+        let batch = sample_batch(&m, 4, 14);
+        let (seqs, d, t) = (batch.sequences(&m), m.width, m.seq_len());
+        let nm = seqs * m.masked_per_window();
+        let mut r = rng(15);
+        let x = uniform(&mut r, seqs * t * d, 1.0);
+        let mut want = vec![0.0; nm * d];
+        tokens::select_masked(&mut want, &x, &batch.mask_index, t);
+        let (x_d, idx) = (
+            up::<f32>(gpu, &x),
+            gpu.upload(&batch.mask_index, "mask").unwrap(),
+        );
+        let xm: CudaSlice<f32> = gpu.zeros(nm * d, "xm").unwrap();
+        k32.gather_masked_tokens(gpu.ptr(&x_d), gpu.ptr(&idx), gpu.ptr(&xm), &m, seqs)
+            .unwrap();
+        let mut report = Report::new(test);
+        report.close("gathered masked tokens", &down(gpu, &xm), &want, 0.0);
+
+        let dxm = uniform(&mut r, nm * d, 1.0);
+        let mut want_dx = uniform(&mut r, seqs * t * d, 1.0);
+        let dx_d = up::<f32>(gpu, &want_dx);
+        tokens::select_masked_backward(&mut want_dx, &dxm, &batch.mask_index, t);
+        let dxm_d = up::<f32>(gpu, &dxm);
+        k32.scatter_masked_tokens(gpu.ptr(&dxm_d), gpu.ptr(&idx), gpu.ptr(&dx_d), &m, seqs)
+            .unwrap();
+        report.close(
+            "scattered gradient (accumulated)",
+            &down(gpu, &dx_d),
+            &want_dx,
+            1e-7,
+        );
+        report.finish();
+    });
+}
+
+fn layernorm_case<T: Storage>(gpu: &Gpu, k: &Kernels<T>, title: String) {
+    let mut report = Report::new(title);
+    // 72 is not a multiple of 32; 1001 rows is not a multiple of the 8 rows per block.
+    for (rows, width) in [(1001, 72), (37, 768)] {
+        let mut r = rng(16);
+        let x: Vec<f32> = uniform(&mut r, rows * width, 3.0)
+            .iter()
+            .map(|v| v + 1.5)
+            .collect();
+        let (gamma, beta) = (uniform(&mut r, width, 2.0), uniform(&mut r, width, 1.0));
+        let mut want_y = vec![0.0; rows * width];
+        let stats = layer_norm::forward(&mut want_y, &x, &gamma, &beta);
+        let (x_d, g_d, b_d) = (
+            up::<f32>(gpu, &x),
+            up::<f32>(gpu, &gamma),
+            up::<f32>(gpu, &beta),
+        );
+        let y: CudaSlice<T> = gpu.zeros(rows * width, "y").unwrap();
+        let mean: CudaSlice<f32> = gpu.zeros(rows, "mean").unwrap();
+        let rstd: CudaSlice<f32> = gpu.zeros(rows, "rstd").unwrap();
+        k.layernorm_forward(
+            gpu.ptr(&x_d),
+            gpu.ptr(&g_d),
+            gpu.ptr(&b_d),
+            gpu.ptr(&y),
+            gpu.ptr(&mean),
+            gpu.ptr(&rstd),
+            rows,
+            width,
+        )
+        .unwrap();
+        let shape = format!("[{rows}, {width}]");
+        report.close(
+            &format!("y {shape}"),
+            &down(gpu, &y),
+            &round_to::<T>(&want_y),
+            tol::<T>(),
+        );
+        report.close(
+            &format!("mean {shape}"),
+            &down(gpu, &mean),
+            &stats.mean,
+            1e-6,
+        );
+        report.close(
+            &format!("rstd {shape}"),
+            &down(gpu, &rstd),
+            &stats.rstd,
+            1e-5,
+        );
+
+        // Backward onto non-zero dx, dgamma, dbeta: all three accumulate.
+        let dy = round_to::<T>(&uniform(&mut r, rows * width, 1.0));
+        let mut want_dx = uniform(&mut r, rows * width, 1.0);
+        let mut want_dg = uniform(&mut r, width, 1.0);
+        let mut want_db = uniform(&mut r, width, 1.0);
+        let dx_d = up::<f32>(gpu, &want_dx);
+        let grads = up::<f32>(gpu, &[want_dg.clone(), want_db.clone()].concat());
+        layer_norm::backward(
+            &mut want_dx,
+            &mut want_dg,
+            &mut want_db,
+            &dy,
+            &x,
+            &stats,
+            &gamma,
+        );
+        let dy_d = up::<T>(gpu, &dy);
+        let gp = gpu.ptr(&grads);
+        // dgamma and dbeta partials for up to REDUCE_CHUNKS chunks of rows.
+        let s: CudaSlice<f32> = gpu.zeros(2 * REDUCE_CHUNKS * width, "scratch").unwrap();
+        k.layernorm_backward(
+            gpu.ptr(&x_d),
+            gpu.ptr(&dy_d),
+            gpu.ptr(&g_d),
+            gpu.ptr(&mean),
+            gpu.ptr(&rstd),
+            gpu.ptr(&dx_d),
+            gp.range(0..width).unwrap(),
+            gp.range(width..2 * width).unwrap(),
+            gpu.ptr(&s),
+            rows,
+            width,
+        )
+        .unwrap();
+        let got = down(gpu, &grads);
+        report.close(
+            &format!("dx (accumulated) {shape}"),
+            &down(gpu, &dx_d),
+            &want_dx,
+            2e-5,
+        );
+        report.close(
+            &format!("dgamma (accumulated) {shape}"),
+            &got[..width],
+            &want_dg,
+            2e-5,
+        );
+        report.close(
+            &format!("dbeta (accumulated) {shape}"),
+            &got[width..],
+            &want_db,
+            2e-5,
+        );
+    }
+    report.finish();
+}
+
+#[test]
+fn layernorm_matches_cpu() {
+    both("layernorm", |gpu, test, k32, k16| {
+        layernorm_case(gpu, k32, format!("{test} f32"));
+        layernorm_case(gpu, k16, format!("{test} bf16"));
+    });
+}
+
+fn gelu_case<T: Storage>(gpu: &Gpu, k: &Kernels<T>, title: String) {
+    let (rows, cols) = (333, 200);
+    let mut r = rng(17);
+    let pre = round_to::<T>(&uniform(&mut r, rows * cols, 4.0));
+    let bias = uniform(&mut r, cols, 1.0);
+    let x: Vec<f32> = round_to::<T>(
+        &pre.iter()
+            .enumerate()
+            .map(|(i, v)| v + bias[i % cols])
+            .collect::<Vec<_>>(),
+    );
+    let (mut want_act, mut cdf) = (vec![0.0; x.len()], vec![0.0; x.len()]);
+    gelu::forward(&mut want_act, &mut cdf, &x);
+    let (pre_d, bias_d) = (up::<T>(gpu, &pre), up::<f32>(gpu, &bias));
+    let act: CudaSlice<T> = gpu.zeros(x.len(), "act").unwrap();
+    k.bias_gelu_forward(gpu.ptr(&pre_d), gpu.ptr(&bias_d), gpu.ptr(&act), rows, cols)
+        .unwrap();
+    let mut report = Report::new(title);
+    report.close("pre + bias (stored)", &down(gpu, &pre_d), &x, 1e-6);
+    report.close(
+        "gelu(pre + bias)",
+        &down(gpu, &act),
+        &round_to::<T>(&want_act),
+        tol::<T>(),
+    );
+
+    let dact = round_to::<T>(&uniform(&mut r, x.len(), 1.0));
+    let mut want = dact.clone();
+    gelu::backward(&mut want, &x, &cdf);
+    let grad = up::<T>(gpu, &dact);
+    k.gelu_backward(gpu.ptr(&pre_d), gpu.ptr(&grad), x.len())
+        .unwrap();
+    report.close(
+        "d pre",
+        &down(gpu, &grad),
+        &round_to::<T>(&want),
+        tol::<T>(),
+    );
+    report.finish();
+}
+
+#[test]
+fn gelu_matches_cpu() {
+    both("gelu", |gpu, test, k32, k16| {
+        gelu_case(gpu, k32, format!("{test} f32"));
+        gelu_case(gpu, k16, format!("{test} bf16"));
+    });
+}
+
+fn masked_mse_case<T: Storage>(gpu: &Gpu, k: &Kernels<T>, title: String) {
+    let (rows, cols) = (250, 48);
+    let mut r = rng(18);
+    let pred = round_to::<T>(&uniform(&mut r, rows * cols, 2.0));
+    let bias = uniform(&mut r, cols, 0.5);
+    let target = uniform(&mut r, rows * cols, 2.0);
+    let with_bias: Vec<f32> = pred
+        .iter()
+        .enumerate()
+        .map(|(i, v)| v + bias[i % cols])
+        .collect();
+    let mut want_d = vec![0.0; pred.len()];
+    let want_loss = mse::loss_and_grad(&mut want_d, &with_bias, &target, 0.25);
+    let (pred_d, bias_d, target_d) = (
+        up::<T>(gpu, &pred),
+        up::<f32>(gpu, &bias),
+        up::<f32>(gpu, &target),
+    );
+    let dpred: CudaSlice<T> = gpu.zeros(pred.len(), "dpred").unwrap();
+    let row_loss: CudaSlice<f32> = gpu.zeros(rows, "row loss").unwrap();
+    let loss: CudaSlice<f32> = gpu.zeros(1, "loss").unwrap();
+    k.masked_mse(
+        gpu.ptr(&pred_d),
+        gpu.ptr(&bias_d),
+        gpu.ptr(&target_d),
+        gpu.ptr(&dpred),
+        gpu.ptr(&row_loss),
+        gpu.ptr(&loss),
+        rows,
+        cols,
+        0.25,
+    )
+    .unwrap();
+    let mut report = Report::new(title);
+    report.scalar("loss", down(gpu, &loss)[0] as f64, want_loss as f64, 1e-5);
+    report.close(
+        "dpred (grad_scale 0.25)",
+        &down(gpu, &dpred),
+        &round_to::<T>(&want_d),
+        tol::<T>(),
+    );
+    report.finish();
+}
+
+#[test]
+fn masked_mse_matches_cpu() {
+    both("masked_mse", |gpu, test, k32, k16| {
+        masked_mse_case(gpu, k32, format!("{test} f32"));
+        masked_mse_case(gpu, k16, format!("{test} bf16"));
+    });
+}
+
+fn adamw_case<T: Storage>(gpu: &Gpu, k: &Kernels<T>, title: String) {
+    let n = 100_003;
+    let mut r = rng(19);
+    let mut params = uniform(&mut r, n, 1.0);
+    let grads = uniform(&mut r, n, 0.1);
+    let mut m = uniform(&mut r, n, 0.01);
+    let mut v: Vec<f32> = uniform(&mut r, n, 1e-3).iter().map(|x| x.abs()).collect();
+    let decay: Vec<f32> = (0..n).map(|i| (i % 3 == 0) as u8 as f32).collect();
+    let step = AdamWStep {
+        t: 7,
+        lr: 3e-3,
+        beta1: 0.9,
+        beta2: 0.95,
+        eps: 1e-8,
+        weight_decay: 0.05,
+        grad_scale: 0.5,
+    };
+    let (p_d, g_d, m_d, v_d) = (
+        up::<f32>(gpu, &params),
+        up::<f32>(gpu, &grads),
+        up::<f32>(gpu, &m),
+        up::<f32>(gpu, &v),
+    );
+    let mask: Vec<u8> = decay.iter().map(|&x| x as u8).collect();
+    let mask_d = gpu.upload(&mask, "mask").unwrap();
+    let shadow: CudaSlice<T> = gpu.zeros(n, "shadow").unwrap();
+    lomar::optim::adamw_update(&mut params, &grads, &mut m, &mut v, &decay, &step);
+    k.adamw(
+        gpu.ptr(&p_d),
+        gpu.ptr(&g_d),
+        gpu.ptr(&m_d),
+        gpu.ptr(&v_d),
+        gpu.ptr(&mask_d),
+        gpu.ptr(&shadow),
+        &step,
+    )
+    .unwrap();
+    let mut report = Report::new(title);
+    // Same operations in the same order, none fused: bit-exact up to sqrt/div rounding.
+    report.close("params", &down(gpu, &p_d), &params, 1e-6);
+    report.close("m", &down(gpu, &m_d), &m, 1e-6);
+    report.close("v", &down(gpu, &v_d), &v, 1e-6);
+    report.close(
+        "weights in storage type",
+        &down(gpu, &shadow),
+        &round_to::<T>(&params),
+        1e-6,
+    );
+    report.finish();
+}
+
+#[test]
+fn adamw_matches_cpu() {
+    both("adamw", |gpu, test, k32, k16| {
+        adamw_case(gpu, k32, format!("{test} f32"));
+        adamw_case(gpu, k16, format!("{test} bf16"));
+    });
+}
+
+fn column_sums(x: &[f32], cols: usize, start: &[f32]) -> Vec<f32> {
+    let mut sums: Vec<f64> = start.iter().map(|&v| v as f64).collect();
+    for row in x.chunks(cols) {
+        sums.iter_mut().zip(row).for_each(|(s, &v)| *s += v as f64);
+    }
+    sums.into_iter().map(|v| v as f32).collect()
+}
+
+fn reductions_case<T: Storage>(gpu: &Gpu, k: &Kernels<T>, title: String) {
+    let m = preset("tiny").unwrap();
+    let mut report = Report::new(title);
+    let s = scratch(gpu, &m);
+    for (rows, cols) in [(5000, 256), (3, 48), (129, 64)] {
+        let mut r = rng(20);
+        let x = round_to::<T>(&uniform(&mut r, rows * cols, 1.0));
+        let start = uniform(&mut r, cols, 1.0);
+        let want = column_sums(&x, cols, &start);
+        let (x_t, x_f, out_t, out_f) = (
+            up::<T>(gpu, &x),
+            up::<f32>(gpu, &x),
+            up::<f32>(gpu, &start),
+            up::<f32>(gpu, &start),
+        );
+        k.column_sum(gpu.ptr(&x_t), rows, cols, gpu.ptr(&s), gpu.ptr(&out_t))
+            .unwrap();
+        k.column_sum_f32(gpu.ptr(&x_f), rows, cols, gpu.ptr(&s), gpu.ptr(&out_f))
+            .unwrap();
+        report.close(
+            &format!("column_sum [{rows}, {cols}] (accumulated)"),
+            &down(gpu, &out_t),
+            &want,
+            1e-5,
+        );
+        report.close(
+            &format!("column_sum_f32 [{rows}, {cols}] (accumulated)"),
+            &down(gpu, &out_f),
+            &want,
+            1e-5,
+        );
+    }
+    for n in [1, 1000, 3_000_001] {
+        let mut r = rng(21);
+        let x = uniform(&mut r, n, 1.0);
+        let want: f64 = x.iter().map(|&v| v as f64 * v as f64).sum();
+        let (x_d, out): (CudaSlice<f32>, CudaSlice<f32>) =
+            (up(gpu, &x), gpu.zeros(1, "out").unwrap());
+        k.sum_squares(gpu.ptr(&x_d), gpu.ptr(&s), gpu.ptr(&out))
+            .unwrap();
+        report.scalar(
+            &format!("sum_squares n={n}"),
+            down(gpu, &out)[0] as f64,
+            want,
+            1e-5,
+        );
+    }
+    report.finish();
+}
+
+#[test]
+fn reductions_match_host() {
+    both("reductions", |gpu, test, k32, k16| {
+        reductions_case(gpu, k32, format!("{test} f32"));
+        reductions_case(gpu, k16, format!("{test} bf16"));
+    });
+}
+
+fn elementwise_case<T: Storage>(gpu: &Gpu, k: &Kernels<T>, title: String) {
+    let (rows, cols) = (777, 96);
+    let n = rows * cols;
+    let mut r = rng(22);
+    let (y, bias, x) = (
+        round_to::<T>(&uniform(&mut r, n, 1.0)),
+        uniform(&mut r, cols, 1.0),
+        uniform(&mut r, n, 1.0),
+    );
+    let with_bias: Vec<f32> = y
+        .iter()
+        .enumerate()
+        .map(|(i, v)| v + bias[i % cols])
+        .collect();
+    let residual: Vec<f32> = x.iter().zip(&with_bias).map(|(a, b)| a + b).collect();
+    let (y_d, bias_d, x_d) = (up::<T>(gpu, &y), up::<f32>(gpu, &bias), up::<f32>(gpu, &x));
+    let x_out: CudaSlice<f32> = gpu.zeros(n, "x_out").unwrap();
+    let mut report = Report::new(title);
+    k.residual_add_bias(
+        gpu.ptr(&x_d),
+        gpu.ptr(&y_d),
+        gpu.ptr(&bias_d),
+        gpu.ptr(&x_out),
+        rows,
+        cols,
+    )
+    .unwrap();
+    report.close("residual_add_bias", &down(gpu, &x_out), &residual, 1e-6);
+    k.add_bias(gpu.ptr(&y_d), gpu.ptr(&bias_d), rows, cols)
+        .unwrap();
+    report.close(
+        "add_bias",
+        &down(gpu, &y_d),
+        &round_to::<T>(&with_bias),
+        1e-6,
+    );
+    let cast: CudaSlice<T> = gpu.zeros(n, "cast").unwrap();
+    k.cast_from_f32(gpu.ptr(&x_d), gpu.ptr(&cast), n).unwrap();
+    report.close("cast_from_f32", &down(gpu, &cast), &round_to::<T>(&x), 0.0);
+    report.finish();
+}
+
+#[test]
+fn elementwise_matches_host() {
+    both("elementwise", |gpu, test, k32, k16| {
+        elementwise_case(gpu, k32, format!("{test} f32"));
+        elementwise_case(gpu, k16, format!("{test} bf16"));
+    });
+}
+
+/// GEMM tolerance: fp32 sums in a different order; bf16 rounds only the stored output
+/// (inputs are rounded for the reference too).
+fn gemm_tol<T: Storage>() -> f64 {
+    if T::SUFFIX == "f32" {
+        1e-5
+    } else {
+        1e-2
+    }
+}
+
+fn gemm_case<T: Storage>(gpu: &Gpu, blas: &Blas, title: String) {
+    let mut report = Report::new(title);
+    // Odd sizes on purpose: no dimension a multiple of 8.
+    let (rows, inp, out) = (203, 45, 77);
+    let mut r = rng(23);
+    let x = round_to::<T>(&uniform(&mut r, rows * inp, 1.0));
+    let w = round_to::<T>(&uniform(&mut r, out * inp, 1.0));
+    let dy = round_to::<T>(&uniform(&mut r, rows * out, 1.0));
+    let dw_start = uniform(&mut r, out * inp, 1.0);
+    let zero_bias = vec![0.0; out];
+    let mut want_y = vec![0.0; rows * out];
+    linear::forward(&mut want_y, &x, &w, &zero_bias);
+    let mut want_dx = vec![0.0; rows * inp];
+    let mut want_dw = dw_start.clone();
+    let mut db = vec![0.0; out];
+    linear::backward(Some(&mut want_dx), &mut want_dw, &mut db, &dy, &x, &w);
+
+    let (x_d, w_d, dy_d) = (up::<T>(gpu, &x), up::<T>(gpu, &w), up::<T>(gpu, &dy));
+    let y: CudaSlice<T> = gpu.zeros(rows * out, "y").unwrap();
+    let dx: CudaSlice<T> = gpu.zeros(rows * inp, "dx").unwrap();
+    let dw = up::<f32>(gpu, &dw_start);
+    blas.linear_forward(gpu.ptr(&x_d), gpu.ptr(&w_d), gpu.ptr(&y), rows, inp, out)
+        .unwrap();
+    blas.linear_backward_input(gpu.ptr(&dy_d), gpu.ptr(&w_d), gpu.ptr(&dx), rows, inp, out)
+        .unwrap();
+    blas.linear_backward_weight(gpu.ptr(&dy_d), gpu.ptr(&x_d), gpu.ptr(&dw), rows, inp, out)
+        .unwrap();
+    report.close(
+        "y = x·Wᵀ",
+        &down(gpu, &y),
+        &round_to::<T>(&want_y),
+        gemm_tol::<T>(),
+    );
+    report.close(
+        "dx = dy·W",
+        &down(gpu, &dx),
+        &round_to::<T>(&want_dx),
+        gemm_tol::<T>(),
+    );
+    // dW is written in fp32 whatever the operands, so it is tight in both modes.
+    report.close(
+        "dW += dyᵀ·x (fp32, accumulated)",
+        &down(gpu, &dw),
+        &want_dw,
+        1e-5,
+    );
+    report.finish();
+}
+
+#[test]
+fn linear_gemms_match_cpu() {
+    let Some(gpu) = gpu_or_skip("linear_gemms") else {
+        return;
+    };
+    let blas = Blas::new(&gpu).expect("cuBLAS handle");
+    gemm_case::<f32>(&gpu, &blas, "linear_gemms f32".into());
+    gemm_case::<bf16>(&gpu, &blas, "linear_gemms bf16".into());
+}
