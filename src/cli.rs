@@ -250,12 +250,14 @@ pub struct ExportArgs {
 /// Which images the frozen encoder runs on, and how.
 #[derive(Args, Debug)]
 pub struct EncodeArgs {
-    /// Labelled images: `synthetic` (the embedded images, labelled by shape family).
-    #[arg(long, default_value = "synthetic")]
+    /// Labelled images: `synthetic` (the embedded images, labelled by shape family), or a
+    /// folder with one sub-folder of images per class (labelled by the sub-folder's name).
+    #[arg(long, value_name = "synthetic|PATH", default_value = "synthetic")]
     pub data: String,
-    /// Embedded images to use.
-    #[arg(long, default_value_t = 2000)]
-    pub images: usize,
+    /// Images to use: of the embedded ones [default: 2000]; of a folder, spread evenly over
+    /// its sorted files [default: all].
+    #[arg(long)]
+    pub images: Option<usize>,
     /// Seed of the embedded images (pretraining's default seed is 0, so the default
     /// draws other images).
     #[arg(long, default_value_t = 1)]

@@ -1,19 +1,21 @@
 //! Frozen-encoder features of a labelled image collection, and the features file.
 //!
 //! A collection is anything that implements [`LabelledImages`]: the embedded synthetic
-//! images (labelled by the family of their foreground element) now, image folders (labelled
-//! by folder name) through the same trait. The features file is safetensors: `features`
+//! images (labelled by the family of their foreground element) or an image folder
+//! (labelled by the top-level sub-folder each file lies in). The features file is safetensors: `features`
 //! `[N, D]` F32 and `labels` `[N]` I64, with the class names and how the features were made
 //! in the metadata.
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context, Result};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::cpu::encoder::Encoder;
+use crate::data::augment::load_centred;
+use crate::data::folder::ImageFolder;
 use crate::data::synthetic::{Family, SyntheticImages};
 use crate::tensor_file::{write_atomic, OutTensor, TensorFile};
 
@@ -33,8 +35,10 @@ pub trait LabelledImages: Sync {
     fn classes(&self) -> Vec<String>;
     fn label(&self, index: usize) -> Result<u32>;
     /// Writes image `index`, normalised like the training data, into `out`
-    /// (`[3, side, side]`).
-    fn load(&self, index: usize, out: &mut [f32]) -> Result<()>;
+    /// (`[3, side, side]`); Err says why the image is unusable (it is then skipped).
+    fn load(&self, index: usize, out: &mut [f32]) -> Result<(), String>;
+    /// Image `index` named for a warning.
+    fn name(&self, index: usize) -> String;
 }
 
 /// The first `len` embedded synthetic images of a seed, labelled by family.
@@ -74,9 +78,92 @@ impl LabelledImages for SyntheticSource {
             .map(|l| l as u32)
             .ok_or_else(|| anyhow!("internal: family {family:?} is missing from Family::ALL"))
     }
-    fn load(&self, index: usize, out: &mut [f32]) -> Result<()> {
+    fn load(&self, index: usize, out: &mut [f32]) -> Result<(), String> {
         self.images.render(index as u64, out);
         Ok(())
+    }
+    fn name(&self, index: usize) -> String {
+        format!("embedded image {index}")
+    }
+}
+
+/// An image folder with one sub-folder per class (ImageNet's `val/<class>/<file>`
+/// layout), every image centre-cropped to a square and resized as at evaluation.
+pub struct FolderSource {
+    folder: ImageFolder,
+    /// The files used, indices into `folder`: all, or `max_images` spread evenly.
+    files: Vec<usize>,
+    labels: Vec<u32>,
+    classes: Vec<String>,
+    side: usize,
+}
+
+impl FolderSource {
+    /// Scans `root`; `max_images` keeps that many files spread evenly over the sorted
+    /// list, so every class keeps its share.
+    pub fn open(root: &Path, side: usize, max_images: Option<usize>) -> Result<Self> {
+        let folder = ImageFolder::scan(root)?;
+        let n = folder.len();
+        let files: Vec<usize> = match max_images {
+            Some(count) if count < n => (0..count).map(|i| i * n / count).collect(),
+            _ => (0..n).collect(),
+        };
+        let class_of = |f: usize| -> Result<String> {
+            let relative = folder.relative(f);
+            let mut parts = relative.components();
+            match (parts.next(), parts.next()) {
+                (Some(class), Some(_)) => Ok(class.as_os_str().to_string_lossy().into_owned()),
+                _ => bail!(
+                    "--data {}: {} lies directly in the folder; labelled images go in one sub-folder per class",
+                    root.display(),
+                    relative.display()
+                ),
+            }
+        };
+        let names = files
+            .iter()
+            .map(|&f| class_of(f))
+            .collect::<Result<Vec<_>>>()?;
+        let mut classes = names.clone();
+        classes.sort_unstable();
+        classes.dedup();
+        let labels = names
+            .iter()
+            .map(|c| classes.binary_search(c).map_or(0, |i| i as u32))
+            .collect();
+        Ok(FolderSource {
+            folder,
+            files,
+            labels,
+            classes,
+            side,
+        })
+    }
+
+    fn path(&self, index: usize) -> PathBuf {
+        self.folder.path(self.files[index])
+    }
+}
+
+impl LabelledImages for FolderSource {
+    fn len(&self) -> usize {
+        self.files.len()
+    }
+    fn side(&self) -> usize {
+        self.side
+    }
+    fn classes(&self) -> Vec<String> {
+        self.classes.clone()
+    }
+    fn label(&self, index: usize) -> Result<u32> {
+        Ok(self.labels[index])
+    }
+    fn load(&self, index: usize, out: &mut [f32]) -> Result<(), String> {
+        out.copy_from_slice(&load_centred(&self.path(index), self.side)?);
+        Ok(())
+    }
+    fn name(&self, index: usize) -> String {
+        self.path(index).display().to_string()
     }
 }
 
@@ -131,17 +218,35 @@ impl Features {
         let (n, len) = (source.len(), encoder.image_len());
         let chunk = encoder.images_per_chunk().clamp(1, 256);
         let mut values = Vec::with_capacity(n * encoder.width());
+        let mut labels = Vec::with_capacity(n);
         let mut pixels = vec![0.0f32; chunk * len];
         for first in (0..n).step_by(chunk) {
             let count = chunk.min(n - first);
-            pixels[..count * len]
+            let loaded: Vec<Result<(), String>> = pixels[..count * len]
                 .par_chunks_mut(len)
                 .enumerate()
-                .try_for_each(|(i, out)| source.load(first + i, out))?;
-            values.extend(encoder.features(&pixels[..count * len]));
+                .map(|(i, out)| source.load(first + i, out))
+                .collect();
+            // Unusable images are dropped and the usable ones packed to the front.
+            let mut kept = 0;
+            for (i, result) in loaded.into_iter().enumerate() {
+                match result {
+                    Ok(()) => {
+                        pixels.copy_within(i * len..(i + 1) * len, kept * len);
+                        labels.push(source.label(first + i)?);
+                        kept += 1;
+                    }
+                    Err(why) => eprintln!("warning: skipping {}: {why}", source.name(first + i)),
+                }
+            }
+            if kept > 0 {
+                values.extend(encoder.features(&pixels[..kept * len]));
+            }
             progress(first + count);
         }
-        let labels = (0..n).map(|i| source.label(i)).collect::<Result<_>>()?;
+        if labels.is_empty() {
+            bail!("none of the {n} images could be read");
+        }
         Ok(Features {
             dim: encoder.width(),
             values,
@@ -215,21 +320,25 @@ impl Features {
 }
 
 /// The labelled collection `--data` names: `synthetic` for the embedded images
-/// (`images` of them, drawn from `seed`, `side` pixels wide).
+/// (`images` of them, default 2000, drawn from `seed`), else an image folder with one
+/// sub-folder per class (every file, or `images` spread evenly over them); `side` pixels
+/// wide.
 pub fn open_source(
     data: &str,
     side: usize,
-    images: usize,
+    images: Option<usize>,
     seed: u64,
 ) -> Result<Box<dyn LabelledImages>> {
-    if images == 0 {
+    if images == Some(0) {
         bail!("images = 0: must be at least 1");
     }
     match data {
-        "synthetic" => Ok(Box::new(SyntheticSource::new(seed, side, images))),
-        path => bail!(
-            "--data {path}: this build reads only the embedded images (--data synthetic); image folders are not supported yet"
-        ),
+        "synthetic" => Ok(Box::new(SyntheticSource::new(
+            seed,
+            side,
+            images.unwrap_or(2000),
+        ))),
+        path => Ok(Box::new(FolderSource::open(Path::new(path), side, images)?)),
     }
 }
 

@@ -20,8 +20,7 @@ use crate::batch::Batch;
 use crate::checkpoint::{load_params, CheckpointFile};
 use crate::config::{ModelConfig, NORM_PIX_EPS};
 use crate::cpu::model::predict;
-use crate::data::augment::{to_tensor, CropBox};
-use crate::data::decode::Decoder;
+use crate::data::augment::load_centred;
 use crate::data::folder::ImageFolder;
 use crate::data::synthetic::SyntheticImages;
 use crate::data::{IMAGENET_MEAN, IMAGENET_STD};
@@ -242,15 +241,6 @@ pub enum Images {
     Folder(PathBuf, usize),
     /// `count` held-out embedded synthetic images.
     Synthetic(usize),
-}
-
-/// An image file as the model sees it at evaluation: the centred square, resized to
-/// `side`, normalised.
-fn load_centred(path: &Path, side: usize) -> Result<Vec<f32>, String> {
-    let mut decoder = Decoder::default();
-    let image = decoder.read(path)?;
-    let crop = CropBox::centre_square(image.width, image.height);
-    Ok(to_tensor(&image, crop, false, side))
 }
 
 /// The `[3, H, W]` images to show.

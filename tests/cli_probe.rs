@@ -1,9 +1,11 @@
 //! `lomar export`, `lomar features` and `lomar probe` from the command line.
 
 mod common;
+mod images;
 
 use common::{lomar, lomar_err, lomar_ok};
 use lomar::cpu::encoder::{Encoder, Pool, View};
+use lomar::data::augment::load_centred;
 use lomar::features::{Features, LabelledImages, SyntheticSource};
 use lomar::pretrained::Pretrained;
 use lomar::tensor_file::TensorFile;
@@ -120,7 +122,7 @@ fn export_writes_the_encoder_with_timms_constructor() {
     let (shape, _) = file
         .f32("blocks.1.attn.relative_position_bias_table")
         .unwrap();
-    assert_eq!(shape, [23 * 23 + 3, 4]);
+    assert_eq!(shape, [23 * 23 + 3, 2]);
     assert!(!file.contains("mask_token") && !file.contains("head.weight"));
     assert!(!file.contains("blocks.0.attn.relative_position_index"));
 }
@@ -130,6 +132,7 @@ fn bad_input_is_refused_clearly() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     lomar_ok(d, &["init", "--out", "p.safetensors"]);
+    images::save(images::picture(8, 8, 1).into(), &d.join("flat/a.png"));
     let p = "p.safetensors";
     let cases: &[(&[&str], &str)] = &[
         (
@@ -150,7 +153,19 @@ fn bad_input_is_refused_clearly() {
                 "--data",
                 "imgs/",
             ],
-            "--data imgs/: this build reads only the embedded images",
+            "--data imgs/: cannot open",
+        ),
+        (
+            &[
+                "features",
+                "--checkpoint",
+                p,
+                "--out",
+                "f",
+                "--data",
+                "flat",
+            ],
+            "--data flat: a.png lies directly in the folder",
         ),
         (
             &["features", "--checkpoint", p, "--out", "f", "--images", "0"],
@@ -192,4 +207,50 @@ fn bad_input_is_refused_clearly() {
     // Neither a features file nor a checkpoint: a usage error.
     let out = lomar(d, &["probe"]);
     assert_eq!(out.status.code(), Some(2));
+}
+
+#[test]
+fn folder_features_are_labelled_by_sub_folder_and_skip_broken_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let mixed = images::mixed_folder(&d.join("imgs"));
+    lomar_ok(d, &["init", "--out", "p.safetensors", "--seed", "2"]);
+    let args = [
+        "features",
+        "--checkpoint",
+        "p.safetensors",
+        "--data",
+        "imgs",
+        "--out",
+        "f.safetensors",
+    ];
+    let out = lomar(d, &args);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let warnings = stderr
+        .lines()
+        .filter(|l| l.starts_with("warning: skipping"));
+    assert_eq!(warnings.count(), mixed.bad.len(), "{stderr}");
+
+    let f = Features::load(&d.join("f.safetensors")).unwrap();
+    assert_eq!(f.classes, ["class_a", "class_b", "class_c"]);
+    // Sorted files: class_a's three usable images, class_b's four, class_c's one.
+    assert_eq!(f.labels, [0, 0, 0, 1, 1, 1, 1, 2]);
+    // The last row is the encoder on the nested image alone, centre-cropped.
+    let model = Pretrained::open(&d.join("p.safetensors")).unwrap();
+    let side = model.config.model.image;
+    let encoder = Encoder::new(
+        &model.config.model,
+        &model.params,
+        side,
+        View::Image,
+        Pool::Cls,
+    )
+    .unwrap();
+    let pixels = load_centred(&d.join("imgs").join(mixed.good[7]), side).unwrap();
+    let want = encoder.features(&pixels);
+    let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    for (got, want) in f.values[7 * f.dim..].iter().zip(&want) {
+        assert!((got - want).abs() <= 1e-5 * scale, "{got} vs {want}");
+    }
 }

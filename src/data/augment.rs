@@ -9,9 +9,12 @@
 //! `(seed, epoch, file index)` alone, so the augmented stream is a pure function of the
 //! stream position and a resumed run sees exactly the images the original would have.
 
+use std::path::Path;
+
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
+use super::decode::Decoder;
 use super::resize::{resize_crop, RgbView};
 use super::{IMAGENET_MEAN, IMAGENET_STD};
 
@@ -183,6 +186,15 @@ pub fn to_tensor(image: &RgbView, crop: CropBox, flip: bool, side: usize) -> Vec
     let mut out = vec![0.0f32; rgb.len()];
     normalise_into(&rgb, &mut out);
     out
+}
+
+/// An image file as the model sees it at evaluation: the centred square, resized to
+/// `side`, normalised, `[3, side, side]`. Err says why the file is unusable.
+pub fn load_centred(path: &Path, side: usize) -> Result<Vec<f32>, String> {
+    let mut decoder = Decoder::default();
+    let image = decoder.read(path)?;
+    let crop = CropBox::centre_square(image.width, image.height);
+    Ok(to_tensor(&image, crop, false, side))
 }
 
 #[cfg(test)]
