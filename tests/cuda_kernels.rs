@@ -303,11 +303,12 @@ fn layernorm_case<T: Storage>(gpu: &Gpu, k: &Kernels<T>, title: String) {
             &round_to::<T>(&want_y),
             tol::<T>(),
         );
+        // Both sides sum up to 768 f32 values per row, in different orders.
         report.close(
             &format!("mean {shape}"),
             &down(gpu, &mean),
             &stats.mean,
-            1e-6,
+            1e-5,
         );
         report.close(
             &format!("rstd {shape}"),

@@ -5,7 +5,7 @@
 //! V / M visible / masked positions per window, Nv = S·V, Nm = S·M, D width, H = 4D, P = 3p².
 
 use anyhow::{Context, Result};
-use cudarc::driver::CudaSlice;
+use cudarc::driver::{CudaSlice, PinnedHostSlice};
 
 use super::device::Gpu;
 use super::storage::Storage;
@@ -37,6 +37,8 @@ pub(super) struct Activations<T> {
     pub images_len: usize,
     /// [B, 3, H, W]
     pub images: CudaSlice<f32>,
+    /// [B, 3, H, W] pinned host memory the images travel through.
+    images_staging: PinnedHostSlice<f32>,
     /// [S, 2]
     pub window_origin: CudaSlice<u32>,
     /// [S, M]
@@ -139,6 +141,7 @@ impl<T: Storage> Activations<T> {
         Ok(Activations {
             images_len,
             images: gpu.zeros(images_len * 3 * m.image * m.image, "images")?,
+            images_staging: gpu.pinned(images_len * 3 * m.image * m.image, "images")?,
             window_origin: gpu.zeros(s * 2, "window origins")?,
             mask_index: gpu.zeros(nm, "mask indices")?,
             pos_slot: gpu.zeros(s * m.window_area(), "position slots")?,
@@ -169,7 +172,12 @@ impl<T: Storage> Activations<T> {
 
     /// Copies a validated batch into the input buffers.
     pub fn upload(&mut self, gpu: &Gpu, m: &ModelConfig, batch: &Batch) -> Result<()> {
-        gpu.write(&batch.images, &mut self.images, "images")?;
+        gpu.write_staged(
+            &batch.images,
+            &mut self.images_staging,
+            &mut self.images,
+            "images",
+        )?;
         gpu.write(
             &batch.window_origin,
             &mut self.window_origin,

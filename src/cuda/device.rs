@@ -11,7 +11,10 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use cudarc::driver::sys::cudaError_enum;
-use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DevicePtr, DeviceRepr, ValidAsZeroBits};
+use cudarc::driver::{
+    CudaContext, CudaSlice, CudaStream, DevicePtr, DeviceRepr, PinnedHostSlice, ValidAsZeroBits,
+};
+use rayon::prelude::*;
 
 use super::kernels::KERNELS_BUILT;
 
@@ -153,6 +156,57 @@ impl Gpu {
         self.stream
             .memcpy_htod(host, dst)
             .with_context(|| format!("copying {what} to the GPU"))
+    }
+
+    /// Page-locked host memory for `len` values, zero-filled: the copy engine reads it
+    /// directly, where a copy from ordinary memory goes through the driver's bounce buffer
+    /// (about 3 GB/s on an H200 machine, a third of the vit_base step at 224).
+    pub fn pinned(&self, len: usize, what: &str) -> Result<PinnedHostSlice<f32>> {
+        let ctx = self.stream.context();
+        // SAFETY: the memory is zero-filled below, before any slice of it is made.
+        let mut buf = unsafe { ctx.alloc_pinned::<f32>(len) }
+            .with_context(|| format!("allocating {len} pinned host values for {what}"))?;
+        let ptr = buf.as_mut_ptr().context("waiting for pinned memory")?;
+        // SAFETY: `ptr` holds `len` f32 values and nothing else refers to them yet.
+        unsafe { std::ptr::write_bytes(ptr, 0, len) };
+        Ok(buf)
+    }
+
+    /// Copies `host` into `dst` through `staging` (all three of one length): the copy into
+    /// pinned memory spread over the cores, then one queued transfer. Waits first for the
+    /// previous transfer out of `staging`.
+    pub fn write_staged(
+        &self,
+        host: &[f32],
+        staging: &mut PinnedHostSlice<f32>,
+        dst: &mut CudaSlice<f32>,
+        what: &str,
+    ) -> Result<()> {
+        if host.len() != dst.len() || staging.len() != dst.len() {
+            bail!(
+                "{what}: {} values given, the buffers hold {} (pinned) and {} (device)",
+                host.len(),
+                staging.len(),
+                dst.len()
+            );
+        }
+        let pinned = staging
+            .as_mut_slice()
+            .with_context(|| format!("waiting for the last copy of {what}"))?;
+        const CHUNK: usize = 1 << 18;
+        pinned
+            .par_chunks_mut(CHUNK)
+            .zip(host.par_chunks(CHUNK))
+            .for_each(|(to, from)| to.copy_from_slice(from));
+        self.stream
+            .memcpy_htod(staging, dst)
+            .with_context(|| format!("copying {what} to the GPU"))
+    }
+
+    /// Device memory in use, by every context on the device, in bytes.
+    pub fn memory_in_use(&self) -> Result<u64> {
+        let (free, total) = self.stream.context().mem_get_info()?;
+        Ok(total.saturating_sub(free) as u64)
     }
 
     /// Copies the first `len` values of `src` back (waits for queued work).
