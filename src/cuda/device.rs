@@ -14,7 +14,6 @@ use cudarc::driver::sys::cudaError_enum;
 use cudarc::driver::{
     CudaContext, CudaSlice, CudaStream, DevicePtr, DeviceRepr, PinnedHostSlice, ValidAsZeroBits,
 };
-use rayon::prelude::*;
 
 use super::kernels::KERNELS_BUILT;
 
@@ -163,8 +162,9 @@ impl Gpu {
     /// (about 3 GB/s on an H200 machine, a third of the vit_base step at 224).
     pub fn pinned(&self, len: usize, what: &str) -> Result<PinnedHostSlice<f32>> {
         let ctx = self.stream.context();
-        // SAFETY: the memory is zero-filled below, before any slice of it is made.
-        let mut buf = unsafe { ctx.alloc_pinned::<f32>(len) }
+        // Plain page-locked memory (not write-combined): the host fills it with ordinary
+        // cached stores. SAFETY: it is zero-filled below, before any slice of it is made.
+        let mut buf = unsafe { ctx.alloc_pinned_with_flags::<f32>(len, 0) }
             .with_context(|| format!("allocating {len} pinned host values for {what}"))?;
         let ptr = buf.as_mut_ptr().context("waiting for pinned memory")?;
         // SAFETY: `ptr` holds `len` f32 values and nothing else refers to them yet.
@@ -172,32 +172,27 @@ impl Gpu {
         Ok(buf)
     }
 
-    /// Copies `host` into `dst` through `staging` (all three of one length): the copy into
-    /// pinned memory spread over the cores, then one queued transfer. Waits first for the
-    /// previous transfer out of `staging`.
-    pub fn write_staged(
+    /// Fills `staging` (pinned, `dst`'s length) on the host with `fill`, then queues its
+    /// copy into `dst`. Waits first for the previous copy out of `staging`.
+    pub fn write_pinned(
         &self,
-        host: &[f32],
         staging: &mut PinnedHostSlice<f32>,
         dst: &mut CudaSlice<f32>,
         what: &str,
+        fill: impl FnOnce(&mut [f32]),
     ) -> Result<()> {
-        if host.len() != dst.len() || staging.len() != dst.len() {
+        if staging.len() != dst.len() {
             bail!(
-                "{what}: {} values given, the buffers hold {} (pinned) and {} (device)",
-                host.len(),
+                "{what}: the pinned buffer holds {} values, the device buffer {}",
                 staging.len(),
                 dst.len()
             );
         }
-        let pinned = staging
-            .as_mut_slice()
-            .with_context(|| format!("waiting for the last copy of {what}"))?;
-        const CHUNK: usize = 1 << 18;
-        pinned
-            .par_chunks_mut(CHUNK)
-            .zip(host.par_chunks(CHUNK))
-            .for_each(|(to, from)| to.copy_from_slice(from));
+        fill(
+            staging
+                .as_mut_slice()
+                .with_context(|| format!("waiting for the last copy of {what}"))?,
+        );
         self.stream
             .memcpy_htod(staging, dst)
             .with_context(|| format!("copying {what} to the GPU"))
