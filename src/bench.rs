@@ -199,8 +199,12 @@ pub fn run(
     })
 }
 
-/// The commit the binary was built from, when run inside the repository.
+/// The commit the binary was built from: `LOMAR_COMMIT` where the binary runs outside its
+/// checkout (scripts/gpu-check sets it from the bundle), else the checkout's HEAD.
 pub fn commit() -> Option<String> {
+    if let Ok(commit) = std::env::var("LOMAR_COMMIT") {
+        return Some(commit);
+    }
     let out = std::process::Command::new("git")
         .args(["rev-parse", "HEAD"])
         .output()

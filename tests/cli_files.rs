@@ -322,6 +322,17 @@ fn malformed_batch_files_are_refused_naming_the_tensor() {
             }),
             "window_origin: value 5 at 3 is outside 0..=4",
         ),
+        (
+            "images",
+            Box::new(|t| {
+                // Two bad values far apart: the first is the one named.
+                let mut bytes = t.bytes.clone();
+                bytes[4 * 7000..4 * 7001].copy_from_slice(&f32::NAN.to_le_bytes());
+                bytes[4 * 9000..4 * 9001].copy_from_slice(&f32::INFINITY.to_le_bytes());
+                Some(Raw { bytes, ..t })
+            }),
+            "images: value 7000 is not finite (NaN)",
+        ),
     ];
     for (name, edit, want) in cases {
         edited(&src, &bad, name, edit);

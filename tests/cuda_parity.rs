@@ -21,6 +21,17 @@ fn grad_tol(p: Precision) -> f64 {
     }
 }
 
+/// The gradient tolerance of one tensor. A relative-bias table's gradient sums dS over every
+/// query and key of every window, terms that mostly cancel (on the test batch block 1's is a
+/// tenth of block 0's), so bf16 rounding of dO and V, small in each term, is large against
+/// that small sum: measured 5e-2 on an H200. fp32 mode holds the same tensors to 1e-4.
+fn tensor_grad_tol(p: Precision, name: &str) -> f64 {
+    match p {
+        Precision::Bf16 if name.ends_with("relative_position_bias_table") => 1e-1,
+        _ => grad_tol(p),
+    }
+}
+
 /// Initialised parameters plus noise, so that biases, bias tables and LayerNorm shifts are
 /// not zero and every term of the forward matters.
 fn test_params(m: &ModelConfig, seed: u64) -> Vec<f32> {
@@ -32,21 +43,21 @@ fn test_params(m: &ModelConfig, seed: u64) -> Vec<f32> {
     flat
 }
 
-/// Compares every named tensor of two flat buffers.
+/// Compares every named tensor of two flat buffers, each within `tol(name)`.
 fn compare_tensors(
     report: &mut Report,
     layout: &ParamLayout,
     what: &str,
     got: &[f32],
     want: &[f32],
-    tol: f64,
+    tol: impl Fn(&str) -> f64,
 ) {
     for e in layout.entries() {
         report.close(
             &format!("{what} {}", e.name),
             &got[e.range()],
             &want[e.range()],
-            tol,
+            tol(&e.name),
         );
     }
 }
@@ -85,7 +96,9 @@ fn gradient_parity(precision: Precision) {
         let mut report = Report::new(format!("{test} {name} on {}", gpu.device_name()));
         let tol = grad_tol(precision);
         report.scalar("loss", got_loss as f64, want_loss as f64, tol);
-        compare_tensors(&mut report, cpu.layout(), "grad", &got, &want, tol);
+        compare_tensors(&mut report, cpu.layout(), "grad", &got, &want, |name| {
+            tensor_grad_tol(precision, name)
+        });
         report.scalar(
             "grad norm",
             gpu.grad_norm().unwrap() as f64,
@@ -151,7 +164,7 @@ fn training_parity(precision: Precision, tol: f64) {
         }
     }
     let (want, got) = (cpu.params().unwrap(), gpu.params().unwrap());
-    compare_tensors(&mut report, cpu.layout(), "param", &got, &want, tol);
+    compare_tensors(&mut report, cpu.layout(), "param", &got, &want, |_| tol);
     let (want_m, got_m) = (cpu.moments().unwrap(), gpu.moments().unwrap());
     report.close(
         "AdamW m (all)",

@@ -5,9 +5,12 @@
 //! V / M visible / masked positions per window, Nv = S·V, Nm = S·M, D width, H = 4D, P = 3p².
 
 use anyhow::{Context, Result};
-use cudarc::driver::CudaSlice;
+use cudarc::driver::{CudaSlice, PinnedHostSlice};
+
+use rayon::prelude::*;
 
 use super::device::Gpu;
+use super::pixels::{window_crops, PixelSource};
 use super::storage::Storage;
 use crate::batch::Batch;
 use crate::config::ModelConfig;
@@ -35,9 +38,13 @@ pub(super) struct BlockActivations<T> {
 
 pub(super) struct Activations<T> {
     pub images_len: usize,
-    /// [B, 3, H, W]
-    pub images: CudaSlice<f32>,
-    /// [S, 2]
+    /// What `pixels` holds: the images or each window's square of them.
+    pub source: PixelSource,
+    /// [B, 3, H, W] or [S, 3, K·p, K·p]
+    pub pixels: CudaSlice<f32>,
+    /// `pixels` in pinned host memory, where the batch is copied first.
+    pixels_staging: PinnedHostSlice<f32>,
+    /// [S, 2] window origins in `pixels`: the batch's, or 0 for squares.
     pub window_origin: CudaSlice<u32>,
     /// [S, M]
     pub mask_index: CudaSlice<u32>,
@@ -102,7 +109,7 @@ impl<T: Storage> Activations<T> {
         let block_f32 = 4 * n + s * m.heads * m.seq_len();
         let storage = l * block_t + nv * (p + 2 * d) + n * (6 * d + h) + nm * (2 * d + 2 * p);
         let fp32 = l * block_f32
-            + images_len * 3 * m.image * m.image
+            + PixelSource::smaller(m).len(s)
             + (2 * l + 2) * n * d
             + nm * (p + 2 * d + 3)
             + 1;
@@ -112,6 +119,7 @@ impl<T: Storage> Activations<T> {
 
     fn allocate(gpu: &Gpu, m: &ModelConfig, images_len: usize) -> Result<Self> {
         let (s, n, nm, nv) = dims(m, images_len);
+        let source = PixelSource::smaller(m);
         let (d, h, p) = (m.width, m.hidden(), m.patch_dim());
         let blocks = (0..m.depth)
             .map(|l| {
@@ -138,7 +146,9 @@ impl<T: Storage> Activations<T> {
             .collect::<Result<Vec<_>>>()?;
         Ok(Activations {
             images_len,
-            images: gpu.zeros(images_len * 3 * m.image * m.image, "images")?,
+            source,
+            pixels: gpu.zeros(source.len(s), "images")?,
+            pixels_staging: gpu.pinned(source.len(s), "images")?,
             window_origin: gpu.zeros(s * 2, "window origins")?,
             mask_index: gpu.zeros(nm, "mask indices")?,
             pos_slot: gpu.zeros(s * m.window_area(), "position slots")?,
@@ -169,12 +179,31 @@ impl<T: Storage> Activations<T> {
 
     /// Copies a validated batch into the input buffers.
     pub fn upload(&mut self, gpu: &Gpu, m: &ModelConfig, batch: &Batch) -> Result<()> {
-        gpu.write(&batch.images, &mut self.images, "images")?;
-        gpu.write(
-            &batch.window_origin,
-            &mut self.window_origin,
-            "window origins",
-        )?;
+        if self.source.crops {
+            // The origins stay the zeros they were allocated as.
+            gpu.write_pinned(
+                &mut self.pixels_staging,
+                &mut self.pixels,
+                "images",
+                |out| window_crops(batch, m, out),
+            )?;
+        } else {
+            gpu.write_pinned(
+                &mut self.pixels_staging,
+                &mut self.pixels,
+                "images",
+                |out| {
+                    out.par_chunks_mut(1 << 18)
+                        .zip(batch.images.par_chunks(1 << 18))
+                        .for_each(|(to, from)| to.copy_from_slice(from))
+                },
+            )?;
+            gpu.write(
+                &batch.window_origin,
+                &mut self.window_origin,
+                "window origins",
+            )?;
+        }
         gpu.write(&batch.mask_index, &mut self.mask_index, "mask indices")?;
         gpu.write(&pos_slots(batch, m), &mut self.pos_slot, "position slots")
     }

@@ -93,6 +93,12 @@ impl Backend for CudaBackend {
     fn set_moments(&mut self, moments: &Moments) -> Result<()> {
         self.engine.set_moments(moments)
     }
+    fn synchronize(&mut self) -> Result<()> {
+        self.engine.synchronize()
+    }
+    fn peak_memory_bytes(&mut self) -> Option<u64> {
+        self.engine.peak_memory_bytes()
+    }
 }
 
 /// The backend for one storage type.
@@ -291,5 +297,15 @@ impl<T: Storage + AttnElem> Backend for Engine<T> {
             .write(&moments.m, &mut self.m, "AdamW first moments")?;
         self.gpu
             .write(&moments.v, &mut self.v, "AdamW second moments")
+    }
+
+    fn synchronize(&mut self) -> Result<()> {
+        self.gpu.synchronize("the queued work")
+    }
+
+    /// All device memory in use, by any context: every buffer is allocated up front, so
+    /// after a step this is the run's peak (plus whatever else runs on the device).
+    fn peak_memory_bytes(&mut self) -> Option<u64> {
+        self.gpu.memory_in_use().ok()
     }
 }

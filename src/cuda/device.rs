@@ -11,7 +11,9 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use cudarc::driver::sys::cudaError_enum;
-use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DevicePtr, DeviceRepr, ValidAsZeroBits};
+use cudarc::driver::{
+    CudaContext, CudaSlice, CudaStream, DevicePtr, DeviceRepr, PinnedHostSlice, ValidAsZeroBits,
+};
 
 use super::kernels::KERNELS_BUILT;
 
@@ -153,6 +155,53 @@ impl Gpu {
         self.stream
             .memcpy_htod(host, dst)
             .with_context(|| format!("copying {what} to the GPU"))
+    }
+
+    /// Page-locked host memory for `len` values, zero-filled: the copy engine reads it
+    /// directly, where a copy from ordinary memory goes through the driver's bounce buffer
+    /// (about 3 GB/s on an H200 machine, a third of the vit_base step at 224).
+    pub fn pinned(&self, len: usize, what: &str) -> Result<PinnedHostSlice<f32>> {
+        let ctx = self.stream.context();
+        // Plain page-locked memory (not write-combined): the host fills it with ordinary
+        // cached stores. SAFETY: it is zero-filled below, before any slice of it is made.
+        let mut buf = unsafe { ctx.alloc_pinned_with_flags::<f32>(len, 0) }
+            .with_context(|| format!("allocating {len} pinned host values for {what}"))?;
+        let ptr = buf.as_mut_ptr().context("waiting for pinned memory")?;
+        // SAFETY: `ptr` holds `len` f32 values and nothing else refers to them yet.
+        unsafe { std::ptr::write_bytes(ptr, 0, len) };
+        Ok(buf)
+    }
+
+    /// Fills `staging` (pinned, `dst`'s length) on the host with `fill`, then queues its
+    /// copy into `dst`. Waits first for the previous copy out of `staging`.
+    pub fn write_pinned(
+        &self,
+        staging: &mut PinnedHostSlice<f32>,
+        dst: &mut CudaSlice<f32>,
+        what: &str,
+        fill: impl FnOnce(&mut [f32]),
+    ) -> Result<()> {
+        if staging.len() != dst.len() {
+            bail!(
+                "{what}: the pinned buffer holds {} values, the device buffer {}",
+                staging.len(),
+                dst.len()
+            );
+        }
+        fill(
+            staging
+                .as_mut_slice()
+                .with_context(|| format!("waiting for the last copy of {what}"))?,
+        );
+        self.stream
+            .memcpy_htod(staging, dst)
+            .with_context(|| format!("copying {what} to the GPU"))
+    }
+
+    /// Device memory in use, by every context on the device, in bytes.
+    pub fn memory_in_use(&self) -> Result<u64> {
+        let (free, total) = self.stream.context().mem_get_info()?;
+        Ok(total.saturating_sub(free) as u64)
     }
 
     /// Copies the first `len` values of `src` back (waits for queued work).

@@ -7,6 +7,7 @@ use cudarc::driver::{CudaFunction, LaunchConfig, PushKernelArg};
 
 use super::device::DevPtr;
 use super::kernels::Kernels;
+use super::pixels::PixelSource;
 use super::storage::Storage;
 use crate::backend::AdamWStep;
 use crate::config::ModelConfig;
@@ -75,38 +76,44 @@ fn check_scratch(scratch: &DevPtr<f32>, need: usize, what: &str) -> Result<()> {
 }
 
 impl<T: Storage> Kernels<T> {
-    /// images [B,3,H,W] f32, window_origin [S,2], pos_slot [S,K²]
+    /// pixels [S/wpi, 3, side, side] f32 (as `source` says: the images, or one square per
+    /// window), window_origin [S,2] into them, pos_slot [S,K²]
     ///   -> patches [S*V, 3p²] T (c,y,x), targets [S*M, 3p²] f32 (y,x,c; norm-pix if set).
     #[allow(clippy::too_many_arguments)]
     pub fn window_gather(
         &self,
-        images: DevPtr<f32>,
+        pixels: DevPtr<f32>,
         window_origin: DevPtr<u32>,
         pos_slot: DevPtr<i32>,
         patches: DevPtr<T>,
         targets: DevPtr<f32>,
         m: &ModelConfig,
+        source: PixelSource,
         seqs: usize,
     ) -> Result<()> {
         let (area, pd) = (m.window_area(), m.patch_dim());
-        if seqs == 0 || !seqs.is_multiple_of(m.windows_per_image) {
+        if seqs == 0 || !seqs.is_multiple_of(source.windows_per_image) {
             bail!("window_gather: {seqs} sequences is not a whole number of images");
         }
-        images.check(
-            seqs / m.windows_per_image * 3 * m.image * m.image,
-            "window_gather images",
-        )?;
+        if source.side < m.window * m.patch {
+            bail!(
+                "window_gather: {0}x{0}-pixel images hold no {1}x{1}-pixel window",
+                source.side,
+                m.window * m.patch
+            );
+        }
+        pixels.check(source.len(seqs), "window_gather pixels")?;
         window_origin.check(seqs * 2, "window_gather window_origin")?;
         pos_slot.check(seqs * area, "window_gather pos_slot")?;
         patches.check(seqs * m.visible_per_window() * pd, "window_gather patches")?;
         targets.check(seqs * m.masked_per_window() * pd, "window_gather targets")?;
         let mut b = self.stream.launch_builder(&self.window_gather);
-        let windows = int(m.windows_per_image, "windows_per_image")?;
-        let image = int(m.image, "image")?;
+        let windows = int(source.windows_per_image, "windows_per_image")?;
+        let image = int(source.side, "image")?;
         let patch = int(m.patch, "patch")?;
         let window = int(m.window, "window")?;
         let norm_pix = i32::from(m.norm_pix);
-        b.arg(images.addr())
+        b.arg(pixels.addr())
             .arg(window_origin.addr())
             .arg(pos_slot.addr())
             .arg(patches.addr())

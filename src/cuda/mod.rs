@@ -14,6 +14,7 @@ pub mod gemm;
 pub mod kernels;
 pub mod launch;
 mod model;
+pub mod pixels;
 pub mod storage;
 
 pub use activations::pos_slots;

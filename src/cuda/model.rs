@@ -164,12 +164,13 @@ impl<T: Storage + AttnElem> Pass<'_, T> {
         let (a, m, r) = (self.acts, self.model, self.ranges);
         let nv = self.seqs() * m.visible_per_window();
         self.kernels.window_gather(
-            self.ptr(&a.images),
+            self.ptr(&a.pixels),
             self.ptr(&a.window_origin),
             self.ptr(&a.pos_slot),
             self.ptr(&a.patches),
             self.ptr(&a.targets),
             m,
+            a.source,
             self.seqs(),
         )?;
         self.blas.linear_forward(
