@@ -79,13 +79,7 @@ pub fn check_image(m: &ModelConfig, image: usize) -> Result<()> {
 pub fn encoder_tensors(m: &ModelConfig, params: &[f32], image: usize) -> Result<Vec<Exported>> {
     check_image(m, image)?;
     let layout = ParamLayout::new(m);
-    if params.len() != layout.total() {
-        bail!(
-            "{} parameter values, the model has {}",
-            params.len(),
-            layout.total()
-        );
-    }
+    layout.check_len("parameters", params.len())?;
     let r = layout.ranges(m);
     let (d, grid) = (m.width, image / m.patch);
     let span = 2 * grid - 1;

@@ -161,6 +161,18 @@ impl ParamLayout {
         self.total
     }
 
+    /// Fails unless `len` values (of `what`: parameters, gradients, moments) fill the
+    /// flat buffer exactly.
+    pub fn check_len(&self, what: &str, len: usize) -> anyhow::Result<()> {
+        if len != self.total {
+            anyhow::bail!(
+                "{what}: {len} values, the model has {} parameters",
+                self.total
+            );
+        }
+        Ok(())
+    }
+
     pub fn get(&self, name: &str) -> Option<&ParamEntry> {
         self.by_name.get(name).map(|&i| &self.entries[i])
     }

@@ -1,6 +1,9 @@
 //! The frozen encoder against the training forward, the timm export against the
 //! checkpoint it came from, and the key bias the export drops.
 
+mod common;
+
+use common::sample_batch;
 use lomar::backend::{AdamWStep, Backend};
 use lomar::batch::Batch;
 use lomar::config::{preset, ModelConfig};
@@ -315,34 +318,6 @@ fn at_the_window_size_the_tables_are_exported_unchanged_and_the_index_is_beits()
     assert!(err.contains("multiple of the model's patch (4)"), "{err}");
 }
 
-/// A batch of random images, windows and masks.
-fn random_batch(m: &ModelConfig, images_len: usize, seed: u64) -> Batch {
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let images = (0..images_len * 3 * m.image * m.image)
-        .map(|_| standard_normal(&mut rng) as f32)
-        .collect();
-    let seqs = images_len * m.windows_per_image;
-    let max = (m.grid() - m.window) as u32;
-    let window_origin = (0..2 * seqs)
-        .map(|_| rand::Rng::gen_range(&mut rng, 0..=max))
-        .collect();
-    let mut mask_index = Vec::new();
-    for _ in 0..seqs {
-        let mut picked: Vec<u32> = sample(&mut rng, m.window_area(), m.masked_per_window())
-            .into_iter()
-            .map(|i| i as u32)
-            .collect();
-        picked.sort_unstable();
-        mask_index.extend(picked);
-    }
-    Batch {
-        images_len,
-        images,
-        window_origin,
-        mask_index,
-    }
-}
-
 /// The export drops the key bias. That is exact: `q·(k + b_k)` adds `q·b_k` to a whole
 /// row of logits, which softmax cancels, so the loss does not depend on b_k and its
 /// gradient is zero; the query and value biases do matter.
@@ -353,7 +328,7 @@ fn the_key_bias_has_no_effect_and_zero_gradient() {
     let r = layout.ranges(&m);
     let d = m.width;
     let params: Vec<f64> = random_params(&m, 8).iter().map(|&v| v as f64).collect();
-    let batch = random_batch(&m, 2, 9);
+    let batch = sample_batch(&m, 2, 9);
     let mut grads = vec![0.0; params.len()];
     let loss = model::loss_and_grad(&m, &params, &batch, &mut grads, 1.0).unwrap();
     let mut rng = ChaCha8Rng::seed_from_u64(10);
@@ -395,7 +370,7 @@ fn training_moves_the_key_bias_without_effect() {
     for t in 1..=20 {
         backend.zero_grads().unwrap();
         backend
-            .forward_backward(&random_batch(&m, 4, 100 + t), 1.0)
+            .forward_backward(&sample_batch(&m, 4, 100 + t), 1.0)
             .unwrap();
         let grads = backend.grads().unwrap();
         for b in &r.blocks {
@@ -428,7 +403,7 @@ fn training_moves_the_key_bias_without_effect() {
     for b in &r.blocks {
         dropped[b.qkv_b.start + d..b.qkv_b.start + 2 * d].fill(0.0);
     }
-    let batch = random_batch(&m, 2, 12);
+    let batch = sample_batch(&m, 2, 12);
     let (a, b) = (
         model::loss(&m, &trained, &batch).unwrap(),
         model::loss(&m, &dropped, &batch).unwrap(),

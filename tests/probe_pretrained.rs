@@ -1,8 +1,9 @@
 //! The whole chain on the embedded data, with nothing to download: pretrain, extract frozen
 //! features, probe. Pretraining must pay off: after a short run the encoder's mean-pooled
-//! features must beat the same encoder's at its initialisation in k-NN accuracy, with the
-//! same probe, images and splits. (The linear probe is printed too; at this budget its gain
-//! is within the noise of the draw of images, see README.md.)
+//! features, over the windows it was trained on, must beat the same encoder's at its
+//! initialisation in k-NN accuracy, with the same probe, images and splits (measured: 21.3%
+//! -> 29.1%, +7.8 points; the test asks for 4). The linear probe is printed too; at this
+//! budget its gain is within the noise of the draw of images, see README.md.
 
 use lomar::backend::Backend;
 use lomar::cli::train_defaults;
@@ -24,11 +25,11 @@ const DATA_SEED: u64 = 1;
 /// Splits the accuracies are averaged over.
 const REPEATS: usize = 5;
 /// Least k-NN improvement required, in accuracy points (measured: 7.2).
-const KNN_MARGIN: f64 = 3.0;
+const KNN_MARGIN: f64 = 4.0;
 
 fn evaluate(config: &Config, params: &[f32]) -> ProbeReport {
     let m = &config.model;
-    let encoder = Encoder::new(m, params, m.image, View::Image, Pool::Mean).unwrap();
+    let encoder = Encoder::new(m, params, m.image, View::Windows, Pool::Mean).unwrap();
     let source = SyntheticSource::new(DATA_SEED, m.image, IMAGES);
     let features = Features::extract(&encoder, &source, |_| {}).unwrap();
     let opts = ProbeOptions {

@@ -78,13 +78,7 @@ impl<'a> Encoder<'a> {
     ) -> Result<Self> {
         m.validate()?;
         let layout = ParamLayout::new(m);
-        if params.len() != layout.total() {
-            bail!(
-                "{} parameter values, the model has {}",
-                params.len(),
-                layout.total()
-            );
-        }
+        layout.check_len("parameters", params.len())?;
         if image == 0 || !image.is_multiple_of(m.patch) {
             bail!(
                 "image = {image}: must be a positive multiple of the model's patch ({})",

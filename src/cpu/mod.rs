@@ -9,7 +9,7 @@ pub mod model;
 pub mod ops;
 pub mod real;
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 
 use crate::backend::{AdamWStep, Backend, Moments};
 use crate::batch::Batch;
@@ -33,7 +33,7 @@ impl CpuBackend {
         model.validate()?;
         let layout = ParamLayout::new(model);
         let n = layout.total();
-        check_len("parameters", params.len(), n)?;
+        layout.check_len("parameters", params.len())?;
         Ok(CpuBackend {
             model: model.clone(),
             decay_mask: layout.decay_mask(),
@@ -46,13 +46,6 @@ impl CpuBackend {
             },
         })
     }
-}
-
-fn check_len(what: &str, got: usize, want: usize) -> Result<()> {
-    if got != want {
-        bail!("{what}: {got} values, the model has {want} parameters");
-    }
-    Ok(())
 }
 
 impl Backend for CpuBackend {
@@ -97,7 +90,7 @@ impl Backend for CpuBackend {
     }
 
     fn set_params(&mut self, flat: &[f32]) -> Result<()> {
-        check_len("parameters", flat.len(), self.params.len())?;
+        self.layout.check_len("parameters", flat.len())?;
         self.params.copy_from_slice(flat);
         Ok(())
     }
@@ -111,8 +104,8 @@ impl Backend for CpuBackend {
     }
 
     fn set_moments(&mut self, moments: &Moments) -> Result<()> {
-        check_len("first moments", moments.m.len(), self.params.len())?;
-        check_len("second moments", moments.v.len(), self.params.len())?;
+        self.layout.check_len("first moments", moments.m.len())?;
+        self.layout.check_len("second moments", moments.v.len())?;
         self.moments = moments.clone();
         Ok(())
     }

@@ -30,13 +30,7 @@ impl CudaBackend {
     pub fn new(model: &ModelConfig, params: Vec<f32>, precision: Precision) -> Result<CudaBackend> {
         model.validate()?;
         let layout = ParamLayout::new(model);
-        if params.len() != layout.total() {
-            bail!(
-                "params: {} values, the model has {} parameters",
-                params.len(),
-                layout.total()
-            );
-        }
+        layout.check_len("params", params.len())?;
         if !HEAD_DIMS.contains(&model.head_dim()) {
             bail!(
                 "head dim {} (width {} / heads {}) has no CUDA attention kernel; the GPU \
@@ -177,16 +171,6 @@ impl<T: Storage + AttnElem> Engine<T> {
         self.kernels
             .cast_from_f32(self.gpu.ptr(&self.master), self.gpu.ptr(&self.shadow), n)
     }
-
-    fn check_len(&self, what: &str, len: usize) -> Result<()> {
-        if len != self.layout.total() {
-            bail!(
-                "{what}: {len} values, the model has {} parameters",
-                self.layout.total()
-            );
-        }
-        Ok(())
-    }
 }
 
 impl<T: Storage + AttnElem> Backend for Engine<T> {
@@ -270,7 +254,7 @@ impl<T: Storage + AttnElem> Backend for Engine<T> {
     }
 
     fn set_params(&mut self, flat: &[f32]) -> Result<()> {
-        self.check_len("params", flat.len())?;
+        self.layout.check_len("params", flat.len())?;
         self.gpu.write(flat, &mut self.master, "parameters")?;
         self.refresh_shadow()
     }
@@ -291,8 +275,8 @@ impl<T: Storage + AttnElem> Backend for Engine<T> {
     }
 
     fn set_moments(&mut self, moments: &Moments) -> Result<()> {
-        self.check_len("moments.m", moments.m.len())?;
-        self.check_len("moments.v", moments.v.len())?;
+        self.layout.check_len("moments.m", moments.m.len())?;
+        self.layout.check_len("moments.v", moments.v.len())?;
         self.gpu
             .write(&moments.m, &mut self.m, "AdamW first moments")?;
         self.gpu
