@@ -26,24 +26,21 @@ fn features_and_probe_run_on_a_parameter_file() {
     let d = dir.path();
     lomar_ok(d, &["init", "--out", "p.safetensors", "--seed", "3"]);
 
-    let stdout = lomar_ok(
-        d,
-        &[
-            "features",
-            "--checkpoint",
-            "p.safetensors",
-            "--images",
-            "60",
-            "--data-seed",
-            "5",
-            "--mode",
-            "windows",
-            "--pool",
-            "mean",
-            "--out",
-            "f.safetensors",
-        ],
-    );
+    // The same images and encoder flags for `features` and `probe --checkpoint`.
+    let encode = [
+        "--checkpoint",
+        "p.safetensors",
+        "--images",
+        "60",
+        "--data-seed",
+        "5",
+        "--mode",
+        "windows",
+        "--pool",
+        "mean",
+    ];
+    let features = [&["features"][..], &encode, &["--out", "f.safetensors"]].concat();
+    let stdout = lomar_ok(d, &features);
     assert!(
         stdout.contains("60 features with labels written"),
         "{stdout}"
@@ -71,24 +68,7 @@ fn features_and_probe_run_on_a_parameter_file() {
         from_file.contains("probe: 48 train / 12 test images, 6 classes, 64-d features"),
         "{from_file}"
     );
-    let direct = lomar_ok(
-        d,
-        &[
-            "probe",
-            "--checkpoint",
-            "p.safetensors",
-            "--images",
-            "60",
-            "--data-seed",
-            "5",
-            "--mode",
-            "windows",
-            "--pool",
-            "mean",
-            "--k",
-            "5",
-        ],
-    );
+    let direct = lomar_ok(d, &[&["probe"][..], &encode, &["--k", "5"]].concat());
     for label in ["majority class", "linear probe", "k-NN (k=5"] {
         let acc = top1(&from_file, label);
         assert!((0.0..=100.0).contains(&acc), "{label}: {acc}");
