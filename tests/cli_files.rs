@@ -181,24 +181,16 @@ fn integer_tensors_may_be_i32_i64_or_u32() {
     round_trip(d);
     let reference = gradient_file(&d.join("g.safetensors"));
     for dtype in [Dtype::I32, Dtype::U32] {
-        edited(
-            &d.join("b.safetensors"),
-            &d.join("b2.safetensors"),
-            "mask_index",
-            |t| {
+        // Both integer tensors rewritten in `dtype`, one after the other.
+        for (from, name) in [
+            ("b.safetensors", "mask_index"),
+            ("b2.safetensors", "window_origin"),
+        ] {
+            edited(&d.join(from), &d.join("b2.safetensors"), name, |t| {
                 let v = ints_of(&t);
                 Some(with_ints(t, dtype, &v))
-            },
-        );
-        edited(
-            &d.join("b2.safetensors"),
-            &d.join("b2.safetensors"),
-            "window_origin",
-            |t| {
-                let v = ints_of(&t);
-                Some(with_ints(t, dtype, &v))
-            },
-        );
+            });
+        }
         lomar_ok(
             d,
             &[
