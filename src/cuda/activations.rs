@@ -7,10 +7,8 @@
 use anyhow::{Context, Result};
 use cudarc::driver::{CudaSlice, PinnedHostSlice};
 
-use rayon::prelude::*;
-
 use super::device::Gpu;
-use super::pixels::{window_crops, PixelSource};
+use super::pixels::PixelSource;
 use super::storage::Storage;
 use crate::batch::Batch;
 use crate::config::ModelConfig;
@@ -179,25 +177,15 @@ impl<T: Storage> Activations<T> {
 
     /// Copies a validated batch into the input buffers.
     pub fn upload(&mut self, gpu: &Gpu, m: &ModelConfig, batch: &Batch) -> Result<()> {
-        if self.source.crops {
-            // The origins stay the zeros they were allocated as.
-            gpu.write_pinned(
-                &mut self.pixels_staging,
-                &mut self.pixels,
-                "images",
-                |out| window_crops(batch, m, out),
-            )?;
-        } else {
-            gpu.write_pinned(
-                &mut self.pixels_staging,
-                &mut self.pixels,
-                "images",
-                |out| {
-                    out.par_chunks_mut(1 << 18)
-                        .zip(batch.images.par_chunks(1 << 18))
-                        .for_each(|(to, from)| to.copy_from_slice(from))
-                },
-            )?;
+        let source = self.source;
+        gpu.write_pinned(
+            &mut self.pixels_staging,
+            &mut self.pixels,
+            "images",
+            |out| source.fill(batch, m, out),
+        )?;
+        // Squares keep the zero origins they were allocated with.
+        if !source.crops {
             gpu.write(
                 &batch.window_origin,
                 &mut self.window_origin,

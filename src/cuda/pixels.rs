@@ -50,6 +50,24 @@ impl PixelSource {
     pub fn len(&self, seqs: usize) -> usize {
         seqs / self.windows_per_image * 3 * self.side * self.side
     }
+
+    /// Writes what the gather reads of `batch` into `out` (`self.len(S)` values): each
+    /// window's square, or the images copied over the cores.
+    pub fn fill(&self, batch: &Batch, m: &ModelConfig, out: &mut [f32]) {
+        if self.crops {
+            window_crops(batch, m, out);
+        } else {
+            assert_eq!(
+                out.len(),
+                batch.images.len(),
+                "PixelSource::fill: output size"
+            );
+            const CHUNK: usize = 1 << 18;
+            out.par_chunks_mut(CHUNK)
+                .zip(batch.images.par_chunks(CHUNK))
+                .for_each(|(to, from)| to.copy_from_slice(from));
+        }
+    }
 }
 
 /// images [B, 3, H, W], window_origin [B, n_win, 2] -> out [S, 3, K·p, K·p]: each window's
@@ -100,8 +118,8 @@ mod tests {
         assert_eq!(PixelSource::images(&big).len(8), 2 * 3 * 448 * 448);
     }
 
-    /// Gathering from the crops with zero origins gives the same patches and targets as
-    /// gathering from the whole images.
+    /// The whole images are copied as they are; gathering from the crops with zero origins
+    /// gives the same patches and targets as gathering from the whole images.
     #[test]
     fn crops_hold_every_pixel_the_gather_reads() {
         let m = ModelConfig {
@@ -121,9 +139,14 @@ mod tests {
         let want = patches::gather::<f32>(&m, &batch);
 
         let seqs = batch.sequences(&m);
+        let whole = PixelSource::images(&m);
+        let mut copied = vec![0.0; whole.len(seqs)];
+        whole.fill(&batch, &m, &mut copied);
+        assert_eq!(copied, batch.images);
+
         let source = PixelSource::crops(&m);
         let mut crops = vec![0.0; source.len(seqs)];
-        window_crops(&batch, &m, &mut crops);
+        source.fill(&batch, &m, &mut crops);
         let as_images = ModelConfig {
             image: source.side,
             windows_per_image: 1,
