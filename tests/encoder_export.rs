@@ -13,30 +13,19 @@ use lomar::cpu::ops::attention::RelativeIndex;
 use lomar::cpu::ops::linear;
 use lomar::cpu::CpuBackend;
 use lomar::export::{encoder_tensors, write_encoder, ExportOptions};
-use lomar::params::{standard_normal, Init, ParamLayout};
+use lomar::params::{standard_normal, ParamLayout};
 use lomar::rel_bias::resize_table;
 use lomar::tensor_file::TensorFile;
 use rand::seq::index::sample;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
-/// The initialisation with every bias, norm, token and bias table moved off its trivial
-/// starting value, so no tensor can hide a mistake.
+/// `common::random_params` with every moved tensor at standard deviation 0.3, in f32.
 fn random_params(m: &ModelConfig, seed: u64) -> Vec<f32> {
-    let layout = ParamLayout::new(m);
-    let mut params = layout.init(seed);
-    let mut rng = ChaCha8Rng::seed_from_u64(seed + 1);
-    for e in layout.entries() {
-        let centre = match e.init {
-            Init::Zeros => 0.0,
-            Init::Ones => 1.0,
-            _ => continue,
-        };
-        for v in &mut params[e.range()] {
-            *v = (centre + standard_normal(&mut rng) * 0.3) as f32;
-        }
-    }
-    params
+    common::random_params(m, seed, |_| 0.3)
+        .iter()
+        .map(|&v| v as f32)
+        .collect()
 }
 
 /// The encoder's tokens must be the training forward's when nothing is hidden. Training

@@ -9,7 +9,7 @@ use lomar::cpu::model;
 use lomar::cpu::ops::attention::{self, RelativeIndex};
 use lomar::cpu::ops::{gelu, layer_norm, linear, mse, patches, tokens};
 use lomar::cpu::CpuBackend;
-use lomar::params::{standard_normal, Init, ParamLayout};
+use lomar::params::{standard_normal, ParamLayout};
 use rand::seq::index::sample;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -29,28 +29,20 @@ fn dot(a: &[f64], b: &[f64]) -> f64 {
     a.iter().zip(b).map(|(x, y)| x * y).sum()
 }
 
-/// Parameters with nothing left at a trivial value: the initialisation, then every bias,
-/// norm, token and relative-bias table moved to random non-zero values.
+/// `common::random_params` with the relative-bias tables at standard deviation 0.5 and the
+/// other moved tensors at 0.1.
 fn random_params(m: &ModelConfig, seed: u64) -> Vec<f64> {
-    let layout = ParamLayout::new(m);
-    let mut params: Vec<f64> = layout.init(seed).iter().map(|&v| v as f64).collect();
-    let mut rng = ChaCha8Rng::seed_from_u64(seed + 1);
-    for e in layout.entries() {
-        let centre = match e.init {
-            Init::Zeros => 0.0,
-            Init::Ones => 1.0,
-            _ => continue,
-        };
-        let std = if e.name.contains("relative") {
-            0.5
-        } else {
-            0.1
-        };
-        for v in &mut params[e.range()] {
-            *v = centre + standard_normal(&mut rng) * std;
-        }
-    }
-    params
+    common::random_params(
+        m,
+        seed,
+        |name| {
+            if name.contains("relative") {
+                0.5
+            } else {
+                0.1
+            }
+        },
+    )
 }
 
 /// Compares analytic gradients with central differences of `f` at `coords` of every

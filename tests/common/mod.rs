@@ -7,7 +7,7 @@
 use lomar::batch::Batch;
 use lomar::config::ModelConfig;
 use lomar::cuda::Gpu;
-use lomar::params::standard_normal;
+use lomar::params::{standard_normal, Init, ParamLayout};
 use rand::seq::index::sample;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -92,6 +92,27 @@ pub fn gpu_or_skip(test: &str) -> Option<Gpu> {
         Ok(gpu) => Some(gpu),
         Err(e) => panic!("{test}: a GPU is present but could not be opened: {e:#}"),
     }
+}
+
+/// The initialisation with every tensor that starts at 0 or 1 (biases, norms, tokens,
+/// relative-bias tables) moved to that value plus N(0, `std(name)`), so no tensor can hide
+/// a mistake.
+pub fn random_params(m: &ModelConfig, seed: u64, std: impl Fn(&str) -> f64) -> Vec<f64> {
+    let layout = ParamLayout::new(m);
+    let mut params: Vec<f64> = layout.init(seed).iter().map(|&v| v as f64).collect();
+    let mut rng = ChaCha8Rng::seed_from_u64(seed + 1);
+    for e in layout.entries() {
+        let centre = match e.init {
+            Init::Zeros => 0.0,
+            Init::Ones => 1.0,
+            _ => continue,
+        };
+        let std = std(&e.name);
+        for v in &mut params[e.range()] {
+            *v = centre + standard_normal(&mut rng) * std;
+        }
+    }
+    params
 }
 
 pub fn rng(seed: u64) -> ChaCha8Rng {
