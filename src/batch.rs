@@ -1,9 +1,9 @@
 //! One sampled micro-batch, as every backend receives it (backends never sample).
 
 use anyhow::{bail, Result};
-use rayon::prelude::*;
 
 use crate::config::ModelConfig;
+use crate::finite::first_non_finite;
 
 /// Images plus the windows and masks the sampler drew for them.
 #[derive(Clone, Debug, PartialEq)]
@@ -39,20 +39,7 @@ impl Batch {
                 m.image
             );
         }
-        // Spread over the cores in blocks: at 448 pixels a batch of 256 is 154M values, and
-        // one core scanning them takes longer than the GPU's whole upload of the batch.
-        const BLOCK: usize = 1 << 16;
-        let bad_block = self
-            .images
-            .par_chunks(BLOCK)
-            .position_first(|block| block.iter().any(|v| !v.is_finite()));
-        if let Some(block) = bad_block {
-            let start = block * BLOCK;
-            let i = start
-                + self.images[start..]
-                    .iter()
-                    .take_while(|v| v.is_finite())
-                    .count();
+        if let Some(i) = first_non_finite(&self.images) {
             bail!("images: value {i} is not finite ({})", self.images[i]);
         }
         let seqs = b * m.windows_per_image;
@@ -123,26 +110,22 @@ mod tests {
     use super::*;
     use crate::config::preset;
 
-    /// The scan runs in blocks over the cores; the first bad value is still the one named.
     #[test]
-    fn the_first_non_finite_pixel_is_named_across_blocks() {
-        let m = ModelConfig {
-            image: 256,
-            ..preset("tiny").unwrap()
-        };
+    fn the_first_non_finite_pixel_is_named() {
+        let m = preset("tiny").unwrap();
         let seqs = 2 * m.windows_per_image;
         let mut batch = Batch {
             images_len: 2,
-            images: vec![0.5; 2 * 3 * 256 * 256],
+            images: vec![0.5; 2 * 3 * m.image * m.image],
             window_origin: vec![0; 2 * seqs],
             mask_index: (0..seqs)
                 .flat_map(|_| 0..m.masked_per_window() as u32)
                 .collect(),
         };
         batch.validate(&m).unwrap();
-        batch.images[300_001] = f32::INFINITY;
-        batch.images[200_003] = f32::NAN;
+        batch.images[5001] = f32::INFINITY;
+        batch.images[2003] = f32::NAN;
         let err = batch.validate(&m).unwrap_err().to_string();
-        assert_eq!(err, "images: value 200003 is not finite (NaN)");
+        assert_eq!(err, "images: value 2003 is not finite (NaN)");
     }
 }

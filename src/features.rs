@@ -17,6 +17,7 @@ use crate::cpu::encoder::Encoder;
 use crate::data::augment::load_centred;
 use crate::data::folder::ImageFolder;
 use crate::data::synthetic::{Family, SyntheticImages};
+use crate::finite::first_non_finite;
 use crate::tensor_file::{write_atomic, OutTensor, TensorFile};
 
 /// `format` metadata of a features file.
@@ -228,19 +229,27 @@ impl Features {
                 .map(|(i, out)| source.load(first + i, out))
                 .collect();
             // Unusable images are dropped and the usable ones packed to the front.
-            let mut kept = 0;
+            let mut kept = Vec::with_capacity(count);
             for (i, result) in loaded.into_iter().enumerate() {
                 match result {
                     Ok(()) => {
-                        pixels.copy_within(i * len..(i + 1) * len, kept * len);
+                        pixels.copy_within(i * len..(i + 1) * len, kept.len() * len);
                         labels.push(source.label(first + i)?);
-                        kept += 1;
+                        kept.push(first + i);
                     }
                     Err(why) => eprintln!("warning: skipping {}: {why}", source.name(first + i)),
                 }
             }
-            if kept > 0 {
-                values.extend(encoder.features(&pixels[..kept * len]));
+            if !kept.is_empty() {
+                let chunk_values = encoder.features(&pixels[..kept.len() * len]);
+                if let Some(bad) = first_non_finite(&chunk_values) {
+                    bail!(
+                        "the feature of {} is not finite ({}): the encoder's weights overflow",
+                        source.name(kept[bad / encoder.width()]),
+                        chunk_values[bad]
+                    );
+                }
+                values.extend(chunk_values);
             }
             progress(first + count);
         }

@@ -16,6 +16,7 @@ pub mod device;
 pub mod draw;
 pub mod export;
 pub mod features;
+pub mod finite;
 pub mod flops;
 pub mod metrics;
 pub mod optim;

@@ -1,5 +1,5 @@
-//! Safetensors files: atomic writes, and reads that check each tensor's dtype and shape
-//! and name the tensor and the file when something is wrong.
+//! Safetensors files: atomic writes, and reads that check each tensor's dtype, shape and
+//! values and name the tensor and the file when something is wrong.
 //!
 //! Checkpoints, batch files, parameter files and gradient files all go through here.
 
@@ -11,6 +11,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{anyhow, bail, Context, Result};
 use safetensors::tensor::{Metadata, TensorInfo};
 use safetensors::{Dtype, SafeTensors, View};
+
+use crate::finite::first_non_finite;
 
 // Safetensors stores little-endian values; tensors are written straight from memory.
 #[cfg(target_endian = "big")]
@@ -195,7 +197,7 @@ impl TensorFile {
         Ok(values)
     }
 
-    /// An F32 tensor of any shape, with its shape.
+    /// An F32 tensor of any shape, with its shape; every value must be finite.
     pub fn f32(&self, name: &str) -> Result<(Vec<usize>, Vec<f32>)> {
         let info = self.info(name)?;
         if info.dtype != Dtype::F32 {
@@ -205,11 +207,19 @@ impl TensorFile {
                 info.dtype
             );
         }
-        let values = self
+        let values: Vec<f32> = self
             .bytes_of(info)
             .chunks_exact(4)
             .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
             .collect();
+        // lomar never writes a NaN or an infinity, so one means a damaged or foreign file.
+        if let Some(i) = first_non_finite(&values) {
+            bail!(
+                "{}: tensor `{name}`: value {i} is not finite ({})",
+                self.path.display(),
+                values[i]
+            );
+        }
         Ok((info.shape.clone(), values))
     }
 
@@ -261,12 +271,14 @@ mod tests {
         let path = dir.path().join("t.safetensors");
         let a = [1.5f32, -2.0, 3.25, f32::MIN_POSITIVE, 0.0, 7.0];
         let b = [-3i64, 0, 9];
+        let c = [0.0f32, 1.0, f32::NAN, f32::INFINITY];
         let meta = HashMap::from([("k".to_string(), "v".to_string())]);
         write_atomic(
             &path,
             &[
                 OutTensor::f32("a", &[2, 3], &a),
                 OutTensor::i64("b", &[3], &b),
+                OutTensor::f32("c", &[4], &c),
             ],
             meta,
         )
@@ -282,7 +294,12 @@ mod tests {
         let err = f.f32("b").unwrap_err().to_string();
         assert!(err.contains("`b` has dtype I64, want F32"), "{err}");
         let err = f.f32("c").unwrap_err().to_string();
-        assert!(err.contains("no tensor named `c`"), "{err}");
+        assert!(
+            err.contains("tensor `c`: value 2 is not finite (NaN)"),
+            "{err}"
+        );
+        let err = f.f32("d").unwrap_err().to_string();
+        assert!(err.contains("no tensor named `d`"), "{err}");
     }
 
     #[test]

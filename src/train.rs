@@ -14,6 +14,7 @@ use crate::backend::{AdamWStep, Backend};
 use crate::checkpoint::Checkpoint;
 use crate::config::Config;
 use crate::data::BatchSource;
+use crate::finite::first_non_finite;
 use crate::metrics::{progress_line, MetricsLog, StepRecord};
 use crate::optim::learning_rate;
 
@@ -167,7 +168,7 @@ fn save_checkpoint(
     path: &Path,
 ) -> Result<()> {
     let params = backend.params()?;
-    if let Some(bad) = params.iter().position(|v| !v.is_finite()) {
+    if let Some(bad) = first_non_finite(&params) {
         let name = backend
             .layout()
             .entries()

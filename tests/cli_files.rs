@@ -323,7 +323,7 @@ fn malformed_batch_files_are_refused_naming_the_tensor() {
                 bytes[4 * 9000..4 * 9001].copy_from_slice(&f32::INFINITY.to_le_bytes());
                 Some(Raw { bytes, ..t })
             }),
-            "images: value 7000 is not finite (NaN)",
+            "tensor `images`: value 7000 is not finite (NaN)",
         ),
     ];
     for (name, edit, want) in cases {

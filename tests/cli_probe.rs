@@ -4,9 +4,11 @@ mod common;
 mod images;
 
 use common::{lomar, lomar_err, lomar_ok};
+use lomar::checkpoint::save_params;
 use lomar::cpu::encoder::{Encoder, Pool, View};
 use lomar::data::augment::load_centred;
-use lomar::features::{Features, LabelledImages, SyntheticSource};
+use lomar::features::{Features, LabelledImages, Provenance, SyntheticSource};
+use lomar::params::ParamLayout;
 use lomar::pretrained::Pretrained;
 use lomar::tensor_file::TensorFile;
 
@@ -187,6 +189,85 @@ fn bad_input_is_refused_clearly() {
     // Neither a features file nor a checkpoint: a usage error.
     let out = lomar(d, &["probe"]);
     assert_eq!(out.status.code(), Some(2));
+}
+
+/// A NaN or infinity in a file is refused naming the tensor and the index, and an encoder
+/// whose features overflow names the image: nothing is written either way.
+#[test]
+fn non_finite_values_are_refused_naming_where() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    lomar_ok(d, &["init", "--out", "p.safetensors"]);
+    let model = Pretrained::open(&d.join("p.safetensors")).unwrap();
+    let layout = ParamLayout::new(&model.config.model);
+    let start = |name: &str| {
+        let entry = layout.entries().iter().find(|e| e.name == name).unwrap();
+        entry.range().start
+    };
+    let mut params = model.params.clone();
+    params[start("blocks.1.mlp.fc1.weight") + 5] = f32::NAN;
+    save_params(&d.join("nan.safetensors"), &model.config, &params).unwrap();
+    let mut params = model.params.clone();
+    let embed = start("patch_embed.proj.weight");
+    params[embed..embed + 64].fill(3e38);
+    save_params(&d.join("huge.safetensors"), &model.config, &params).unwrap();
+    let mut features = Features {
+        dim: 2,
+        values: vec![0.5; 8],
+        labels: vec![0, 1, 0, 1],
+        classes: vec!["a".into(), "b".into()],
+    };
+    features.values[7] = f32::INFINITY;
+    let provenance = Provenance {
+        checkpoint: "p.safetensors".into(),
+        step: 0,
+        data: "synthetic".into(),
+        view: "image".into(),
+        pool: "cls".into(),
+        image: 32,
+    };
+    features
+        .save(&d.join("f.safetensors"), &provenance)
+        .unwrap();
+
+    let nan_param =
+        "nan.safetensors: tensor `blocks.1.mlp.fc1.weight`: value 5 is not finite (NaN)";
+    let cases: &[(&[&str], &str)] = &[
+        (
+            &["export", "--checkpoint", "nan.safetensors", "--out", "out"],
+            nan_param,
+        ),
+        (
+            &[
+                "features",
+                "--checkpoint",
+                "nan.safetensors",
+                "--out",
+                "out",
+            ],
+            nan_param,
+        ),
+        (&["probe", "--checkpoint", "nan.safetensors"], nan_param),
+        (
+            &[
+                "features",
+                "--checkpoint",
+                "huge.safetensors",
+                "--out",
+                "out",
+            ],
+            "the feature of embedded image 0 is not finite (NaN)",
+        ),
+        (
+            &["probe", "--features", "f.safetensors"],
+            "f.safetensors: tensor `features`: value 7 is not finite (inf)",
+        ),
+    ];
+    for (args, want) in cases {
+        let stderr = lomar_err(d, args);
+        assert!(stderr.contains(want), "{args:?}: {stderr}");
+        assert!(!d.join("out").exists(), "{args:?} wrote a file");
+    }
 }
 
 #[test]
