@@ -3,7 +3,8 @@
 //! features, over the windows it was trained on, must beat the same encoder's at its
 //! initialisation in k-NN accuracy, with the same probe, images and splits (measured: 21.3%
 //! -> 29.1%, +7.8 points; the test asks for 4). The linear probe is printed too; at this
-//! budget its gain is within the noise of the draw of images, see README.md.
+//! budget its gain is within the noise of the splits. It gains 9 points after 2000 steps,
+//! too long a run for a test (README.md has the table).
 
 use lomar::backend::Backend;
 use lomar::cli::train_defaults;
@@ -24,7 +25,7 @@ const IMAGES: usize = 4000;
 const DATA_SEED: u64 = 1;
 /// Splits the accuracies are averaged over.
 const REPEATS: usize = 5;
-/// Least k-NN improvement required, in accuracy points (measured: 7.2).
+/// Least k-NN improvement required, in accuracy points (measured: 7.8).
 const KNN_MARGIN: f64 = 4.0;
 
 fn evaluate(config: &Config, params: &[f32]) -> ProbeReport {
