@@ -350,7 +350,7 @@ pub struct BenchArgs {
 
 #[derive(Args, Debug)]
 pub struct VisualizeArgs {
-    /// The checkpoint whose model reconstructs.
+    /// The checkpoint (or parameter file) whose model reconstructs.
     #[arg(long, value_name = "CKPT")]
     pub checkpoint: PathBuf,
     /// An image file to show (repeat for more rows).

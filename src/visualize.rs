@@ -17,7 +17,6 @@ use std::path::{Path, PathBuf};
 use anyhow::{anyhow, bail, Context, Result};
 
 use crate::batch::Batch;
-use crate::checkpoint::{load_params, CheckpointFile};
 use crate::config::{ModelConfig, NORM_PIX_EPS};
 use crate::cpu::model::predict;
 use crate::data::augment::load_centred;
@@ -26,6 +25,7 @@ use crate::data::synthetic::SyntheticImages;
 use crate::data::{IMAGENET_MEAN, IMAGENET_STD};
 use crate::draw::font::{text_width, GLYPH_HEIGHT};
 use crate::draw::{Canvas, Rgb, BLACK, WHITE};
+use crate::pretrained::Pretrained;
 use crate::sampler::Sampler;
 
 /// Column titles.
@@ -297,9 +297,8 @@ pub fn visualize(checkpoint: &Path, images: &Images, seed: u64, out: &Path) -> R
     if matches!(images, Images::Folder(_, 0) | Images::Synthetic(0)) {
         bail!("--images 0: nothing to draw; give --images N with N at least 1");
     }
-    let config = CheckpointFile::open(checkpoint)?.config().clone();
+    let Pretrained { config, params, .. } = Pretrained::open(checkpoint)?;
     let m = &config.model;
-    let params = load_params(checkpoint, m)?;
     let pictures = gather_images(images, m, seed)?;
     let windows = Sampler::new(seed).sample(m, pictures.len());
     let batch = Batch {

@@ -138,6 +138,16 @@ fn visualize_shows_the_masked_patches_grey_and_the_prediction_in_their_place() {
         "s.png",
     ];
     assert!(lomar_ok(d, &args).contains("4 images drawn"));
+    // A parameter file (no optimiser state) shows its model as well.
+    lomar_ok(d, &["init", "--out", "p.safetensors"]);
+    let args = [
+        "visualize",
+        "--checkpoint",
+        "p.safetensors",
+        "--out",
+        "p.png",
+    ];
+    assert!(lomar_ok(d, &args).contains("4 images drawn"));
     let args = [
         "visualize",
         "--checkpoint",
