@@ -77,6 +77,13 @@ pub trait Backend {
         Ok(())
     }
 
+    /// True when the backend computes on the host's cores. The training loop then draws
+    /// each batch itself: a worker preparing the next one would compete with the backend
+    /// for the same cores (measured 2-6% slower on 2 cores) instead of overlapping it.
+    fn computes_on_host(&self) -> bool {
+        false
+    }
+
     /// Most memory the backend has held for tensors, in bytes, where it can tell.
     fn peak_memory_bytes(&mut self) -> Option<u64> {
         None

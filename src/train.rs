@@ -4,6 +4,8 @@
 //! `1/accum`, take the global gradient norm (for the log, the divergence check and
 //! clipping), then one AdamW update at the scheduled learning rate. A non-finite loss or
 //! gradient norm stops the run before the update, so no bad state reaches a checkpoint.
+//! On a GPU the next micro-batch is prepared on a worker thread while the current one runs
+//! (`data::prefetch`).
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -13,6 +15,7 @@ use anyhow::{bail, Result};
 use crate::backend::{AdamWStep, Backend};
 use crate::checkpoint::Checkpoint;
 use crate::config::Config;
+use crate::data::prefetch::{Batches, Prepared};
 use crate::data::BatchSource;
 use crate::finite::first_non_finite;
 use crate::metrics::{progress_line, MetricsLog, StepRecord};
@@ -59,7 +62,7 @@ pub fn train(
     backend: &mut dyn Backend,
     config: &Config,
     mut step: u64,
-    mut source: BatchSource,
+    source: BatchSource,
     opts: &TrainOptions,
 ) -> Result<Outcome> {
     let t = &config.train;
@@ -78,15 +81,23 @@ pub fn train(
     let mut last_saved: Option<u64> = None;
     let (mut first_loss, mut last_loss) = (f64::NAN, f64::NAN);
     let mut logged = LogWindow::default();
+    let count = (end - step) * t.accum as u64;
+    let mut batches = Batches::new(source, t.batch, count, !backend.computes_on_host())?;
 
     while step < end {
         let step_started = Instant::now();
         backend.zero_grads()?;
         let mut loss_sum = 0.0f64;
+        let mut last: Option<Prepared> = None;
         for _ in 0..t.accum {
-            let batch = source.next_batch(t.batch)?;
-            loss_sum += backend.forward_backward(&batch, micro_scale)? as f64;
+            let prepared = batches.draw()?;
+            loss_sum += backend.forward_backward(&prepared.batch, micro_scale)? as f64;
+            last = Some(prepared);
         }
+        // The source's state after this step's last micro-batch.
+        let Some(drawn) = last else {
+            bail!("accum = 0: a step needs at least one micro-batch");
+        };
         let loss = loss_sum / t.accum as f64;
         let grad_norm = backend.grad_norm()? as f64;
         let lr = learning_rate(t, step);
@@ -97,7 +108,7 @@ pub fn train(
             grad_norm,
             images_per_s: images_per_step / step_secs,
             elapsed_s: started.elapsed().as_secs_f64(),
-            skipped_files: source.skipped_files(),
+            skipped_files: drawn.skipped_files,
         };
         if !(loss.is_finite() && grad_norm.is_finite()) {
             let record = timed(step_started.elapsed().as_secs_f64());
@@ -138,7 +149,7 @@ pub fn train(
         }
         let every = opts.checkpoint_every;
         if step == end || (every > 0 && step.is_multiple_of(every)) {
-            save_checkpoint(backend, config, step, &source, &checkpoint)?;
+            save_checkpoint(backend, config, step, &drawn, &checkpoint)?;
             last_saved = Some(step);
         }
     }
@@ -158,13 +169,13 @@ pub fn train(
     })
 }
 
-/// Writes the backend's state, refusing parameters that went non-finite so the file on
-/// disk stays the last good one.
+/// Writes the backend's state and the data source's after the batch `drawn`, refusing
+/// parameters that went non-finite so the file on disk stays the last good one.
 fn save_checkpoint(
     backend: &mut dyn Backend,
     config: &Config,
     step: u64,
-    source: &BatchSource,
+    drawn: &Prepared,
     path: &Path,
 ) -> Result<()> {
     let params = backend.params()?;
@@ -186,8 +197,8 @@ fn save_checkpoint(
         step,
         params,
         moments: backend.moments()?,
-        sampler: source.sampler_state(),
-        data: source.data_state(),
+        sampler: drawn.sampler,
+        data: drawn.data.clone(),
     }
     .save(path)
 }

@@ -22,7 +22,9 @@ enum Call {
     Step(AdamWStep),
 }
 
-/// Returns scripted losses and norms, moves every parameter by `-lr` per step.
+/// Returns scripted losses and norms, moves every parameter by `-lr` per step. Like a GPU
+/// backend it leaves the host's cores free, so the loop prepares batches on its worker
+/// thread: these tests cover that path, and the CPU backend's runs the in-line one.
 struct Recorder {
     layout: ParamLayout,
     params: Vec<f32>,

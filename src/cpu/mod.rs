@@ -53,6 +53,10 @@ impl Backend for CpuBackend {
         format!("cpu ({} threads)", rayon::current_num_threads())
     }
 
+    fn computes_on_host(&self) -> bool {
+        true
+    }
+
     fn layout(&self) -> &ParamLayout {
         &self.layout
     }

@@ -6,6 +6,7 @@ pub mod augment;
 pub mod decode;
 pub mod folder;
 pub mod loader;
+pub mod prefetch;
 pub mod resize;
 pub mod synthetic;
 
