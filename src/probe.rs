@@ -135,6 +135,15 @@ pub fn probe(features: &Features, opts: &ProbeOptions) -> Result<ProbeReport> {
             opts.test_fraction
         );
     }
+    let mut present = vec![false; classes];
+    features
+        .labels
+        .iter()
+        .for_each(|&l| present[l as usize] = true);
+    let present = present.iter().filter(|&&p| p).count();
+    if present < 2 {
+        bail!("the images hold {present} class; a probe needs at least 2");
+    }
     let k = opts.k.min(train.len());
     let scores: Vec<SplitScores> = (0..opts.repeats as u64)
         .map(|r| probe_split(features, opts, opts.seed + r, k))

@@ -115,6 +115,10 @@ fn bad_input_is_refused_clearly() {
     let d = dir.path();
     lomar_ok(d, &["init", "--out", "p.safetensors"]);
     images::save(images::picture(8, 8, 1).into(), &d.join("flat/a.png"));
+    for name in ["a", "b", "c", "d", "e"] {
+        let path = d.join(format!("one/only/{name}.png"));
+        images::save(images::picture(8, 8, 1).into(), &path);
+    }
     let p = "p.safetensors";
     let cases: &[(&[&str], &str)] = &[
         (
@@ -181,6 +185,10 @@ fn bad_input_is_refused_clearly() {
             "repeats = 0",
         ),
         (&["probe", "--features", p], "is not a lomar features file"),
+        (
+            &["probe", "--checkpoint", p, "--data", "one"],
+            "the images hold 1 class; a probe needs at least 2",
+        ),
     ];
     for (args, want) in cases {
         let stderr = lomar_err(d, args);
