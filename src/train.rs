@@ -108,7 +108,7 @@ pub fn train(
             grad_norm,
             images_per_s: images_per_step / step_secs,
             elapsed_s: started.elapsed().as_secs_f64(),
-            skipped_files: drawn.skipped_files,
+            skipped_files: drawn.data.skipped_files(),
         };
         if !(loss.is_finite() && grad_norm.is_finite()) {
             let record = timed(step_started.elapsed().as_secs_f64());

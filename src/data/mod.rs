@@ -52,6 +52,11 @@ impl DataState {
             folder: None,
         }
     }
+
+    /// Files found unusable so far; `None` for the synthetic images.
+    pub fn skipped_files(&self) -> Option<u64> {
+        self.folder.as_ref().map(|f| f.skipped.len() as u64)
+    }
 }
 
 /// The image folder a run reads, as a checkpoint records it.
@@ -182,14 +187,6 @@ impl BatchSource {
                 next_image: loader.position(),
                 folder: Some(loader.state()),
             },
-        }
-    }
-
-    /// Files found unusable so far; `None` for the synthetic images.
-    pub fn skipped_files(&self) -> Option<u64> {
-        match &self.images {
-            Images::Synthetic { .. } => None,
-            Images::Folder(loader) => Some(loader.skipped()),
         }
     }
 
