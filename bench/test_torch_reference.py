@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Tests of bench/torch_reference.py: `python3 bench/test_torch_reference.py`.
 
-The vectorised model is checked against a second, loop-by-loop reading of DESIGN.md, its
+The vectorised model is checked against a second, loop-by-loop reading of docs/DESIGN.md, its
 gradients against finite differences, and the file formats and the command line end to
 end. The CUDA tests run where torch sees a GPU and are skipped elsewhere.
 """
@@ -47,7 +47,7 @@ def random_batch(cfg: tr.ModelConfig, images: int, seed: int) -> tuple[torch.Ten
 
 
 def loop_loss(model: tr.LomarViT, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
-    """DESIGN.md §1.2-1.3 token by token, sharing nothing with the vectorised forward."""
+    """docs/DESIGN.md §1.2-1.3 token by token, sharing nothing with the vectorised forward."""
     cfg, p, k = model.cfg, model.cfg.patch, model.cfg.window
     span = 2 * k - 1
     images, origin, mask_index, _ = batch

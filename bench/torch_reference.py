@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""The lomar model (DESIGN.md §1) in PyTorch, written once and used for two jobs.
+"""The lomar model (docs/DESIGN.md §1) in PyTorch, written once and used for two jobs.
 
 Gradient check (default): loads lomar's parameter file and a batch file, computes the loss
 and every parameter's gradient in fp64 (or fp32) and compares them with the file that
@@ -131,7 +131,7 @@ PRESETS = {
 }
 
 # ---------------------------------------------------------------------------------------
-# Model (DESIGN.md §1.2); parameter names and shapes are those of src/params.rs
+# Model (docs/DESIGN.md §1.2); parameter names and shapes are those of src/params.rs
 # ---------------------------------------------------------------------------------------
 
 
@@ -233,7 +233,7 @@ class LomarViT(nn.Module):
         mask_index: torch.Tensor,
         visible_index: torch.Tensor,
     ) -> torch.Tensor:
-        """The batch's mean loss (DESIGN.md §1.3).
+        """The batch's mean loss (docs/DESIGN.md §1.3).
 
         images [B, 3, H, W] normalised; window_origin [B, n, 2] (row, col) of each window's
         top-left patch; mask_index [B, n, M] and visible_index [B, n, V] the masked and
@@ -282,7 +282,7 @@ def is_decayed(name: str, param: torch.Tensor) -> bool:
 
 @torch.no_grad()
 def init_parameters(model: LomarViT) -> None:
-    """DESIGN.md §1.4: xavier-uniform matrices, zero biases and tables, unit norm weights."""
+    """docs/DESIGN.md §1.4: xavier-uniform matrices, zero biases and tables, unit norm weights."""
     for name, param in model.named_parameters():
         if is_decayed(name, param):
             nn.init.xavier_uniform_(param.view(param.shape[0], -1))
@@ -300,7 +300,7 @@ def init_parameters(model: LomarViT) -> None:
 
 
 def sample_batch(cfg: ModelConfig, images: int, device: torch.device) -> tuple[torch.Tensor, ...]:
-    """A random batch drawn like lomar's sampler (DESIGN.md §1.1), on `device`.
+    """A random batch drawn like lomar's sampler (docs/DESIGN.md §1.1), on `device`.
 
     Window origins uniform in [0, G-K]² per image and window; M distinct masked positions
     per window, uniform. Returns (images, window_origin, mask_index, visible_index).

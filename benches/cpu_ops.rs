@@ -6,11 +6,11 @@ use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use lomar::backend::{AdamWStep, Backend};
-use lomar::batch::Batch;
 use lomar::config::preset;
 use lomar::cpu::ops::attention::{self, RelativeIndex};
-use lomar::cpu::ops::{gelu, layer_norm, linear};
+use lomar::cpu::ops::{gelu, layernorm, linear};
 use lomar::cpu::CpuBackend;
+use lomar::data::batch::Batch;
 use lomar::params::ParamLayout;
 
 const SEQS: usize = 128;
@@ -39,37 +39,37 @@ fn block_ops(c: &mut Criterion) {
     );
     let mut y = filled(ROWS * 4 * WIDTH);
     g.bench_function("fc1_forward", |bench| {
-        bench.iter(|| linear::forward(&mut y, &x, &w, &b))
+        bench.iter(|| linear::linear_forward(&mut y, &x, &w, &b))
     });
     let (mut dx, mut dw, mut db) = (filled(ROWS * WIDTH), filled(w.len()), filled(b.len()));
     g.bench_function("fc1_backward", |bench| {
-        bench.iter(|| linear::backward(Some(&mut dx), &mut dw, &mut db, &y, &x, &w))
+        bench.iter(|| linear::linear_backward(Some(&mut dx), &mut dw, &mut db, &y, &x, &w))
     });
 
     // Pre-activations of the size GELU sees in a trained network.
     let pre = spread(y.len(), 3.0);
     let (mut act, mut cdf) = (filled(y.len()), filled(y.len()));
     g.bench_function("gelu_forward", |bench| {
-        bench.iter(|| gelu::forward(&mut act, &mut cdf, &pre))
+        bench.iter(|| gelu::gelu_forward(&mut act, &mut cdf, &pre))
     });
     let dy = filled(y.len());
     g.bench_function("gelu_backward_with_copy_of_dy", |bench| {
         bench.iter(|| {
             act.copy_from_slice(&dy);
-            gelu::backward(&mut act, &pre, &cdf)
+            gelu::gelu_backward(&mut act, &pre, &cdf)
         })
     });
 
     let (gamma, beta) = (filled(WIDTH), filled(WIDTH));
     let mut normed = filled(x.len());
-    let stats = layer_norm::forward(&mut normed, &x, &gamma, &beta);
+    let stats = layernorm::layernorm_forward(&mut normed, &x, &gamma, &beta);
     g.bench_function("layer_norm_forward", |bench| {
-        bench.iter(|| layer_norm::forward(&mut normed, &x, &gamma, &beta))
+        bench.iter(|| layernorm::layernorm_forward(&mut normed, &x, &gamma, &beta))
     });
     let (mut dgamma, mut dbeta) = (filled(WIDTH), filled(WIDTH));
     g.bench_function("layer_norm_backward", |bench| {
         bench.iter(|| {
-            layer_norm::backward(
+            layernorm::layernorm_backward(
                 &mut dx,
                 &mut dgamma,
                 &mut dbeta,
@@ -85,11 +85,13 @@ fn block_ops(c: &mut Criterion) {
     let (qkv, table) = (filled(ROWS * 3 * WIDTH), filled(rel.table_rows * HEADS));
     let (mut out, mut probs) = (filled(ROWS * WIDTH), filled(SEQS * HEADS * TOKENS * TOKENS));
     g.bench_function("attention_forward", |bench| {
-        bench.iter(|| attention::forward(&mut out, &mut probs, &qkv, &table, &rel, HEADS))
+        bench.iter(|| attention::attention_forward(&mut out, &mut probs, &qkv, &table, &rel, HEADS))
     });
     let (mut dqkv, mut dtable) = (filled(qkv.len()), filled(table.len()));
     g.bench_function("attention_backward", |bench| {
-        bench.iter(|| attention::backward(&mut dqkv, &mut dtable, &out, &qkv, &probs, &rel, HEADS))
+        bench.iter(|| {
+            attention::attention_backward(&mut dqkv, &mut dtable, &out, &qkv, &probs, &rel, HEADS)
+        })
     });
     g.finish();
 }

@@ -1,4 +1,4 @@
-// Fused AdamW over the flat fp32 master buffer (DESIGN.md §1.4), writing the storage-type
+// Fused AdamW over the flat fp32 master buffer (docs/DESIGN.md §1.4), writing the storage-type
 // copy of every weight that the GEMMs read in the same pass.
 //
 // params [n] f32 (in place), grads [n] f32, m [n] f32, v [n] f32 (in place),

@@ -1,4 +1,4 @@
-// Fused windowed multi-head attention with BEiT's relative position bias (DESIGN.md §1.2).
+// Fused windowed multi-head attention with BEiT's relative position bias (docs/DESIGN.md §1.2).
 //
 // forward:  qkv [S, T, 3D] E, table [(2K-1)²+3, h] f32 -> out [S, T, D] E, lse [S, h, T] f32
 // backward: qkv, table, out, dout [S, T, D] E, lse -> dqkv [S, T, 3D] E (overwritten),

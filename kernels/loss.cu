@@ -1,4 +1,4 @@
-// Masked MSE (DESIGN.md §1.3) with its gradient fused; the head bias is added here.
+// Masked MSE (docs/DESIGN.md §1.3) with its gradient fused; the head bias is added here.
 //
 // pred [Nm, P] T (head GEMM output without bias), bias [P] f32, target [Nm, P] f32
 //   -> dpred [Nm, P] T = grad_coef * (pred + bias - target)

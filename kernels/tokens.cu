@@ -1,4 +1,4 @@
-// Token assembly (DESIGN.md §1.2) and the masked-token gather for the head, each with its
+// Token assembly (docs/DESIGN.md §1.2) and the masked-token gather for the head, each with its
 // backward. The residual stream is fp32 in both precisions.
 //
 // pos_slot[s*K² + i] is the visible row of window position i (>= 0) or -(1 + masked row).

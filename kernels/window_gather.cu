@@ -1,4 +1,4 @@
-// Window gather fused with the norm-pix targets (DESIGN.md §1.2, §1.3): reads only the
+// Window gather fused with the norm-pix targets (docs/DESIGN.md §1.2, §1.3): reads only the
 // patches the windows use, straight from the image.
 //
 // images [B,3,H,W] f32, window_origin [S,2] u32, pos_slot [S,K²] i32

@@ -3,7 +3,7 @@
 
 use anyhow::Result;
 
-use crate::batch::Batch;
+use crate::data::batch::Batch;
 use crate::params::ParamLayout;
 
 /// `--precision`: what the CUDA backend stores activations and matrix-product operands
@@ -26,7 +26,7 @@ impl std::fmt::Display for Precision {
     }
 }
 
-/// One AdamW update's settings (DESIGN.md §1.4).
+/// One AdamW update's settings (docs/DESIGN.md §1.4).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct AdamWStep {
     /// 1-based optimiser step, for the bias corrections.

@@ -1,31 +1,30 @@
 //! lomar: LoMaR self-supervised ViT pretraining with a CPU reference backend and a
-//! hand-written CUDA backend. DESIGN.md is the contract for what it computes; the modules
-//! follow the data flow: sample → gather/embed → blocks → head → loss → backward → optimiser.
+//! hand-written CUDA backend. docs/DESIGN.md says what it computes. The modules follow
+//! the data flow of a training step, then what is done with its result:
+//!
+//! - `config`, `params`: what a run trains (presets, validated settings, the parameter layout);
+//! - `data`: images (embedded or a folder), the window/mask sampler, batches;
+//! - `backend` with `cpu` and `cuda`: gather/embed → blocks → head → loss → backward;
+//! - `train`: the loop, the optimiser's schedule, metrics; `bench`: timing it;
+//! - `io`: the file formats (tensors, batches, checkpoints, pretrained weights);
+//! - `eval`: export to timm, features, probes, figures;
+//! - `cli`: the `lomar` commands.
+
+pub mod config;
+pub mod params;
+
+pub mod data;
 
 pub mod backend;
-pub mod batch;
-pub mod batch_file;
-pub mod bench;
-pub mod checkpoint;
-pub mod cli;
-pub mod config;
 pub mod cpu;
 pub mod cuda;
-pub mod data;
 pub mod device;
-pub mod draw;
-pub mod export;
-pub mod features;
-pub mod finite;
-pub mod flops;
-pub mod metrics;
-pub mod optim;
-pub mod params;
-pub mod plot;
-pub mod pretrained;
-pub mod probe;
-pub mod rel_bias;
-pub mod sampler;
-pub mod tensor_file;
+
+pub mod bench;
 pub mod train;
-pub mod visualize;
+
+pub mod io;
+
+pub mod eval;
+
+pub mod cli;

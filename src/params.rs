@@ -12,7 +12,7 @@ use rand_chacha::ChaCha8Rng;
 
 use crate::config::ModelConfig;
 
-/// How a tensor is initialised (DESIGN.md §1.4).
+/// How a tensor is initialised (docs/DESIGN.md §1.4).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Init {
     Zeros,

@@ -3,8 +3,8 @@
 mod common;
 
 use common::{lomar_err, lomar_ok};
+use lomar::bench::flops::training_flops;
 use lomar::config::preset;
-use lomar::flops::training_flops;
 
 #[test]
 fn bench_reports_consistent_figures_and_writes_json() {

@@ -11,8 +11,8 @@ use lomar::backend::Backend;
 use lomar::config::preset;
 use lomar::cpu::CpuBackend;
 use lomar::data::BatchSource;
+use lomar::io::tensor_file::TensorFile;
 use lomar::params::ParamLayout;
-use lomar::tensor_file::TensorFile;
 use safetensors::{Dtype, SafeTensors};
 
 /// Changes one tensor of a file, or removes it by returning `None`.

@@ -5,8 +5,8 @@ mod common;
 use std::path::Path;
 
 use common::{lomar_err, lomar_ok};
-use lomar::checkpoint::{Checkpoint, CheckpointFile};
 use lomar::config::preset;
+use lomar::io::checkpoint::{Checkpoint, CheckpointFile};
 
 /// Few images per step so the test is quick; the schedule still warms up and decays.
 const SMALL: [&str; 8] = [

@@ -4,13 +4,13 @@ mod common;
 mod images;
 
 use common::{lomar, lomar_err, lomar_ok};
-use lomar::checkpoint::save_params;
 use lomar::cpu::encoder::{Encoder, Pool, View};
 use lomar::data::augment::load_centred;
-use lomar::features::{Features, LabelledImages, Provenance, SyntheticSource};
+use lomar::eval::features::{Features, LabelledImages, Provenance, SyntheticSource};
+use lomar::io::checkpoint::save_params;
+use lomar::io::pretrained::Pretrained;
+use lomar::io::tensor_file::TensorFile;
 use lomar::params::ParamLayout;
-use lomar::pretrained::Pretrained;
-use lomar::tensor_file::TensorFile;
 
 /// The percentage printed after `top-1` on the line starting with `label`.
 fn top1(stdout: &str, label: &str) -> f64 {

@@ -165,11 +165,11 @@ fn check<E: Elem>(gpu: &Gpu, shape: AttnShape, seed: u64) -> Result<()> {
     let (qkv64, table64, dout64) = (widen(&qkv), widen_f32(&table), widen(&dout));
     let mut out_ref = vec![0.0; s * t * width];
     let mut probs = vec![0.0; s * h * t * t];
-    cpu::forward(&mut out_ref, &mut probs, &qkv64, &table64, &rel, h);
+    cpu::attention_forward(&mut out_ref, &mut probs, &qkv64, &table64, &rel, h);
     let lse_ref = lse_from_probs(&qkv64, &table64, &probs, &rel, shape);
     let mut dqkv_ref = vec![0.0; qkv.len()];
     let mut dtable_ref = vec![0.0; table_len];
-    cpu::backward(
+    cpu::attention_backward(
         &mut dqkv_ref,
         &mut dtable_ref,
         &dout64,

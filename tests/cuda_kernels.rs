@@ -9,7 +9,7 @@ use cudarc::driver::CudaSlice;
 use half::bf16;
 use lomar::backend::AdamWStep;
 use lomar::config::{preset, ModelConfig};
-use lomar::cpu::ops::{gelu, layer_norm, linear, mse, patches, tokens};
+use lomar::cpu::ops::{gelu, layernorm, linear, loss, tokens, window_gather};
 use lomar::cuda::launch::{scratch_len, REDUCE_CHUNKS};
 use lomar::cuda::pixels::{window_crops, PixelSource};
 use lomar::cuda::{Blas, Gpu, Kernels, Storage};
@@ -59,7 +59,7 @@ fn window_gather_case<T: Storage>(
 ) {
     let batch = sample_batch(m, 3, 11);
     let seqs = batch.sequences(m);
-    let want = patches::gather::<f32>(m, &batch);
+    let want = window_gather::window_gather::<f32>(m, &batch);
     let (pixels, origins) = if source.crops {
         let mut crops = vec![0.0; source.len(seqs)];
         window_crops(&batch, m, &mut crops);
@@ -160,7 +160,7 @@ fn token_assembly_case<T: Storage>(gpu: &Gpu, k: &Kernels<T>, title: String) {
         .flat_map(|row| row.iter().zip(&bias).map(|(a, b)| a + b))
         .collect();
     let mut want_x = vec![0.0; n * d];
-    tokens::assemble(
+    tokens::assemble_tokens_forward(
         &mut want_x,
         &cls,
         &mask,
@@ -193,7 +193,7 @@ fn token_assembly_case<T: Storage>(gpu: &Gpu, k: &Kernels<T>, title: String) {
     let start = uniform(&mut r, 3 * d, 1.0);
     let (mut want_cls, mut want_mask) = (start[..d].to_vec(), start[d..2 * d].to_vec());
     let mut want_demb = vec![0.0; nv * d];
-    tokens::assemble_backward(
+    tokens::assemble_tokens_backward(
         &mut want_cls,
         &mut want_mask,
         &mut want_demb,
@@ -263,7 +263,7 @@ fn masked_token_gather_and_scatter_match_cpu() {
         let mut r = rng(15);
         let x = uniform(&mut r, seqs * t * d, 1.0);
         let mut want = vec![0.0; nm * d];
-        tokens::select_masked(&mut want, &x, &batch.mask_index, t);
+        tokens::gather_masked_tokens(&mut want, &x, &batch.mask_index, t);
         let (x_d, idx) = (
             up::<f32>(gpu, &x),
             gpu.upload(&batch.mask_index, "mask").unwrap(),
@@ -277,7 +277,7 @@ fn masked_token_gather_and_scatter_match_cpu() {
         let dxm = uniform(&mut r, nm * d, 1.0);
         let mut want_dx = uniform(&mut r, seqs * t * d, 1.0);
         let dx_d = up::<f32>(gpu, &want_dx);
-        tokens::select_masked_backward(&mut want_dx, &dxm, &batch.mask_index, t);
+        tokens::scatter_masked_tokens(&mut want_dx, &dxm, &batch.mask_index, t);
         let dxm_d = up::<f32>(gpu, &dxm);
         k32.scatter_masked_tokens(gpu.ptr(&dxm_d), gpu.ptr(&idx), gpu.ptr(&dx_d), &m, seqs)
             .unwrap();
@@ -302,7 +302,7 @@ fn layernorm_case<T: Storage>(gpu: &Gpu, k: &Kernels<T>, title: String) {
             .collect();
         let (gamma, beta) = (uniform(&mut r, width, 2.0), uniform(&mut r, width, 1.0));
         let mut want_y = vec![0.0; rows * width];
-        let stats = layer_norm::forward(&mut want_y, &x, &gamma, &beta);
+        let stats = layernorm::layernorm_forward(&mut want_y, &x, &gamma, &beta);
         let (x_d, g_d, b_d) = (
             up::<f32>(gpu, &x),
             up::<f32>(gpu, &gamma),
@@ -350,7 +350,7 @@ fn layernorm_case<T: Storage>(gpu: &Gpu, k: &Kernels<T>, title: String) {
         let mut want_db = uniform(&mut r, width, 1.0);
         let dx_d = up::<f32>(gpu, &want_dx);
         let grads = up::<f32>(gpu, &[want_dg.clone(), want_db.clone()].concat());
-        layer_norm::backward(
+        layernorm::layernorm_backward(
             &mut want_dx,
             &mut want_dg,
             &mut want_db,
@@ -420,7 +420,7 @@ fn gelu_case<T: Storage>(gpu: &Gpu, k: &Kernels<T>, title: String) {
             .collect::<Vec<_>>(),
     );
     let (mut want_act, mut cdf) = (vec![0.0; x.len()], vec![0.0; x.len()]);
-    gelu::forward(&mut want_act, &mut cdf, &x);
+    gelu::gelu_forward(&mut want_act, &mut cdf, &x);
     let (pre_d, bias_d) = (up::<T>(gpu, &pre), up::<f32>(gpu, &bias));
     let act: CudaSlice<T> = gpu.zeros(x.len(), "act").unwrap();
     k.bias_gelu_forward(gpu.ptr(&pre_d), gpu.ptr(&bias_d), gpu.ptr(&act), rows, cols)
@@ -436,7 +436,7 @@ fn gelu_case<T: Storage>(gpu: &Gpu, k: &Kernels<T>, title: String) {
 
     let dact = round_to::<T>(&uniform(&mut r, x.len(), 1.0));
     let mut want = dact.clone();
-    gelu::backward(&mut want, &x, &cdf);
+    gelu::gelu_backward(&mut want, &x, &cdf);
     let grad = up::<T>(gpu, &dact);
     k.gelu_backward(gpu.ptr(&pre_d), gpu.ptr(&grad), x.len())
         .unwrap();
@@ -469,7 +469,7 @@ fn masked_mse_case<T: Storage>(gpu: &Gpu, k: &Kernels<T>, title: String) {
         .map(|(i, v)| v + bias[i % cols])
         .collect();
     let mut want_d = vec![0.0; pred.len()];
-    let want_loss = mse::loss_and_grad(&mut want_d, &with_bias, &target, 0.25);
+    let want_loss = loss::masked_mse(&mut want_d, &with_bias, &target, 0.25);
     let (pred_d, bias_d, target_d) = (
         up::<T>(gpu, &pred),
         up::<f32>(gpu, &bias),
@@ -535,7 +535,7 @@ fn adamw_case<T: Storage>(gpu: &Gpu, k: &Kernels<T>, title: String) {
     let mask: Vec<u8> = decay.iter().map(|&x| x as u8).collect();
     let mask_d = gpu.upload(&mask, "mask").unwrap();
     let shadow: CudaSlice<T> = gpu.zeros(n, "shadow").unwrap();
-    lomar::optim::adamw_update(&mut params, &grads, &mut m, &mut v, &decay, &step);
+    lomar::train::optim::adamw_update(&mut params, &grads, &mut m, &mut v, &decay, &step);
     k.adamw(
         gpu.ptr(&p_d),
         gpu.ptr(&g_d),
@@ -705,11 +705,11 @@ fn gemm_case<T: Storage>(gpu: &Gpu, blas: &Blas, title: String) {
     let dw_start = uniform(&mut r, out * inp, 1.0);
     let zero_bias = vec![0.0; out];
     let mut want_y = vec![0.0; rows * out];
-    linear::forward(&mut want_y, &x, &w, &zero_bias);
+    linear::linear_forward(&mut want_y, &x, &w, &zero_bias);
     let mut want_dx = vec![0.0; rows * inp];
     let mut want_dw = dw_start.clone();
     let mut db = vec![0.0; out];
-    linear::backward(Some(&mut want_dx), &mut want_dw, &mut db, &dy, &x, &w);
+    linear::linear_backward(Some(&mut want_dx), &mut want_dw, &mut db, &dy, &x, &w);
 
     let (x_d, w_d, dy_d) = (up::<T>(gpu, &x), up::<T>(gpu, &w), up::<T>(gpu, &dy));
     let y: CudaSlice<T> = gpu.zeros(rows * out, "y").unwrap();

@@ -13,7 +13,7 @@ use lomar::cpu::CpuBackend;
 use lomar::cuda::CudaBackend;
 use lomar::params::{standard_normal, ParamLayout};
 
-/// Gradient tolerance of each mode (DESIGN.md §3).
+/// Gradient tolerance of each mode (docs/DESIGN.md §5).
 fn grad_tol(p: Precision) -> f64 {
     match p {
         Precision::Fp32 => 1e-4,

@@ -5,17 +5,17 @@ mod common;
 
 use common::sample_batch;
 use lomar::backend::{AdamWStep, Backend};
-use lomar::batch::Batch;
 use lomar::config::{preset, ModelConfig};
 use lomar::cpu::encoder::{Encoder, Pool, View};
 use lomar::cpu::model;
 use lomar::cpu::ops::attention::RelativeIndex;
 use lomar::cpu::ops::linear;
 use lomar::cpu::CpuBackend;
-use lomar::export::{encoder_tensors, write_encoder, ExportOptions};
+use lomar::data::batch::Batch;
+use lomar::eval::export::{encoder_tensors, write_encoder, ExportOptions};
+use lomar::eval::rel_bias::resize_table;
+use lomar::io::tensor_file::TensorFile;
 use lomar::params::{standard_normal, ParamLayout};
-use lomar::rel_bias::resize_table;
-use lomar::tensor_file::TensorFile;
 use rand::seq::index::sample;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -91,7 +91,7 @@ fn encoder_matches_training_forward(m: &ModelConfig, view: View, seed: u64) {
 
     let mut params = encoder_params.clone();
     let mut embedded = vec![0.0f32; m.width];
-    linear::forward(
+    linear::linear_forward(
         &mut embedded,
         &patch,
         &params[r.patch_w.clone()],
@@ -113,7 +113,7 @@ fn encoder_matches_training_forward(m: &ModelConfig, view: View, seed: u64) {
         }
     }
     let mut from_encoder = vec![0.0f32; pred.len()];
-    linear::forward(
+    linear::linear_forward(
         &mut from_encoder,
         &picked,
         &params[r.head_w.clone()],

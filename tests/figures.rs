@@ -8,8 +8,8 @@ use std::path::Path;
 use common::{lomar_err, lomar_ok};
 use image::RgbImage;
 use lomar::config::preset;
-use lomar::sampler::Sampler;
-use lomar::visualize::Layout;
+use lomar::data::sampler::Sampler;
+use lomar::eval::visualize::Layout;
 
 fn read_png(path: &Path) -> RgbImage {
     image::open(path).unwrap().into_rgb8()

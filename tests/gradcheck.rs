@@ -1,14 +1,14 @@
 //! The CPU reference checked against itself from first principles: every op's backward and
 //! the whole model's gradient against central finite differences in f64, the forward
-//! against a loop-by-loop transcription of DESIGN.md, and the f32 backend against f64.
+//! against a loop-by-loop transcription of docs/DESIGN.md, and the f32 backend against f64.
 
 use lomar::backend::{AdamWStep, Backend};
-use lomar::batch::Batch;
 use lomar::config::{preset, ModelConfig};
 use lomar::cpu::model;
 use lomar::cpu::ops::attention::{self, RelativeIndex};
-use lomar::cpu::ops::{gelu, layer_norm, linear, mse, patches, tokens};
+use lomar::cpu::ops::{gelu, layernorm, linear, loss, tokens, window_gather};
 use lomar::cpu::CpuBackend;
+use lomar::data::batch::Batch;
 use lomar::params::{standard_normal, ParamLayout};
 use rand::seq::index::sample;
 use rand::SeedableRng;
@@ -111,13 +111,13 @@ fn linear_backward_matches_finite_differences() {
     let weights = randn(&mut rng, n * d_out, 1.0);
     let f = |inp: &[Vec<f64>]| {
         let mut y = vec![0.0; n * d_out];
-        linear::forward(&mut y, &inp[0], &inp[1], &inp[2]);
+        linear::linear_forward(&mut y, &inp[0], &inp[1], &inp[2]);
         dot(&y, &weights)
     };
     let mut dx = vec![f64::NAN; n * d_in];
     // Parameter gradients accumulate: start from non-zero values and subtract them.
     let (mut dw, mut db) = (vec![1.0; d_out * d_in], vec![2.0; d_out]);
-    linear::backward(
+    linear::linear_backward(
         Some(&mut dx),
         &mut dw,
         &mut db,
@@ -131,9 +131,9 @@ fn linear_backward_matches_finite_differences() {
 
     // forward_add adds exactly what forward writes.
     let mut y = vec![0.0; n * d_out];
-    linear::forward(&mut y, &inputs[0], &inputs[1], &inputs[2]);
+    linear::linear_forward(&mut y, &inputs[0], &inputs[1], &inputs[2]);
     let mut acc = vec![0.5; n * d_out];
-    linear::forward_add(&mut acc, &inputs[0], &inputs[1], &inputs[2]);
+    linear::linear_forward_add(&mut acc, &inputs[0], &inputs[1], &inputs[2]);
     assert!(acc.iter().zip(&y).all(|(a, b)| (a - 0.5 - b).abs() < 1e-12));
 }
 
@@ -149,14 +149,14 @@ fn layer_norm_backward_matches_finite_differences() {
     let weights = randn(&mut rng, n * d, 1.0);
     let f = |inp: &[Vec<f64>]| {
         let mut y = vec![0.0; n * d];
-        layer_norm::forward(&mut y, &inp[0], &inp[1], &inp[2]);
+        layernorm::layernorm_forward(&mut y, &inp[0], &inp[1], &inp[2]);
         dot(&y, &weights)
     };
     let mut y = vec![0.0; n * d];
-    let stats = layer_norm::forward(&mut y, &inputs[0], &inputs[1], &inputs[2]);
+    let stats = layernorm::layernorm_forward(&mut y, &inputs[0], &inputs[1], &inputs[2]);
     // dx accumulates (the residual stream): start it at 3 and subtract.
     let (mut dx, mut dg, mut db) = (vec![3.0; n * d], vec![0.0; d], vec![0.0; d]);
-    layer_norm::backward(
+    layernorm::layernorm_backward(
         &mut dx, &mut dg, &mut db, &weights, &inputs[0], &stats, &inputs[1],
     );
     dx.iter_mut().for_each(|v| *v -= 3.0);
@@ -217,7 +217,7 @@ fn attention_forward_matches_the_definition_and_backward_matches_finite_differen
     let run = |inp: &[Vec<f64>]| {
         let mut out = vec![0.0; seqs * t * width];
         let mut probs = vec![0.0; seqs * heads * t * t];
-        attention::forward(&mut out, &mut probs, &inp[0], &inp[1], &rel, heads);
+        attention::attention_forward(&mut out, &mut probs, &inp[0], &inp[1], &rel, heads);
         (out, probs)
     };
     let (out, probs) = run(&inputs);
@@ -237,7 +237,7 @@ fn attention_forward_matches_the_definition_and_backward_matches_finite_differen
     let f = |inp: &[Vec<f64>]| dot(&run(inp).0, &weights);
     let mut dqkv = vec![f64::NAN; inputs[0].len()];
     let mut dtable = vec![0.0; inputs[1].len()];
-    attention::backward(
+    attention::attention_backward(
         &mut dqkv,
         &mut dtable,
         &weights,
@@ -257,12 +257,12 @@ fn gelu_backward_matches_finite_differences() {
     let weights: Vec<f64> = (0..40).map(|i| 1.0 + (i as f64 * 0.37).sin()).collect();
     let run = |inp: &[Vec<f64>]| {
         let (mut y, mut cdf) = (vec![0.0; 40], vec![0.0; 40]);
-        gelu::forward(&mut y, &mut cdf, &inp[0]);
+        gelu::gelu_forward(&mut y, &mut cdf, &inp[0]);
         (y, cdf)
     };
     let f = |inp: &[Vec<f64>]| dot(&run(inp).0, &weights);
     let mut grad = weights.clone();
-    gelu::backward(&mut grad, &inputs[0], &run(&inputs).1);
+    gelu::gelu_backward(&mut grad, &inputs[0], &run(&inputs).1);
     OP_TOL.run("gelu", &mut inputs, &[grad], every, f);
 }
 
@@ -285,7 +285,7 @@ fn token_assembly_backward_matches_finite_differences() {
     let weights = randn(&mut rng, seqs * (1 + area) * d, 1.0);
     let run = |inp: &[Vec<f64>]| {
         let mut x = vec![0.0; seqs * (1 + area) * d];
-        tokens::assemble(&mut x, &inp[0], &inp[1], &inp[2], &slots, area);
+        tokens::assemble_tokens_forward(&mut x, &inp[0], &inp[1], &inp[2], &slots, area);
         x
     };
     let x = run(&inputs);
@@ -300,7 +300,7 @@ fn token_assembly_backward_matches_finite_differences() {
     let f = |inp: &[Vec<f64>]| dot(&run(inp), &weights);
     let (mut dcls, mut dmask) = (vec![0.0; d], vec![0.0; d]);
     let mut demb = vec![f64::NAN; seqs * visible * d];
-    tokens::assemble_backward(&mut dcls, &mut dmask, &mut demb, &weights, &slots, area);
+    tokens::assemble_tokens_backward(&mut dcls, &mut dmask, &mut demb, &weights, &slots, area);
     OP_TOL.run("assemble", &mut inputs, &[dcls, dmask, demb], every, f);
 }
 
@@ -313,14 +313,14 @@ fn masked_selection_backward_matches_finite_differences() {
     let weights = randn(&mut rng, mask_index.len() * d, 1.0);
     let run = |inp: &[Vec<f64>]| {
         let mut picked = vec![0.0; mask_index.len() * d];
-        tokens::select_masked(&mut picked, &inp[0], &mask_index, t);
+        tokens::gather_masked_tokens(&mut picked, &inp[0], &mask_index, t);
         picked
     };
     // Second sequence, mask index 3 → token 4.
     assert_eq!(run(&inputs)[3 * d..], inputs[0][(t + 4) * d..][..d]);
     let f = |inp: &[Vec<f64>]| dot(&run(inp), &weights);
     let mut dx = vec![0.0; seqs * t * d];
-    tokens::select_masked_backward(&mut dx, &weights, &mask_index, t);
+    tokens::scatter_masked_tokens(&mut dx, &weights, &mask_index, t);
     // cls and unmasked tokens get no gradient: check them all, not just the non-zero ones.
     OP_TOL.run("select_masked", &mut inputs, &[dx], every, f);
 }
@@ -331,20 +331,20 @@ fn masked_mse_gradient_matches_finite_differences() {
     let target = randn(&mut rng, 3 * 12, 1.0);
     let mut inputs = vec![randn(&mut rng, 3 * 12, 1.0)];
     let mut dpred = vec![0.0; 36];
-    let l = mse::loss_and_grad(&mut dpred, &inputs[0], &target, 1.0);
-    assert_eq!(l, mse::loss(&inputs[0], &target));
+    let l = loss::masked_mse(&mut dpred, &inputs[0], &target, 1.0);
+    assert_eq!(l, loss::masked_mse_loss(&inputs[0], &target));
     OP_TOL.run("mse", &mut inputs, &[dpred.clone()], every, |inp| {
-        mse::loss(&inp[0], &target)
+        loss::masked_mse_loss(&inp[0], &target)
     });
     let mut scaled = vec![0.0; 36];
-    mse::loss_and_grad(&mut scaled, &inputs[0], &target, 0.25);
+    loss::masked_mse(&mut scaled, &inputs[0], &target, 0.25);
     assert!(scaled
         .iter()
         .zip(&dpred)
         .all(|(s, d)| (s - 0.25 * d).abs() < 1e-15));
 }
 
-/// The forward written loop by loop from DESIGN.md §1.2–1.3, one sequence and one token
+/// The forward written loop by loop from docs/DESIGN.md §1.2–1.3, one sequence and one token
 /// at a time, sharing no code with the backend.
 fn naive_loss(m: &ModelConfig, params: &[f64], batch: &Batch) -> f64 {
     let layout = ParamLayout::new(m);
@@ -593,8 +593,8 @@ fn masked_pixels_reach_only_the_targets() {
         }
     }
 
-    let before = patches::gather::<f64>(&m, &batch);
-    let after = patches::gather::<f64>(&m, &changed);
+    let before = window_gather::window_gather::<f64>(&m, &batch);
+    let after = window_gather::window_gather::<f64>(&m, &changed);
     assert_eq!(before.visible, after.visible);
     assert_ne!(before.targets, after.targets);
     assert_eq!(

@@ -8,10 +8,10 @@ use std::fs;
 use std::path::Path;
 
 use common::{lomar, lomar_err, lomar_ok};
-use lomar::checkpoint::CheckpointFile;
 use lomar::config::preset;
 use lomar::data::folder::ImageFolder;
 use lomar::data::loader::{Loader, LoaderOptions};
+use lomar::io::checkpoint::CheckpointFile;
 
 fn loader(root: &Path, threads: usize, next: u64, skipped: &[String]) -> Loader {
     let opts = LoaderOptions {
@@ -274,7 +274,7 @@ fn sample_batch_and_bench_read_folders() {
         ],
     );
     let m = preset("tiny").unwrap();
-    let batch = lomar::batch_file::read(&d.join("b.safetensors"), &m).unwrap();
+    let batch = lomar::io::batch_file::read(&d.join("b.safetensors"), &m).unwrap();
     assert_eq!(batch.images_len, 3);
     let stdout = lomar_ok(
         d,

@@ -7,14 +7,14 @@
 //! too long a run for a test (README.md has the table).
 
 use lomar::backend::Backend;
-use lomar::cli::train_defaults;
+use lomar::config::train_defaults;
 use lomar::config::{preset, Config, TrainConfig};
 use lomar::cpu::encoder::{Encoder, Pool, View};
 use lomar::cpu::CpuBackend;
 use lomar::data::BatchSource;
-use lomar::features::{Features, SyntheticSource};
+use lomar::eval::features::{Features, SyntheticSource};
+use lomar::eval::probe::{probe, ProbeOptions, ProbeReport};
 use lomar::params::ParamLayout;
-use lomar::probe::{probe, ProbeOptions, ProbeReport};
 use lomar::train::{train, TrainOptions};
 
 /// Pretraining: the tiny preset's recipe, shortened.

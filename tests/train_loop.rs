@@ -6,12 +6,12 @@ use std::collections::VecDeque;
 
 use anyhow::Result;
 use lomar::backend::{AdamWStep, Backend, Moments};
-use lomar::batch::Batch;
-use lomar::checkpoint::CheckpointFile;
 use lomar::config::{preset, Config, TrainConfig};
+use lomar::data::batch::Batch;
 use lomar::data::BatchSource;
-use lomar::optim::learning_rate;
+use lomar::io::checkpoint::CheckpointFile;
 use lomar::params::ParamLayout;
+use lomar::train::optim::learning_rate;
 use lomar::train::{checkpoint_path, train, TrainOptions};
 
 #[derive(Debug, PartialEq)]

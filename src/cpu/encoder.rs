@@ -14,10 +14,10 @@ use rayon::prelude::*;
 
 use super::model::block_forward;
 use super::ops::attention::RelativeIndex;
-use super::ops::{layer_norm, linear, tokens};
+use super::ops::{layernorm, linear, tokens};
 use crate::config::ModelConfig;
+use crate::eval::rel_bias::resize_table;
 use crate::params::{ModelRanges, ParamLayout};
-use crate::rel_bias::resize_table;
 
 /// What one sequence of the encoder covers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -186,7 +186,7 @@ impl<'a> Encoder<'a> {
         let rows = self.patch_rows(images);
         let seqs = rows.len() / (area * m.patch_dim());
         let mut embedded = vec![0.0f32; seqs * area * d];
-        linear::forward(
+        linear::linear_forward(
             &mut embedded,
             &rows,
             &p[r.patch_w.clone()],
@@ -195,7 +195,7 @@ impl<'a> Encoder<'a> {
         // Every position is visible, so the mask token is never placed.
         let slots: Vec<Option<u32>> = (0..seqs).flat_map(|_| (0..area as u32).map(Some)).collect();
         let mut x = vec![0.0f32; seqs * (1 + area) * d];
-        tokens::assemble(
+        tokens::assemble_tokens_forward(
             &mut x,
             &p[r.cls_token.clone()],
             &p[r.mask_token.clone()],
@@ -207,7 +207,7 @@ impl<'a> Encoder<'a> {
             x = block_forward(p, b, table, &self.rel, m.heads, x).1;
         }
         let mut normed = vec![0.0f32; x.len()];
-        layer_norm::forward(&mut normed, &x, &p[r.norm_w.clone()], &p[r.norm_b.clone()]);
+        layernorm::layernorm_forward(&mut normed, &x, &p[r.norm_w.clone()], &p[r.norm_b.clone()]);
         normed
     }
 

@@ -12,10 +12,10 @@ pub mod real;
 use anyhow::Result;
 
 use crate::backend::{AdamWStep, Backend, Moments};
-use crate::batch::Batch;
 use crate::config::ModelConfig;
-use crate::optim::adamw_update;
+use crate::data::batch::Batch;
 use crate::params::ParamLayout;
+use crate::train::optim::adamw_update;
 
 /// Trains in f32 on the CPU, with fp32 parameters, gradients and AdamW moments.
 pub struct CpuBackend {

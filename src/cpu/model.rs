@@ -1,4 +1,4 @@
-//! The whole LoMaR network on the CPU (DESIGN.md §1.2–1.3): forward, loss and backward,
+//! The whole LoMaR network on the CPU (docs/DESIGN.md §1.2–1.3): forward, loss and backward,
 //! generic over the scalar so the same code trains in f32 and is checked in f64.
 //!
 //! Rows: `S = B·n_win` window sequences of `T = 1 + K²` tokens of width `D`; the residual
@@ -10,19 +10,19 @@ use std::ops::Range;
 use anyhow::{bail, Result};
 
 use super::ops::attention::{self, RelativeIndex};
-use super::ops::layer_norm::{self, Stats};
-use super::ops::patches::{self, Patches};
-use super::ops::{gelu, linear, mse, tokens};
+use super::ops::layernorm::{self, Stats};
+use super::ops::window_gather::{self, Patches};
+use super::ops::{gelu, linear, loss, tokens};
 use super::real::Real;
-use crate::batch::Batch;
 use crate::config::ModelConfig;
+use crate::data::batch::Batch;
 use crate::params::{BlockRanges, ModelRanges, ParamLayout};
 
 /// The mean reconstruction loss of a batch.
 pub fn loss<T: Real>(m: &ModelConfig, params: &[T], batch: &Batch) -> Result<T> {
     let net = Net::new(m, params, batch)?;
     let fwd = net.forward(batch);
-    Ok(mse::loss(&fwd.pred, &fwd.patches.targets))
+    Ok(loss::masked_mse_loss(&fwd.pred, &fwd.patches.targets))
 }
 
 /// The head's output for every masked patch, `[S·M, 3p²]` in `(y, x, c)` order, in
@@ -50,7 +50,7 @@ pub fn loss_and_grad<T: Real>(
     }
     let fwd = net.forward(batch);
     let mut dpred = vec![T::zero(); fwd.pred.len()];
-    let loss = mse::loss_and_grad(&mut dpred, &fwd.pred, &fwd.patches.targets, grad_scale);
+    let loss = loss::masked_mse(&mut dpred, &fwd.pred, &fwd.patches.targets, grad_scale);
     net.backward(batch, &fwd, &dpred, grads);
     Ok(loss)
 }
@@ -146,24 +146,24 @@ pub(crate) fn block_forward<T: Real>(
 
     // x_mid = x_in + proj(attn(LN1(x_in)))
     let mut ln1 = zeros(rows * d);
-    let ln1_stats = layer_norm::forward(&mut ln1, &x_in, w(&br.norm1_w), w(&br.norm1_b));
+    let ln1_stats = layernorm::layernorm_forward(&mut ln1, &x_in, w(&br.norm1_w), w(&br.norm1_b));
     let mut qkv = zeros(rows * 3 * d);
-    linear::forward(&mut qkv, &ln1, w(&br.qkv_w), w(&br.qkv_b));
+    linear::linear_forward(&mut qkv, &ln1, w(&br.qkv_w), w(&br.qkv_b));
     let mut attn = zeros(rows * d);
     let mut probs = zeros(seqs * heads * rel.tokens * rel.tokens);
-    attention::forward(&mut attn, &mut probs, &qkv, table, rel, heads);
+    attention::attention_forward(&mut attn, &mut probs, &qkv, table, rel, heads);
     let mut x_mid = x_in.clone();
-    linear::forward_add(&mut x_mid, &attn, w(&br.proj_w), w(&br.proj_b));
+    linear::linear_forward_add(&mut x_mid, &attn, w(&br.proj_w), w(&br.proj_b));
 
     // x_out = x_mid + fc2(gelu(fc1(LN2(x_mid))))
     let mut ln2 = zeros(rows * d);
-    let ln2_stats = layer_norm::forward(&mut ln2, &x_mid, w(&br.norm2_w), w(&br.norm2_b));
+    let ln2_stats = layernorm::layernorm_forward(&mut ln2, &x_mid, w(&br.norm2_w), w(&br.norm2_b));
     let mut fc1 = zeros(rows * hidden);
-    linear::forward(&mut fc1, &ln2, w(&br.fc1_w), w(&br.fc1_b));
+    linear::linear_forward(&mut fc1, &ln2, w(&br.fc1_w), w(&br.fc1_b));
     let (mut act, mut cdf) = (zeros(rows * hidden), zeros(rows * hidden));
-    gelu::forward(&mut act, &mut cdf, &fc1);
+    gelu::gelu_forward(&mut act, &mut cdf, &fc1);
     let mut x_out = x_mid.clone();
-    linear::forward_add(&mut x_out, &act, w(&br.fc2_w), w(&br.fc2_b));
+    linear::linear_forward_add(&mut x_out, &act, w(&br.fc2_w), w(&br.fc2_b));
 
     let acts = BlockActs {
         x_in,
@@ -208,11 +208,11 @@ impl<'a, T: Real> Net<'a, T> {
     fn forward(&self, batch: &Batch) -> Forward<T> {
         let (m, r) = (self.m, &self.r);
         let (seqs, d) = (batch.sequences(m), m.width);
-        let patches = patches::gather::<T>(m, batch);
+        let patches = window_gather::window_gather::<T>(m, batch);
 
         // Only visible patches are embedded; masked positions get the mask token.
         let mut embedded = zeros(seqs * m.visible_per_window() * d);
-        linear::forward(
+        linear::linear_forward(
             &mut embedded,
             &patches.visible,
             self.w(&r.patch_w),
@@ -220,7 +220,7 @@ impl<'a, T: Real> Net<'a, T> {
         );
         let slots = batch.visible_slots(m);
         let mut x = zeros(seqs * m.seq_len() * d);
-        tokens::assemble(
+        tokens::assemble_tokens_forward(
             &mut x,
             self.w(&r.cls_token),
             self.w(&r.mask_token),
@@ -241,12 +241,16 @@ impl<'a, T: Real> Net<'a, T> {
         // equals picking them from the normed sequence.
         let masked_rows = batch.mask_index.len();
         let mut picked = zeros(masked_rows * d);
-        tokens::select_masked(&mut picked, &x, &batch.mask_index, m.seq_len());
+        tokens::gather_masked_tokens(&mut picked, &x, &batch.mask_index, m.seq_len());
         let mut normed = zeros(masked_rows * d);
-        let norm_stats =
-            layer_norm::forward(&mut normed, &picked, self.w(&r.norm_w), self.w(&r.norm_b));
+        let norm_stats = layernorm::layernorm_forward(
+            &mut normed,
+            &picked,
+            self.w(&r.norm_w),
+            self.w(&r.norm_b),
+        );
         let mut pred = zeros(masked_rows * m.patch_dim());
-        linear::forward(&mut pred, &normed, self.w(&r.head_w), self.w(&r.head_b));
+        linear::linear_forward(&mut pred, &normed, self.w(&r.head_w), self.w(&r.head_b));
         Forward {
             patches,
             slots,
@@ -266,7 +270,7 @@ impl<'a, T: Real> Net<'a, T> {
 
         let mut dnormed = zeros(f.normed.len());
         let (dw, db) = pair_mut(g, &r.head_w, &r.head_b);
-        linear::backward(
+        linear::linear_backward(
             Some(&mut dnormed),
             dw,
             db,
@@ -276,7 +280,7 @@ impl<'a, T: Real> Net<'a, T> {
         );
         let mut dpicked = zeros(f.picked.len());
         let (dw, db) = pair_mut(g, &r.norm_w, &r.norm_b);
-        layer_norm::backward(
+        layernorm::layernorm_backward(
             &mut dpicked,
             dw,
             db,
@@ -286,7 +290,7 @@ impl<'a, T: Real> Net<'a, T> {
             self.w(&r.norm_w),
         );
         let mut dx = zeros(rows * d);
-        tokens::select_masked_backward(&mut dx, &dpicked, &batch.mask_index, m.seq_len());
+        tokens::scatter_masked_tokens(&mut dx, &dpicked, &batch.mask_index, m.seq_len());
 
         let mut scratch = Scratch {
             act: zeros(rows * m.hidden()),
@@ -301,9 +305,16 @@ impl<'a, T: Real> Net<'a, T> {
 
         let mut dembedded = zeros(f.patches.visible.len() / m.patch_dim() * d);
         let (dcls, dmask) = pair_mut(g, &r.cls_token, &r.mask_token);
-        tokens::assemble_backward(dcls, dmask, &mut dembedded, &dx, &f.slots, m.window_area());
+        tokens::assemble_tokens_backward(
+            dcls,
+            dmask,
+            &mut dembedded,
+            &dx,
+            &f.slots,
+            m.window_area(),
+        );
         let (dw, db) = pair_mut(g, &r.patch_w, &r.patch_b);
-        linear::backward(
+        linear::linear_backward(
             None,
             dw,
             db,
@@ -323,12 +334,12 @@ impl<'a, T: Real> Net<'a, T> {
         s: &mut Scratch<T>,
     ) {
         // x_out = x_mid + fc2(gelu(fc1(LN2(x_mid)))): dx becomes dL/dx_mid.
-        gelu::recompute(&mut s.act, &a.fc1, &a.cdf);
+        gelu::gelu_recompute(&mut s.act, &a.fc1, &a.cdf);
         let (dw, db) = pair_mut(g, &br.fc2_w, &br.fc2_b);
-        linear::backward(Some(&mut s.hidden), dw, db, dx, &s.act, self.w(&br.fc2_w));
-        gelu::backward(&mut s.hidden, &a.fc1, &a.cdf);
+        linear::linear_backward(Some(&mut s.hidden), dw, db, dx, &s.act, self.w(&br.fc2_w));
+        gelu::gelu_backward(&mut s.hidden, &a.fc1, &a.cdf);
         let (dw, db) = pair_mut(g, &br.fc1_w, &br.fc1_b);
-        linear::backward(
+        linear::linear_backward(
             Some(&mut s.normed),
             dw,
             db,
@@ -337,7 +348,7 @@ impl<'a, T: Real> Net<'a, T> {
             self.w(&br.fc1_w),
         );
         let (dw, db) = pair_mut(g, &br.norm2_w, &br.norm2_b);
-        layer_norm::backward(
+        layernorm::layernorm_backward(
             dx,
             dw,
             db,
@@ -349,8 +360,8 @@ impl<'a, T: Real> Net<'a, T> {
 
         // x_mid = x_in + proj(attn(LN1(x_in))): dx becomes dL/dx_in.
         let (dw, db) = pair_mut(g, &br.proj_w, &br.proj_b);
-        linear::backward(Some(&mut s.attn), dw, db, dx, &a.attn, self.w(&br.proj_w));
-        attention::backward(
+        linear::linear_backward(Some(&mut s.attn), dw, db, dx, &a.attn, self.w(&br.proj_w));
+        attention::attention_backward(
             &mut s.qkv,
             &mut g[br.rel_bias.clone()],
             &s.attn,
@@ -360,7 +371,7 @@ impl<'a, T: Real> Net<'a, T> {
             self.m.heads,
         );
         let (dw, db) = pair_mut(g, &br.qkv_w, &br.qkv_b);
-        linear::backward(
+        linear::linear_backward(
             Some(&mut s.normed),
             dw,
             db,
@@ -369,7 +380,7 @@ impl<'a, T: Real> Net<'a, T> {
             self.w(&br.qkv_w),
         );
         let (dw, db) = pair_mut(g, &br.norm1_w, &br.norm1_b);
-        layer_norm::backward(
+        layernorm::layernorm_backward(
             dx,
             dw,
             db,

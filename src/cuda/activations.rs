@@ -10,8 +10,8 @@ use cudarc::driver::{CudaSlice, PinnedHostSlice};
 use super::device::Gpu;
 use super::pixels::PixelSource;
 use super::storage::Storage;
-use crate::batch::Batch;
 use crate::config::ModelConfig;
+use crate::data::batch::Batch;
 
 /// What one transformer block saves for its backward.
 pub(super) struct BlockActivations<T> {

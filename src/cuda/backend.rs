@@ -14,8 +14,8 @@ use super::launch::scratch_len;
 use super::model::Pass;
 use super::storage::Storage;
 use crate::backend::{AdamWStep, Backend, Moments, Precision};
-use crate::batch::Batch;
 use crate::config::ModelConfig;
+use crate::data::batch::Batch;
 use crate::params::{ModelRanges, ParamLayout};
 
 /// The GPU backend. Runs on CUDA device 0.

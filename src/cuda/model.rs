@@ -1,4 +1,4 @@
-//! One micro-batch's forward and backward on the GPU, op by op (DESIGN.md §1.2–1.3).
+//! One micro-batch's forward and backward on the GPU, op by op (docs/DESIGN.md §1.2–1.3).
 //!
 //! Shapes: S sequences, T = 1 + K² tokens, N = S·T rows, Nv / Nm visible / masked patches,
 //! D width, H = 4D hidden, P = 3p². The residual stream and its gradient are fp32; GEMM

@@ -5,8 +5,8 @@
 
 use rayon::prelude::*;
 
-use crate::batch::Batch;
 use crate::config::ModelConfig;
+use crate::data::batch::Batch;
 
 /// What the gather reads: `side`-pixel square images, `windows_per_image` windows each.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -99,8 +99,8 @@ pub fn window_crops(batch: &Batch, m: &ModelConfig, out: &mut [f32]) {
 mod tests {
     use super::*;
     use crate::config::preset;
-    use crate::cpu::ops::patches;
-    use crate::sampler::Sampler;
+    use crate::cpu::ops::window_gather;
+    use crate::data::sampler::Sampler;
 
     #[test]
     fn crops_are_chosen_only_when_they_move_fewer_pixels() {
@@ -136,7 +136,7 @@ mod tests {
             window_origin: windows.origin,
             mask_index: windows.mask,
         };
-        let want = patches::gather::<f32>(&m, &batch);
+        let want = window_gather::window_gather::<f32>(&m, &batch);
 
         let seqs = batch.sequences(&m);
         let whole = PixelSource::images(&m);
@@ -158,7 +158,7 @@ mod tests {
             window_origin: vec![0; 2 * seqs],
             ..batch
         };
-        let got = patches::gather::<f32>(&as_images, &cropped);
+        let got = window_gather::window_gather::<f32>(&as_images, &cropped);
         assert_eq!(got.visible, want.visible);
         assert_eq!(got.targets, want.targets);
     }

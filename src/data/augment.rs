@@ -1,4 +1,4 @@
-//! The reference augmentation (DESIGN.md §1.4): RandomResizedCrop to `H × H` with scale
+//! The reference augmentation (docs/DESIGN.md §1.4): RandomResizedCrop to `H × H` with scale
 //! (0.2, 1.0) and aspect ratio (3/4, 4/3), bicubic; horizontal flip with p = 0.5; ImageNet
 //! normalisation. The crop box follows torchvision's `RandomResizedCrop.get_params` draw for
 //! draw: ten tries of an area fraction (uniform) and an aspect ratio (log-uniform), Python's

@@ -3,11 +3,13 @@
 //! backends consume.
 
 pub mod augment;
+pub mod batch;
 pub mod decode;
 pub mod folder;
 pub mod loader;
 pub mod prefetch;
 pub mod resize;
+pub mod sampler;
 pub mod synthetic;
 
 use std::path::PathBuf;
@@ -17,14 +19,14 @@ use clap::Args;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use crate::batch::Batch;
 use crate::config::ModelConfig;
-use crate::sampler::{Sampler, SamplerState};
+use crate::data::batch::Batch;
+use crate::data::sampler::{Sampler, SamplerState};
 use folder::ImageFolder;
 use loader::{Loader, LoaderOptions};
 use synthetic::SyntheticImages;
 
-/// ImageNet channel means and standard deviations (DESIGN.md §1.4).
+/// ImageNet channel means and standard deviations (docs/DESIGN.md §1.4).
 pub const IMAGENET_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
 pub const IMAGENET_STD: [f32; 3] = [0.229, 0.224, 0.225];
 

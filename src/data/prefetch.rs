@@ -14,8 +14,8 @@ use std::thread::JoinHandle;
 use anyhow::{anyhow, Context, Result};
 
 use super::{BatchSource, DataState};
-use crate::batch::Batch;
-use crate::sampler::SamplerState;
+use crate::data::batch::Batch;
+use crate::data::sampler::SamplerState;
 
 /// A batch and where the source stood right after drawing it.
 pub struct Prepared {

@@ -4,9 +4,9 @@
 // Each test binary uses its own subset of these helpers.
 #![allow(dead_code)]
 
-use lomar::batch::Batch;
 use lomar::config::ModelConfig;
 use lomar::cuda::Gpu;
+use lomar::data::batch::Batch;
 use lomar::params::{standard_normal, Init, ParamLayout};
 use rand::seq::index::sample;
 use rand::{Rng, SeedableRng};

@@ -1,5 +1,5 @@
 //! Multi-head self-attention inside each window sequence, with BEiT's relative position
-//! bias (DESIGN.md §1.2).
+//! bias (docs/DESIGN.md §1.2).
 //! Shapes: qkv `[S, T, 3D]` (q | k | v, head `i` owns columns `i*d..(i+1)*d` of each),
 //! table `[(2K-1)²+3, h]` → out `[S, T, D]`, saving probs `[S, h, T, T]`.
 
@@ -62,7 +62,7 @@ fn dims(qkv_len: usize, probs_len: usize, rel: &RelativeIndex, heads: usize) -> 
 
 /// out `[S, T, D]` = per head softmax(q·kᵀ/√d + bias)·v; probs `[S, h, T, T]` keeps the
 /// softmax for the backward. Overwrites both.
-pub fn forward<T: Real>(
+pub fn attention_forward<T: Real>(
     out: &mut [T],
     probs: &mut [T],
     qkv: &[T],
@@ -117,7 +117,7 @@ fn softmax_in_place<T: Real>(row: &mut [T]) {
 
 /// From dout `[S, T, D]`: dqkv `[S, T, 3D]` (overwritten) and dtable `[(2K-1)²+3, h]` +=
 /// the logit gradients scattered by index.
-pub fn backward<T: Real>(
+pub fn attention_backward<T: Real>(
     dqkv: &mut [T],
     dtable: &mut [T],
     dout: &[T],

@@ -8,7 +8,7 @@ use super::super::real::Real;
 const CHUNK: usize = 4096;
 
 /// y `[n]` = x Φ(x) and cdf `[n]` = Φ(x); overwrites both.
-pub fn forward<T: Real>(y: &mut [T], cdf: &mut [T], x: &[T]) {
+pub fn gelu_forward<T: Real>(y: &mut [T], cdf: &mut [T], x: &[T]) {
     assert!(y.len() == x.len() && cdf.len() == x.len());
     let (half, inv_sqrt2) = (T::of(0.5), T::of(std::f64::consts::FRAC_1_SQRT_2));
     y.par_chunks_mut(CHUNK)
@@ -23,7 +23,7 @@ pub fn forward<T: Real>(y: &mut [T], cdf: &mut [T], x: &[T]) {
 }
 
 /// In place: `grad` `[n]` holds dy on entry and dx = dy (Φ(x) + x φ(x)) on return.
-pub fn backward<T: Real>(grad: &mut [T], x: &[T], cdf: &[T]) {
+pub fn gelu_backward<T: Real>(grad: &mut [T], x: &[T], cdf: &[T]) {
     assert!(grad.len() == x.len() && cdf.len() == x.len());
     let half = T::of(0.5);
     let inv_sqrt_2pi = T::of(1.0 / (2.0 * std::f64::consts::PI).sqrt());
@@ -39,7 +39,7 @@ pub fn backward<T: Real>(grad: &mut [T], x: &[T], cdf: &[T]) {
 }
 
 /// y `[n]` = x Φ(x) from a saved Φ(x), for a backward that did not keep y.
-pub fn recompute<T: Real>(y: &mut [T], x: &[T], cdf: &[T]) {
+pub fn gelu_recompute<T: Real>(y: &mut [T], x: &[T], cdf: &[T]) {
     assert!(y.len() == x.len() && cdf.len() == x.len());
     y.par_chunks_mut(CHUNK)
         .zip(x.par_chunks(CHUNK))
@@ -60,7 +60,7 @@ mod tests {
         // x Φ(x) at 1, -1 and 2, from Φ(1) = 0.841344746068543, Φ(2) = 0.977249868051821.
         let x = [0.0f64, 1.0, -1.0, 2.0];
         let (mut y, mut cdf, mut again) = ([0.0; 4], [0.0; 4], [0.0; 4]);
-        forward(&mut y, &mut cdf, &x);
+        gelu_forward(&mut y, &mut cdf, &x);
         let want = [
             0.0,
             0.841344746068543,
@@ -70,7 +70,7 @@ mod tests {
         for (a, b) in y.iter().zip(want) {
             assert!((a - b).abs() < 1e-14, "{a} vs {b}");
         }
-        recompute(&mut again, &x, &cdf);
+        gelu_recompute(&mut again, &x, &cdf);
         assert_eq!(again, y);
     }
 }

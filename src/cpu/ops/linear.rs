@@ -22,7 +22,7 @@ fn dims<T>(x_len: usize, w: &[T], b: &[T]) -> (usize, usize, usize) {
 }
 
 /// y `[n, out]` = x `[n, in]` · W `[out, in]`ᵀ + b `[out]`; overwrites y.
-pub fn forward<T: Real>(y: &mut [T], x: &[T], w: &[T], b: &[T]) {
+pub fn linear_forward<T: Real>(y: &mut [T], x: &[T], w: &[T], b: &[T]) {
     let (n, d_in, d_out) = dims(x.len(), w, b);
     assert_eq!(y.len(), n * d_out);
     for row in y.chunks_exact_mut(d_out) {
@@ -32,7 +32,7 @@ pub fn forward<T: Real>(y: &mut [T], x: &[T], w: &[T], b: &[T]) {
 }
 
 /// y `[n, out]` += x `[n, in]` · W `[out, in]`ᵀ + b `[out]`: a residual branch's last layer.
-pub fn forward_add<T: Real>(y: &mut [T], x: &[T], w: &[T], b: &[T]) {
+pub fn linear_forward_add<T: Real>(y: &mut [T], x: &[T], w: &[T], b: &[T]) {
     let (n, d_in, d_out) = dims(x.len(), w, b);
     assert_eq!(y.len(), n * d_out);
     for row in y.chunks_exact_mut(d_out) {
@@ -45,7 +45,7 @@ pub fn forward_add<T: Real>(y: &mut [T], x: &[T], w: &[T], b: &[T]) {
 
 /// From dy `[n, out]`: dx `[n, in]` = dy·W (overwritten, skipped when `None`),
 /// dW `[out, in]` += dyᵀ·x, db `[out]` += Σ_rows dy.
-pub fn backward<T: Real>(
+pub fn linear_backward<T: Real>(
     dx: Option<&mut [T]>,
     dw: &mut [T],
     db: &mut [T],

@@ -7,11 +7,11 @@
 
 pub mod attention;
 pub mod gelu;
-pub mod layer_norm;
+pub mod layernorm;
 pub mod linear;
-pub mod mse;
-pub mod patches;
+pub mod loss;
 pub mod tokens;
+pub mod window_gather;
 
 use rayon::prelude::*;
 

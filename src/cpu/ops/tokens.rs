@@ -9,7 +9,7 @@ use super::super::real::Real;
 /// Sequence `[S, 1+K², D]` from cls `[D]`, the embedded visible rows `[S*V, D]` at their
 /// positions and the mask token `[D]` at every masked one. `slots` `[S, K²]` comes from
 /// `Batch::visible_slots`. Overwrites x.
-pub fn assemble<T: Real>(
+pub fn assemble_tokens_forward<T: Real>(
     x: &mut [T],
     cls: &[T],
     mask_token: &[T],
@@ -42,7 +42,7 @@ pub fn assemble<T: Real>(
 
 /// From dx `[S, 1+K², D]`: dcls `[D]` += Σ over sequences, dmask_token `[D]` += Σ over
 /// masked positions, dembedded `[S*V, D]` overwritten with the visible positions' rows.
-pub fn assemble_backward<T: Real>(
+pub fn assemble_tokens_backward<T: Real>(
     dcls: &mut [T],
     dmask_token: &mut [T],
     dembedded: &mut [T],
@@ -82,7 +82,7 @@ pub fn assemble_backward<T: Real>(
 
 /// The masked tokens of x `[S, T, D]` in `mask_index` `[S, M]` order → picked `[S*M, D]`.
 /// Overwrites picked.
-pub fn select_masked<T: Real>(picked: &mut [T], x: &[T], mask_index: &[u32], tokens: usize) {
+pub fn gather_masked_tokens<T: Real>(picked: &mut [T], x: &[T], mask_index: &[u32], tokens: usize) {
     let rows = mask_index.len();
     assert!(rows > 0 && picked.len().is_multiple_of(rows));
     let d = picked.len() / rows;
@@ -102,7 +102,7 @@ pub fn select_masked<T: Real>(picked: &mut [T], x: &[T], mask_index: &[u32], tok
 }
 
 /// From dpicked `[S*M, D]`: dx `[S, T, D]` += each row at its masked token.
-pub fn select_masked_backward<T: Real>(
+pub fn scatter_masked_tokens<T: Real>(
     dx: &mut [T],
     dpicked: &[T],
     mask_index: &[u32],

@@ -17,8 +17,8 @@ use crate::cpu::encoder::Encoder;
 use crate::data::augment::load_centred;
 use crate::data::folder::ImageFolder;
 use crate::data::synthetic::{Family, SyntheticImages};
-use crate::finite::first_non_finite;
-use crate::tensor_file::{write_atomic, OutTensor, TensorFile};
+use crate::io::finite::first_non_finite;
+use crate::io::tensor_file::{write_atomic, OutTensor, TensorFile};
 
 /// `format` metadata of a features file.
 pub const FEATURES_FORMAT: &str = "lomar-features";

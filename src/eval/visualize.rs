@@ -16,17 +16,17 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context, Result};
 
-use crate::batch::Batch;
 use crate::config::{ModelConfig, NORM_PIX_EPS};
 use crate::cpu::model::predict;
 use crate::data::augment::load_centred;
+use crate::data::batch::Batch;
 use crate::data::folder::ImageFolder;
+use crate::data::sampler::Sampler;
 use crate::data::synthetic::SyntheticImages;
 use crate::data::{IMAGENET_MEAN, IMAGENET_STD};
-use crate::draw::font::{text_width, GLYPH_HEIGHT};
-use crate::draw::{Canvas, Rgb, BLACK, WHITE};
-use crate::pretrained::Pretrained;
-use crate::sampler::Sampler;
+use crate::eval::draw::font::{text_width, GLYPH_HEIGHT};
+use crate::eval::draw::{Canvas, Rgb, BLACK, WHITE};
+use crate::io::pretrained::Pretrained;
 
 /// Column titles.
 pub const PANELS: [&str; 4] = [
@@ -317,7 +317,7 @@ pub fn visualize(checkpoint: &Path, images: &Images, seed: u64, out: &Path) -> R
 mod tests {
     use super::*;
     use crate::config::preset;
-    use crate::cpu::ops::patches::gather;
+    use crate::cpu::ops::window_gather::window_gather;
     use crate::data::BatchSource;
 
     /// A perfect prediction (the loss's own targets) must reproduce the image in the
@@ -331,7 +331,7 @@ mod tests {
                 ..preset("tiny").unwrap()
             };
             let batch = BatchSource::new(&m, 4).next_batch(2).unwrap();
-            let targets = gather::<f32>(&m, &batch).targets;
+            let targets = window_gather::<f32>(&m, &batch).targets;
             let (h, p, g, k) = (m.image, m.patch, m.grid(), m.window);
             let mk = m.masked_per_window();
             for b in 0..2 {

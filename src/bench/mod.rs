@@ -1,10 +1,12 @@
 //! `lomar bench`: warm-up, then timed training steps, reported as images/s, ms/step,
-//! achieved TFLOP/s and MFU (DESIGN.md §4).
+//! achieved TFLOP/s and MFU (bench/README.md has the measurements).
 //!
 //! Batches are drawn before timing starts, so the step is measured alone; the input
 //! pipeline is timed on its own and reported beside it, which shows which one limits a
 //! run. Each step is forward+backward, the global gradient norm and one AdamW update —
 //! exactly what `pretrain` runs.
+
+pub mod flops;
 
 use std::time::Instant;
 
@@ -12,11 +14,11 @@ use anyhow::{bail, Result};
 use serde::Serialize;
 
 use crate::backend::{AdamWStep, Backend};
-use crate::batch::Batch;
+use crate::bench::flops::{known_bf16_peak, training_flops};
 use crate::config::Config;
+use crate::data::batch::Batch;
 use crate::data::loader::{self, LoaderSpeed};
 use crate::data::{BatchSource, DataArgs};
-use crate::flops::{known_bf16_peak, training_flops};
 
 /// What to time.
 #[derive(Clone, Debug)]

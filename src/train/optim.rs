@@ -1,4 +1,4 @@
-//! AdamW and the learning-rate schedule (DESIGN.md §1.4). The update here is the CPU
+//! AdamW and the learning-rate schedule (docs/DESIGN.md §1.4). The update here is the CPU
 //! backend's and the reference the fused GPU kernel is tested against.
 
 use crate::backend::AdamWStep;

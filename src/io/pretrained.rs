@@ -6,10 +6,10 @@ use std::path::Path;
 
 use anyhow::{anyhow, Context, Result};
 
-use crate::checkpoint::read_named;
 use crate::config::Config;
+use crate::io::checkpoint::read_named;
+use crate::io::tensor_file::TensorFile;
 use crate::params::ParamLayout;
-use crate::tensor_file::TensorFile;
 
 /// A model's config and its flat parameters.
 #[derive(Clone, Debug)]
@@ -57,9 +57,9 @@ impl Pretrained {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::checkpoint::save_params;
-    use crate::cli::train_defaults;
     use crate::config::preset;
+    use crate::config::train_defaults;
+    use crate::io::checkpoint::save_params;
 
     #[test]
     fn a_parameter_file_reads_back_with_its_config() {

@@ -1,4 +1,4 @@
-//! Window and mask sampling (DESIGN.md §1.1), shared by every backend.
+//! Window and mask sampling (docs/DESIGN.md §1.1), shared by every backend.
 //!
 //! ChaCha8 is specified bit for bit, so a seed gives the same windows and masks on every
 //! machine. The whole state is the seed plus the position in the ChaCha stream, which is

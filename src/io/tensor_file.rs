@@ -12,7 +12,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use safetensors::tensor::{Metadata, TensorInfo};
 use safetensors::{Dtype, SafeTensors, View};
 
-use crate::finite::first_non_finite;
+use crate::io::finite::first_non_finite;
 
 // Safetensors stores little-endian values; tensors are written straight from memory.
 #[cfg(target_endian = "big")]

@@ -16,7 +16,7 @@ pub struct Stats<T> {
 }
 
 /// y `[n, D]` = (x - mean) · rstd · gamma + beta per row; overwrites y.
-pub fn forward<T: Real>(y: &mut [T], x: &[T], gamma: &[T], beta: &[T]) -> Stats<T> {
+pub fn layernorm_forward<T: Real>(y: &mut [T], x: &[T], gamma: &[T], beta: &[T]) -> Stats<T> {
     let d = gamma.len();
     assert!(d > 0 && beta.len() == d && x.len().is_multiple_of(d) && y.len() == x.len());
     let n = x.len() / d;
@@ -48,7 +48,7 @@ pub fn forward<T: Real>(y: &mut [T], x: &[T], gamma: &[T], beta: &[T]) -> Stats<
 
 /// From dy `[n, D]`: dx `[n, D]` += dL/dx (added: the residual stream's gradient),
 /// dgamma `[D]` += Σ dy·x̂, dbeta `[D]` += Σ dy.
-pub fn backward<T: Real>(
+pub fn layernorm_backward<T: Real>(
     dx: &mut [T],
     dgamma: &mut [T],
     dbeta: &mut [T],
@@ -113,7 +113,7 @@ mod tests {
             .collect();
         let (gamma, beta) = ([2.0; 5], [0.5; 5]);
         let mut y = vec![0.0; x.len()];
-        let stats = forward(&mut y, &x, &gamma, &beta);
+        let stats = layernorm_forward(&mut y, &x, &gamma, &beta);
         for (row, xr) in y.chunks(5).zip(x.chunks(5)) {
             let z: Vec<f64> = row.iter().map(|v| (v - 0.5) / 2.0).collect();
             let mean = z.iter().sum::<f64>() / 5.0;

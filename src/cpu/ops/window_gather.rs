@@ -1,4 +1,4 @@
-//! Window gather: the model's only contact with pixels (DESIGN.md §1.1, §1.3).
+//! Window gather: the model's only contact with pixels (docs/DESIGN.md §1.1, §1.3).
 //! Shapes: images `[B, 3, H, W]`, window_origin `[S, 2]`, mask_index `[S, M]` →
 //! visible `[S*V, 3p²]` in Conv2d `(c, y, x)` order, targets `[S*M, 3p²]` in `(y, x, c)`
 //! order, norm-pix applied when enabled. Inputs only: there is no backward.
@@ -6,8 +6,8 @@
 use rayon::prelude::*;
 
 use super::super::real::Real;
-use crate::batch::Batch;
 use crate::config::{ModelConfig, NORM_PIX_EPS};
+use crate::data::batch::Batch;
 
 /// What the network sees and what it must reconstruct.
 #[derive(Clone, Debug)]
@@ -19,7 +19,7 @@ pub struct Patches<T> {
 }
 
 /// Cuts every window of a batch (validated against `m`) into visible rows and targets.
-pub fn gather<T: Real>(m: &ModelConfig, batch: &Batch) -> Patches<T> {
+pub fn window_gather<T: Real>(m: &ModelConfig, batch: &Batch) -> Patches<T> {
     let (p, k, img) = (m.patch, m.window, m.image);
     let (pd, v, mk, area) = (
         m.patch_dim(),
@@ -129,7 +129,7 @@ mod tests {
             ..preset("tiny").unwrap()
         };
         let batch = coded_batch(&m);
-        let got = gather::<f64>(&m, &batch);
+        let got = window_gather::<f64>(&m, &batch);
         let (p, pd, k, mk) = (m.patch, m.patch_dim(), m.window, m.masked_per_window());
         let code = |b: usize, c: usize, y: usize, x: usize| {
             (b * 1_000_000 + c * 100_000 + y * 100 + x) as f64
@@ -170,14 +170,14 @@ mod tests {
     fn norm_pix_gives_zero_mean_and_unit_unbiased_variance() {
         let m = preset("tiny").unwrap();
         let batch = coded_batch(&m);
-        let raw = gather::<f64>(
+        let raw = window_gather::<f64>(
             &ModelConfig {
                 norm_pix: false,
                 ..m.clone()
             },
             &batch,
         );
-        let normed = gather::<f64>(&m, &batch);
+        let normed = window_gather::<f64>(&m, &batch);
         assert_eq!(raw.visible, normed.visible);
         for (r, t) in raw.targets.chunks(48).zip(normed.targets.chunks(48)) {
             let mean = t.iter().sum::<f64>() / 48.0;

@@ -3,10 +3,16 @@
 //! Every invalid combination is refused here, before any work, with a message that names
 //! the field and the range it accepts.
 
+mod overrides;
+mod presets;
+
+pub use overrides::{resolve, ModelOverrides, TrainOverrides};
+pub use presets::{preset, train_defaults, PRESETS};
+
 use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 
-/// What the network computes (DESIGN.md §1). Everything the kernels and the sampler need
+/// What the network computes (docs/DESIGN.md §1). Everything the kernels and the sampler need
 /// derives from these fields.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ModelConfig {
@@ -260,52 +266,6 @@ impl Config {
         self.model.validate()?;
         self.train.validate()
     }
-}
-
-/// Names accepted by [`preset`].
-pub const PRESETS: [&str; 6] = [
-    "tiny",
-    "vit_tiny",
-    "vit_small",
-    "vit_base",
-    "vit_large",
-    "vit_huge",
-];
-
-/// The model of a named preset at its default resolution (DESIGN.md §1.5).
-pub fn preset(name: &str) -> Result<ModelConfig> {
-    let vit = |width, depth, heads, patch| ModelConfig {
-        image: 224,
-        patch,
-        window: 7,
-        windows_per_image: 4,
-        mask_ratio: 0.8,
-        depth,
-        width,
-        heads,
-        norm_pix: true,
-    };
-    Ok(match name {
-        // Small enough that a whole training step takes milliseconds on one core.
-        "tiny" => ModelConfig {
-            image: 32,
-            patch: 4,
-            window: 4,
-            windows_per_image: 2,
-            mask_ratio: 0.75,
-            depth: 2,
-            width: 64,
-            // Head dim 32, the smallest the CUDA attention kernels are built for.
-            heads: 2,
-            norm_pix: true,
-        },
-        "vit_tiny" => vit(192, 12, 3, 16),
-        "vit_small" => vit(384, 12, 6, 16),
-        "vit_base" => vit(768, 12, 12, 16),
-        "vit_large" => vit(1024, 24, 16, 16),
-        "vit_huge" => vit(1280, 32, 16, 14),
-        other => bail!("preset = {other:?}: must be one of {}", PRESETS.join(", ")),
-    })
 }
 
 #[cfg(test)]

@@ -7,8 +7,8 @@ use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 
-use crate::draw::font::{text_width, GLYPH_HEIGHT};
-use crate::draw::{Canvas, Rgb, BLACK, WHITE};
+use crate::eval::draw::font::{text_width, GLYPH_HEIGHT};
+use crate::eval::draw::{Canvas, Rgb, BLACK, WHITE};
 
 const RAW: Rgb = [158, 190, 226];
 const MEAN: Rgb = [20, 70, 160];

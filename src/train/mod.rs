@@ -1,4 +1,4 @@
-//! The training loop, written once over the `Backend` trait (DESIGN.md §1.4).
+//! The training loop, written once over the `Backend` trait (docs/DESIGN.md §1.4).
 //!
 //! Per optimiser step: zero the gradients, accumulate `accum` micro-batches each scaled by
 //! `1/accum`, take the global gradient norm (for the log, the divergence check and
@@ -7,19 +7,23 @@
 //! On a GPU the next micro-batch is prepared on a worker thread while the current one runs
 //! (`data::prefetch`).
 
+mod checkpointing;
+pub mod metrics;
+pub mod optim;
+
+pub use checkpointing::{start, Start};
+
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
 
 use crate::backend::{AdamWStep, Backend};
-use crate::checkpoint::Checkpoint;
 use crate::config::Config;
 use crate::data::prefetch::{Batches, Prepared};
 use crate::data::BatchSource;
-use crate::finite::first_non_finite;
-use crate::metrics::{progress_line, MetricsLog, StepRecord};
-use crate::optim::learning_rate;
+use crate::train::metrics::{progress_line, MetricsLog, StepRecord};
+use crate::train::optim::learning_rate;
 
 /// Where a run writes and how often.
 #[derive(Clone, Debug)]
@@ -149,7 +153,7 @@ pub fn train(
         }
         let every = opts.checkpoint_every;
         if step == end || (every > 0 && step.is_multiple_of(every)) {
-            save_checkpoint(backend, config, step, &drawn, &checkpoint)?;
+            checkpointing::save(backend, config, step, &drawn, &checkpoint)?;
             last_saved = Some(step);
         }
     }
@@ -167,40 +171,6 @@ pub fn train(
         first_loss,
         last_loss,
     })
-}
-
-/// Writes the backend's state and the data source's after the batch `drawn`, refusing
-/// parameters that went non-finite so the file on disk stays the last good one.
-fn save_checkpoint(
-    backend: &mut dyn Backend,
-    config: &Config,
-    step: u64,
-    drawn: &Prepared,
-    path: &Path,
-) -> Result<()> {
-    let params = backend.params()?;
-    if let Some(bad) = first_non_finite(&params) {
-        let name = backend
-            .layout()
-            .entries()
-            .iter()
-            .find(|e| e.range().contains(&bad))
-            .map_or("?", |e| e.name.as_str());
-        bail!(
-            "training diverged at step {step}: parameter {name} is {}; kept the previous checkpoint {}",
-            params[bad],
-            path.display()
-        );
-    }
-    Checkpoint {
-        config: config.clone(),
-        step,
-        params,
-        moments: backend.moments()?,
-        sampler: drawn.sampler,
-        data: drawn.data.clone(),
-    }
-    .save(path)
 }
 
 /// Averages the steps between two progress lines, so the line is not one noisy step.

@@ -23,7 +23,7 @@ use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 
 use crate::cpu::ops::linear;
-use crate::features::Features;
+use crate::eval::features::Features;
 
 /// L-BFGS history length.
 const HISTORY: usize = 10;
@@ -327,7 +327,7 @@ impl LinearProbe {
 fn logits(theta: &[f64], x: &[f64], d: usize, classes: usize) -> Vec<f64> {
     let (w, b) = theta.split_at(classes * d);
     let mut z = vec![0.0; x.len() / d * classes];
-    linear::forward(&mut z, x, w, b);
+    linear::linear_forward(&mut z, x, w, b);
     z
 }
 
@@ -361,7 +361,7 @@ fn cross_entropy(
     let (gw, gb) = grad.split_at_mut(classes * d);
     gw.iter_mut().zip(w).for_each(|(g, &v)| *g = wd * v);
     gb.fill(0.0);
-    linear::backward(None, gw, gb, &z, x, w);
+    linear::linear_backward(None, gw, gb, &z, x, w);
     losses.iter().sum::<f64>() / n + 0.5 * wd * w.iter().map(|v| v * v).sum::<f64>()
 }
 

@@ -22,9 +22,9 @@ use serde_json::json;
 
 use crate::config::ModelConfig;
 use crate::cpu::ops::attention::RelativeIndex;
+use crate::eval::rel_bias::resize_table;
+use crate::io::tensor_file::{write_atomic, OutTensor};
 use crate::params::ParamLayout;
-use crate::rel_bias::resize_table;
-use crate::tensor_file::{write_atomic, OutTensor};
 
 /// `format` metadata of an exported encoder.
 pub const ENCODER_FORMAT: &str = "lomar-encoder";

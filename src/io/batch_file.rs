@@ -9,9 +9,9 @@ use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 
-use crate::batch::Batch;
 use crate::config::{Config, ModelConfig};
-use crate::tensor_file::{write_atomic, OutTensor, TensorFile};
+use crate::data::batch::Batch;
+use crate::io::tensor_file::{write_atomic, OutTensor, TensorFile};
 
 /// Writes a batch, integers as I64 (what PyTorch indexes with).
 pub fn write(path: &Path, config: &Config, batch: &Batch) -> Result<()> {

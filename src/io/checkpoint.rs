@@ -14,10 +14,10 @@ use serde::de::DeserializeOwned;
 
 use crate::backend::Moments;
 use crate::config::{Config, ModelConfig};
+use crate::data::sampler::SamplerState;
 use crate::data::DataState;
+use crate::io::tensor_file::{write_atomic, OutTensor, TensorFile};
 use crate::params::ParamLayout;
-use crate::sampler::SamplerState;
-use crate::tensor_file::{write_atomic, OutTensor, TensorFile};
 
 /// `format` metadata of a checkpoint.
 pub const CHECKPOINT_FORMAT: &str = "lomar-checkpoint";
@@ -198,14 +198,6 @@ impl CheckpointFile {
         })?;
         let sampler: SamplerState = metadata_json(&file, "sampler")?;
         let data: DataState = metadata_json(&file, "data")?;
-        if sampler.seed != config.train.seed {
-            bail!(
-                "checkpoint {}: sampler seed {} differs from the config's seed {}",
-                path.display(),
-                sampler.seed,
-                config.train.seed
-            );
-        }
         Ok(CheckpointFile {
             file,
             config,

@@ -1,0 +1,63 @@
+//! `lomar bench`: time training steps and write the report.
+
+use std::fs;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::Args;
+
+use super::DeviceArgs;
+use crate::bench;
+use crate::config::{self, ModelOverrides, TrainOverrides};
+use crate::data::DataArgs;
+use crate::device::open_backend;
+use crate::params::ParamLayout;
+
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    #[command(flatten)]
+    pub model: ModelOverrides,
+    #[command(flatten)]
+    pub train: TrainOverrides,
+    #[command(flatten)]
+    pub device: DeviceArgs,
+    #[command(flatten)]
+    pub data: DataArgs,
+    /// Untimed steps first (kernel loading, allocator and cache warm-up).
+    #[arg(long, default_value_t = 3)]
+    pub warmup: usize,
+    /// Timed steps.
+    #[arg(long = "timed-steps", default_value_t = 10)]
+    pub timed_steps: usize,
+    /// Dense bf16 peak of the device in TFLOP/s, for MFU [default: looked up by name].
+    #[arg(long)]
+    pub peak_tflops: Option<f64>,
+    /// Also write the whole report as JSON (with the commit and the settings).
+    #[arg(long, value_name = "FILE.json")]
+    pub json: Option<PathBuf>,
+}
+
+pub(super) fn bench(a: BenchArgs) -> Result<()> {
+    let config = config::resolve(&a.model, &a.train, None)?;
+    let plan = bench::BenchPlan {
+        warmup_steps: a.warmup,
+        timed_steps: a.timed_steps,
+        peak_flops: a.peak_tflops.map(|t| t * 1e12),
+    };
+    plan.validate()?;
+    let params = ParamLayout::new(&config.model).init(config.train.seed);
+    let mut backend = open_backend(a.device.device, &config.model, params, a.device.precision)?;
+    let report = bench::run(backend.as_mut(), &config, &plan, &a.data)?;
+    print!("{}", bench::summary(&report));
+    if let Some(path) = &a.json {
+        let json = serde_json::json!({
+            "lomar_version": env!("CARGO_PKG_VERSION"),
+            "commit": bench::commit(),
+            "report": report,
+        });
+        fs::write(path, serde_json::to_string_pretty(&json)? + "\n")
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        println!("wrote {}", path.display());
+    }
+    Ok(())
+}
