@@ -18,10 +18,10 @@ const DEFAULT_GENCODE: &str = "-gencode=arch=compute_80,code=sm_80 \
      -gencode=arch=compute_90,code=sm_90 \
      -gencode=arch=compute_80,code=compute_80";
 
-/// The nvcc wheels matching the CUDA 13.0 driver; a newer nvvm emits PTX it cannot load.
-const NVCC_INSTALL_HINT: &str = "pip install nvidia-cuda-nvcc==13.0.88 nvidia-cuda-crt==13.0.88 \
-     nvidia-nvvm==13.0.88 nvidia-cuda-runtime==13.0.96 nvidia-cuda-cccl==13.0.85, then set \
-     NVCC=<site-packages>/nvidia/cu13/bin/nvcc";
+/// Where the pinned nvcc wheels are listed; a newer nvvm emits PTX the CUDA 13.0 driver
+/// cannot load.
+const NVCC_INSTALL_HINT: &str = "pip install --target DIR -r scripts/nvcc-requirements.txt, \
+     then set NVCC=DIR/nvidia/cu13/bin/nvcc";
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");

@@ -85,61 +85,24 @@ pub struct ModelRanges {
     pub head_b: Range<usize>,
 }
 
-/// The ordered table of every parameter.
+/// The ordered table of every parameter, and the ranges the backends compute with.
 #[derive(Clone, Debug)]
 pub struct ParamLayout {
     entries: Vec<ParamEntry>,
     by_name: HashMap<String, usize>,
     total: usize,
+    ranges: ModelRanges,
 }
 
-impl ParamLayout {
-    pub fn new(m: &ModelConfig) -> Self {
-        let (d, p, hidden, pd) = (m.width, m.patch, m.hidden(), m.patch_dim());
-        let mut layout = ParamLayout {
-            entries: Vec::new(),
-            by_name: HashMap::new(),
-            total: 0,
-        };
-        let xavier = |fan_out, fan_in| Init::XavierUniform { fan_in, fan_out };
-        layout.push(
-            "patch_embed.proj.weight",
-            &[d, 3, p, p],
-            xavier(d, pd),
-            true,
-        );
-        layout.push("patch_embed.proj.bias", &[d], Init::Zeros, false);
-        layout.push("cls_token", &[1, 1, d], Init::Normal(0.02), false);
-        layout.push("mask_token", &[1, 1, d], Init::Normal(0.02), false);
-        for i in 0..m.depth {
-            let n = |s: &str| format!("blocks.{i}.{s}");
-            layout.push(&n("norm1.weight"), &[d], Init::Ones, false);
-            layout.push(&n("norm1.bias"), &[d], Init::Zeros, false);
-            layout.push(&n("attn.qkv.weight"), &[3 * d, d], xavier(3 * d, d), true);
-            layout.push(&n("attn.qkv.bias"), &[3 * d], Init::Zeros, false);
-            layout.push(
-                &n("attn.relative_position_bias_table"),
-                &[m.rel_bias_rows(), m.heads],
-                Init::Zeros,
-                false,
-            );
-            layout.push(&n("attn.proj.weight"), &[d, d], xavier(d, d), true);
-            layout.push(&n("attn.proj.bias"), &[d], Init::Zeros, false);
-            layout.push(&n("norm2.weight"), &[d], Init::Ones, false);
-            layout.push(&n("norm2.bias"), &[d], Init::Zeros, false);
-            layout.push(&n("mlp.fc1.weight"), &[hidden, d], xavier(hidden, d), true);
-            layout.push(&n("mlp.fc1.bias"), &[hidden], Init::Zeros, false);
-            layout.push(&n("mlp.fc2.weight"), &[d, hidden], xavier(d, hidden), true);
-            layout.push(&n("mlp.fc2.bias"), &[d], Init::Zeros, false);
-        }
-        layout.push("norm.weight", &[d], Init::Ones, false);
-        layout.push("norm.bias", &[d], Init::Zeros, false);
-        layout.push("head.weight", &[pd, d], xavier(pd, d), true);
-        layout.push("head.bias", &[pd], Init::Zeros, false);
-        layout
-    }
+/// The table as it is being built: entries in order, each push returning its range.
+#[derive(Default)]
+struct Table {
+    entries: Vec<ParamEntry>,
+    total: usize,
+}
 
-    fn push(&mut self, name: &str, shape: &[usize], init: Init, decay: bool) {
+impl Table {
+    fn push(&mut self, name: &str, shape: &[usize], init: Init, decay: bool) -> Range<usize> {
         let entry = ParamEntry {
             name: name.to_string(),
             shape: shape.to_vec(),
@@ -148,8 +111,81 @@ impl ParamLayout {
             decay,
         };
         self.total += entry.len();
-        self.by_name.insert(entry.name.clone(), self.entries.len());
+        let range = entry.range();
         self.entries.push(entry);
+        range
+    }
+}
+
+impl ParamLayout {
+    /// The timm/BEiT names, shapes, initialisers and decay flags, in buffer order; each
+    /// name is written once, here.
+    pub fn new(m: &ModelConfig) -> Self {
+        let (d, p, hidden, pd) = (m.width, m.patch, m.hidden(), m.patch_dim());
+        let mut t = Table::default();
+        let xavier = |fan_out, fan_in| Init::XavierUniform { fan_in, fan_out };
+        let patch_w = t.push(
+            "patch_embed.proj.weight",
+            &[d, 3, p, p],
+            xavier(d, pd),
+            true,
+        );
+        let patch_b = t.push("patch_embed.proj.bias", &[d], Init::Zeros, false);
+        let cls_token = t.push("cls_token", &[1, 1, d], Init::Normal(0.02), false);
+        let mask_token = t.push("mask_token", &[1, 1, d], Init::Normal(0.02), false);
+        let blocks = (0..m.depth)
+            .map(|i| {
+                let mut push = |s: &str, shape: &[usize], init, decay| {
+                    t.push(&format!("blocks.{i}.{s}"), shape, init, decay)
+                };
+                BlockRanges {
+                    norm1_w: push("norm1.weight", &[d], Init::Ones, false),
+                    norm1_b: push("norm1.bias", &[d], Init::Zeros, false),
+                    qkv_w: push("attn.qkv.weight", &[3 * d, d], xavier(3 * d, d), true),
+                    qkv_b: push("attn.qkv.bias", &[3 * d], Init::Zeros, false),
+                    rel_bias: push(
+                        "attn.relative_position_bias_table",
+                        &[m.rel_bias_rows(), m.heads],
+                        Init::Zeros,
+                        false,
+                    ),
+                    proj_w: push("attn.proj.weight", &[d, d], xavier(d, d), true),
+                    proj_b: push("attn.proj.bias", &[d], Init::Zeros, false),
+                    norm2_w: push("norm2.weight", &[d], Init::Ones, false),
+                    norm2_b: push("norm2.bias", &[d], Init::Zeros, false),
+                    fc1_w: push("mlp.fc1.weight", &[hidden, d], xavier(hidden, d), true),
+                    fc1_b: push("mlp.fc1.bias", &[hidden], Init::Zeros, false),
+                    fc2_w: push("mlp.fc2.weight", &[d, hidden], xavier(d, hidden), true),
+                    fc2_b: push("mlp.fc2.bias", &[d], Init::Zeros, false),
+                }
+            })
+            .collect();
+        let norm_w = t.push("norm.weight", &[d], Init::Ones, false);
+        let norm_b = t.push("norm.bias", &[d], Init::Zeros, false);
+        let head_w = t.push("head.weight", &[pd, d], xavier(pd, d), true);
+        let head_b = t.push("head.bias", &[pd], Init::Zeros, false);
+        let by_name = t
+            .entries
+            .iter()
+            .enumerate()
+            .map(|(i, e)| (e.name.clone(), i))
+            .collect();
+        ParamLayout {
+            entries: t.entries,
+            by_name,
+            total: t.total,
+            ranges: ModelRanges {
+                patch_w,
+                patch_b,
+                cls_token,
+                mask_token,
+                blocks,
+                norm_w,
+                norm_b,
+                head_w,
+                head_b,
+            },
+        }
     }
 
     pub fn entries(&self) -> &[ParamEntry] {
@@ -177,47 +213,9 @@ impl ParamLayout {
         self.by_name.get(name).map(|&i| &self.entries[i])
     }
 
-    /// The range of a parameter that the table is known to hold.
-    fn range(&self, name: &str) -> Range<usize> {
-        match self.get(name) {
-            Some(e) => e.range(),
-            None => unreachable!("the name table has no parameter {name}"),
-        }
-    }
-
-    /// The ranges the backends compute with, looked up from the table.
-    pub fn ranges(&self, m: &ModelConfig) -> ModelRanges {
-        let blocks = (0..m.depth)
-            .map(|i| {
-                let r = |s: &str| self.range(&format!("blocks.{i}.{s}"));
-                BlockRanges {
-                    norm1_w: r("norm1.weight"),
-                    norm1_b: r("norm1.bias"),
-                    qkv_w: r("attn.qkv.weight"),
-                    qkv_b: r("attn.qkv.bias"),
-                    rel_bias: r("attn.relative_position_bias_table"),
-                    proj_w: r("attn.proj.weight"),
-                    proj_b: r("attn.proj.bias"),
-                    norm2_w: r("norm2.weight"),
-                    norm2_b: r("norm2.bias"),
-                    fc1_w: r("mlp.fc1.weight"),
-                    fc1_b: r("mlp.fc1.bias"),
-                    fc2_w: r("mlp.fc2.weight"),
-                    fc2_b: r("mlp.fc2.bias"),
-                }
-            })
-            .collect();
-        ModelRanges {
-            patch_w: self.range("patch_embed.proj.weight"),
-            patch_b: self.range("patch_embed.proj.bias"),
-            cls_token: self.range("cls_token"),
-            mask_token: self.range("mask_token"),
-            blocks,
-            norm_w: self.range("norm.weight"),
-            norm_b: self.range("norm.bias"),
-            head_w: self.range("head.weight"),
-            head_b: self.range("head.bias"),
-        }
+    /// The ranges the backends compute with.
+    pub fn ranges(&self) -> &ModelRanges {
+        &self.ranges
     }
 
     /// 1.0 where AdamW decays the weight, 0.0 elsewhere, one value per scalar.
@@ -292,7 +290,7 @@ mod tests {
         let flat = layout.init(3);
         assert_eq!(flat, layout.init(3));
         assert_ne!(flat, layout.init(4));
-        let r = layout.ranges(&m);
+        let r = layout.ranges();
         assert!(flat[r.blocks[1].norm2_w.clone()].iter().all(|&v| v == 1.0));
         assert!(flat[r.blocks[0].rel_bias.clone()].iter().all(|&v| v == 0.0));
         let bound = (6.0f32 / (64.0 + 192.0)).sqrt();

@@ -36,7 +36,7 @@ fn random_params(m: &ModelConfig, seed: u64) -> Vec<f32> {
 fn encoder_matches_training_forward(m: &ModelConfig, view: View, seed: u64) {
     let encoder_params = random_params(m, seed);
     let layout = ParamLayout::new(m);
-    let r = layout.ranges(m);
+    let r = layout.ranges();
     let probe = Encoder::new(m, &encoder_params, m.image, view, Pool::Cls).unwrap();
     let origins = probe.origins().to_vec();
     let m = &ModelConfig {
@@ -314,7 +314,7 @@ fn at_the_window_size_the_tables_are_exported_unchanged_and_the_index_is_beits()
 fn the_key_bias_has_no_effect_and_zero_gradient() {
     let m = preset("tiny").unwrap();
     let layout = ParamLayout::new(&m);
-    let r = layout.ranges(&m);
+    let r = layout.ranges();
     let d = m.width;
     let params: Vec<f64> = random_params(&m, 8).iter().map(|&v| v as f64).collect();
     let batch = sample_batch(&m, 2, 9);
@@ -352,7 +352,7 @@ fn the_key_bias_has_no_effect_and_zero_gradient() {
 fn training_moves_the_key_bias_without_effect() {
     let m = preset("tiny").unwrap();
     let layout = ParamLayout::new(&m);
-    let r = layout.ranges(&m);
+    let r = layout.ranges();
     let d = m.width;
     let largest = |s: &[f32]| s.iter().fold(0.0f32, |a, v| a.max(v.abs()));
     let mut backend = CpuBackend::new(&m, layout.init(11)).unwrap();

@@ -86,7 +86,7 @@ impl<'a> Encoder<'a> {
             );
         }
         let grid = image / m.patch;
-        let r = layout.ranges(m);
+        let r = layout.ranges().clone();
         let (side, origins) = match view {
             View::Image => (grid, vec![(0, 0)]),
             View::Windows => {

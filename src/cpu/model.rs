@@ -195,7 +195,7 @@ impl<'a, T: Real> Net<'a, T> {
         }
         Ok(Net {
             m,
-            r: layout.ranges(m),
+            r: layout.ranges().clone(),
             p,
             rel: RelativeIndex::new(m.window),
         })

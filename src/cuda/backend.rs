@@ -148,7 +148,7 @@ impl<T: Storage + AttnElem> Engine<T> {
             blas,
             precision,
             model: model.clone(),
-            ranges: layout.ranges(model),
+            ranges: layout.ranges().clone(),
             master: gpu.upload(params, "master weights")?,
             shadow: gpu.zeros(total, "weight copy")?,
             grads: gpu.zeros(total, "gradients")?,

@@ -18,10 +18,9 @@ use cudarc::driver::{
 use super::kernels::KERNELS_BUILT;
 
 /// How to get an nvcc that matches the CUDA 13.0 driver.
-pub const NVCC_HINT: &str = "rebuild with nvcc 13.0 available: pip install \
-    nvidia-cuda-nvcc==13.0.88 nvidia-cuda-crt==13.0.88 nvidia-nvvm==13.0.88 \
-    nvidia-cuda-runtime==13.0.96 nvidia-cuda-cccl==13.0.85, then set \
-    NVCC=<site-packages>/nvidia/cu13/bin/nvcc and run cargo build again";
+pub const NVCC_HINT: &str = "rebuild with nvcc 13.0 available: pip install --target DIR \
+    -r scripts/nvcc-requirements.txt (the pinned wheels), then set \
+    NVCC=DIR/nvidia/cu13/bin/nvcc and run cargo build again";
 
 /// Why this machine has no usable GPU (no driver, or no device), or `None` when it has
 /// one. A missing cuBLAS or a build without kernels is not reported here: on a GPU

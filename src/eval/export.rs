@@ -80,7 +80,7 @@ pub fn encoder_tensors(m: &ModelConfig, params: &[f32], image: usize) -> Result<
     check_image(m, image)?;
     let layout = ParamLayout::new(m);
     layout.check_len("parameters", params.len())?;
-    let r = layout.ranges(m);
+    let r = layout.ranges();
     let (d, grid) = (m.width, image / m.patch);
     let span = 2 * grid - 1;
     let copy = |name: String, shape: &[usize], range: &std::ops::Range<usize>| Exported {
