@@ -62,7 +62,6 @@ impl Backend for CpuBackend {
     }
 
     /// The model validates the batch before any work, so a bad batch is an error.
-    /// The model validates the batch before any work, so a bad batch is an error.
     fn forward_backward(&mut self, batch: &Batch, grad_scale: f32) -> Result<f32> {
         model::loss_and_grad(
             &self.model,

@@ -164,9 +164,27 @@ mod tests {
 
     #[test]
     fn dropping_it_early_stops_the_worker() {
-        let m = preset("tiny").unwrap();
-        let mut ahead = Batches::new(BatchSource::new(&m, 1), 2, u64::MAX, true).unwrap();
-        ahead.draw().unwrap();
-        drop(ahead);
+        use std::sync::atomic::{AtomicU64, Ordering};
+        use std::sync::{mpsc, Arc};
+        use std::time::Duration;
+
+        let made = Arc::new(AtomicU64::new(0));
+        let counter = made.clone();
+        let mut ahead =
+            Prefetcher::start(u64::MAX, move || Ok(counter.fetch_add(1, Ordering::SeqCst)))
+                .unwrap();
+        assert_eq!(ahead.receive().unwrap(), 0);
+        // Dropped on another thread, so a worker that never stops fails the test after the
+        // timeout instead of hanging it.
+        let (done, finished) = mpsc::channel();
+        std::thread::spawn(move || {
+            drop(ahead);
+            let _ = done.send(());
+        });
+        finished
+            .recv_timeout(Duration::from_secs(30))
+            .expect("dropping the prefetcher did not stop its worker");
+        // The value taken, and the one waiting in the channel when it closed.
+        assert_eq!(made.load(Ordering::SeqCst), 2);
     }
 }

@@ -293,8 +293,7 @@ impl Features {
                 path.display()
             );
         }
-        let classes: Vec<String> = serde_json::from_str(file.metadata("classes").unwrap_or(""))
-            .map_err(|e| anyhow!("{}: metadata `classes` is malformed ({e})", path.display()))?;
+        let classes: Vec<String> = file.required_json("classes")?;
         let (shape, values) = file.f32("features")?;
         let [n, dim] = shape[..] else {
             bail!(

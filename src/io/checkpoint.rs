@@ -9,8 +9,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use anyhow::{anyhow, bail, Context, Result};
-use serde::de::DeserializeOwned;
+use anyhow::{bail, Context, Result};
 
 use crate::backend::Moments;
 use crate::config::{Config, ModelConfig};
@@ -95,21 +94,6 @@ pub fn save_gradients(path: &Path, config: &Config, loss: f32, grads: &[f32]) ->
         .with_context(|| format!("cannot write gradient file {}", path.display()))
 }
 
-fn metadata_json<T: DeserializeOwned>(file: &TensorFile, key: &str) -> Result<T> {
-    let text = file.metadata(key).ok_or_else(|| {
-        anyhow!(
-            "checkpoint {}: metadata has no `{key}` entry",
-            file.path().display()
-        )
-    })?;
-    serde_json::from_str(text).map_err(|e| {
-        anyhow!(
-            "checkpoint {}: metadata `{key}` is malformed ({e})",
-            file.path().display()
-        )
-    })
-}
-
 /// Refuses a file whose model differs from the requested one, naming every field that
 /// differs.
 pub fn check_same_model(found: &ModelConfig, requested: &ModelConfig, what: &str) -> Result<()> {
@@ -151,8 +135,7 @@ pub fn read_named(file: &TensorFile, layout: &ParamLayout, prefix: &str) -> Resu
 /// records its config must record the same model.
 pub fn load_params(path: &Path, model: &ModelConfig) -> Result<Vec<f32>> {
     let file = TensorFile::open(path, "parameter file")?;
-    if file.metadata("config").is_some() {
-        let config: Config = metadata_json(&file, "config")?;
+    if let Some(config) = file.metadata_json::<Config>("config")? {
         check_same_model(
             &config.model,
             model,
@@ -185,19 +168,13 @@ impl CheckpointFile {
                 path.display()
             ),
         }
-        let config: Config = metadata_json(&file, "config")?;
+        let config: Config = file.required_json("config")?;
         config
             .validate()
             .with_context(|| format!("checkpoint {}: invalid config", path.display()))?;
-        let step_text = file.metadata("step").unwrap_or_default();
-        let step = step_text.parse().map_err(|_| {
-            anyhow!(
-                "checkpoint {}: metadata `step` is {step_text:?}, not a step number",
-                path.display()
-            )
-        })?;
-        let sampler: SamplerState = metadata_json(&file, "sampler")?;
-        let data: DataState = metadata_json(&file, "data")?;
+        let step = file.required_json("step")?;
+        let sampler: SamplerState = file.required_json("sampler")?;
+        let data: DataState = file.required_json("data")?;
         Ok(CheckpointFile {
             file,
             config,

@@ -1,6 +1,8 @@
-//! Finding the first NaN or infinity in a large buffer. Every value lomar reads from a file
-//! or hands to a backend must be finite, and the buffers are large (a batch of 256 images at
-//! 448 pixels holds 154M values), so the scan runs over the cores.
+//! Finding the first NaN or infinity in a large buffer: every f32 tensor read from a file,
+//! the parameters before a checkpoint is written, and the features an encoder produces.
+//! Batches are checked when read from a file, not on every training step (the sources
+//! cannot produce a non-finite pixel, and a non-finite loss stops the run). The buffers
+//! are large (a checkpoint of vit_base holds 260M values), so the scan runs over the cores.
 
 use rayon::prelude::*;
 

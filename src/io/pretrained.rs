@@ -24,27 +24,18 @@ impl Pretrained {
     /// Reads a checkpoint (`pretrain`) or a parameter file (`init`).
     pub fn open(path: &Path) -> Result<Self> {
         let file = TensorFile::open(path, "checkpoint")?;
-        let text = file.metadata("config").ok_or_else(|| {
+        let config: Config = file.metadata_json("config")?.ok_or_else(|| {
             anyhow!(
                 "{} records no config in its metadata: it is not a lomar checkpoint or parameter file",
                 path.display()
             )
         })?;
-        let config: Config = serde_json::from_str(text)
-            .with_context(|| format!("{}: metadata `config` is malformed", path.display()))?;
         config
             .model
             .validate()
             .with_context(|| format!("{}: invalid model config", path.display()))?;
-        let step = match file.metadata("step") {
-            Some(s) => s.parse().map_err(|_| {
-                anyhow!(
-                    "{}: metadata `step` is {s:?}, not a step number",
-                    path.display()
-                )
-            })?,
-            None => 0,
-        };
+        // A parameter file from `init` records no step.
+        let step = file.metadata_json("step")?.unwrap_or(0);
         let params = read_named(&file, &ParamLayout::new(&config.model), "")?;
         Ok(Pretrained {
             config,

@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{anyhow, bail, Context, Result};
 use safetensors::tensor::{Metadata, TensorInfo};
 use safetensors::{Dtype, SafeTensors, View};
+use serde::de::DeserializeOwned;
 
 use crate::io::finite::first_non_finite;
 
@@ -168,6 +169,28 @@ impl TensorFile {
             .as_ref()
             .and_then(|m| m.get(key))
             .map(String::as_str)
+    }
+
+    /// The JSON value of a `__metadata__` entry, `None` when the entry is absent; an entry
+    /// that does not parse is an error naming the file and the key. Every reader of config,
+    /// step, sampler and data state goes through here.
+    pub fn metadata_json<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>> {
+        self.metadata(key)
+            .map(|text| {
+                serde_json::from_str(text).map_err(|e| {
+                    anyhow!(
+                        "{}: metadata `{key}` is malformed ({e})",
+                        self.path.display()
+                    )
+                })
+            })
+            .transpose()
+    }
+
+    /// Like [`Self::metadata_json`], for an entry the file must have.
+    pub fn required_json<T: DeserializeOwned>(&self, key: &str) -> Result<T> {
+        self.metadata_json(key)?
+            .ok_or_else(|| anyhow!("{}: metadata has no `{key}` entry", self.path.display()))
     }
 
     pub fn contains(&self, name: &str) -> bool {
