@@ -206,7 +206,7 @@ class ModelTests(unittest.TestCase):
         self.assertTrue(torch.equal(tr.visible_index_from_mask(mask_index, cfg.window_area), visible_index))
 
     def test_training_flops_match_a_hand_count(self):
-        # vit_base, T = 50, D = 768: the count of src/flops.rs.
+        # vit_base, T = 50, D = 768: the count of src/bench/flops.rs.
         block = 2 * 50 * 768 * 2304 + 4 * 2500 * 768 + 2 * 50 * 768 * 768 + 4 * 50 * 768 * 3072
         want = 4 * (3 * (12 * block + 2 * 39 * 768 * 768) + 2 * 2 * 10 * 768 * 768)
         self.assertEqual(tr.training_flops(tr.PRESETS["vit_base"], 1), want)

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 # ---------------------------------------------------------------------------------------
-# Settings (mirror src/config.rs)
+# Settings (mirror src/config/mod.rs)
 # ---------------------------------------------------------------------------------------
 
 LN_EPS = 1e-6
@@ -434,7 +434,7 @@ def load_parameters(model: LomarViT, path: str | Path) -> None:
 
 def load_batch(path: str | Path, cfg: ModelConfig) -> tuple[torch.Tensor, ...]:
     """(images, window_origin, mask_index, visible_index) of a batch file, checked as
-    src/batch.rs checks a batch."""
+    src/data/batch.rs checks a batch."""
     tensors, metadata = read_safetensors(path)
     check_same_model(path, metadata, cfg)
     for name in ("images", "window_origin", "mask_index"):
@@ -538,7 +538,7 @@ def run_check(args: argparse.Namespace, cfg: ModelConfig) -> int:
 
 
 def training_flops(cfg: ModelConfig, images: int) -> float:
-    """Matrix-product FLOPs of one training step, counted exactly as src/flops.rs counts."""
+    """Matrix-product FLOPs of one training step, counted exactly as src/bench/flops.rs counts."""
     t, d, hidden = cfg.seq_len, cfg.width, cfg.hidden
     per_block = 2 * t * d * 3 * d + 2 * 2 * t * t * d + 2 * t * d * d + 2 * 2 * t * d * hidden
     head = 2 * cfg.masked_per_window * d * cfg.patch_dim
@@ -547,7 +547,7 @@ def training_flops(cfg: ModelConfig, images: int) -> float:
     return float(images * cfg.windows_per_image * (3 * (cfg.depth * per_block + head) + 2 * embed))
 
 
-# Dense bf16 tensor-core peaks, matched on the device name (the table of src/flops.rs).
+# Dense bf16 tensor-core peaks, matched on the device name (the table of src/bench/flops.rs).
 BF16_PEAKS = [("H200", 989.4e12), ("H100 PCIE", 756.0e12), ("H100", 989.4e12), ("A100", 312.0e12), ("L40S", 362.0e12), ("A10G", 70.0e12)]
 
 
