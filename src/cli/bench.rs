@@ -6,23 +6,16 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use clap::Args;
 
-use super::DeviceArgs;
+use super::RunArgs;
 use crate::bench;
-use crate::config::{self, ModelOverrides, TrainOverrides};
-use crate::data::DataArgs;
+use crate::config;
 use crate::device::open_backend;
 use crate::params::ParamLayout;
 
 #[derive(Args, Debug)]
 pub struct BenchArgs {
     #[command(flatten)]
-    pub model: ModelOverrides,
-    #[command(flatten)]
-    pub train: TrainOverrides,
-    #[command(flatten)]
-    pub device: DeviceArgs,
-    #[command(flatten)]
-    pub data: DataArgs,
+    pub run: RunArgs,
     /// Untimed steps first (kernel loading, allocator and cache warm-up).
     #[arg(long, default_value_t = 3)]
     pub warmup: usize,
@@ -38,7 +31,7 @@ pub struct BenchArgs {
 }
 
 pub(super) fn bench(a: BenchArgs) -> Result<()> {
-    let config = config::resolve(&a.model, &a.train, None)?;
+    let config = config::resolve(&a.run.model, &a.run.train, None)?;
     let plan = bench::BenchPlan {
         warmup_steps: a.warmup,
         timed_steps: a.timed_steps,
@@ -46,8 +39,13 @@ pub(super) fn bench(a: BenchArgs) -> Result<()> {
     };
     plan.validate()?;
     let params = ParamLayout::new(&config.model).init(config.train.seed);
-    let mut backend = open_backend(a.device.device, &config.model, params, a.device.precision)?;
-    let report = bench::run(backend.as_mut(), &config, &plan, &a.data)?;
+    let mut backend = open_backend(
+        a.run.device.device,
+        &config.model,
+        params,
+        a.run.device.precision,
+    )?;
+    let report = bench::run(backend.as_mut(), &config, &plan, &a.run.data)?;
     print!("{}", bench::summary(&report));
     if let Some(path) = &a.json {
         let json = serde_json::json!({

@@ -9,6 +9,8 @@ mod pretrain;
 use clap::{Args, Parser, Subcommand};
 
 use crate::backend::Precision;
+use crate::config::{ModelOverrides, TrainOverrides};
+use crate::data::DataArgs;
 use crate::device::Device;
 use anyhow::Result;
 
@@ -50,6 +52,20 @@ pub enum Command {
     Visualize(VisualizeArgs),
     /// Plot the loss curve of a metrics.jsonl file as a PNG.
     Plot(PlotArgs),
+}
+
+/// What a training run needs: the model, the training settings, where to compute, and on
+/// which images (`pretrain` and `bench`).
+#[derive(Args, Debug)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub model: ModelOverrides,
+    #[command(flatten)]
+    pub train: TrainOverrides,
+    #[command(flatten)]
+    pub device: DeviceArgs,
+    #[command(flatten)]
+    pub data: DataArgs,
 }
 
 /// Where to compute.

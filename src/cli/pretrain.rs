@@ -6,23 +6,16 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 
-use super::DeviceArgs;
+use super::RunArgs;
 use crate::backend::Backend;
-use crate::config::{self, Config, ModelOverrides, TrainOverrides};
-use crate::data::DataArgs;
+use crate::config::{self, Config};
 use crate::io::checkpoint::CheckpointFile;
 use crate::train::{self, TrainOptions};
 
 #[derive(Args, Debug)]
 pub struct PretrainArgs {
     #[command(flatten)]
-    pub model: ModelOverrides,
-    #[command(flatten)]
-    pub train: TrainOverrides,
-    #[command(flatten)]
-    pub device: DeviceArgs,
-    #[command(flatten)]
-    pub data: DataArgs,
+    pub run: RunArgs,
     /// Directory for checkpoint.safetensors, metrics.jsonl and config.json.
     #[arg(long, default_value = "runs/pretrain")]
     pub out: PathBuf,
@@ -49,8 +42,8 @@ pub(super) fn pretrain(a: PretrainArgs) -> Result<()> {
         None => None,
     };
     let config = config::resolve(
-        &a.model,
-        &a.train,
+        &a.run.model,
+        &a.run.train,
         resumed.as_ref().map(|c| c.config().clone()),
     )?;
     let out = &a.out;
@@ -77,9 +70,9 @@ pub(super) fn pretrain(a: PretrainArgs) -> Result<()> {
     } = train::start(
         &config,
         resumed,
-        a.device.device,
-        a.device.precision,
-        &a.data,
+        a.run.device.device,
+        a.run.device.precision,
+        &a.run.data,
     )?;
     print_run_header(&config, backend.as_ref(), backend.layout().total(), step);
     println!("data: {}", source.describe());
