@@ -18,8 +18,8 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use lomar::cuda::attention::{
-    attention_backward, attention_backward_tuned, attention_forward, attention_forward_tuned, plan,
-    AttentionKernels, AttnElem, AttnShape, AttnTuning, Pass,
+    attention_backward_tuned, attention_forward, attention_forward_tuned, plan, AttentionKernels,
+    AttnElem, AttnShape, AttnTuning, Pass,
 };
 
 use attention_reference::{Inputs, Outputs};

@@ -20,7 +20,7 @@ use std::sync::OnceLock;
 use half::bf16;
 use lomar::cuda::attention::{plan, plan_finish, AttnShape, AttnTuning, DeviceLimits, Pass};
 
-use attention_reference::{Inputs, Outputs};
+use attention_reference::{Errors, Inputs, Outputs};
 
 /// The compiler, from `$CXX` or `g++`.
 fn compiler() -> String {
@@ -246,11 +246,7 @@ impl Case {
 
     /// Runs the case with `driver`: Ok(errors) when the driver exited cleanly, Err(its
     /// output) when it failed (a ThreadSanitizer report, a shim error, a crash).
-    fn run<E: Elem>(
-        &self,
-        driver: &Path,
-        dir: &Path,
-    ) -> Result<(String, [(&str, f64); 4]), String> {
+    fn run<E: Elem>(&self, driver: &Path, dir: &Path) -> Result<(String, Errors), String> {
         let (want, dtable_start, label) = self.prepare::<E>(dir);
         let out = run(driver, &[dir]);
         if !out.status.success() {
@@ -273,11 +269,11 @@ impl Case {
     }
 }
 
-fn within<E: Elem>(errors: &[(&str, f64); 4]) -> bool {
+fn within<E: Elem>(errors: &Errors) -> bool {
     errors.iter().all(|&(_, e)| e <= E::TOLERANCE)
 }
 
-fn show(errors: &[(&str, f64); 4]) -> String {
+fn show(errors: &Errors) -> String {
     errors.map(|(name, e)| format!("{name} {e:.2e}")).join(", ")
 }
 

@@ -51,6 +51,9 @@ impl Inputs {
     }
 }
 
+/// Each output's relative error, by name.
+pub type Errors = [(&'static str, f64); 4];
+
 /// The op's outputs: out, lse, dqkv, and what the backward adds to dtable.
 pub struct Outputs {
     pub out: Vec<f64>,
@@ -89,7 +92,7 @@ impl Outputs {
     }
 
     /// Each tensor's [`rel_error`] against `want`.
-    pub fn errors(&self, want: &Outputs) -> [(&'static str, f64); 4] {
+    pub fn errors(&self, want: &Outputs) -> Errors {
         [
             ("out", rel_error(&self.out, &want.out)),
             ("lse", rel_error(&self.lse, &want.lse)),
