@@ -1,17 +1,22 @@
-// Fused windowed multi-head attention with BEiT's relative position bias (docs/DESIGN.md §1.2).
+// Fused windowed multi-head attention with BEiT's relative position bias (docs/DESIGN.md
+// §1.2), in two implementations chosen by the launcher (src/cuda/attention.rs):
+// - attention_fast.cuh: bf16, T ≤ 64 (K ≤ 7, vit_base's case): several items per CTA,
+//   cp.async prefetch, mma.sync with S and P in registers, one-pass backward.
+// - this file's general kernels: any K ≤ 14, f32 (the tight-parity reference) or bf16,
+//   one thread block per (sequence, head).
+// Both write the bias-table gradient as per-CTA partials that attention_dtable_finish adds
+// in a fixed order, so the table gradient is bit-reproducible (no float atomics).
 //
-// forward:  qkv [S, T, 3D] E, table [(2K-1)²+3, h] f32 -> out [S, T, D] E, lse [S, h, T] f32
-// backward: qkv, table, out, dout [S, T, D] E, lse -> dqkv [S, T, 3D] E (overwritten),
-//           dtable [(2K-1)²+3, h] f32 (accumulated)
+// general forward:  qkv [S, T, 3D] E, table [(2K-1)²+3, h] f32 -> out [S, T, D] E, lse [S, h, T] f32
+// general backward: qkv, table, out, dout [S, T, D] E, lse -> dqkv [S, T, 3D] E (overwritten),
+//                   partials [h, S, (2K-1)²+3] f32 (overwritten)
 //
 // T = 1 + K² tokens, D = h·d. Head `i` owns columns i*d..(i+1)*d of each of q, k, v, out.
-// E is float (scalar FMA path, the tight-parity reference) or bf16 (tensor cores through
-// WMMA 16×16×16 with fp32 accumulation). All softmax math is fp32.
+// E is float (scalar FMA path) or bf16 (tensor cores through mma.sync m16n8k16 with fp32
+// accumulation). All softmax math is fp32.
 //
 // One thread block per (sequence, head): a head's window sequence (T ≤ 197, d ≤ 128) fits
-// in shared memory on its own, heads share no data, and S·h blocks (12288 for vit_base)
-// fill every SM while each block's shared memory stays small enough for several blocks
-// per SM. Looping heads inside a block would only serialise independent work.
+// in shared memory on its own, and S·h blocks fill every SM.
 //
 // Tokens are padded to Tp = 16·ceil(T/16) so every matrix is whole 16×16 tiles. Padded
 // rows are zero in shared memory, padded keys get probability zero, padded query rows are
@@ -20,19 +25,17 @@
 // by __syncthreads, everything one lane writes and another lane of the same warp reads by
 // __syncwarp.
 
-#include <mma.h>
-
-#include "common.cuh"
+#include "attention_fast.cuh"
 
 namespace {
 
-namespace wmma = nvcuda::wmma;
+using attn::rel_index;
 
 constexpr int TILE = 16;
 constexpr int WARP_SIZE = 32;
 // The launcher never uses more warps than this (src/cuda/attention.rs, MAX_WARPS).
 constexpr int MAX_THREADS = 8 * WARP_SIZE;
-// Shared-memory pieces start on 128-byte boundaries (WMMA needs 32).
+// Shared-memory pieces start on 128-byte boundaries (ldmatrix rows need 16).
 constexpr unsigned int SMEM_ALIGN = 128;
 // Rows of a shared f32 tile strip are padded by 4 floats, rows of E matrices by 16 bytes:
 // consecutive rows then start on different banks, and 16-byte vector access still works.
@@ -48,20 +51,6 @@ __device__ __forceinline__ float warp_max(float x) {
     return x;
 }
 
-// Row of the bias table for query token i and key token j; token 0 is cls, token t ≥ 1 is
-// window position t-1, numbered row-major.
-__device__ __forceinline__ int rel_index(int i, int j, int window) {
-    const int span = 2 * window - 1;
-    const int patch_rows = span * span;
-    if (i == 0) return j == 0 ? patch_rows + 2 : patch_rows;
-    if (j == 0) return patch_rows + 1;
-    const int yi = (i - 1) / window, xi = (i - 1) % window;
-    const int yj = (j - 1) / window, xj = (j - 1) % window;
-    return (yi - yj + window - 1) * span + (xi - xj + window - 1);
-}
-
-extern __shared__ __align__(128) unsigned char smem_bytes[];
-
 // Hands out pieces of the dynamic shared memory in a fixed order, each rounded up to
 // SMEM_ALIGN bytes. The launcher's byte count follows the same order and rounding; the
 // kernel traps if the launch gave it less.
@@ -70,7 +59,7 @@ struct SmemCursor {
 
     template <typename T>
     __device__ T* take(int count) {
-        T* p = reinterpret_cast<T*>(smem_bytes + used);
+        T* p = reinterpret_cast<T*>(dynamic_smem() + used);
         used += piece<T>(count);
         return p;
     }
@@ -78,7 +67,7 @@ struct SmemCursor {
     // One piece per warp; returns the calling warp's.
     template <typename T>
     __device__ T* take_per_warp(int count, int warps, int warp) {
-        T* p = reinterpret_cast<T*>(smem_bytes + used + warp * piece<T>(count));
+        T* p = reinterpret_cast<T*>(dynamic_smem() + used + warp * piece<T>(count));
         used += warps * piece<T>(count);
         return p;
     }
@@ -89,9 +78,7 @@ struct SmemCursor {
     }
 
     __device__ void require_launched_size() const {
-        unsigned int launched;
-        asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(launched));
-        if (used > launched) __trap();
+        if (used > dynamic_smem_size()) __trap();
     }
 };
 
@@ -131,14 +118,25 @@ __device__ void store_tile(E* dst, size_t dst_ld, const float* tile, int ld, int
 }
 
 // Operand layouts of a 16×16 tile with leading dimension ld: element (r, c) lives at
-// at(r, c, ld). ColMajor reads the transpose of a row-major matrix.
+// at(r, c, ld). ColMajor reads the transpose of a row-major matrix. load_a / load_b give
+// the tile as mma.sync's A operand or as the B operands of its two 8-column halves.
 struct RowMajor {
-    using wmma_layout = wmma::row_major;
     __device__ static int at(int r, int c, int ld) { return r * ld + c; }
+    __device__ static void load_a(uint32_t (&a)[4], const bf16* m, int ld, int lane) {
+        attn::load_a(a, m, ld, 0, 0, lane);
+    }
+    __device__ static void load_b(uint32_t (&b0)[2], uint32_t (&b1)[2], const bf16* m, int ld, int lane) {
+        attn::load_b_pair_by_k(b0, b1, m, ld, 0, 0, lane);
+    }
 };
 struct ColMajor {
-    using wmma_layout = wmma::col_major;
     __device__ static int at(int r, int c, int ld) { return c * ld + r; }
+    __device__ static void load_a(uint32_t (&a)[4], const bf16* m, int ld, int lane) {
+        attn::load_a_transposed(a, m, ld, 0, 0, lane);
+    }
+    __device__ static void load_b(uint32_t (&b0)[2], uint32_t (&b1)[2], const bf16* m, int ld, int lane) {
+        attn::load_b_pair_by_n(b0, b1, m, ld, 0, 0, lane);
+    }
 };
 
 // One warp's 16×16 accumulator and the 16×16×16 step acc += A·B, in fp32.
@@ -174,20 +172,30 @@ struct Mma<float> {
     }
 };
 
+// Two mma.sync m16n8k16 per step, one per 8-column half of the tile (layout in ptx.cuh).
 template <>
 struct Mma<bf16> {
-    using Acc = wmma::fragment<wmma::accumulator, TILE, TILE, TILE, float>;
-    __device__ static void zero(Acc& acc) { wmma::fill_fragment(acc, 0.0f); }
+    struct Acc {
+        float v[2][4];
+    };
+    __device__ static void zero(Acc& acc) {
+#pragma unroll
+        for (int i = 0; i < 8; ++i) acc.v[i / 4][i % 4] = 0.0f;
+    }
     template <typename LA, typename LB>
     __device__ static void step(Acc& acc, const bf16* a, int lda, const bf16* b, int ldb) {
-        wmma::fragment<wmma::matrix_a, TILE, TILE, TILE, bf16, typename LA::wmma_layout> fa;
-        wmma::fragment<wmma::matrix_b, TILE, TILE, TILE, bf16, typename LB::wmma_layout> fb;
-        wmma::load_matrix_sync(fa, a, lda);
-        wmma::load_matrix_sync(fb, b, ldb);
-        wmma::mma_sync(acc, fa, fb, acc);
+        const int lane = threadIdx.x % WARP_SIZE;
+        uint32_t fa[4], b0[2], b1[2];
+        LA::load_a(fa, a, lda, lane);
+        LB::load_b(b0, b1, b, ldb, lane);
+        mma_bf16_16816(acc.v[0], fa, b0);
+        mma_bf16_16816(acc.v[1], fa, b1);
     }
     __device__ static void store(const Acc& acc, float* dst, int ld) {
-        wmma::store_matrix_sync(dst, acc, ld, wmma::mem_row_major);
+        const int lane = threadIdx.x % WARP_SIZE, g = lane / 4, t = lane % 4;
+#pragma unroll
+        for (int i = 0; i < 8; ++i)
+            dst[(g + 8 * (i % 4 / 2)) * ld + 8 * (i / 4) + 2 * t + i % 2] = acc.v[i / 4][i % 4];
     }
 };
 
@@ -310,14 +318,13 @@ __device__ void attention_forward(const E* __restrict__ qkv, const float* __rest
 }
 
 // For the 16×16 tile of query rows row0.. and keys key0..: from the raw scores and dP =
-// dO·Vᵀ, P = exp(logit − lse) and dS = P ⊙ (dP − delta), both zero outside the T×T square.
-// With `dbias`, dS is also summed into the shared table gradient. Lane owns column
-// lane%16, rows lane/16 + 2k, so element lane + 32k: conflict-free shared access.
+// dO·Vᵀ, P = exp(logit − lse) and dS = P ⊙ (dP − delta), both zero outside the T×T square;
+// dS also replaces dP in f32. Lane owns column lane%16, rows lane/16 + 2k, so element
+// lane + 32k: conflict-free shared access, and no other lane touches its elements.
 template <typename E>
-__device__ void softmax_grad_tile(const float* s_tile, const float* dp_tile, E* p_tile, E* ds_tile,
-                                  int row0, int key0, int tokens, int window, const float* bias,
-                                  const float* lse, const float* delta, float scale, float* dbias,
-                                  int lane) {
+__device__ void softmax_grad_tile(const float* s_tile, float* dp_tile, E* p_tile, E* ds_tile, int row0,
+                                  int key0, int tokens, int window, const float* bias, const float* lse,
+                                  const float* delta, float scale, int lane) {
     const int j = key0 + lane % TILE;
 #pragma unroll
     for (int k = 0; k < 8; ++k) {
@@ -327,23 +334,43 @@ __device__ void softmax_grad_tile(const float* s_tile, const float* dp_tile, E* 
             const int idx = rel_index(i, j, window);
             p = expf(s_tile[e] * scale + bias[idx] - lse[i]);
             ds = p * (dp_tile[e] - delta[i]);
-            if (dbias != nullptr) atomicAdd(&dbias[idx], ds);
         }
         p_tile[e] = from_float<E>(p);
         ds_tile[e] = from_float<E>(ds);
+        dp_tile[e] = ds;
+    }
+}
+
+// Adds a 16×16 f32 dS tile (query rows row0.., keys key0..) into the warp's table gradient,
+// one query row at a time in a fixed order. For a query i ≥ 1, distinct keys have distinct
+// table rows, so the 16 lanes of a row never add to the same entry; the cls query's keys
+// all share one row, which lane 0 adds alone.
+__device__ void add_table_gradient(float* dbias, const float* ds_tile, int row0, int key0, int tokens,
+                                   int window, int lane) {
+    for (int r = 0; r < TILE && row0 + r < tokens; ++r) {
+        const int i = row0 + r;
+        if (i == 0) {
+            if (lane == 0)
+                for (int j = 0; j < TILE && key0 + j < tokens; ++j) dbias[rel_index(0, key0 + j, window)] += ds_tile[j];
+        } else if (lane < TILE && key0 + lane < tokens) {
+            dbias[rel_index(i, key0 + lane, window)] += ds_tile[r * TILE + lane];
+        }
+        __syncwarp();
     }
 }
 
 // Two phases, each holding two whole T×d matrices in shared memory and streaming 16-row
 // tiles against them, so no T×T matrix is ever stored (T = 197 fits):
-//   1. K, V whole; each warp takes query tiles: dQ = dS·K/√d, and dtable from dS.
+//   1. K, V whole; each warp takes query tiles: dQ = dS·K/√d, and the table gradient from
+//      dS into the warp's own table-sized array.
 //   2. Q, dO whole; each warp takes key tiles: dV = Pᵀ·dO, dK = dSᵀ·Q/√d.
-// P and dS are recomputed from lse in each phase; accumulators stay in registers.
+// P and dS are recomputed from lse in each phase; accumulators stay in registers. The
+// block's table gradient (the warps' arrays added in warp order) is its partial.
 template <typename E, int HEAD_DIM>
 __device__ void attention_backward(const E* __restrict__ qkv, const float* __restrict__ table,
                                    const E* __restrict__ out, const E* __restrict__ dout,
                                    const float* __restrict__ lse, E* __restrict__ dqkv,
-                                   float* __restrict__ dtable, int window, int heads) {
+                                   float* __restrict__ partials, int window, int heads) {
     using M = Mma<E>;
     constexpr int LD = HEAD_DIM + ROW_PAD<E>;
     constexpr int COL_TILES = HEAD_DIM / TILE;
@@ -356,7 +383,9 @@ __device__ void attention_backward(const E* __restrict__ qkv, const float* __res
     E* whole_a = smem.take<E>(padded * LD);  // phase 1: K, phase 2: Q
     E* whole_b = smem.take<E>(padded * LD);  // phase 1: V, phase 2: dO
     float* bias = smem.take<float>(table_rows);
-    float* dbias = smem.take<float>(table_rows);
+    const int dbias_stride = SmemCursor::piece<float>(table_rows) / sizeof(float);
+    float* dbias_all = smem.take<float>(warps * dbias_stride);  // one table per warp
+    float* dbias = dbias_all + warp * dbias_stride;
     float* lse_s = smem.take<float>(padded);
     float* delta = smem.take<float>(padded);  // rowsum(dO ⊙ O)
     E* tile_a = smem.take_per_warp<E>(TILE * LD, warps, warp);  // phase 1: Q rows, phase 2: K rows
@@ -370,7 +399,7 @@ __device__ void attention_backward(const E* __restrict__ qkv, const float* __res
     copy_rows(whole_a, LD, qkv + g.k, g.qkv_ld, tokens, padded, HEAD_DIM, threadIdx.x, blockDim.x);
     copy_rows(whole_b, LD, qkv + g.v, g.qkv_ld, tokens, padded, HEAD_DIM, threadIdx.x, blockDim.x);
     load_bias(bias, table, table_rows, heads);
-    for (int r = threadIdx.x; r < table_rows; r += blockDim.x) dbias[r] = 0.0f;
+    for (int r = lane; r < table_rows; r += WARP_SIZE) dbias[r] = 0.0f;
     for (int i = threadIdx.x; i < padded; i += blockDim.x) lse_s[i] = i < tokens ? lse[g.lse + i] : 0.0f;
     for (int i = warp; i < padded; i += warps) {
         float acc = 0.0f;
@@ -409,8 +438,9 @@ __device__ void attention_backward(const E* __restrict__ qkv, const float* __res
             M::store(dp, dp_tile, TILE);
             __syncwarp();
             softmax_grad_tile(s_tile, dp_tile, p_tile, ds_tile, row0, key0, tokens, window, bias, lse_s, delta,
-                              scale, dbias, lane);
+                              scale, lane);
             __syncwarp();
+            add_table_gradient(dbias, dp_tile, row0, key0, tokens, window, lane);
 #pragma unroll
             for (int ct = 0; ct < COL_TILES; ++ct)
                 M::template step<RowMajor, RowMajor>(dq[ct], ds_tile, TILE, whole_a + key0 * LD + ct * TILE, LD);
@@ -457,7 +487,7 @@ __device__ void attention_backward(const E* __restrict__ qkv, const float* __res
             M::store(dp, dp_tile, TILE);
             __syncwarp();
             softmax_grad_tile(s_tile, dp_tile, p_tile, ds_tile, row0, key0, tokens, window, bias, lse_s, delta,
-                              scale, static_cast<float*>(nullptr), lane);
+                              scale, lane);
             __syncwarp();
 #pragma unroll
             for (int ct = 0; ct < COL_TILES; ++ct) {
@@ -477,15 +507,21 @@ __device__ void attention_backward(const E* __restrict__ qkv, const float* __res
     }
     __syncthreads();
 
-    // One global atomic per table row and block; the adds of phase 1 finished before the
-    // first __syncthreads after it.
-    for (int r = threadIdx.x; r < table_rows; r += blockDim.x) atomicAdd(&dtable[r * heads + blockIdx.y], dbias[r]);
+    // The warps' table gradients, finished before the __syncthreads after phase 1, added in
+    // warp order.
+    float* mine = partials + (static_cast<size_t>(blockIdx.y) * gridDim.x + blockIdx.x) * table_rows;
+    for (int r = threadIdx.x; r < table_rows; r += blockDim.x) {
+        float sum = 0.0f;
+        for (int w = 0; w < warps; ++w) sum += dbias_all[w * dbias_stride + r];
+        mine[r] = sum;
+    }
 }
 
 }  // namespace
 
-// Entry points, one per element type and head dim: attention_{forward,backward}_{f32,bf16}_d{d}.
-// Grid (S, h), block 32·warps threads, dynamic shared memory from the launcher.
+// Entry points of the general kernels, one per element type and head dim:
+// attention_{forward,backward}_{f32,bf16}_d{d}. Grid (S, h), block 32·warps threads,
+// dynamic shared memory from the launcher.
 #define ATTENTION_KERNELS(E, NAME, HEAD_DIM)                                                               \
     extern "C" __global__ void __launch_bounds__(MAX_THREADS) attention_forward_##NAME##_d##HEAD_DIM(        \
         const E* qkv, const float* table, E* out, float* lse, int window, int heads) {                       \
@@ -493,8 +529,8 @@ __device__ void attention_backward(const E* __restrict__ qkv, const float* __res
     }                                                                                                      \
     extern "C" __global__ void __launch_bounds__(MAX_THREADS) attention_backward_##NAME##_d##HEAD_DIM(       \
         const E* qkv, const float* table, const E* out, const E* dout, const float* lse, E* dqkv,            \
-        float* dtable, int window, int heads) {                                                            \
-        attention_backward<E, HEAD_DIM>(qkv, table, out, dout, lse, dqkv, dtable, window, heads);          \
+        float* partials, int window, int heads) {                                                          \
+        attention_backward<E, HEAD_DIM>(qkv, table, out, dout, lse, dqkv, partials, window, heads);        \
     }
 
 ATTENTION_KERNELS(float, f32, 32)
@@ -505,3 +541,43 @@ ATTENTION_KERNELS(bf16, bf16, 32)
 ATTENTION_KERNELS(bf16, bf16, 64)
 ATTENTION_KERNELS(bf16, bf16, 80)
 ATTENTION_KERNELS(bf16, bf16, 128)
+
+// Entry points of the fast kernels (attention_fast.cuh), bf16 only:
+// attention_fast_{forward,backward}_t{TILES}_d{d} for Tp = 16·TILES padded tokens.
+// Grid (C, h) with C ≤ S, block 32·TILES threads, dynamic shared memory from the launcher.
+#define FAST_FORWARD(TILES, HEAD_DIM)                                                                      \
+    extern "C" __global__ void __launch_bounds__(32 * TILES) attention_fast_forward_t##TILES##_d##HEAD_DIM(  \
+        const bf16* qkv, const float* table, bf16* out, float* lse, int seqs, int window, int heads) {       \
+        attn::fast_forward<TILES, HEAD_DIM>(qkv, table, out, lse, seqs, window, heads);                    \
+    }
+#define FAST_BACKWARD(TILES, HEAD_DIM)                                                                     \
+    extern "C" __global__ void __launch_bounds__(32 * TILES) attention_fast_backward_t##TILES##_d##HEAD_DIM( \
+        const bf16* qkv, const float* table, const bf16* out, const bf16* dout, const float* lse,            \
+        bf16* dqkv, float* partials, int seqs, int window, int heads) {                                    \
+        attn::fast_backward<TILES, HEAD_DIM>(qkv, table, out, dout, lse, dqkv, partials, seqs, window,     \
+                                             heads);                                                       \
+    }
+// Every window up to K = 7 runs padded to Tp = 64 tokens (TILES = 4): vit_base's T = 50 is
+// the case that matters, and one tile count keeps the build short. The backward holds dQ,
+// dK and dV of its rows in registers at once: up to d = 80 (its d = 128 would spill, so
+// that case takes the general kernel).
+FAST_FORWARD(4, 32)
+FAST_FORWARD(4, 64)
+FAST_FORWARD(4, 80)
+FAST_FORWARD(4, 128)
+FAST_BACKWARD(4, 32)
+FAST_BACKWARD(4, 64)
+FAST_BACKWARD(4, 80)
+
+// dtable [(2K-1)²+3, h] += Σ_p partials [h, producers, rows], p in increasing order: the
+// fixed-order finish of either backward's table gradient. One thread per (head, row).
+extern "C" __global__ void attention_dtable_finish(const float* partials, float* dtable, int producers, int rows,
+                                                   int heads) {
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= rows * heads) return;
+    const int head = i / rows, r = i % rows;
+    const float* column = partials + static_cast<size_t>(head) * producers * rows + r;
+    float sum = 0.0f;
+    for (int p = 0; p < producers; ++p) sum += column[static_cast<size_t>(p) * rows];
+    dtable[r * heads + head] += sum;
+}

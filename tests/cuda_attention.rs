@@ -1,7 +1,11 @@
 //! The attention kernels against the CPU reference, computed in f64 from exactly the values
 //! the GPU sees: f32 within 1e-5 and bf16 within 2e-2 (max-abs difference over max-abs
-//! value, per tensor), for windows K = 2, 4, 7, 14 and head dims 32 to 128. Without a GPU
-//! every test prints why it skipped and passes (with `LOMAR_REQUIRE_GPU=1` it fails).
+//! value, per tensor), for windows K = 2, 4, 7, 14 and head dims 32 to 128, through the
+//! fast kernels (bf16, K ≤ 7) at several items per CTA and through the general ones; the
+//! table gradient bit-identical across runs. Without a GPU every test prints why it
+//! skipped and passes (with `LOMAR_REQUIRE_GPU=1` it fails).
+
+mod attention_reference;
 
 use std::sync::Arc;
 
@@ -13,10 +17,12 @@ use half::bf16;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use lomar::cpu::ops::attention::{self as cpu, RelativeIndex};
 use lomar::cuda::attention::{
-    attention_backward, attention_forward, AttentionKernels, AttnElem, AttnShape,
+    attention_backward_tuned, attention_forward, attention_forward_tuned, plan, AttentionKernels,
+    AttnElem, AttnShape, AttnTuning, Pass,
 };
+
+use attention_reference::{Inputs, Outputs};
 
 // Every kernel file's fatbin; only ATTENTION is used here.
 #[allow(dead_code)]
@@ -85,49 +91,6 @@ fn gpu() -> Result<Option<Gpu>> {
     }))
 }
 
-/// Max-abs difference over max-abs value; infinite when `got` has a non-finite value
-/// (the GPU buffers start as NaN, so anything left unwritten fails).
-fn rel_error(got: &[f64], want: &[f64]) -> f64 {
-    assert_eq!(got.len(), want.len());
-    if got.iter().any(|g| !g.is_finite()) {
-        return f64::INFINITY;
-    }
-    let diff = got.iter().zip(want).map(|(g, w)| (g - w).abs());
-    let scale = want.iter().map(|w| w.abs()).fold(0.0, f64::max);
-    diff.fold(0.0, f64::max) / scale
-}
-
-/// The row log-sum-exp the forward saves. The CPU op keeps probabilities instead; since
-/// p_ij = exp(logit_ij − lse_i) for every key j, lse_i = logit_ij − ln p_ij, taken at the
-/// largest p_ij of the row where the logarithm is best conditioned.
-fn lse_from_probs(
-    qkv: &[f64],
-    table: &[f64],
-    probs: &[f64],
-    rel: &RelativeIndex,
-    shape: AttnShape,
-) -> Vec<f64> {
-    let (t, h, d, width) = (shape.tokens(), shape.heads, shape.head_dim, shape.width());
-    let scale = 1.0 / (d as f64).sqrt();
-    let mut lse = vec![0.0; shape.seqs * h * t];
-    for s in 0..shape.seqs {
-        for head in 0..h {
-            for i in 0..t {
-                let row = &probs[((s * h + head) * t + i) * t..][..t];
-                let j = (0..t)
-                    .max_by(|&a, &b| row[a].total_cmp(&row[b]))
-                    .expect("T > 0");
-                let q = &qkv[(s * t + i) * 3 * width + head * d..][..d];
-                let k = &qkv[(s * t + j) * 3 * width + width + head * d..][..d];
-                let dot: f64 = q.iter().zip(k).map(|(a, b)| a * b).sum();
-                let logit = dot * scale + table[rel.index[i * t + j] as usize * h + head];
-                lse[(s * h + head) * t + i] = logit - row[j].ln();
-            }
-        }
-    }
-    lse
-}
-
 fn widen<E: Elem>(v: &[E]) -> Vec<f64> {
     v.iter().map(|x| x.to_f64()).collect()
 }
@@ -136,59 +99,32 @@ fn widen_f32(v: &[f32]) -> Vec<f64> {
     v.iter().map(|&x| x as f64).collect()
 }
 
-/// Runs forward and backward on random inputs and compares every output with the CPU op.
-fn check<E: Elem>(gpu: &Gpu, shape: AttnShape, seed: u64) -> Result<()> {
-    let (s, t, h, width) = (shape.seqs, shape.tokens(), shape.heads, shape.width());
-    let table_len = shape.table_rows() * h;
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let mut uniform =
-        |n: usize, r: f64| -> Vec<f64> { (0..n).map(|_| rng.gen_range(-r..r)).collect() };
-    // Inputs as the GPU stores them; the reference starts from the same rounded values.
-    let qkv: Vec<E> = uniform(s * t * 3 * width, 1.5)
-        .into_iter()
-        .map(E::from_f64)
-        .collect();
-    let dout: Vec<E> = uniform(s * t * width, 1.0)
-        .into_iter()
-        .map(E::from_f64)
-        .collect();
-    let table: Vec<f32> = uniform(table_len, 0.5)
-        .into_iter()
-        .map(|v| v as f32)
-        .collect();
-    let dtable_start: Vec<f32> = uniform(table_len, 0.1)
-        .into_iter()
-        .map(|v| v as f32)
-        .collect();
+/// The outputs of forward + backward on the GPU; dtable_added is what the backward added.
+struct Run<E> {
+    out: Vec<E>,
+    lse: Vec<f32>,
+    dqkv: Vec<E>,
+    dtable: Vec<f32>,
+}
 
-    let rel = RelativeIndex::new(shape.window);
-    let (qkv64, table64, dout64) = (widen(&qkv), widen_f32(&table), widen(&dout));
-    let mut out_ref = vec![0.0; s * t * width];
-    let mut probs = vec![0.0; s * h * t * t];
-    cpu::attention_forward(&mut out_ref, &mut probs, &qkv64, &table64, &rel, h);
-    let lse_ref = lse_from_probs(&qkv64, &table64, &probs, &rel, shape);
-    let mut dqkv_ref = vec![0.0; qkv.len()];
-    let mut dtable_ref = vec![0.0; table_len];
-    cpu::attention_backward(
-        &mut dqkv_ref,
-        &mut dtable_ref,
-        &dout64,
-        &qkv64,
-        &probs,
-        &rel,
-        h,
-    );
-
+fn run_gpu<E: Elem>(
+    gpu: &Gpu,
+    shape: AttnShape,
+    inputs: &Inputs,
+    tuning: AttnTuning,
+) -> Result<Run<E>> {
     let st = &gpu.stream;
+    let to_e = |v: &[f64]| -> Vec<E> { v.iter().map(|&x| E::from_f64(x)).collect() };
     let nan_e = |n: usize| vec![E::from_f64(f64::NAN); n];
-    let qkv_d = st.clone_htod(&qkv)?;
-    let table_d = st.clone_htod(&table)?;
-    let dout_d = st.clone_htod(&dout)?;
-    let mut out_d = st.clone_htod(&nan_e(out_ref.len()))?;
-    let mut lse_d = st.clone_htod(&vec![f32::NAN; lse_ref.len()])?;
-    let mut dqkv_d = st.clone_htod(&nan_e(qkv.len()))?;
-    let mut dtable_d = st.clone_htod(&dtable_start)?;
-    attention_forward(
+    let qkv_d = st.clone_htod(&to_e(&inputs.qkv))?;
+    let table_d = st.clone_htod(&inputs.table)?;
+    let dout_d = st.clone_htod(&to_e(&inputs.dout))?;
+    let t = shape.tokens();
+    let mut out_d = st.clone_htod(&nan_e(shape.seqs * t * shape.width()))?;
+    let mut lse_d = st.clone_htod(&vec![f32::NAN; shape.seqs * shape.heads * t])?;
+    let mut dqkv_d = st.clone_htod(&nan_e(inputs.qkv.len()))?;
+    let mut dtable_d = st.clone_htod(&inputs.dtable_start)?;
+    attention_forward_tuned(
         st,
         &gpu.kernels,
         &qkv_d.as_view(),
@@ -196,8 +132,9 @@ fn check<E: Elem>(gpu: &Gpu, shape: AttnShape, seed: u64) -> Result<()> {
         &mut out_d.as_view_mut(),
         &mut lse_d.as_view_mut(),
         shape,
+        tuning,
     )?;
-    attention_backward(
+    attention_backward_tuned(
         st,
         &gpu.kernels,
         &qkv_d.as_view(),
@@ -208,37 +145,48 @@ fn check<E: Elem>(gpu: &Gpu, shape: AttnShape, seed: u64) -> Result<()> {
         &mut dqkv_d.as_view_mut(),
         &mut dtable_d.as_view_mut(),
         shape,
+        tuning,
     )?;
-    let out = widen(&st.clone_dtoh(&out_d)?);
-    let lse = widen_f32(&st.clone_dtoh(&lse_d)?);
-    let dqkv = widen(&st.clone_dtoh(&dqkv_d)?);
-    // The table gradient is added to what the buffer held; compare what was added.
-    let dtable_added: Vec<f64> = st
-        .clone_dtoh(&dtable_d)?
-        .iter()
-        .zip(&dtable_start)
-        .map(|(&after, &before)| after as f64 - before as f64)
-        .collect();
+    Ok(Run {
+        out: st.clone_dtoh(&out_d)?,
+        lse: st.clone_dtoh(&lse_d)?,
+        dqkv: st.clone_dtoh(&dqkv_d)?,
+        dtable: st.clone_dtoh(&dtable_d)?,
+    })
+}
 
-    let errors = [
-        ("out", rel_error(&out, &out_ref)),
-        ("lse", rel_error(&lse, &lse_ref)),
-        ("dqkv", rel_error(&dqkv, &dqkv_ref)),
-        ("dtable", rel_error(&dtable_added, &dtable_ref)),
-    ];
+/// Runs forward and backward on random inputs and compares every output with the CPU op.
+fn check<E: Elem>(gpu: &Gpu, shape: AttnShape, seed: u64, tuning: AttnTuning) -> Result<()> {
+    let inputs = Inputs::random(shape, seed, |v| E::from_f64(v).to_f64());
+    let want = Outputs::reference(shape, &inputs);
+    let run = run_gpu::<E>(gpu, shape, &inputs, tuning)?;
+    let got = Outputs {
+        out: widen(&run.out),
+        lse: widen_f32(&run.lse),
+        dqkv: widen(&run.dqkv),
+        dtable_added: run
+            .dtable
+            .iter()
+            .zip(&inputs.dtable_start)
+            .map(|(&after, &before)| after as f64 - before as f64)
+            .collect(),
+    };
+    let errors = got.errors(&want);
+    let kernels = [Pass::Forward, Pass::Backward]
+        .map(|pass| plan(pass, &shape, E::NAME, &gpu.kernels.device(), tuning).map(|l| l.kernel));
     println!(
-        "{} K={} d={} h={} S={}: {}",
+        "{} K={} d={} h={} S={} {tuning:?} {kernels:?}: {}",
         E::NAME,
         shape.window,
         shape.head_dim,
-        h,
-        s,
+        shape.heads,
+        shape.seqs,
         errors.map(|(name, e)| format!("{name} {e:.2e}")).join(", ")
     );
     for (name, e) in errors {
         assert!(
             e <= E::TOLERANCE,
-            "{} {shape:?}: {name} error {e:.3e} > {:.0e}",
+            "{} {shape:?} {tuning:?}: {name} error {e:.3e} > {:.0e}",
             E::NAME,
             E::TOLERANCE
         );
@@ -274,7 +222,67 @@ fn cases() -> Vec<AttnShape> {
 fn bf16_matches_the_cpu_reference() -> Result<()> {
     let Some(gpu) = gpu()? else { return Ok(()) };
     for (i, shape) in cases().into_iter().enumerate() {
-        check::<bf16>(&gpu, shape, 100 + i as u64)?;
+        check::<bf16>(&gpu, shape, 100 + i as u64, AttnTuning::default())?;
+    }
+    Ok(())
+}
+
+/// The fast kernels with 1, 3 and all items per CTA, and the general kernels forced, on
+/// vit_base's shape and a one-warp one.
+#[test]
+fn bf16_matches_the_cpu_reference_at_every_tuning() -> Result<()> {
+    let Some(gpu) = gpu()? else { return Ok(()) };
+    let tunings = [
+        AttnTuning {
+            items_per_cta: Some(1),
+            force_general: false,
+        },
+        AttnTuning {
+            items_per_cta: Some(3),
+            force_general: false,
+        },
+        AttnTuning {
+            items_per_cta: Some(usize::MAX),
+            force_general: false,
+        },
+        AttnTuning {
+            items_per_cta: None,
+            force_general: true,
+        },
+    ];
+    for (i, tuning) in tunings.into_iter().enumerate() {
+        check::<bf16>(&gpu, shape(7, 64, 12, 40), 300 + i as u64, tuning)?;
+        check::<bf16>(&gpu, shape(3, 32, 2, 9), 310 + i as u64, tuning)?;
+    }
+    Ok(())
+}
+
+/// Two identical backward runs give bit-identical outputs and table gradients, through
+/// both implementations (no atomics, fixed-order sums).
+#[test]
+fn the_backward_is_bitwise_reproducible() -> Result<()> {
+    let Some(gpu) = gpu()? else { return Ok(()) };
+    let sh = shape(7, 64, 12, 256);
+    let inputs = Inputs::random(sh, 400, |v| bf16::from_f64(v).to_f64());
+    for force_general in [false, true] {
+        let tuning = AttnTuning {
+            items_per_cta: None,
+            force_general,
+        };
+        let first = run_gpu::<bf16>(&gpu, sh, &inputs, tuning)?;
+        let second = run_gpu::<bf16>(&gpu, sh, &inputs, tuning)?;
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(
+            bits(&first.dtable),
+            bits(&second.dtable),
+            "{tuning:?}: dtable"
+        );
+        assert!(first
+            .dqkv
+            .iter()
+            .zip(&second.dqkv)
+            .all(|(a, b)| a.to_bits() == b.to_bits()));
+        println!("{tuning:?}: two runs bit-identical");
     }
     Ok(())
 }
@@ -286,12 +294,12 @@ fn f32_matches_the_cpu_reference() -> Result<()> {
         // K and V alone take 2·208·132·4 bytes of shared memory in f32: more than any GPU
         // allows a block. The launcher must say so rather than launch.
         if (shape.window, shape.head_dim) == (14, 128) {
-            let err = check::<f32>(&gpu, shape, 200 + i as u64).unwrap_err();
+            let err = check::<f32>(&gpu, shape, 200 + i as u64, AttnTuning::default()).unwrap_err();
             assert!(format!("{err:#}").contains("shared memory"), "{err:#}");
             println!("f32 K=14 d=128: refused as expected ({err:#})");
             continue;
         }
-        check::<f32>(&gpu, shape, 200 + i as u64)?;
+        check::<f32>(&gpu, shape, 200 + i as u64, AttnTuning::default())?;
     }
     Ok(())
 }
@@ -340,10 +348,14 @@ fn bad_buffers_are_errors() -> Result<()> {
     Ok(())
 }
 
-/// Times vit_base's attention (S = 1024 windows of T = 50 tokens, 12 heads of 64) after
-/// checking that it ran: prints µs per call and the bandwidth of the compulsory traffic.
+/// The attention benchmark of vit_base (S = 1024 windows of T = 50 tokens, 12 heads of 64,
+/// bf16): forward, backward (with the table-gradient finish) and both, in µs per call
+/// (median of 7 timings of 20 calls each) and as bandwidth of the compulsory traffic, for
+/// the default launch and every candidate (items per CTA of the fast kernels, the general
+/// kernels), so one GPU run compares them all. Prints a table; with
+/// `LOMAR_ATTN_BENCH_JSON=PATH` (scripts/gpu-check) also writes it as JSON.
 #[test]
-fn vit_base_timing() -> Result<()> {
+fn vit_base_benchmark() -> Result<()> {
     let Some(gpu) = gpu()? else { return Ok(()) };
     let sh = shape(7, 64, 12, 1024);
     let st = &gpu.stream;
@@ -359,57 +371,123 @@ fn vit_base_timing() -> Result<()> {
     let table = st.alloc_zeros::<f32>(sh.table_rows() * sh.heads)?;
     let mut out = st.alloc_zeros::<bf16>(sh.seqs * t * width)?;
     let mut lse = st.alloc_zeros::<f32>(sh.seqs * sh.heads * t)?;
-    let mut dqkv = st.alloc_zeros::<bf16>(sh.seqs * t * 3 * width)?;
+    let mut dqkv = st.clone_htod(&vec![bf16::NAN; sh.seqs * t * 3 * width])?;
     let mut dtable = st.alloc_zeros::<f32>(sh.table_rows() * sh.heads)?;
-    let reps = 20;
+    let (reps, timings) = (20, 7);
+    // Median µs per call of `f`, after one untimed call.
     let timed = |f: &mut dyn FnMut() -> Result<()>| -> Result<f64> {
         f()?;
-        let start = gpu.ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
-        let end = gpu.ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
-        start.record(st)?;
-        for _ in 0..reps {
-            f()?;
+        let mut samples = Vec::new();
+        for _ in 0..timings {
+            let start = gpu.ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
+            let end = gpu.ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
+            start.record(st)?;
+            for _ in 0..reps {
+                f()?;
+            }
+            end.record(st)?;
+            samples.push(start.elapsed_ms(&end)? as f64 * 1e3 / reps as f64);
         }
-        end.record(st)?;
-        Ok(start.elapsed_ms(&end)? as f64 * 1e3 / reps as f64)
+        samples.sort_by(f64::total_cmp);
+        Ok(samples[timings / 2])
     };
-    let fwd_us = timed(&mut || {
-        attention_forward(
-            st,
-            &gpu.kernels,
-            &qkv.as_view(),
-            &table.as_view(),
-            &mut out.as_view_mut(),
-            &mut lse.as_view_mut(),
-            sh,
-        )
-    })?;
-    let bwd_us = timed(&mut || {
-        attention_backward(
-            st,
-            &gpu.kernels,
-            &qkv.as_view(),
-            &table.as_view(),
-            &out.as_view(),
-            &dout.as_view(),
-            &lse.as_view(),
-            &mut dqkv.as_view_mut(),
-            &mut dtable.as_view_mut(),
-            sh,
-        )
-    })?;
-    let dq = st.clone_dtoh(&dqkv)?;
-    assert!(dq.iter().all(|v| v.is_finite()) && dq.iter().any(|v| v.to_f32() != 0.0));
     let e = 2.0;
     let rows = (sh.seqs * t) as f64;
-    let fwd_bytes = rows * (3 * width + width) as f64 * e + rows * sh.heads as f64 * 4.0;
-    let bwd_bytes =
-        rows * (3 * width + 2 * width + 3 * width) as f64 * e + rows * sh.heads as f64 * 4.0;
+    let lse_bytes = rows * sh.heads as f64 * 4.0;
+    let fwd_bytes = rows * (3 + 1) as f64 * width as f64 * e + lse_bytes;
+    let bwd_bytes = rows * (3 + 1 + 1 + 3) as f64 * width as f64 * e + lse_bytes;
+    let mut candidates = vec![("default".to_string(), AttnTuning::default())];
+    for items in [1, 2, 4, 8, 16, 32, 86] {
+        let tuning = AttnTuning {
+            items_per_cta: Some(items),
+            force_general: false,
+        };
+        candidates.push((format!("fast, {items} items per CTA"), tuning));
+    }
+    let general = AttnTuning {
+        items_per_cta: None,
+        force_general: true,
+    };
+    candidates.push(("general (one block per item)".to_string(), general));
+    let mut results = Vec::new();
     println!(
-        "vit_base bf16 attention on {}: forward {fwd_us:.1} µs ({:.0} GB/s), backward {bwd_us:.1} µs ({:.0} GB/s)",
-        gpu.ctx.name()?,
-        fwd_bytes / fwd_us * 1e-3,
-        bwd_bytes / bwd_us * 1e-3
+        "vit_base bf16 attention, S=1024 T=50 h=12 d=64, on {}",
+        gpu.ctx.name()?
     );
+    println!(
+        "{:<32} {:>24} {:>24} {:>10}",
+        "candidate", "forward µs (GB/s)", "backward µs (GB/s)", "fwd+bwd µs"
+    );
+    for (name, tuning) in candidates {
+        let kernels = [Pass::Forward, Pass::Backward]
+            .map(|pass| plan(pass, &sh, "bf16", &gpu.kernels.device(), tuning));
+        let [fwd_plan, bwd_plan] = kernels;
+        let (fwd_plan, bwd_plan) = (fwd_plan?, bwd_plan?);
+        let fwd_us = timed(&mut || {
+            attention_forward_tuned(
+                st,
+                &gpu.kernels,
+                &qkv.as_view(),
+                &table.as_view(),
+                &mut out.as_view_mut(),
+                &mut lse.as_view_mut(),
+                sh,
+                tuning,
+            )
+        })?;
+        let bwd_us = timed(&mut || {
+            attention_backward_tuned(
+                st,
+                &gpu.kernels,
+                &qkv.as_view(),
+                &table.as_view(),
+                &out.as_view(),
+                &dout.as_view(),
+                &lse.as_view(),
+                &mut dqkv.as_view_mut(),
+                &mut dtable.as_view_mut(),
+                sh,
+                tuning,
+            )
+        })?;
+        let dq = st.clone_dtoh(&dqkv)?;
+        assert!(dq.iter().all(|v| v.is_finite()) && dq.iter().any(|v| v.to_f32() != 0.0));
+        let (fwd_gbs, bwd_gbs) = (fwd_bytes / fwd_us * 1e-3, bwd_bytes / bwd_us * 1e-3);
+        println!(
+            "{name:<32} {:>15.1} ({fwd_gbs:>5.0}) {:>15.1} ({bwd_gbs:>5.0}) {:>10.1}",
+            fwd_us,
+            bwd_us,
+            fwd_us + bwd_us
+        );
+        results.push(format!(
+            "{{\"candidate\": {name:?}, \"forward_kernel\": {:?}, \"forward_grid\": [{}, {}], \
+             \"backward_kernel\": {:?}, \"backward_grid\": [{}, {}], \"forward_us\": {fwd_us:.2}, \
+             \"backward_us\": {bwd_us:.2}, \"forward_backward_us\": {:.2}, \
+             \"forward_gb_per_s\": {fwd_gbs:.1}, \"backward_gb_per_s\": {bwd_gbs:.1}}}",
+            fwd_plan.kernel,
+            fwd_plan.grid.0,
+            fwd_plan.grid.1,
+            bwd_plan.kernel,
+            bwd_plan.grid.0,
+            bwd_plan.grid.1,
+            fwd_us + bwd_us
+        ));
+    }
+    if let Ok(path) = std::env::var("LOMAR_ATTN_BENCH_JSON") {
+        let json = format!(
+            "{{\"gpu\": {:?}, \"commit\": {:?}, \"shape\": {{\"seqs\": {}, \"tokens\": {t}, \
+             \"heads\": {}, \"head_dim\": {}, \"dtype\": \"bf16\"}}, \
+             \"forward_bytes\": {fwd_bytes}, \"backward_bytes\": {bwd_bytes}, \
+             \"calls_per_timing\": {reps}, \"timings\": {timings}, \"results\": [\n  {}\n]}}\n",
+            gpu.ctx.name()?,
+            std::env::var("LOMAR_COMMIT").unwrap_or_default(),
+            sh.seqs,
+            sh.heads,
+            sh.head_dim,
+            results.join(",\n  ")
+        );
+        std::fs::write(&path, json).with_context(|| format!("writing {path}"))?;
+        println!("wrote {path}");
+    }
     Ok(())
 }

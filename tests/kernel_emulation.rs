@@ -2,9 +2,25 @@
 //! under ThreadSanitizer (docs/DESIGN.md §7): a check of indexing, fragment layouts and
 //! barriers that needs no GPU. It needs a C++17 compiler with `-fsanitize=thread` (`$CXX`,
 //! else `g++`); without one these tests fail, they do not skip.
+//!
+//! The attention kernels run forward, backward and the table gradient's finish with the
+//! launches `lomar::cuda::attention::plan` picks for an H100, on small shapes covering the
+//! fast and the general kernels, and are compared with the CPU op: bf16 within 2e-2, f32
+//! within 1e-5 (max-abs difference over max-abs value), as tests/cuda_attention.rs does on
+//! a GPU. Mutants of the kernel source (a barrier removed, a fragment index swapped, a
+//! cp.async wait removed) must fail: the test proves it can.
 
+mod attention_reference;
+
+use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::sync::OnceLock;
+
+use half::bf16;
+use lomar::cuda::attention::{plan, plan_finish, AttnShape, AttnTuning, DeviceLimits, Pass};
+
+use attention_reference::{Errors, Inputs, Outputs};
 
 /// The compiler, from `$CXX` or `g++`.
 fn compiler() -> String {
@@ -15,9 +31,10 @@ fn repo() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// Compiles `main` (with `include_dirs` searched before `kernels/`) under ThreadSanitizer
-/// into `dir/name`; panics with the compiler's output on failure.
-fn compile(main: &Path, include_dirs: &[&Path], dir: &Path, name: &str) -> PathBuf {
+/// Compiles `kernels/emu/{name}.cpp` of the kernel tree `kernels` (the repository's or a
+/// mutated copy) under ThreadSanitizer into `dir/name`; panics with the compiler's output
+/// on failure.
+fn compile(kernels: &Path, dir: &Path, name: &str) -> PathBuf {
     let exe = dir.join(name);
     let mut cmd = Command::new(compiler());
     cmd.args([
@@ -27,12 +44,19 @@ fn compile(main: &Path, include_dirs: &[&Path], dir: &Path, name: &str) -> PathB
         "-fsanitize=thread",
         "-pthread",
         "-Wall",
+        // nvcc's loop pragmas mean nothing to g++.
+        "-Wno-unknown-pragmas",
+        // The driver finds kernels by name with dlsym.
+        "-rdynamic",
     ]);
-    for inc in include_dirs {
-        cmd.arg("-I").arg(inc);
-    }
-    cmd.arg("-I").arg(repo().join("kernels"));
-    cmd.arg(main).arg("-o").arg(&exe);
+    cmd.arg("-I")
+        .arg(kernels)
+        .arg("-I")
+        .arg(kernels.join("emu"));
+    cmd.arg(kernels.join("emu").join(format!("{name}.cpp")))
+        .arg("-o")
+        .arg(&exe)
+        .arg("-ldl");
     let out = cmd.output().unwrap_or_else(|e| {
         panic!(
             "cannot run the C++ compiler `{}` ({e}); the kernel emulation tests need g++ with \
@@ -42,11 +66,16 @@ fn compile(main: &Path, include_dirs: &[&Path], dir: &Path, name: &str) -> PathB
     });
     assert!(
         out.status.success(),
-        "compiling {} failed:\n{}",
-        main.display(),
+        "compiling {name} from {} failed:\n{}",
+        kernels.display(),
         String::from_utf8_lossy(&out.stderr)
     );
     exe
+}
+
+/// Where the test binaries and case files go (kept by cargo between runs).
+fn scratch() -> PathBuf {
+    PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("kernel_emulation")
 }
 
 /// Runs an emulation binary with ThreadSanitizer stopping at the first report.
@@ -73,13 +102,313 @@ fn describe(out: &Output) -> String {
 #[test]
 fn shim_primitives_follow_the_ptx_isa() {
     let dir = tempfile::tempdir().unwrap();
-    let exe = compile(
-        &repo().join("kernels/emu/shim_test.cpp"),
-        &[],
-        dir.path(),
-        "shim_test",
-    );
+    let exe = compile(&repo().join("kernels"), dir.path(), "shim_test");
     let out = run(&exe, &[]);
     println!("{}", String::from_utf8_lossy(&out.stdout));
     assert!(out.status.success(), "{}", describe(&out));
+}
+
+/// An element type of the attention kernels, with its tolerance and file format.
+trait Elem {
+    const NAME: &'static str;
+    const TOLERANCE: f64;
+    fn round(v: f64) -> f64;
+    /// `v` (already rounded) as the kernels' little-endian bytes.
+    fn bytes(v: &[f64]) -> Vec<u8>;
+    fn values(bytes: &[u8]) -> Vec<f64>;
+}
+
+struct Bf16;
+struct F32;
+
+impl Elem for Bf16 {
+    const NAME: &'static str = "bf16";
+    const TOLERANCE: f64 = 2e-2;
+    fn round(v: f64) -> f64 {
+        bf16::from_f64(v).to_f64()
+    }
+    fn bytes(v: &[f64]) -> Vec<u8> {
+        v.iter()
+            .flat_map(|&x| bf16::from_f64(x).to_bits().to_le_bytes())
+            .collect()
+    }
+    fn values(bytes: &[u8]) -> Vec<f64> {
+        bytes
+            .chunks_exact(2)
+            .map(|b| bf16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f64())
+            .collect()
+    }
+}
+
+impl Elem for F32 {
+    const NAME: &'static str = "f32";
+    const TOLERANCE: f64 = 1e-5;
+    fn round(v: f64) -> f64 {
+        v as f32 as f64
+    }
+    fn bytes(v: &[f64]) -> Vec<u8> {
+        v.iter().flat_map(|&x| (x as f32).to_le_bytes()).collect()
+    }
+    fn values(bytes: &[u8]) -> Vec<f64> {
+        bytes
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]) as f64)
+            .collect()
+    }
+}
+
+fn f32_bytes(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+/// One attention case: shape, element type, launch choices.
+struct Case {
+    shape: AttnShape,
+    tuning: AttnTuning,
+    seed: u64,
+}
+
+impl Case {
+    fn new(window: usize, head_dim: usize, heads: usize, seqs: usize, seed: u64) -> Case {
+        Case {
+            shape: AttnShape {
+                seqs,
+                window,
+                heads,
+                head_dim,
+            },
+            tuning: AttnTuning::default(),
+            seed,
+        }
+    }
+
+    fn items_per_cta(mut self, items: usize) -> Case {
+        self.tuning.items_per_cta = Some(items);
+        self
+    }
+
+    fn general(mut self) -> Case {
+        self.tuning.force_general = true;
+        self
+    }
+
+    /// Writes inputs and launches into `dir`; returns the reference outputs and a label
+    /// naming the kernels.
+    fn prepare<E: Elem>(&self, dir: &Path) -> (Outputs, Vec<f32>, String) {
+        fs::create_dir_all(dir).unwrap();
+        let sh = self.shape;
+        let inputs = Inputs::random(sh, self.seed, E::round);
+        let device = DeviceLimits::HOPPER;
+        let fwd = plan(Pass::Forward, &sh, E::NAME, &device, self.tuning).unwrap();
+        let bwd = plan(Pass::Backward, &sh, E::NAME, &device, self.tuning).unwrap();
+        let (finish, producers) = plan_finish(&sh, &bwd);
+        let launch = format!(
+            "{} {} {} {} {}\nforward {} {} {} {} {}\nbackward {} {} {} {} {}\nfinish {} {} {} {}\n",
+            sh.seqs,
+            sh.window,
+            sh.heads,
+            sh.head_dim,
+            E::NAME,
+            fwd.kernel,
+            fwd.grid.0,
+            fwd.grid.1,
+            fwd.block,
+            fwd.smem,
+            bwd.kernel,
+            bwd.grid.0,
+            bwd.grid.1,
+            bwd.block,
+            bwd.smem,
+            finish.kernel,
+            finish.grid.0,
+            finish.block,
+            producers
+        );
+        fs::write(dir.join("launch.txt"), launch).unwrap();
+        fs::write(dir.join("qkv.bin"), E::bytes(&inputs.qkv)).unwrap();
+        fs::write(dir.join("dout.bin"), E::bytes(&inputs.dout)).unwrap();
+        fs::write(dir.join("table.bin"), f32_bytes(&inputs.table)).unwrap();
+        fs::write(dir.join("dtable.bin"), f32_bytes(&inputs.dtable_start)).unwrap();
+        let label = format!(
+            "{} K={} d={} h={} S={}: {} (grid {:?}) + {} (grid {:?})",
+            E::NAME,
+            sh.window,
+            sh.head_dim,
+            sh.heads,
+            sh.seqs,
+            fwd.kernel,
+            fwd.grid,
+            bwd.kernel,
+            bwd.grid
+        );
+        (Outputs::reference(sh, &inputs), inputs.dtable_start, label)
+    }
+
+    /// Runs the case with `driver`: Ok(errors) when the driver exited cleanly, Err(its
+    /// output) when it failed (a ThreadSanitizer report, a shim error, a crash).
+    fn run<E: Elem>(&self, driver: &Path, dir: &Path) -> Result<(String, Errors), String> {
+        let (want, dtable_start, label) = self.prepare::<E>(dir);
+        let out = run(driver, &[dir]);
+        if !out.status.success() {
+            return Err(format!("{label}\n{}", describe(&out)));
+        }
+        let read = |name: &str| fs::read(dir.join(name)).unwrap();
+        let dtable: Vec<f64> = F32::values(&read("dtable_out.bin"));
+        let got = Outputs {
+            out: E::values(&read("out.bin")),
+            lse: F32::values(&read("lse.bin")),
+            dqkv: E::values(&read("dqkv.bin")),
+            dtable_added: dtable
+                .iter()
+                .zip(&dtable_start)
+                .map(|(&after, &before)| after - before as f64)
+                .collect(),
+        };
+        let errors = got.errors(&want);
+        Ok((label, errors))
+    }
+}
+
+fn within<E: Elem>(errors: &Errors) -> bool {
+    errors.iter().all(|&(_, e)| e <= E::TOLERANCE)
+}
+
+fn show(errors: &Errors) -> String {
+    errors.map(|(name, e)| format!("{name} {e:.2e}")).join(", ")
+}
+
+/// The attention driver built from the repository's kernels, once per test binary.
+fn driver() -> &'static Path {
+    static DRIVER: OnceLock<PathBuf> = OnceLock::new();
+    DRIVER.get_or_init(|| {
+        let dir = scratch();
+        fs::create_dir_all(&dir).unwrap();
+        compile(&repo().join("kernels"), &dir, "attention_driver")
+    })
+}
+
+/// The vit_base-like fast case: K = 7 (T = 50, 4 warps), d = 64, two items per CTA so the
+/// cp.async prefetch into the second stage and the stage swap both run.
+fn vit_like() -> Case {
+    Case::new(7, 64, 2, 3, 1).items_per_cta(2)
+}
+
+#[test]
+fn fast_attention_kernels_match_the_cpu_op() {
+    let cases = [
+        vit_like(),
+        // One warp (T = 5), three items in one CTA.
+        Case::new(2, 32, 3, 3, 2).items_per_cta(3),
+        // Two warps (T = 17), d = 80.
+        Case::new(4, 80, 1, 2, 3),
+        // Three warps (T = 37); d = 128 runs the fast forward and the general backward.
+        Case::new(6, 128, 1, 2, 4).items_per_cta(2),
+    ];
+    for (i, case) in cases.iter().enumerate() {
+        let dir = scratch().join(format!("fast{i}"));
+        let (label, errors) = case
+            .run::<Bf16>(driver(), &dir)
+            .unwrap_or_else(|e| panic!("{e}"));
+        println!("{label}: {}", show(&errors));
+        assert!(within::<Bf16>(&errors), "{label}: {}", show(&errors));
+    }
+}
+
+#[test]
+fn general_attention_kernels_match_the_cpu_op() {
+    let cases: [(Case, bool); 3] = [
+        (Case::new(3, 32, 2, 2, 5), false),
+        (Case::new(7, 64, 1, 2, 6).general(), true),
+        // T = 65: past the fast kernels' 64 tokens.
+        (Case::new(8, 32, 1, 1, 7), true),
+    ];
+    for (i, (case, in_bf16)) in cases.iter().enumerate() {
+        let dir = scratch().join(format!("general{i}"));
+        let result = if *in_bf16 {
+            case.run::<Bf16>(driver(), &dir)
+                .map(|(l, e)| (l, e, within::<Bf16>(&e)))
+        } else {
+            case.run::<F32>(driver(), &dir)
+                .map(|(l, e)| (l, e, within::<F32>(&e)))
+        };
+        let (label, errors, ok) = result.unwrap_or_else(|e| panic!("{e}"));
+        println!("{label}: {}", show(&errors));
+        assert!(ok, "{label}: {}", show(&errors));
+    }
+}
+
+/// A copy of `kernels/` with `find` (which must occur exactly once in `file`) replaced.
+fn mutant(name: &str, file: &str, find: &str, replace: &str) -> PathBuf {
+    let dir = scratch().join(format!("mutant-{name}"));
+    let kernels = dir.join("kernels");
+    fs::create_dir_all(kernels.join("emu")).unwrap();
+    for sub in ["", "emu"] {
+        for entry in fs::read_dir(repo().join("kernels").join(sub)).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_file() {
+                fs::copy(&path, kernels.join(sub).join(path.file_name().unwrap())).unwrap();
+            }
+        }
+    }
+    let path = kernels.join(file);
+    let source = fs::read_to_string(&path).unwrap();
+    assert_eq!(
+        source.matches(find).count(),
+        1,
+        "the mutation's anchor must occur once in {file}: {find}"
+    );
+    fs::write(&path, source.replace(find, replace)).unwrap();
+    kernels
+}
+
+#[test]
+fn planted_bugs_are_caught() {
+    let mutations = [
+        (
+            "barrier-after-p-ds-staging",
+            "attention_fast.cuh",
+            "stages its outputs in its own rows of them (Q and dO are still being read).\n        __syncthreads();",
+            "stages its outputs in its own rows of them (Q and dO are still being read).",
+        ),
+        (
+            "a-fragment-rows-swapped",
+            "attention_mma.cuh",
+            "a[1] = pack_bf16x2(acc[2 * kk][2], acc[2 * kk][3]);",
+            "a[1] = pack_bf16x2(acc[2 * kk + 1][0], acc[2 * kk + 1][1]);",
+        ),
+        (
+            "ldmatrix-b-halves-swapped",
+            "attention_mma.cuh",
+            "ldmatrix(r, m + (n0 + lane % 8 + 8 * (lane / 16)) * ld + k0 + 8 * (lane / 8 % 2));",
+            "ldmatrix(r, m + (n0 + lane % 8 + 8 * (lane / 8 % 2)) * ld + k0 + 8 * (lane / 16));",
+        ),
+        (
+            "cp-async-wait-removed",
+            "attention_fast.cuh",
+            "        cp_async_wait<0>();\n        // Every thread's copies of this item have landed",
+            "        // Every thread's copies of this item have landed",
+        ),
+    ];
+    for (name, file, find, replace) in mutations {
+        let kernels = mutant(name, file, find, replace);
+        let exe = compile(&kernels, kernels.parent().unwrap(), "attention_driver");
+        let dir = kernels.parent().unwrap().join("case");
+        match vit_like().run::<Bf16>(&exe, &dir) {
+            Err(failure) => {
+                let first = failure
+                    .lines()
+                    .find(|l| l.contains("WARNING: ThreadSanitizer") || l.starts_with("emu:"))
+                    .unwrap_or("the driver failed");
+                println!("{name}: caught: {first}");
+            }
+            Ok((_, errors)) => {
+                assert!(
+                    !within::<Bf16>(&errors),
+                    "{name}: the mutant passed ({})",
+                    show(&errors)
+                );
+                println!("{name}: caught: {}", show(&errors));
+            }
+        }
+    }
 }

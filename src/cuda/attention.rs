@@ -4,16 +4,26 @@
 //! backward: qkv, table, out, dout `[S, T, D]` E, lse → dqkv `[S, T, 3D]` E (overwritten),
 //! dtable `[(2K-1)²+3, h]` f32 (added to)
 //!
-//! One block per (sequence, head); the block's shared memory holds two whole `T×d` matrices
-//! plus per-warp tiles, and its size is computed here piece by piece in the kernel's order.
+//! Two implementations, picked per pass by [`plan`]:
+//! - the fast kernels (kernels/attention_fast.cuh): bf16, `T ≤ 64` (K ≤ 7, vit_base's K = 7)
+//!   padded to 64, head dims up to 128 forward and 80 backward; grid `(C, h)`, each CTA
+//!   walking `S / C` sequences of one head;
+//! - the general kernels: everything else (f32, larger windows); one block per
+//!   (sequence, head), whose shared memory holds two whole `T×d` matrices plus per-warp
+//!   tiles, computed here piece by piece in the kernel's order.
+//!
+//! Either backward writes per-CTA partial table gradients into a scratch buffer, which
+//! `attention_dtable_finish` adds to dtable in a fixed order: two identical calls give
+//! bit-identical tables. The scratch buffer belongs to the [`AttentionKernels`] and is reused
+//! call after call, so one `AttentionKernels` serves one stream.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use anyhow::{bail, Context, Result};
 use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaModule, CudaStream, CudaView, CudaViewMut, DevicePtr,
+    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr,
     DeviceRepr, LaunchConfig, PushKernelArg,
 };
 use half::bf16;
@@ -21,7 +31,7 @@ use half::bf16;
 /// Head dims the kernels are instantiated for.
 pub const HEAD_DIMS: [usize; 4] = [32, 64, 80, 128];
 
-/// Most warps per block (kernels/attention.cu: `MAX_THREADS` = 32 × this).
+/// Most warps per block of the general kernels (kernels/attention.cu: `MAX_THREADS` = 32 × this).
 const MAX_WARPS: usize = 8;
 /// Tokens are padded to whole 16-row tiles.
 const TILE: usize = 16;
@@ -29,6 +39,15 @@ const TILE: usize = 16;
 const SMEM_ALIGN: usize = 128;
 /// Padding of a row of a shared f32 strip, in floats (kernels/attention.cu: `F32_PAD`).
 const F32_PAD: usize = 4;
+/// The fast kernels take sequences of at most this many tokens, padded to this many
+/// (kernels/attention.cu instantiates them for 4 tiles of 16 only).
+const FAST_TOKENS: usize = 64;
+/// The fast backward keeps dQ, dK, dV rows in registers: head dims up to this one.
+const FAST_BACKWARD_MAX_HEAD_DIM: usize = 80;
+/// Threads per block of attention_dtable_finish.
+const FINISH_THREADS: usize = 256;
+/// Shared memory the driver reserves per resident block (Hopper and Ampere).
+const SMEM_RESERVED_PER_BLOCK: usize = 1024;
 
 /// An element type the kernels are instantiated for.
 pub trait AttnElem: DeviceRepr {
@@ -90,9 +109,9 @@ impl AttnShape {
     }
 }
 
-/// Which of the two kernels.
-#[derive(Clone, Copy, Debug)]
-enum Pass {
+/// Which of the two passes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pass {
     Forward,
     Backward,
 }
@@ -106,8 +125,57 @@ impl Pass {
     }
 }
 
-fn kernel_name(pass: Pass, elem: &str, head_dim: usize) -> String {
-    format!("attention_{}_{elem}_d{head_dim}", pass.name())
+/// Run-time choices of the launch, for benchmarking the candidates in one run; the
+/// default is what the model uses.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AttnTuning {
+    /// Sequences each CTA of the fast kernels walks (grid.x = ⌈S / this⌉); `None`: just
+    /// enough CTAs for one full wave on the device.
+    pub items_per_cta: Option<usize>,
+    /// Run the general kernels even where the fast ones apply.
+    pub force_general: bool,
+}
+
+/// What [`plan`] needs to know of the device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DeviceLimits {
+    /// Opt-in dynamic shared memory per block.
+    pub max_smem_per_block: usize,
+    pub smem_per_sm: usize,
+    pub sms: usize,
+}
+
+impl DeviceLimits {
+    /// An H100 / H200 (132 SMs).
+    pub const HOPPER: DeviceLimits = DeviceLimits {
+        max_smem_per_block: 232_448,
+        smem_per_sm: 233_472,
+        sms: 132,
+    };
+}
+
+/// One kernel launch, decided without a GPU (the CPU emulation launches exactly this).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Launch {
+    pub kernel: String,
+    pub grid: (u32, u32),
+    pub block: u32,
+    pub smem: u32,
+}
+
+impl Launch {
+    fn config(&self) -> LaunchConfig {
+        LaunchConfig {
+            grid_dim: (self.grid.0, self.grid.1, 1),
+            block_dim: (self.block, 1, 1),
+            shared_mem_bytes: self.smem,
+        }
+    }
+
+    /// Blocks per SM that the shared memory allows.
+    fn blocks_per_sm(&self, device: &DeviceLimits) -> usize {
+        (device.smem_per_sm / (self.smem as usize + SMEM_RESERVED_PER_BLOCK)).max(1)
+    }
 }
 
 /// One piece of shared memory, rounded like the kernel's `SmemCursor`.
@@ -115,8 +183,8 @@ fn piece(bytes: usize) -> usize {
     bytes.next_multiple_of(SMEM_ALIGN)
 }
 
-/// Dynamic shared memory of one block, in the order the kernel takes it.
-fn smem_bytes(pass: Pass, shape: &AttnShape, elem_size: usize, warps: usize) -> usize {
+/// Dynamic shared memory of one block of a general kernel, in the order the kernel takes it.
+fn general_smem_bytes(pass: Pass, shape: &AttnShape, elem_size: usize, warps: usize) -> usize {
     let padded = shape.tokens().next_multiple_of(TILE);
     let ld = shape.head_dim + 16 / elem_size;
     let whole = piece(padded * ld * elem_size);
@@ -129,108 +197,191 @@ fn smem_bytes(pass: Pass, shape: &AttnShape, elem_size: usize, warps: usize) -> 
             let probs = piece(TILE * (padded + 16 / elem_size) * elem_size);
             2 * whole + table + warps * (row_tile + scores + probs)
         }
-        // two whole matrices, bias, dbias, lse, delta; per warp: two row tiles, f32 s and
-        // dp tiles, E p and ds tiles.
+        // two whole matrices, bias, a table gradient per warp, lse, delta; per warp: two
+        // row tiles, f32 s and dp tiles, E p and ds tiles.
         Pass::Backward => {
             let column = piece(padded * 4);
             let f32_tile = piece(TILE * TILE * 4);
             let e_tile = piece(TILE * TILE * elem_size);
-            2 * whole + 2 * table + 2 * column + warps * (2 * row_tile + 2 * f32_tile + 2 * e_tile)
+            2 * whole
+                + table
+                + 2 * column
+                + warps * (table + 2 * row_tile + 2 * f32_tile + 2 * e_tile)
         }
     }
 }
 
-/// Block size and shared memory: a warp per 16-token tile up to MAX_WARPS, fewer when the
-/// per-warp buffers would not fit in `max_smem`.
-fn launch_config(
+/// Dynamic shared memory of a fast kernel (kernels/attention_fast.cuh): two stages of
+/// 3 (forward: q, k, v) or 5 (backward: q, k, v, o, do) `Tp × (d + 8)` bf16 matrices, and
+/// in the backward the staged P and dS, `Tp × (Tp + 8)` bf16 each.
+fn fast_smem_bytes(pass: Pass, tiles: usize, head_dim: usize) -> usize {
+    let tp = TILE * tiles;
+    let matrix = tp * (head_dim + 8) * 2;
+    match pass {
+        Pass::Forward => 2 * 3 * matrix,
+        Pass::Backward => 2 * 5 * matrix + 2 * tp * (tp + 8) * 2,
+    }
+}
+
+/// The launch of `pass` for `shape` in element type `elem` (`"f32"` or `"bf16"`).
+pub fn plan(
     pass: Pass,
     shape: &AttnShape,
     elem: &str,
-    elem_size: usize,
-    max_smem: usize,
-) -> Result<LaunchConfig> {
+    device: &DeviceLimits,
+    tuning: AttnTuning,
+) -> Result<Launch> {
+    shape.validate()?;
+    let max_head_dim = match pass {
+        Pass::Forward => usize::MAX,
+        Pass::Backward => FAST_BACKWARD_MAX_HEAD_DIM,
+    };
+    let fast_tiles = FAST_TOKENS / TILE;
+    let smem = fast_smem_bytes(pass, fast_tiles, shape.head_dim);
+    if elem == bf16::NAME
+        && !tuning.force_general
+        && shape.tokens() <= FAST_TOKENS
+        && shape.head_dim <= max_head_dim
+        && smem <= device.max_smem_per_block
+    {
+        let mut launch = Launch {
+            kernel: format!(
+                "attention_fast_{}_t{fast_tiles}_d{}",
+                pass.name(),
+                shape.head_dim
+            ),
+            grid: (1, shape.heads as u32),
+            block: (32 * fast_tiles) as u32,
+            smem: smem as u32,
+        };
+        let ctas = match tuning.items_per_cta {
+            Some(items) => shape.seqs.div_ceil(items.max(1)),
+            None => (device.sms * launch.blocks_per_sm(device)).div_ceil(shape.heads),
+        };
+        launch.grid.0 = ctas.clamp(1, shape.seqs) as u32;
+        return Ok(launch);
+    }
+    let elem_size = if elem == bf16::NAME { 2 } else { 4 };
     let tiles = shape.tokens().div_ceil(TILE);
     let fits = (1..=tiles.min(MAX_WARPS))
         .rev()
-        .map(|warps| (warps, smem_bytes(pass, shape, elem_size, warps)))
-        .find(|&(_, bytes)| bytes <= max_smem);
+        .map(|warps| (warps, general_smem_bytes(pass, shape, elem_size, warps)))
+        .find(|&(_, bytes)| bytes <= device.max_smem_per_block);
     let Some((warps, bytes)) = fits else {
         bail!(
             "attention {} in {elem} with window {} (T = {}) and head_dim {} needs {} bytes of \
-             shared memory per block; this GPU allows {max_smem}. Use bf16 or a smaller window \
+             shared memory per block; this GPU allows {}. Use bf16 or a smaller window \
              or head_dim.",
             pass.name(),
             shape.window,
             shape.tokens(),
             shape.head_dim,
-            smem_bytes(pass, shape, elem_size, 1),
+            general_smem_bytes(pass, shape, elem_size, 1),
+            device.max_smem_per_block,
         );
     };
-    Ok(LaunchConfig {
-        grid_dim: (shape.seqs as u32, shape.heads as u32, 1),
-        block_dim: (32 * warps as u32, 1, 1),
-        shared_mem_bytes: bytes as u32,
+    Ok(Launch {
+        kernel: format!("attention_{}_{elem}_d{}", pass.name(), shape.head_dim),
+        grid: (shape.seqs as u32, shape.heads as u32),
+        block: (32 * warps) as u32,
+        smem: bytes as u32,
     })
 }
 
+/// The launch of attention_dtable_finish after `backward`, and how many partial tables
+/// per head that backward wrote (its grid.x).
+pub fn plan_finish(shape: &AttnShape, backward: &Launch) -> (Launch, usize) {
+    let threads = shape.table_rows() * shape.heads;
+    let launch = Launch {
+        kernel: "attention_dtable_finish".to_string(),
+        grid: (threads.div_ceil(FINISH_THREADS) as u32, 1),
+        block: FINISH_THREADS as u32,
+        smem: 0,
+    };
+    (launch, backward.grid.0 as usize)
+}
+
 /// Every attention kernel of the module, by name, allowed the device's whole opt-in
-/// shared memory.
+/// shared memory, and the scratch buffer of the backward's partial table gradients.
 pub struct AttentionKernels {
     functions: HashMap<String, CudaFunction>,
-    max_smem: usize,
+    device: DeviceLimits,
+    partials: Mutex<Option<CudaSlice<f32>>>,
+}
+
+/// The names of every kernel in kernels/attention.cu.
+fn kernel_names() -> Vec<String> {
+    let mut names = vec!["attention_dtable_finish".to_string()];
+    for pass in [Pass::Forward, Pass::Backward] {
+        for elem in [f32::NAME, bf16::NAME] {
+            for head_dim in HEAD_DIMS {
+                names.push(format!("attention_{}_{elem}_d{head_dim}", pass.name()));
+            }
+        }
+        for head_dim in HEAD_DIMS {
+            if pass == Pass::Forward || head_dim <= FAST_BACKWARD_MAX_HEAD_DIM {
+                names.push(format!(
+                    "attention_fast_{}_t{}_d{head_dim}",
+                    pass.name(),
+                    FAST_TOKENS / TILE
+                ));
+            }
+        }
+    }
+    names
 }
 
 impl AttentionKernels {
     /// Loads the kernels from `module` (the fatbin of kernels/attention.cu) on `ctx`.
     pub fn load(ctx: &Arc<CudaContext>, module: &Arc<CudaModule>) -> Result<Self> {
-        let max_smem = ctx
-            .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
-            .context("querying the opt-in shared memory per block")?;
+        let attribute = |a| {
+            ctx.attribute(a)
+                .with_context(|| format!("querying {a:?}"))
+                .map(|v| v as usize)
+        };
+        let device = DeviceLimits {
+            max_smem_per_block: attribute(
+                CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN,
+            )?,
+            smem_per_sm: attribute(
+                CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_MULTIPROCESSOR,
+            )?,
+            sms: attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?,
+        };
         ctx.bind_to_thread()?;
         let mut functions = HashMap::new();
-        for pass in [Pass::Forward, Pass::Backward] {
-            for elem in [f32::NAME, bf16::NAME] {
-                for head_dim in HEAD_DIMS {
-                    let name = kernel_name(pass, elem, head_dim);
-                    let func = module
-                        .load_function(&name)
-                        .with_context(|| format!("the attention module has no {name}"))?;
-                    func.set_attribute(
-                        CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                        max_smem,
-                    )
-                    .with_context(|| {
-                        format!("allowing {name} {max_smem} bytes of shared memory")
-                    })?;
-                    functions.insert(name, func);
-                }
-            }
+        for name in kernel_names() {
+            let func = module
+                .load_function(&name)
+                .with_context(|| format!("the attention module has no {name}"))?;
+            func.set_attribute(
+                CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                device.max_smem_per_block as i32,
+            )
+            .with_context(|| {
+                format!(
+                    "allowing {name} {} bytes of shared memory",
+                    device.max_smem_per_block
+                )
+            })?;
+            functions.insert(name, func);
         }
         Ok(AttentionKernels {
             functions,
-            max_smem: max_smem as usize,
+            device,
+            partials: Mutex::new(None),
         })
     }
 
-    fn prepare<E: AttnElem>(
-        &self,
-        pass: Pass,
-        shape: &AttnShape,
-    ) -> Result<(&CudaFunction, LaunchConfig)> {
-        shape.validate()?;
-        let name = kernel_name(pass, E::NAME, shape.head_dim);
-        let func = self
-            .functions
-            .get(&name)
-            .with_context(|| format!("attention kernel {name} is not loaded"))?;
-        let cfg = launch_config(
-            pass,
-            shape,
-            E::NAME,
-            std::mem::size_of::<E>(),
-            self.max_smem,
-        )?;
-        Ok((func, cfg))
+    /// What [`plan`] was told of this device.
+    pub fn device(&self) -> DeviceLimits {
+        self.device
+    }
+
+    fn function(&self, launch: &Launch) -> Result<&CudaFunction> {
+        self.functions
+            .get(&launch.kernel)
+            .with_context(|| format!("attention kernel {} is not loaded", launch.kernel))
     }
 }
 
@@ -260,7 +411,32 @@ pub fn attention_forward<E: AttnElem>(
     lse: &mut CudaViewMut<f32>,
     shape: AttnShape,
 ) -> Result<()> {
-    let (func, cfg) = kernels.prepare::<E>(Pass::Forward, &shape)?;
+    attention_forward_tuned(
+        stream,
+        kernels,
+        qkv,
+        table,
+        out,
+        lse,
+        shape,
+        AttnTuning::default(),
+    )
+}
+
+/// [`attention_forward`] with the launch choices of `tuning`.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_forward_tuned<E: AttnElem>(
+    stream: &Arc<CudaStream>,
+    kernels: &AttentionKernels,
+    qkv: &CudaView<E>,
+    table: &CudaView<f32>,
+    out: &mut CudaViewMut<E>,
+    lse: &mut CudaViewMut<f32>,
+    shape: AttnShape,
+    tuning: AttnTuning,
+) -> Result<()> {
+    let launch = plan(Pass::Forward, &shape, E::NAME, &kernels.device, tuning)?;
+    let func = kernels.function(&launch)?;
     let (s, t, d) = (shape.seqs, shape.tokens(), shape.width());
     check_len("qkv", qkv.len(), s * t * 3 * d)?;
     check_len("table", table.len(), shape.table_rows() * shape.heads)?;
@@ -268,17 +444,16 @@ pub fn attention_forward<E: AttnElem>(
     check_len("lse", lse.len(), s * shape.heads * t)?;
     check_aligned("qkv", qkv, stream)?;
     check_aligned("out", out, stream)?;
-    let (window, heads) = (shape.window as i32, shape.heads as i32);
+    let (seqs, window, heads) = (s as i32, shape.window as i32, shape.heads as i32);
     let mut args = stream.launch_builder(func);
-    args.arg(qkv)
-        .arg(table)
-        .arg(out)
-        .arg(lse)
-        .arg(&window)
-        .arg(&heads);
+    args.arg(qkv).arg(table).arg(out).arg(lse);
+    if launch.kernel.starts_with("attention_fast_") {
+        args.arg(&seqs);
+    }
+    args.arg(&window).arg(&heads);
     // SAFETY: the arguments match the kernel's parameter list, every buffer's length was
     // checked against the shape the grid covers, and the E buffers are 16-byte aligned.
-    unsafe { args.launch(cfg) }.context("launching the attention forward")?;
+    unsafe { args.launch(launch.config()) }.context("launching the attention forward")?;
     Ok(())
 }
 
@@ -297,7 +472,39 @@ pub fn attention_backward<E: AttnElem>(
     dtable: &mut CudaViewMut<f32>,
     shape: AttnShape,
 ) -> Result<()> {
-    let (func, cfg) = kernels.prepare::<E>(Pass::Backward, &shape)?;
+    attention_backward_tuned(
+        stream,
+        kernels,
+        qkv,
+        table,
+        out,
+        dout,
+        lse,
+        dqkv,
+        dtable,
+        shape,
+        AttnTuning::default(),
+    )
+}
+
+/// [`attention_backward`] with the launch choices of `tuning`.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_backward_tuned<E: AttnElem>(
+    stream: &Arc<CudaStream>,
+    kernels: &AttentionKernels,
+    qkv: &CudaView<E>,
+    table: &CudaView<f32>,
+    out: &CudaView<E>,
+    dout: &CudaView<E>,
+    lse: &CudaView<f32>,
+    dqkv: &mut CudaViewMut<E>,
+    dtable: &mut CudaViewMut<f32>,
+    shape: AttnShape,
+    tuning: AttnTuning,
+) -> Result<()> {
+    let launch = plan(Pass::Backward, &shape, E::NAME, &kernels.device, tuning)?;
+    let (finish, producers) = plan_finish(&shape, &launch);
+    let (func, finish_func) = (kernels.function(&launch)?, kernels.function(&finish)?);
     let (s, t, d) = (shape.seqs, shape.tokens(), shape.width());
     let table_len = shape.table_rows() * shape.heads;
     check_len("qkv", qkv.len(), s * t * 3 * d)?;
@@ -311,28 +518,56 @@ pub fn attention_backward<E: AttnElem>(
     check_aligned("out", out, stream)?;
     check_aligned("dout", dout, stream)?;
     check_aligned("dqkv", dqkv, stream)?;
-    let (window, heads) = (shape.window as i32, shape.heads as i32);
-    let mut args = stream.launch_builder(func);
-    args.arg(qkv)
-        .arg(table)
-        .arg(out)
-        .arg(dout)
-        .arg(lse)
-        .arg(dqkv)
+
+    let partials_len = producers * table_len;
+    let mut scratch = kernels
+        .partials
+        .lock()
+        .map_err(|_| anyhow::anyhow!("the attention scratch lock is poisoned"))?;
+    if scratch.as_ref().is_none_or(|p| p.len() < partials_len) {
+        *scratch = Some(
+            stream
+                .alloc_zeros::<f32>(partials_len)
+                .context("allocating the attention table-gradient partials")?,
+        );
+    }
+    let partials = scratch.as_mut().expect("allocated above");
+    let mut partials = partials.slice_mut(0..partials_len);
+
+    let (seqs, window, heads) = (s as i32, shape.window as i32, shape.heads as i32);
+    {
+        let mut args = stream.launch_builder(func);
+        args.arg(qkv)
+            .arg(table)
+            .arg(out)
+            .arg(dout)
+            .arg(lse)
+            .arg(dqkv)
+            .arg(&mut partials);
+        if launch.kernel.starts_with("attention_fast_") {
+            args.arg(&seqs);
+        }
+        args.arg(&window).arg(&heads);
+        // SAFETY: as in the forward; dqkv and the partials (heads × grid.x tables, the
+        // length sliced above) are the only buffers written.
+        unsafe { args.launch(launch.config()) }.context("launching the attention backward")?;
+    }
+    let (producers, rows) = (producers as i32, shape.table_rows() as i32);
+    let mut args = stream.launch_builder(finish_func);
+    args.arg(&mut partials)
         .arg(dtable)
-        .arg(&window)
+        .arg(&producers)
+        .arg(&rows)
         .arg(&heads);
-    // SAFETY: as in the forward; dqkv and dtable are the only buffers written.
-    unsafe { args.launch(cfg) }.context("launching the attention backward")?;
+    // SAFETY: the finish reads heads × producers × rows partials (the slice's length) and
+    // writes the rows × heads table, whose length was checked.
+    unsafe { args.launch(finish.config()) }.context("launching attention_dtable_finish")?;
     Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// Hopper's opt-in shared memory per block.
-    const H100_SMEM: usize = 232_448;
 
     fn shape(window: usize, head_dim: usize) -> AttnShape {
         AttnShape {
@@ -343,48 +578,110 @@ mod tests {
         }
     }
 
-    #[test]
-    fn vit_base_uses_a_warp_per_tile_and_fits_four_blocks_per_sm() {
-        // T = 50 → 4 tiles of 16 tokens, padded to 64; bf16 rows of d + 8 = 72.
-        let s = shape(7, 64);
-        for pass in [Pass::Forward, Pass::Backward] {
-            let cfg = launch_config(pass, &s, "bf16", 2, H100_SMEM).unwrap();
-            assert_eq!(cfg.block_dim, (128, 1, 1));
-            assert_eq!(cfg.grid_dim, (1024, 12, 1));
-            assert!(4 * (cfg.shared_mem_bytes as usize + 1024) <= 233_472);
-        }
-        // Forward by hand: K and V 2·64·72·2 = 18432; bias 172·4 → 768; per warp
-        // q 16·72·2 = 2304, scores 16·68·4 = 4352, probs 16·72·2 = 2304.
-        assert_eq!(
-            smem_bytes(Pass::Forward, &s, 2, 4),
-            18432 + 768 + 4 * (2304 + 4352 + 2304)
-        );
-        // Backward: 18432 + bias, dbias 2·768 + lse, delta 2·256 + per warp
-        // 2·2304 + 2·1024 + 2·512.
-        assert_eq!(
-            smem_bytes(Pass::Backward, &s, 2, 4),
-            18432 + 1536 + 512 + 4 * (4608 + 2048 + 1024)
-        );
+    fn hopper(pass: Pass, s: &AttnShape, elem: &str) -> Result<Launch> {
+        plan(pass, s, elem, &DeviceLimits::HOPPER, AttnTuning::default())
     }
 
     #[test]
-    fn large_windows_shed_warps_until_they_fit() {
-        let s = shape(14, 128);
-        for pass in [Pass::Forward, Pass::Backward] {
-            let cfg = launch_config(pass, &s, "bf16", 2, H100_SMEM).unwrap();
-            assert!(cfg.shared_mem_bytes as usize <= H100_SMEM);
-            let warps = cfg.block_dim.0 as usize / 32;
-            assert!((1..=MAX_WARPS).contains(&warps));
-            if warps < MAX_WARPS {
-                assert!(smem_bytes(pass, &s, 2, warps + 1) > H100_SMEM);
+    fn vit_base_takes_the_fast_kernels_for_one_full_wave() {
+        // T = 50 → Tp = 64: 4 warps; stages of (64 × 72) bf16 matrices.
+        let s = shape(7, 64);
+        let fwd = hopper(Pass::Forward, &s, "bf16").unwrap();
+        assert_eq!(fwd.kernel, "attention_fast_forward_t4_d64");
+        assert_eq!((fwd.block, fwd.smem), (128, 2 * 3 * 64 * 72 * 2));
+        // 233472 / (55296 + 1024) = 4 blocks per SM, 132 SMs, 12 heads.
+        assert_eq!(fwd.grid, ((132 * 4usize).div_ceil(12) as u32, 12));
+        let bwd = hopper(Pass::Backward, &s, "bf16").unwrap();
+        assert_eq!(bwd.kernel, "attention_fast_backward_t4_d64");
+        assert_eq!(bwd.smem, 2 * 5 * 64 * 72 * 2 + 2 * 64 * 72 * 2);
+        assert_eq!(bwd.grid, (22, 12));
+        let (finish, producers) = plan_finish(&s, &bwd);
+        assert_eq!(producers, 22);
+        assert!(finish.grid.0 as usize * FINISH_THREADS >= 172 * 12);
+    }
+
+    #[test]
+    fn items_per_cta_sets_the_grid() {
+        let s = shape(7, 64);
+        for (items, ctas) in [(1, 1024), (4, 256), (1000, 2), (5000, 1)] {
+            let tuning = AttnTuning {
+                items_per_cta: Some(items),
+                force_general: false,
+            };
+            let launch = plan(Pass::Forward, &s, "bf16", &DeviceLimits::HOPPER, tuning).unwrap();
+            assert_eq!(launch.grid, (ctas, 12), "{items} items per CTA");
+        }
+    }
+
+    #[test]
+    fn other_cases_take_the_general_kernels() {
+        let general = |pass, window, head_dim, elem| {
+            let l = hopper(pass, &shape(window, head_dim), elem).unwrap();
+            assert!(
+                l.kernel.starts_with(&format!("attention_{}_", pass.name())),
+                "{l:?}"
+            );
+            assert_eq!(l.grid, (1024, 12));
+        };
+        general(Pass::Forward, 7, 64, "f32");
+        general(Pass::Backward, 7, 64, "f32");
+        general(Pass::Forward, 8, 64, "bf16");
+        general(Pass::Backward, 7, 128, "bf16");
+        let forced = AttnTuning {
+            items_per_cta: None,
+            force_general: true,
+        };
+        let l = plan(
+            Pass::Forward,
+            &shape(7, 64),
+            "bf16",
+            &DeviceLimits::HOPPER,
+            forced,
+        )
+        .unwrap();
+        assert_eq!(l.kernel, "attention_forward_bf16_d64");
+        // Every planned kernel is one the loader asks the module for.
+        let names = kernel_names();
+        for window in 2..=14 {
+            for head_dim in HEAD_DIMS {
+                for pass in [Pass::Forward, Pass::Backward] {
+                    for elem in ["bf16", "f32"] {
+                        if let Ok(l) = hopper(pass, &shape(window, head_dim), elem) {
+                            assert!(names.contains(&l.kernel), "{l:?}");
+                        }
+                    }
+                }
             }
         }
     }
 
     #[test]
+    fn general_kernels_shed_warps_until_they_fit() {
+        let s = shape(14, 128);
+        for pass in [Pass::Forward, Pass::Backward] {
+            let l = hopper(pass, &s, "bf16").unwrap();
+            assert!(l.smem as usize <= DeviceLimits::HOPPER.max_smem_per_block);
+            let warps = l.block as usize / 32;
+            assert!((1..=MAX_WARPS).contains(&warps));
+            if warps < MAX_WARPS {
+                assert!(
+                    general_smem_bytes(pass, &s, 2, warps + 1)
+                        > DeviceLimits::HOPPER.max_smem_per_block
+                );
+            }
+        }
+        // General vit_base backward by hand: K, V 2·64·72·2 = 18432; bias 768, lse and
+        // delta 2·256; per warp a table 768 + 2·2304 + 2·1024 + 2·512.
+        assert_eq!(
+            general_smem_bytes(Pass::Backward, &shape(7, 64), 2, 4),
+            18432 + 768 + 512 + 4 * (768 + 4608 + 2048 + 1024)
+        );
+    }
+
+    #[test]
     fn a_config_that_cannot_fit_is_an_error() {
         // f32, T = 197, d = 128: K and V alone take 2·208·132·4 = 219648 bytes.
-        let err = launch_config(Pass::Forward, &shape(14, 128), "f32", 4, H100_SMEM).unwrap_err();
+        let err = hopper(Pass::Forward, &shape(14, 128), "f32").unwrap_err();
         assert!(err.to_string().contains("shared memory"), "{err}");
     }
 
