@@ -12,7 +12,7 @@ use lomar::config::{preset, ModelConfig};
 use lomar::cpu::ops::{gelu, layernorm, linear, loss, tokens, window_gather};
 use lomar::cuda::launch::{scratch_len, REDUCE_CHUNKS};
 use lomar::cuda::pixels::{window_crops, PixelSource};
-use lomar::cuda::{Blas, Gpu, Kernels, Storage};
+use lomar::cuda::{Blas, DevPtr, Gpu, Kernels, Storage};
 
 /// Relative tolerance of a kernel whose outputs are stored as T.
 fn tol<T: Storage>() -> f64 {
@@ -34,6 +34,11 @@ fn down<T: Storage>(gpu: &Gpu, s: &CudaSlice<T>) -> Vec<f32> {
         .into_iter()
         .map(T::to_f32)
         .collect()
+}
+
+/// The launchers' view of a test buffer.
+fn dev<'a, T>(gpu: &Gpu, s: &'a CudaSlice<T>) -> DevPtr<'a, T> {
+    gpu.ptr(s).expect("a buffer of the test's GPU")
 }
 
 fn scratch(gpu: &Gpu, m: &ModelConfig) -> CudaSlice<f32> {
@@ -75,11 +80,11 @@ fn window_gather_case<T: Storage>(
     let vis: CudaSlice<T> = gpu.zeros(want.visible.len(), "visible").unwrap();
     let tgt: CudaSlice<f32> = gpu.zeros(want.targets.len(), "targets").unwrap();
     k.window_gather(
-        gpu.ptr(&pixels),
-        gpu.ptr(&origin),
-        gpu.ptr(&slots),
-        gpu.ptr(&vis),
-        gpu.ptr(&tgt),
+        dev(gpu, &pixels),
+        dev(gpu, &origin),
+        dev(gpu, &slots),
+        dev(gpu, &vis),
+        dev(gpu, &tgt),
         m,
         source,
         seqs,
@@ -176,12 +181,12 @@ fn token_assembly_case<T: Storage>(gpu: &Gpu, k: &Kernels<T>, title: String) {
     );
     let x: CudaSlice<f32> = gpu.zeros(n * d, "x").unwrap();
     k.assemble_tokens_forward(
-        gpu.ptr(&emb_d),
-        gpu.ptr(&bias_d),
-        gpu.ptr(&cls_d),
-        gpu.ptr(&mask_d),
-        gpu.ptr(&slots),
-        gpu.ptr(&x),
+        dev(gpu, &emb_d),
+        dev(gpu, &bias_d),
+        dev(gpu, &cls_d),
+        dev(gpu, &mask_d),
+        dev(gpu, &slots),
+        dev(gpu, &x),
         &m,
         seqs,
     )
@@ -208,13 +213,13 @@ fn token_assembly_case<T: Storage>(gpu: &Gpu, k: &Kernels<T>, title: String) {
     let dx_d = up::<f32>(gpu, &dx);
     let demb: CudaSlice<T> = gpu.zeros(nv * d, "demb").unwrap();
     let grads = up::<f32>(gpu, &start);
-    let g = gpu.ptr(&grads);
+    let g = dev(gpu, &grads);
     let scratch = scratch(gpu, &m);
     k.assemble_tokens_backward(
-        gpu.ptr(&dx_d),
-        gpu.ptr(&slots),
-        gpu.ptr(&demb),
-        gpu.ptr(&scratch),
+        dev(gpu, &dx_d),
+        dev(gpu, &slots),
+        dev(gpu, &demb),
+        dev(gpu, &scratch),
         g.range(0..d).unwrap(),
         g.range(d..2 * d).unwrap(),
         g.range(2 * d..3 * d).unwrap(),
@@ -269,7 +274,7 @@ fn masked_token_gather_and_scatter_match_cpu() {
             gpu.upload(&batch.mask_index, "mask").unwrap(),
         );
         let xm: CudaSlice<f32> = gpu.zeros(nm * d, "xm").unwrap();
-        k32.gather_masked_tokens(gpu.ptr(&x_d), gpu.ptr(&idx), gpu.ptr(&xm), &m, seqs)
+        k32.gather_masked_tokens(dev(gpu, &x_d), dev(gpu, &idx), dev(gpu, &xm), &m, seqs)
             .unwrap();
         let mut report = Report::new(test);
         report.close("gathered masked tokens", &down(gpu, &xm), &want, 0.0);
@@ -279,7 +284,7 @@ fn masked_token_gather_and_scatter_match_cpu() {
         let dx_d = up::<f32>(gpu, &want_dx);
         tokens::scatter_masked_tokens(&mut want_dx, &dxm, &batch.mask_index, t);
         let dxm_d = up::<f32>(gpu, &dxm);
-        k32.scatter_masked_tokens(gpu.ptr(&dxm_d), gpu.ptr(&idx), gpu.ptr(&dx_d), &m, seqs)
+        k32.scatter_masked_tokens(dev(gpu, &dxm_d), dev(gpu, &idx), dev(gpu, &dx_d), &m, seqs)
             .unwrap();
         report.close(
             "scattered gradient (accumulated)",
@@ -312,12 +317,12 @@ fn layernorm_case<T: Storage>(gpu: &Gpu, k: &Kernels<T>, title: String) {
         let mean: CudaSlice<f32> = gpu.zeros(rows, "mean").unwrap();
         let rstd: CudaSlice<f32> = gpu.zeros(rows, "rstd").unwrap();
         k.layernorm_forward(
-            gpu.ptr(&x_d),
-            gpu.ptr(&g_d),
-            gpu.ptr(&b_d),
-            gpu.ptr(&y),
-            gpu.ptr(&mean),
-            gpu.ptr(&rstd),
+            dev(gpu, &x_d),
+            dev(gpu, &g_d),
+            dev(gpu, &b_d),
+            dev(gpu, &y),
+            dev(gpu, &mean),
+            dev(gpu, &rstd),
             rows,
             width,
         )
@@ -360,19 +365,19 @@ fn layernorm_case<T: Storage>(gpu: &Gpu, k: &Kernels<T>, title: String) {
             &gamma,
         );
         let dy_d = up::<T>(gpu, &dy);
-        let gp = gpu.ptr(&grads);
+        let gp = dev(gpu, &grads);
         // dgamma and dbeta partials for up to REDUCE_CHUNKS chunks of rows.
         let s: CudaSlice<f32> = gpu.zeros(2 * REDUCE_CHUNKS * width, "scratch").unwrap();
         k.layernorm_backward(
-            gpu.ptr(&x_d),
-            gpu.ptr(&dy_d),
-            gpu.ptr(&g_d),
-            gpu.ptr(&mean),
-            gpu.ptr(&rstd),
-            gpu.ptr(&dx_d),
+            dev(gpu, &x_d),
+            dev(gpu, &dy_d),
+            dev(gpu, &g_d),
+            dev(gpu, &mean),
+            dev(gpu, &rstd),
+            dev(gpu, &dx_d),
             gp.range(0..width).unwrap(),
             gp.range(width..2 * width).unwrap(),
-            gpu.ptr(&s),
+            dev(gpu, &s),
             rows,
             width,
         )
@@ -423,8 +428,14 @@ fn gelu_case<T: Storage>(gpu: &Gpu, k: &Kernels<T>, title: String) {
     gelu::gelu_forward(&mut want_act, &mut cdf, &x);
     let (pre_d, bias_d) = (up::<T>(gpu, &pre), up::<f32>(gpu, &bias));
     let act: CudaSlice<T> = gpu.zeros(x.len(), "act").unwrap();
-    k.bias_gelu_forward(gpu.ptr(&pre_d), gpu.ptr(&bias_d), gpu.ptr(&act), rows, cols)
-        .unwrap();
+    k.bias_gelu_forward(
+        dev(gpu, &pre_d),
+        dev(gpu, &bias_d),
+        dev(gpu, &act),
+        rows,
+        cols,
+    )
+    .unwrap();
     let mut report = Report::new(title);
     report.close("pre + bias (stored)", &down(gpu, &pre_d), &x, 1e-6);
     report.close(
@@ -438,7 +449,7 @@ fn gelu_case<T: Storage>(gpu: &Gpu, k: &Kernels<T>, title: String) {
     let mut want = dact.clone();
     gelu::gelu_backward(&mut want, &x, &cdf);
     let grad = up::<T>(gpu, &dact);
-    k.gelu_backward(gpu.ptr(&pre_d), gpu.ptr(&grad), x.len())
+    k.gelu_backward(dev(gpu, &pre_d), dev(gpu, &grad), x.len())
         .unwrap();
     report.close(
         "d pre",
@@ -479,12 +490,12 @@ fn masked_mse_case<T: Storage>(gpu: &Gpu, k: &Kernels<T>, title: String) {
     let row_loss: CudaSlice<f32> = gpu.zeros(rows, "row loss").unwrap();
     let loss: CudaSlice<f32> = gpu.zeros(1, "loss").unwrap();
     k.masked_mse(
-        gpu.ptr(&pred_d),
-        gpu.ptr(&bias_d),
-        gpu.ptr(&target_d),
-        gpu.ptr(&dpred),
-        gpu.ptr(&row_loss),
-        gpu.ptr(&loss),
+        dev(gpu, &pred_d),
+        dev(gpu, &bias_d),
+        dev(gpu, &target_d),
+        dev(gpu, &dpred),
+        dev(gpu, &row_loss),
+        dev(gpu, &loss),
         rows,
         cols,
         0.25,
@@ -537,12 +548,12 @@ fn adamw_case<T: Storage>(gpu: &Gpu, k: &Kernels<T>, title: String) {
     let shadow: CudaSlice<T> = gpu.zeros(n, "shadow").unwrap();
     lomar::train::optim::adamw_update(&mut params, &grads, &mut m, &mut v, &decay, &step);
     k.adamw(
-        gpu.ptr(&p_d),
-        gpu.ptr(&g_d),
-        gpu.ptr(&m_d),
-        gpu.ptr(&v_d),
-        gpu.ptr(&mask_d),
-        gpu.ptr(&shadow),
+        dev(gpu, &p_d),
+        dev(gpu, &g_d),
+        dev(gpu, &m_d),
+        dev(gpu, &v_d),
+        dev(gpu, &mask_d),
+        dev(gpu, &shadow),
         &step,
     )
     .unwrap();
@@ -591,9 +602,9 @@ fn reductions_case<T: Storage>(gpu: &Gpu, k: &Kernels<T>, title: String) {
             up::<f32>(gpu, &start),
             up::<f32>(gpu, &start),
         );
-        k.column_sum(gpu.ptr(&x_t), rows, cols, gpu.ptr(&s), gpu.ptr(&out_t))
+        k.column_sum(dev(gpu, &x_t), rows, cols, dev(gpu, &s), dev(gpu, &out_t))
             .unwrap();
-        k.column_sum_f32(gpu.ptr(&x_f), rows, cols, gpu.ptr(&s), gpu.ptr(&out_f))
+        k.column_sum_f32(dev(gpu, &x_f), rows, cols, dev(gpu, &s), dev(gpu, &out_f))
             .unwrap();
         report.close(
             &format!("column_sum [{rows}, {cols}] (accumulated)"),
@@ -614,7 +625,7 @@ fn reductions_case<T: Storage>(gpu: &Gpu, k: &Kernels<T>, title: String) {
         let want: f64 = x.iter().map(|&v| v as f64 * v as f64).sum();
         let (x_d, out): (CudaSlice<f32>, CudaSlice<f32>) =
             (up(gpu, &x), gpu.zeros(1, "out").unwrap());
-        k.sum_squares(gpu.ptr(&x_d), gpu.ptr(&s), gpu.ptr(&out))
+        k.sum_squares(dev(gpu, &x_d), dev(gpu, &s), dev(gpu, &out))
             .unwrap();
         report.scalar(
             &format!("sum_squares n={n}"),
@@ -653,16 +664,16 @@ fn elementwise_case<T: Storage>(gpu: &Gpu, k: &Kernels<T>, title: String) {
     let x_out: CudaSlice<f32> = gpu.zeros(n, "x_out").unwrap();
     let mut report = Report::new(title);
     k.residual_add_bias(
-        gpu.ptr(&x_d),
-        gpu.ptr(&y_d),
-        gpu.ptr(&bias_d),
-        gpu.ptr(&x_out),
+        dev(gpu, &x_d),
+        dev(gpu, &y_d),
+        dev(gpu, &bias_d),
+        dev(gpu, &x_out),
         rows,
         cols,
     )
     .unwrap();
     report.close("residual_add_bias", &down(gpu, &x_out), &residual, 1e-6);
-    k.add_bias(gpu.ptr(&y_d), gpu.ptr(&bias_d), rows, cols)
+    k.add_bias(dev(gpu, &y_d), dev(gpu, &bias_d), rows, cols)
         .unwrap();
     report.close(
         "add_bias",
@@ -671,7 +682,7 @@ fn elementwise_case<T: Storage>(gpu: &Gpu, k: &Kernels<T>, title: String) {
         1e-6,
     );
     let cast: CudaSlice<T> = gpu.zeros(n, "cast").unwrap();
-    k.cast_from_f32(gpu.ptr(&x_d), gpu.ptr(&cast), n).unwrap();
+    k.cast_from_f32(dev(gpu, &x_d), dev(gpu, &cast), n).unwrap();
     report.close("cast_from_f32", &down(gpu, &cast), &round_to::<T>(&x), 0.0);
     report.finish();
 }
@@ -715,12 +726,26 @@ fn gemm_case<T: Storage>(gpu: &Gpu, blas: &Blas, title: String) {
     let y: CudaSlice<T> = gpu.zeros(rows * out, "y").unwrap();
     let dx: CudaSlice<T> = gpu.zeros(rows * inp, "dx").unwrap();
     let dw = up::<f32>(gpu, &dw_start);
-    blas.linear_forward(gpu.ptr(&x_d), gpu.ptr(&w_d), gpu.ptr(&y), rows, inp, out)
+    blas.linear_forward(dev(gpu, &x_d), dev(gpu, &w_d), dev(gpu, &y), rows, inp, out)
         .unwrap();
-    blas.linear_backward_input(gpu.ptr(&dy_d), gpu.ptr(&w_d), gpu.ptr(&dx), rows, inp, out)
-        .unwrap();
-    blas.linear_backward_weight(gpu.ptr(&dy_d), gpu.ptr(&x_d), gpu.ptr(&dw), rows, inp, out)
-        .unwrap();
+    blas.linear_backward_input(
+        dev(gpu, &dy_d),
+        dev(gpu, &w_d),
+        dev(gpu, &dx),
+        rows,
+        inp,
+        out,
+    )
+    .unwrap();
+    blas.linear_backward_weight(
+        dev(gpu, &dy_d),
+        dev(gpu, &x_d),
+        dev(gpu, &dw),
+        rows,
+        inp,
+        out,
+    )
+    .unwrap();
     report.close(
         "y = x·Wᵀ",
         &down(gpu, &y),
@@ -751,4 +776,20 @@ fn linear_gemms_match_cpu() {
     let blas = Blas::new(&gpu).expect("cuBLAS handle");
     gemm_case::<f32>(&gpu, &blas, "linear_gemms f32".into());
     gemm_case::<bf16>(&gpu, &blas, "linear_gemms bf16".into());
+}
+
+/// A buffer of another stream has a free that is not ordered after lomar's launches, so
+/// it is refused, by the launchers' address and by the copies alike.
+#[test]
+fn buffers_of_another_stream_are_refused() {
+    let Some(gpu) = gpu_or_skip("buffers_of_another_stream_are_refused") else {
+        return;
+    };
+    let other = gpu.ctx().new_stream().expect("a second stream");
+    let mut foreign = other.alloc_zeros::<f32>(4).expect("a buffer on it");
+    let err = gpu.ptr(&foreign).unwrap_err();
+    assert!(err.to_string().contains("another CUDA stream"), "{err}");
+    assert!(gpu.write(&[1.0; 4], &mut foreign, "foreign").is_err());
+    let own = gpu.zeros::<f32>(4, "own").unwrap();
+    assert!(gpu.ptr(&own).is_ok());
 }

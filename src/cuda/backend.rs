@@ -169,7 +169,7 @@ impl<T: Storage + AttnElem> Engine<T> {
     fn refresh_shadow(&mut self) -> Result<()> {
         let n = self.layout.total();
         self.kernels
-            .cast_from_f32(self.gpu.ptr(&self.master), self.gpu.ptr(&self.shadow), n)
+            .cast_from_f32(self.gpu.ptr(&self.master)?, self.gpu.ptr(&self.shadow)?, n)
     }
 }
 
@@ -206,10 +206,10 @@ impl<T: Storage + AttnElem> Backend for Engine<T> {
             blas: &self.blas,
             model: &self.model,
             ranges: &self.ranges,
-            master: self.gpu.ptr(&self.master),
-            shadow: self.gpu.ptr(&self.shadow),
-            grads: self.gpu.ptr(&self.grads),
-            scratch: self.gpu.ptr(&self.scratch),
+            master: self.gpu.ptr(&self.master)?,
+            shadow: self.gpu.ptr(&self.shadow)?,
+            grads: self.gpu.ptr(&self.grads)?,
+            scratch: self.gpu.ptr(&self.scratch)?,
             acts,
         };
         pass.forward_backward(grad_scale)?;
@@ -221,14 +221,14 @@ impl<T: Storage + AttnElem> Backend for Engine<T> {
     }
 
     fn zero_grads(&mut self) -> Result<()> {
-        self.gpu.memset_zero(self.gpu.ptr(&self.grads))
+        self.gpu.memset_zero(self.gpu.ptr(&self.grads)?)
     }
 
     fn grad_norm(&mut self) -> Result<f32> {
         let (grads, scratch, out) = (
-            self.gpu.ptr(&self.grads),
-            self.gpu.ptr(&self.scratch),
-            self.gpu.ptr(&self.scalar),
+            self.gpu.ptr(&self.grads)?,
+            self.gpu.ptr(&self.scratch)?,
+            self.gpu.ptr(&self.scalar)?,
         );
         self.kernels.sum_squares(grads, scratch, out)?;
         let sum = self.gpu.read(&self.scalar, 1, "gradient sum of squares")?;
@@ -238,12 +238,12 @@ impl<T: Storage + AttnElem> Backend for Engine<T> {
     fn adamw_step(&mut self, step: &AdamWStep) -> Result<()> {
         let g = &self.gpu;
         self.kernels.adamw(
-            g.ptr(&self.master),
-            g.ptr(&self.grads),
-            g.ptr(&self.m),
-            g.ptr(&self.v),
-            g.ptr(&self.decay_mask),
-            g.ptr(&self.shadow),
+            g.ptr(&self.master)?,
+            g.ptr(&self.grads)?,
+            g.ptr(&self.m)?,
+            g.ptr(&self.v)?,
+            g.ptr(&self.decay_mask)?,
+            g.ptr(&self.shadow)?,
             step,
         )
     }

@@ -4,7 +4,6 @@
 //! library is probed before its first use. One stream carries all the work, so cudarc's
 //! cross-stream event tracking is switched off.
 
-use std::marker::PhantomData;
 use std::mem::ManuallyDrop;
 use std::ops::Range;
 use std::sync::Arc;
@@ -12,7 +11,8 @@ use std::sync::Arc;
 use anyhow::{bail, Context, Result};
 use cudarc::driver::sys::cudaError_enum;
 use cudarc::driver::{
-    CudaContext, CudaSlice, CudaStream, DevicePtr, DeviceRepr, PinnedHostSlice, ValidAsZeroBits,
+    CudaContext, CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr, DeviceRepr,
+    PinnedHostSlice, ValidAsZeroBits,
 };
 
 use super::kernels::KERNELS_BUILT;
@@ -151,6 +151,7 @@ impl Gpu {
                 dst.len()
             );
         }
+        self.check_stream(dst, what)?;
         self.stream
             .memcpy_htod(host, dst)
             .with_context(|| format!("copying {what} to the GPU"))
@@ -187,6 +188,7 @@ impl Gpu {
                 dst.len()
             );
         }
+        self.check_stream(dst, what)?;
         fill(
             staging
                 .as_mut_slice()
@@ -226,36 +228,45 @@ impl Gpu {
         Ok(host)
     }
 
-    /// The device address of a whole buffer.
-    pub fn ptr<T>(&self, s: &CudaSlice<T>) -> DevPtr<T> {
+    /// The device address of a whole buffer, borrowed from it. Errors when the buffer
+    /// belongs to another stream or context: the launchers queue work on this GPU's stream
+    /// only, and a buffer's free is ordered after that work only on its own stream.
+    pub fn ptr<'a, T>(&self, s: &'a CudaSlice<T>) -> Result<DevPtr<'a, T>> {
+        self.check_stream(s, "a device buffer")?;
         // The guard records nothing with event tracking off; dropping it at once is fine.
         let (addr, _guard) = s.device_ptr(&self.stream);
-        DevPtr {
+        Ok(DevPtr {
+            buffer: s,
             addr,
+            start: 0,
             len: s.len(),
-            _type: PhantomData,
-        }
+        })
     }
 
-    /// A `CudaSlice` over the memory behind `p`, for APIs that take cudarc views. It is
-    /// wrapped in `ManuallyDrop` because it does not own the memory: dropping it would
-    /// free the owner's buffer.
-    ///
-    /// # Safety
-    /// The buffer behind `p` must outlive the returned value (DevPtr's contract).
-    pub unsafe fn alias<T>(&self, p: DevPtr<T>) -> ManuallyDrop<CudaSlice<T>> {
-        ManuallyDrop::new(self.stream.upgrade_device_ptr(p.addr, p.len))
+    /// Errors unless `s` lives on this GPU's stream (see [`Gpu::ptr`]).
+    fn check_stream<T>(&self, s: &CudaSlice<T>, what: &str) -> Result<()> {
+        let theirs = s.stream();
+        if theirs.cu_stream() != self.stream.cu_stream()
+            || theirs.context().cu_ctx() != self.ctx.cu_ctx()
+        {
+            bail!(
+                "{what} was allocated on another CUDA stream or device; lomar orders all \
+                 its work on one stream, so it cannot use that buffer"
+            );
+        }
+        Ok(())
     }
 
     /// Zero-fills the memory behind `p`, queued on the stream.
-    pub fn memset_zero<T>(&self, p: DevPtr<T>) -> Result<()> {
+    pub fn memset_zero<T>(&self, p: DevPtr<'_, T>) -> Result<()> {
         if p.len == 0 {
             return Ok(());
         }
         self.ctx
             .bind_to_thread()
             .context("binding the CUDA context")?;
-        // SAFETY: `p` addresses `p.len` live elements (DevPtr's contract).
+        // SAFETY: `p` borrows the buffer holding its `p.len` elements, so they are
+        // allocated now, and the buffer's free is queued on this stream after the memset.
         unsafe {
             cudarc::driver::result::memset_d8_async(
                 p.addr,
@@ -268,26 +279,53 @@ impl Gpu {
     }
 }
 
-/// A typed device address and the number of elements behind it.
+/// A typed device address and the number of elements behind it: a sub-range of a device
+/// buffer, which it borrows, so it cannot outlive the memory.
 ///
-/// It owns nothing: every buffer is a `CudaSlice` owned by the backend, which hands these
-/// out only while computing, so they never outlive their memory. Sub-ranges are bounds
-/// checked, and every launcher checks the lengths it will touch, so a shape mistake is an
-/// error naming the tensor instead of a fault on the device.
-pub struct DevPtr<T> {
+/// Made only by [`Gpu::ptr`], so the buffer lives on the GPU's one stream and its
+/// stream-ordered free follows every kernel queued through this address. Kernels write
+/// through it although it is a shared borrow: device memory is not Rust memory, and the
+/// one stream orders every access to it. Sub-ranges are bounds checked, and every launcher
+/// checks the lengths it will touch, so a shape mistake is an error naming the tensor
+/// instead of a fault on the device.
+///
+/// It is used while its buffer lives:
+/// ```no_run
+/// # fn main() -> anyhow::Result<()> {
+/// let gpu = lomar::cuda::Gpu::open(0)?;
+/// let buffer = gpu.zeros::<f32>(4, "buffer")?;
+/// gpu.memset_zero(gpu.ptr(&buffer)?)?;
+/// # Ok(())
+/// # }
+/// ```
+/// and cannot be kept past it:
+/// ```compile_fail,E0597
+/// # fn main() -> anyhow::Result<()> {
+/// let gpu = lomar::cuda::Gpu::open(0)?;
+/// let p = {
+///     let buffer = gpu.zeros::<f32>(4, "buffer")?;
+///     gpu.ptr(&buffer)?
+/// };
+/// gpu.memset_zero(p)?;
+/// # Ok(())
+/// # }
+/// ```
+pub struct DevPtr<'a, T> {
+    buffer: &'a CudaSlice<T>,
     addr: u64,
+    /// The first element, within `buffer`.
+    start: usize,
     len: usize,
-    _type: PhantomData<fn() -> T>,
 }
 
-impl<T> Clone for DevPtr<T> {
+impl<T> Clone for DevPtr<'_, T> {
     fn clone(&self) -> Self {
         *self
     }
 }
-impl<T> Copy for DevPtr<T> {}
+impl<T> Copy for DevPtr<'_, T> {}
 
-impl<T> std::fmt::Debug for DevPtr<T> {
+impl<T> std::fmt::Debug for DevPtr<'_, T> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
@@ -299,7 +337,7 @@ impl<T> std::fmt::Debug for DevPtr<T> {
     }
 }
 
-impl<T> DevPtr<T> {
+impl<'a, T> DevPtr<'a, T> {
     /// The raw address, as a kernel argument.
     pub fn addr(&self) -> &u64 {
         &self.addr
@@ -314,7 +352,7 @@ impl<T> DevPtr<T> {
     }
 
     /// The elements `r` of this buffer.
-    pub fn range(&self, r: Range<usize>) -> Result<DevPtr<T>> {
+    pub fn range(&self, r: Range<usize>) -> Result<DevPtr<'a, T>> {
         if r.start > r.end || r.end > self.len {
             bail!(
                 "range {r:?} is outside a device buffer of {} values",
@@ -322,9 +360,10 @@ impl<T> DevPtr<T> {
             );
         }
         Ok(DevPtr {
+            buffer: self.buffer,
             addr: self.addr + (r.start * std::mem::size_of::<T>()) as u64,
+            start: self.start + r.start,
             len: r.len(),
-            _type: PhantomData,
         })
     }
 
@@ -337,6 +376,26 @@ impl<T> DevPtr<T> {
             );
         }
         Ok(())
+    }
+
+    /// The same elements as a cudarc view, for launchers written against cudarc's types.
+    pub(super) fn view(&self) -> CudaView<'a, T> {
+        self.buffer.slice(self.start..self.start + self.len)
+    }
+
+    /// Runs `f` on a mutable cudarc view of the same elements. The shared borrow of the
+    /// buffer cannot give one, so the view is taken from a second, never-freed handle to
+    /// the same memory that lives only during `f`.
+    pub(super) fn with_view_mut<R>(&self, f: impl FnOnce(&mut CudaViewMut<'_, T>) -> R) -> R {
+        // SAFETY: the `len` elements at `addr` lie inside `buffer`, which is borrowed for
+        // 'a and so stays allocated while `f` runs; `ManuallyDrop` keeps the handle from
+        // freeing it, and the handle (hence the view) does not outlive this call.
+        let mut alias = ManuallyDrop::new(unsafe {
+            self.buffer
+                .stream()
+                .upgrade_device_ptr::<T>(self.addr, self.len)
+        });
+        f(&mut alias.slice_mut(..))
     }
 }
 

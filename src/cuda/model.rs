@@ -30,32 +30,32 @@ pub(super) struct Pass<'a, T: Storage + AttnElem> {
     pub model: &'a ModelConfig,
     pub ranges: &'a ModelRanges,
     /// fp32 master weights: LayerNorm, biases, tokens, bias tables.
-    pub master: DevPtr<f32>,
+    pub master: DevPtr<'a, f32>,
     /// The storage copy of the weights: GEMM operands.
-    pub shadow: DevPtr<T>,
-    pub grads: DevPtr<f32>,
-    pub scratch: DevPtr<f32>,
+    pub shadow: DevPtr<'a, T>,
+    pub grads: DevPtr<'a, f32>,
+    pub scratch: DevPtr<'a, f32>,
     pub acts: &'a Activations<T>,
 }
 
-impl<T: Storage + AttnElem> Pass<'_, T> {
+impl<'a, T: Storage + AttnElem> Pass<'a, T> {
     fn seqs(&self) -> usize {
         self.acts.images_len * self.model.windows_per_image
     }
 
-    fn ptr<U>(&self, s: &CudaSlice<U>) -> DevPtr<U> {
+    fn ptr<'b, U>(&self, s: &'b CudaSlice<U>) -> Result<DevPtr<'b, U>> {
         self.gpu.ptr(s)
     }
 
-    fn p(&self, r: &std::ops::Range<usize>) -> Result<DevPtr<f32>> {
+    fn p(&self, r: &std::ops::Range<usize>) -> Result<DevPtr<'a, f32>> {
         self.master.range(r.clone())
     }
 
-    fn w(&self, r: &std::ops::Range<usize>) -> Result<DevPtr<T>> {
+    fn w(&self, r: &std::ops::Range<usize>) -> Result<DevPtr<'a, T>> {
         self.shadow.range(r.clone())
     }
 
-    fn g(&self, r: &std::ops::Range<usize>) -> Result<DevPtr<f32>> {
+    fn g(&self, r: &std::ops::Range<usize>) -> Result<DevPtr<'a, f32>> {
         self.grads.range(r.clone())
     }
 
@@ -71,29 +71,24 @@ impl<T: Storage + AttnElem> Pass<'_, T> {
     /// qkv [S, T, 3D] T, table [(2K-1)²+3, h] f32 -> out [S, T, D] T, lse [S, h, T] f32.
     fn attention_forward(
         &self,
-        qkv: DevPtr<T>,
-        table: DevPtr<f32>,
-        out: DevPtr<T>,
-        lse: DevPtr<f32>,
+        qkv: DevPtr<'_, T>,
+        table: DevPtr<'_, f32>,
+        out: DevPtr<'_, T>,
+        lse: DevPtr<'_, f32>,
     ) -> Result<()> {
-        // SAFETY: the buffers belong to the backend and outlive this call.
-        let (qkv, table, mut out, mut lse) = unsafe {
-            (
-                self.gpu.alias(qkv),
-                self.gpu.alias(table),
-                self.gpu.alias(out),
-                self.gpu.alias(lse),
-            )
-        };
-        attention_forward(
-            self.gpu.stream(),
-            self.attention,
-            &qkv.slice(..),
-            &table.slice(..),
-            &mut out.slice_mut(..),
-            &mut lse.slice_mut(..),
-            self.attention_shape(),
-        )?;
+        out.with_view_mut(|out| {
+            lse.with_view_mut(|lse| {
+                attention_forward(
+                    self.gpu.stream(),
+                    self.attention,
+                    &qkv.view(),
+                    &table.view(),
+                    out,
+                    lse,
+                    self.attention_shape(),
+                )
+            })
+        })?;
         self.wait_if_debugging("attention forward")
     }
 
@@ -110,38 +105,30 @@ impl<T: Storage + AttnElem> Pass<'_, T> {
     #[allow(clippy::too_many_arguments)]
     fn attention_backward(
         &self,
-        qkv: DevPtr<T>,
-        table: DevPtr<f32>,
-        out: DevPtr<T>,
-        dout: DevPtr<T>,
-        lse: DevPtr<f32>,
-        dqkv: DevPtr<T>,
-        dtable: DevPtr<f32>,
+        qkv: DevPtr<'_, T>,
+        table: DevPtr<'_, f32>,
+        out: DevPtr<'_, T>,
+        dout: DevPtr<'_, T>,
+        lse: DevPtr<'_, f32>,
+        dqkv: DevPtr<'_, T>,
+        dtable: DevPtr<'_, f32>,
     ) -> Result<()> {
-        // SAFETY: the buffers belong to the backend and outlive this call.
-        let (qkv, table, out, dout, lse, mut dqkv, mut dtable) = unsafe {
-            (
-                self.gpu.alias(qkv),
-                self.gpu.alias(table),
-                self.gpu.alias(out),
-                self.gpu.alias(dout),
-                self.gpu.alias(lse),
-                self.gpu.alias(dqkv),
-                self.gpu.alias(dtable),
-            )
-        };
-        attention_backward(
-            self.gpu.stream(),
-            self.attention,
-            &qkv.slice(..),
-            &table.slice(..),
-            &out.slice(..),
-            &dout.slice(..),
-            &lse.slice(..),
-            &mut dqkv.slice_mut(..),
-            &mut dtable.slice_mut(..),
-            self.attention_shape(),
-        )?;
+        dqkv.with_view_mut(|dqkv| {
+            dtable.with_view_mut(|dtable| {
+                attention_backward(
+                    self.gpu.stream(),
+                    self.attention,
+                    &qkv.view(),
+                    &table.view(),
+                    &out.view(),
+                    &dout.view(),
+                    &lse.view(),
+                    dqkv,
+                    dtable,
+                    self.attention_shape(),
+                )
+            })
+        })?;
         self.wait_if_debugging("attention backward")
     }
 
@@ -164,30 +151,30 @@ impl<T: Storage + AttnElem> Pass<'_, T> {
         let (a, m, r) = (self.acts, self.model, self.ranges);
         let nv = self.seqs() * m.visible_per_window();
         self.kernels.window_gather(
-            self.ptr(&a.pixels),
-            self.ptr(&a.window_origin),
-            self.ptr(&a.pos_slot),
-            self.ptr(&a.patches),
-            self.ptr(&a.targets),
+            self.ptr(&a.pixels)?,
+            self.ptr(&a.window_origin)?,
+            self.ptr(&a.pos_slot)?,
+            self.ptr(&a.patches)?,
+            self.ptr(&a.targets)?,
             m,
             a.source,
             self.seqs(),
         )?;
         self.blas.linear_forward(
-            self.ptr(&a.patches),
+            self.ptr(&a.patches)?,
             self.w(&r.patch_w)?,
-            self.ptr(&a.emb),
+            self.ptr(&a.emb)?,
             nv,
             m.patch_dim(),
             m.width,
         )?;
         self.kernels.assemble_tokens_forward(
-            self.ptr(&a.emb),
+            self.ptr(&a.emb)?,
             self.p(&r.patch_b)?,
             self.p(&r.cls_token)?,
             self.p(&r.mask_token)?,
-            self.ptr(&a.pos_slot),
-            self.ptr(&a.resid[0]),
+            self.ptr(&a.pos_slot)?,
+            self.ptr(&a.resid[0])?,
             m,
             self.seqs(),
         )
@@ -199,68 +186,68 @@ impl<T: Storage + AttnElem> Pass<'_, T> {
         let (r, ba) = (&self.ranges.blocks[l], &a.blocks[l]);
         let (n, d, h) = (self.seqs() * m.seq_len(), m.width, m.hidden());
         let (x_in, x_mid, x_out) = (
-            self.ptr(&a.resid[2 * l]),
-            self.ptr(&a.resid[2 * l + 1]),
-            self.ptr(&a.resid[2 * l + 2]),
+            self.ptr(&a.resid[2 * l])?,
+            self.ptr(&a.resid[2 * l + 1])?,
+            self.ptr(&a.resid[2 * l + 2])?,
         );
-        let branch = self.ptr(&a.branch);
+        let branch = self.ptr(&a.branch)?;
 
         k.layernorm_forward(
             x_in,
             self.p(&r.norm1_w)?,
             self.p(&r.norm1_b)?,
-            self.ptr(&ba.ln1),
-            self.ptr(&ba.ln1_mean),
-            self.ptr(&ba.ln1_rstd),
+            self.ptr(&ba.ln1)?,
+            self.ptr(&ba.ln1_mean)?,
+            self.ptr(&ba.ln1_rstd)?,
             n,
             d,
         )?;
         self.blas.linear_forward(
-            self.ptr(&ba.ln1),
+            self.ptr(&ba.ln1)?,
             self.w(&r.qkv_w)?,
-            self.ptr(&ba.qkv),
+            self.ptr(&ba.qkv)?,
             n,
             d,
             3 * d,
         )?;
-        k.add_bias(self.ptr(&ba.qkv), self.p(&r.qkv_b)?, n, 3 * d)?;
+        k.add_bias(self.ptr(&ba.qkv)?, self.p(&r.qkv_b)?, n, 3 * d)?;
         self.attention_forward(
-            self.ptr(&ba.qkv),
+            self.ptr(&ba.qkv)?,
             self.p(&r.rel_bias)?,
-            self.ptr(&ba.attn),
-            self.ptr(&ba.lse),
+            self.ptr(&ba.attn)?,
+            self.ptr(&ba.lse)?,
         )?;
         self.blas
-            .linear_forward(self.ptr(&ba.attn), self.w(&r.proj_w)?, branch, n, d, d)?;
+            .linear_forward(self.ptr(&ba.attn)?, self.w(&r.proj_w)?, branch, n, d, d)?;
         k.residual_add_bias(x_in, branch, self.p(&r.proj_b)?, x_mid, n, d)?;
 
         k.layernorm_forward(
             x_mid,
             self.p(&r.norm2_w)?,
             self.p(&r.norm2_b)?,
-            self.ptr(&ba.ln2),
-            self.ptr(&ba.ln2_mean),
-            self.ptr(&ba.ln2_rstd),
+            self.ptr(&ba.ln2)?,
+            self.ptr(&ba.ln2_mean)?,
+            self.ptr(&ba.ln2_rstd)?,
             n,
             d,
         )?;
         self.blas.linear_forward(
-            self.ptr(&ba.ln2),
+            self.ptr(&ba.ln2)?,
             self.w(&r.fc1_w)?,
-            self.ptr(&ba.pre),
+            self.ptr(&ba.pre)?,
             n,
             d,
             h,
         )?;
         k.bias_gelu_forward(
-            self.ptr(&ba.pre),
+            self.ptr(&ba.pre)?,
             self.p(&r.fc1_b)?,
-            self.ptr(&ba.act),
+            self.ptr(&ba.act)?,
             n,
             h,
         )?;
         self.blas
-            .linear_forward(self.ptr(&ba.act), self.w(&r.fc2_w)?, branch, n, h, d)?;
+            .linear_forward(self.ptr(&ba.act)?, self.w(&r.fc2_w)?, branch, n, h, d)?;
         k.residual_add_bias(x_mid, branch, self.p(&r.fc2_b)?, x_out, n, d)
     }
 
@@ -269,80 +256,80 @@ impl<T: Storage + AttnElem> Pass<'_, T> {
     fn head(&self, grad_scale: f32) -> Result<()> {
         let (a, m, k, r) = (self.acts, self.model, self.kernels, self.ranges);
         let (nm, d, p) = (self.seqs() * m.masked_per_window(), m.width, m.patch_dim());
-        let x_last = self.ptr(&a.resid[2 * m.depth]);
+        let x_last = self.ptr(&a.resid[2 * m.depth])?;
         k.gather_masked_tokens(
             x_last,
-            self.ptr(&a.mask_index),
-            self.ptr(&a.xm),
+            self.ptr(&a.mask_index)?,
+            self.ptr(&a.xm)?,
             m,
             self.seqs(),
         )?;
         k.layernorm_forward(
-            self.ptr(&a.xm),
+            self.ptr(&a.xm)?,
             self.p(&r.norm_w)?,
             self.p(&r.norm_b)?,
-            self.ptr(&a.lnm),
-            self.ptr(&a.lnm_mean),
-            self.ptr(&a.lnm_rstd),
+            self.ptr(&a.lnm)?,
+            self.ptr(&a.lnm_mean)?,
+            self.ptr(&a.lnm_rstd)?,
             nm,
             d,
         )?;
         self.blas.linear_forward(
-            self.ptr(&a.lnm),
+            self.ptr(&a.lnm)?,
             self.w(&r.head_w)?,
-            self.ptr(&a.pred),
+            self.ptr(&a.pred)?,
             nm,
             d,
             p,
         )?;
         k.masked_mse(
-            self.ptr(&a.pred),
+            self.ptr(&a.pred)?,
             self.p(&r.head_b)?,
-            self.ptr(&a.targets),
-            self.ptr(&a.dpred),
-            self.ptr(&a.row_loss),
-            self.ptr(&a.loss),
+            self.ptr(&a.targets)?,
+            self.ptr(&a.dpred)?,
+            self.ptr(&a.row_loss)?,
+            self.ptr(&a.loss)?,
             nm,
             p,
             grad_scale,
         )?;
 
-        k.column_sum(self.ptr(&a.dpred), nm, p, self.scratch, self.g(&r.head_b)?)?;
+        k.column_sum(self.ptr(&a.dpred)?, nm, p, self.scratch, self.g(&r.head_b)?)?;
         self.blas.linear_backward_weight(
-            self.ptr(&a.dpred),
-            self.ptr(&a.lnm),
+            self.ptr(&a.dpred)?,
+            self.ptr(&a.lnm)?,
             self.g(&r.head_w)?,
             nm,
             d,
             p,
         )?;
         self.blas.linear_backward_input(
-            self.ptr(&a.dpred),
+            self.ptr(&a.dpred)?,
             self.w(&r.head_w)?,
-            self.ptr(&a.dlnm),
+            self.ptr(&a.dlnm)?,
             nm,
             d,
             p,
         )?;
-        self.gpu.memset_zero(self.ptr(&a.dxm))?;
+        self.gpu.memset_zero(self.ptr(&a.dxm)?)?;
         k.layernorm_backward(
-            self.ptr(&a.xm),
-            self.ptr(&a.dlnm),
+            self.ptr(&a.xm)?,
+            self.ptr(&a.dlnm)?,
             self.p(&r.norm_w)?,
-            self.ptr(&a.lnm_mean),
-            self.ptr(&a.lnm_rstd),
-            self.ptr(&a.dxm),
+            self.ptr(&a.lnm_mean)?,
+            self.ptr(&a.lnm_rstd)?,
+            self.ptr(&a.dxm)?,
             self.g(&r.norm_w)?,
             self.g(&r.norm_b)?,
             self.scratch,
             nm,
             d,
         )?;
-        self.gpu.memset_zero(self.ptr(&a.dx))?;
+        self.gpu.memset_zero(self.ptr(&a.dx)?)?;
         k.scatter_masked_tokens(
-            self.ptr(&a.dxm),
-            self.ptr(&a.mask_index),
-            self.ptr(&a.dx),
+            self.ptr(&a.dxm)?,
+            self.ptr(&a.mask_index)?,
+            self.ptr(&a.dx)?,
             m,
             self.seqs(),
         )
@@ -353,28 +340,34 @@ impl<T: Storage + AttnElem> Pass<'_, T> {
         let (a, m, k) = (self.acts, self.model, self.kernels);
         let (r, ba) = (&self.ranges.blocks[l], &a.blocks[l]);
         let (n, d, h) = (self.seqs() * m.seq_len(), m.width, m.hidden());
-        let (dx, dy, dsmall) = (self.ptr(&a.dx), self.ptr(&a.dy), self.ptr(&a.dsmall));
-        let (dhidden, dqkv) = (self.ptr(&a.dhidden), self.ptr(&a.dqkv));
+        let (dx, dy, dsmall) = (self.ptr(&a.dx)?, self.ptr(&a.dy)?, self.ptr(&a.dsmall)?);
+        let (dhidden, dqkv) = (self.ptr(&a.dhidden)?, self.ptr(&a.dqkv)?);
 
         // MLP branch: dx holds d x_out, which is also the gradient of fc2's output.
         k.cast_from_f32(dx, dy, n * d)?;
         k.column_sum_f32(dx, n, d, self.scratch, self.g(&r.fc2_b)?)?;
         self.blas
-            .linear_backward_weight(dy, self.ptr(&ba.act), self.g(&r.fc2_w)?, n, h, d)?;
+            .linear_backward_weight(dy, self.ptr(&ba.act)?, self.g(&r.fc2_w)?, n, h, d)?;
         self.blas
             .linear_backward_input(dy, self.w(&r.fc2_w)?, dhidden, n, h, d)?;
-        k.gelu_backward(self.ptr(&ba.pre), dhidden, n * h)?;
+        k.gelu_backward(self.ptr(&ba.pre)?, dhidden, n * h)?;
         k.column_sum(dhidden, n, h, self.scratch, self.g(&r.fc1_b)?)?;
-        self.blas
-            .linear_backward_weight(dhidden, self.ptr(&ba.ln2), self.g(&r.fc1_w)?, n, d, h)?;
+        self.blas.linear_backward_weight(
+            dhidden,
+            self.ptr(&ba.ln2)?,
+            self.g(&r.fc1_w)?,
+            n,
+            d,
+            h,
+        )?;
         self.blas
             .linear_backward_input(dhidden, self.w(&r.fc1_w)?, dsmall, n, d, h)?;
         k.layernorm_backward(
-            self.ptr(&a.resid[2 * l + 1]),
+            self.ptr(&a.resid[2 * l + 1])?,
             dsmall,
             self.p(&r.norm2_w)?,
-            self.ptr(&ba.ln2_mean),
-            self.ptr(&ba.ln2_rstd),
+            self.ptr(&ba.ln2_mean)?,
+            self.ptr(&ba.ln2_rstd)?,
             dx,
             self.g(&r.norm2_w)?,
             self.g(&r.norm2_b)?,
@@ -387,22 +380,22 @@ impl<T: Storage + AttnElem> Pass<'_, T> {
         k.cast_from_f32(dx, dy, n * d)?;
         k.column_sum_f32(dx, n, d, self.scratch, self.g(&r.proj_b)?)?;
         self.blas
-            .linear_backward_weight(dy, self.ptr(&ba.attn), self.g(&r.proj_w)?, n, d, d)?;
+            .linear_backward_weight(dy, self.ptr(&ba.attn)?, self.g(&r.proj_w)?, n, d, d)?;
         self.blas
             .linear_backward_input(dy, self.w(&r.proj_w)?, dsmall, n, d, d)?;
         self.attention_backward(
-            self.ptr(&ba.qkv),
+            self.ptr(&ba.qkv)?,
             self.p(&r.rel_bias)?,
-            self.ptr(&ba.attn),
+            self.ptr(&ba.attn)?,
             dsmall,
-            self.ptr(&ba.lse),
+            self.ptr(&ba.lse)?,
             dqkv,
             self.g(&r.rel_bias)?,
         )?;
         k.column_sum(dqkv, n, 3 * d, self.scratch, self.g(&r.qkv_b)?)?;
         self.blas.linear_backward_weight(
             dqkv,
-            self.ptr(&ba.ln1),
+            self.ptr(&ba.ln1)?,
             self.g(&r.qkv_w)?,
             n,
             d,
@@ -411,11 +404,11 @@ impl<T: Storage + AttnElem> Pass<'_, T> {
         self.blas
             .linear_backward_input(dqkv, self.w(&r.qkv_w)?, dsmall, n, d, 3 * d)?;
         k.layernorm_backward(
-            self.ptr(&a.resid[2 * l]),
+            self.ptr(&a.resid[2 * l])?,
             dsmall,
             self.p(&r.norm1_w)?,
-            self.ptr(&ba.ln1_mean),
-            self.ptr(&ba.ln1_rstd),
+            self.ptr(&ba.ln1_mean)?,
+            self.ptr(&ba.ln1_rstd)?,
             dx,
             self.g(&r.norm1_w)?,
             self.g(&r.norm1_b)?,
@@ -430,9 +423,9 @@ impl<T: Storage + AttnElem> Pass<'_, T> {
         let (a, m, r) = (self.acts, self.model, self.ranges);
         let nv = self.seqs() * m.visible_per_window();
         self.kernels.assemble_tokens_backward(
-            self.ptr(&a.dx),
-            self.ptr(&a.pos_slot),
-            self.ptr(&a.demb),
+            self.ptr(&a.dx)?,
+            self.ptr(&a.pos_slot)?,
+            self.ptr(&a.demb)?,
             self.scratch,
             self.g(&r.cls_token)?,
             self.g(&r.mask_token)?,
@@ -441,8 +434,8 @@ impl<T: Storage + AttnElem> Pass<'_, T> {
             self.seqs(),
         )?;
         self.blas.linear_backward_weight(
-            self.ptr(&a.demb),
-            self.ptr(&a.patches),
+            self.ptr(&a.demb)?,
+            self.ptr(&a.patches)?,
             self.g(&r.patch_w)?,
             nv,
             m.patch_dim(),
