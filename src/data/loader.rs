@@ -21,6 +21,7 @@ use std::thread::{self, JoinHandle};
 use anyhow::{bail, Context, Result};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use rayon::prelude::*;
 use serde::Serialize;
 
 use super::augment::{normalise_into, Augment};
@@ -374,6 +375,34 @@ impl Loader {
     /// The next usable image of the stream, augmented and normalised into `out`
     /// (`[3, side, side]`).
     pub fn next_into(&mut self, out: &mut [f32]) -> Result<()> {
+        self.next_images(out)
+    }
+
+    /// The next usable images of the stream, as many as `out` holds (`[n, 3, side,
+    /// side]`), augmented and normalised. They are taken in stream order and then
+    /// normalised in parallel: done one by one on the consuming thread, normalising alone
+    /// would cap a many-core loader at a few thousand images/s.
+    pub fn next_images(&mut self, out: &mut [f32]) -> Result<()> {
+        let len = 3 * self.shared.augment.side * self.shared.augment.side;
+        let mut taken = Vec::with_capacity(out.len() / len);
+        for _ in 0..out.len() / len {
+            match self.next_rgb() {
+                Ok(rgb) => taken.push(rgb),
+                Err(e) => {
+                    lock(&self.shared.spare).extend(taken);
+                    return Err(e);
+                }
+            }
+        }
+        out.par_chunks_mut(len)
+            .zip(&taken)
+            .for_each(|(out, rgb)| normalise_into(rgb, out));
+        lock(&self.shared.spare).extend(taken);
+        Ok(())
+    }
+
+    /// The next usable image of the stream, augmented, as 8-bit RGB `[side, side, 3]`.
+    fn next_rgb(&mut self) -> Result<Vec<u8>> {
         let items = self.epoch_len() as u64;
         let mut failures = 0u64;
         loop {
@@ -395,11 +424,7 @@ impl Loader {
             self.shared.room.notify_one();
             self.next += 1;
             match item {
-                Ok(rgb) => {
-                    normalise_into(&rgb, out);
-                    lock(&self.shared.spare).push(rgb);
-                    return Ok(());
-                }
+                Ok(rgb) => return Ok(rgb),
                 Err(why) => {
                     let (_, item) = self.shared.locate(pos);
                     self.skip(item, &why);
@@ -476,9 +501,14 @@ pub fn measure(
     };
     let mut loader = Loader::open(source, opts, 0, &[])?;
     let (started, cpu_started) = (std::time::Instant::now(), process_cpu_seconds());
-    let mut tensor = vec![0.0f32; 3 * side * side];
-    for _ in 0..images {
-        loader.next_into(&mut tensor)?;
+    // Taken as training takes them: a batch of images at a time.
+    let per_call = images.min(64);
+    let mut tensor = vec![0.0f32; per_call * 3 * side * side];
+    let mut taken = 0;
+    while taken < images {
+        let n = per_call.min(images - taken);
+        loader.next_images(&mut tensor[..n * 3 * side * side])?;
+        taken += n;
     }
     let seconds = started.elapsed().as_secs_f64();
     let cpu_seconds = process_cpu_seconds()

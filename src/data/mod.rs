@@ -313,9 +313,7 @@ impl BatchSource {
                 *next += images as u64;
             }
             Images::Folder { loader, .. } | Images::Shards { loader, .. } => {
-                for out in pixels.chunks_exact_mut(size) {
-                    loader.next_into(out)?;
-                }
+                loader.next_images(&mut pixels)?;
             }
         }
         let windows = self.sampler.sample(&self.model, images);

@@ -112,6 +112,9 @@ impl ShardIndex {
         if self.samples() == 0 {
             bail!("it lists no samples");
         }
+        if self.classes.is_empty() {
+            bail!("it lists no classes (every sample has one)");
+        }
         for s in &self.shards {
             // A shard is a plain file name inside the folder, never a path out of it.
             if s.file.is_empty() || s.file.contains(['/', '\\']) || s.file.starts_with('.') {

@@ -141,7 +141,7 @@ fn scan_shard(
                     .map_err(|e| format!("{member_path}: cannot read: {e}"))
             };
             p.label = Some(read.and_then(|_| match text.trim().parse::<u32>() {
-                Ok(l) if (l as usize) < classes.max(1) => Ok(l),
+                Ok(l) if (l as usize) < classes => Ok(l),
                 Ok(l) => Err(format!(
                     "{member_path}: class {l} is outside the index's {classes} classes"
                 )),

@@ -10,6 +10,7 @@
 
 use std::fs::{self, File};
 use std::io::BufWriter;
+use std::panic::{self, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::sync_channel;
 
@@ -317,7 +318,13 @@ pub fn convert(
                     files
                         .par_iter()
                         .map_init(Decoder::default, |decoder, &f| {
-                            (f, prepare(decoder, &folder.path(f), labels[f], opts))
+                            // A decoder bug on a hostile file skips that file, as in the
+                            // loader, rather than ending the conversion.
+                            let prepared = panic::catch_unwind(AssertUnwindSafe(|| {
+                                prepare(decoder, &folder.path(f), labels[f], opts)
+                            }));
+                            let crashed = || Err("the decoder crashed on this file".to_string());
+                            (f, prepared.unwrap_or_else(|_| crashed()))
                         })
                         .collect()
                 });
