@@ -21,7 +21,6 @@ use std::thread::{self, JoinHandle};
 use anyhow::{bail, Context, Result};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use rayon::prelude::*;
 use serde::Serialize;
 
 use super::augment::{normalise_into, Augment};
@@ -165,8 +164,11 @@ impl EpochOrder {
     }
 }
 
-/// One position's outcome: the augmented 8-bit image, or why its item was unusable.
-type Item = Result<Vec<u8>, String>;
+/// One position's outcome: the augmented image, normalised (`[3, side, side]`), or why
+/// its item was unusable. Workers normalise, so the one consuming thread only copies: a
+/// consumer normalising image by image would cap a many-core loader at a few thousand
+/// images/s.
+type Item = Result<Vec<f32>, String>;
 
 struct Queue {
     /// The next position a worker will take.
@@ -185,7 +187,7 @@ struct Shared {
     augment: Augment,
     queue: Mutex<Queue>,
     /// Image buffers the consumer is done with, for workers to fill again.
-    spare: Mutex<Vec<Vec<u8>>>,
+    spare: Mutex<Vec<Vec<f32>>>,
     /// Signalled when a position finishes.
     finished: Condvar,
     /// Signalled when the consumer frees room in the queue, or on shutdown.
@@ -203,17 +205,21 @@ impl Shared {
         self.order.locate(self.source.as_ref(), pos)
     }
 
-    fn load(&self, pos: u64, decoder: &mut Decoder) -> Item {
+    /// Position `pos` decoded and augmented through the worker's `decoder` and 8-bit
+    /// buffer `rgb`, then normalised.
+    fn load(&self, pos: u64, decoder: &mut Decoder, rgb: &mut Vec<u8>) -> Item {
         let (epoch, item) = self.locate(pos);
+        let len = self.augment.side * self.augment.side * 3;
+        rgb.resize(len, 0);
+        self.source.load(item, epoch, &self.augment, decoder, rgb)?;
         let mut out = lock(&self.spare).pop().unwrap_or_default();
-        out.resize(self.augment.side * self.augment.side * 3, 0);
-        self.source
-            .load(item, epoch, &self.augment, decoder, &mut out)?;
+        out.resize(len, 0.0);
+        normalise_into(rgb, &mut out);
         Ok(out)
     }
 
     fn work(&self) {
-        let mut decoder = Decoder::default();
+        let (mut decoder, mut rgb) = (Decoder::default(), Vec::new());
         loop {
             let pos = {
                 let mut q = lock(&self.queue);
@@ -230,8 +236,9 @@ impl Shared {
             };
             // A decoder bug on a hostile file must not hang the consumer: it becomes an
             // unusable file like any other.
-            let item = panic::catch_unwind(AssertUnwindSafe(|| self.load(pos, &mut decoder)))
-                .unwrap_or_else(|_| Err("the decoder crashed on this file".to_string()));
+            let item =
+                panic::catch_unwind(AssertUnwindSafe(|| self.load(pos, &mut decoder, &mut rgb)))
+                    .unwrap_or_else(|_| Err("the decoder crashed on this file".to_string()));
             lock(&self.queue).done.insert(pos, item);
             self.finished.notify_all();
         }
@@ -379,30 +386,19 @@ impl Loader {
     }
 
     /// The next usable images of the stream, as many as `out` holds (`[n, 3, side,
-    /// side]`), augmented and normalised. They are taken in stream order and then
-    /// normalised in parallel: done one by one on the consuming thread, normalising alone
-    /// would cap a many-core loader at a few thousand images/s.
+    /// side]`), augmented and normalised.
     pub fn next_images(&mut self, out: &mut [f32]) -> Result<()> {
         let len = 3 * self.shared.augment.side * self.shared.augment.side;
-        let mut taken = Vec::with_capacity(out.len() / len);
-        for _ in 0..out.len() / len {
-            match self.next_rgb() {
-                Ok(rgb) => taken.push(rgb),
-                Err(e) => {
-                    lock(&self.shared.spare).extend(taken);
-                    return Err(e);
-                }
-            }
+        for image in out.chunks_exact_mut(len) {
+            let normalised = self.next_normalised()?;
+            image.copy_from_slice(&normalised);
+            lock(&self.shared.spare).push(normalised);
         }
-        out.par_chunks_mut(len)
-            .zip(&taken)
-            .for_each(|(out, rgb)| normalise_into(rgb, out));
-        lock(&self.shared.spare).extend(taken);
         Ok(())
     }
 
-    /// The next usable image of the stream, augmented, as 8-bit RGB `[side, side, 3]`.
-    fn next_rgb(&mut self) -> Result<Vec<u8>> {
+    /// The next usable image of the stream, augmented and normalised.
+    fn next_normalised(&mut self) -> Result<Vec<f32>> {
         let items = self.epoch_len() as u64;
         let mut failures = 0u64;
         loop {
@@ -424,7 +420,7 @@ impl Loader {
             self.shared.room.notify_one();
             self.next += 1;
             match item {
-                Ok(rgb) => return Ok(rgb),
+                Ok(image) => return Ok(image),
                 Err(why) => {
                     let (_, item) = self.shared.locate(pos);
                     self.skip(item, &why);
