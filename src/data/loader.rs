@@ -164,11 +164,8 @@ impl EpochOrder {
     }
 }
 
-/// One position's outcome: the augmented image, normalised (`[3, side, side]`), or why
-/// its item was unusable. Workers normalise, so the one consuming thread only copies: a
-/// consumer normalising image by image would cap a many-core loader at a few thousand
-/// images/s.
-type Item = Result<Vec<f32>, String>;
+/// One position's outcome: the augmented 8-bit image, or why its item was unusable.
+type Item = Result<Vec<u8>, String>;
 
 struct Queue {
     /// The next position a worker will take.
@@ -187,7 +184,7 @@ struct Shared {
     augment: Augment,
     queue: Mutex<Queue>,
     /// Image buffers the consumer is done with, for workers to fill again.
-    spare: Mutex<Vec<Vec<f32>>>,
+    spare: Mutex<Vec<Vec<u8>>>,
     /// Signalled when a position finishes.
     finished: Condvar,
     /// Signalled when the consumer frees room in the queue, or on shutdown.
@@ -205,21 +202,17 @@ impl Shared {
         self.order.locate(self.source.as_ref(), pos)
     }
 
-    /// Position `pos` decoded and augmented through the worker's `decoder` and 8-bit
-    /// buffer `rgb`, then normalised.
-    fn load(&self, pos: u64, decoder: &mut Decoder, rgb: &mut Vec<u8>) -> Item {
+    fn load(&self, pos: u64, decoder: &mut Decoder) -> Item {
         let (epoch, item) = self.locate(pos);
-        let len = self.augment.side * self.augment.side * 3;
-        rgb.resize(len, 0);
-        self.source.load(item, epoch, &self.augment, decoder, rgb)?;
         let mut out = lock(&self.spare).pop().unwrap_or_default();
-        out.resize(len, 0.0);
-        normalise_into(rgb, &mut out);
+        out.resize(self.augment.side * self.augment.side * 3, 0);
+        self.source
+            .load(item, epoch, &self.augment, decoder, &mut out)?;
         Ok(out)
     }
 
     fn work(&self) {
-        let (mut decoder, mut rgb) = (Decoder::default(), Vec::new());
+        let mut decoder = Decoder::default();
         loop {
             let pos = {
                 let mut q = lock(&self.queue);
@@ -236,9 +229,8 @@ impl Shared {
             };
             // A decoder bug on a hostile file must not hang the consumer: it becomes an
             // unusable file like any other.
-            let item =
-                panic::catch_unwind(AssertUnwindSafe(|| self.load(pos, &mut decoder, &mut rgb)))
-                    .unwrap_or_else(|_| Err("the decoder crashed on this file".to_string()));
+            let item = panic::catch_unwind(AssertUnwindSafe(|| self.load(pos, &mut decoder)))
+                .unwrap_or_else(|_| Err("the decoder crashed on this file".to_string()));
             lock(&self.queue).done.insert(pos, item);
             self.finished.notify_all();
         }
@@ -382,23 +374,6 @@ impl Loader {
     /// The next usable image of the stream, augmented and normalised into `out`
     /// (`[3, side, side]`).
     pub fn next_into(&mut self, out: &mut [f32]) -> Result<()> {
-        self.next_images(out)
-    }
-
-    /// The next usable images of the stream, as many as `out` holds (`[n, 3, side,
-    /// side]`), augmented and normalised.
-    pub fn next_images(&mut self, out: &mut [f32]) -> Result<()> {
-        let len = 3 * self.shared.augment.side * self.shared.augment.side;
-        for image in out.chunks_exact_mut(len) {
-            let normalised = self.next_normalised()?;
-            image.copy_from_slice(&normalised);
-            lock(&self.shared.spare).push(normalised);
-        }
-        Ok(())
-    }
-
-    /// The next usable image of the stream, augmented and normalised.
-    fn next_normalised(&mut self) -> Result<Vec<f32>> {
         let items = self.epoch_len() as u64;
         let mut failures = 0u64;
         loop {
@@ -420,7 +395,11 @@ impl Loader {
             self.shared.room.notify_one();
             self.next += 1;
             match item {
-                Ok(image) => return Ok(image),
+                Ok(rgb) => {
+                    normalise_into(&rgb, out);
+                    lock(&self.shared.spare).push(rgb);
+                    return Ok(());
+                }
                 Err(why) => {
                     let (_, item) = self.shared.locate(pos);
                     self.skip(item, &why);
@@ -497,14 +476,9 @@ pub fn measure(
     };
     let mut loader = Loader::open(source, opts, 0, &[])?;
     let (started, cpu_started) = (std::time::Instant::now(), process_cpu_seconds());
-    // Taken as training takes them: a batch of images at a time.
-    let per_call = images.min(64);
-    let mut tensor = vec![0.0f32; per_call * 3 * side * side];
-    let mut taken = 0;
-    while taken < images {
-        let n = per_call.min(images - taken);
-        loader.next_images(&mut tensor[..n * 3 * side * side])?;
-        taken += n;
+    let mut tensor = vec![0.0f32; 3 * side * side];
+    for _ in 0..images {
+        loader.next_into(&mut tensor)?;
     }
     let seconds = started.elapsed().as_secs_f64();
     let cpu_seconds = process_cpu_seconds()

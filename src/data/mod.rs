@@ -313,7 +313,9 @@ impl BatchSource {
                 *next += images as u64;
             }
             Images::Folder { loader, .. } | Images::Shards { loader, .. } => {
-                loader.next_images(&mut pixels)?;
+                for out in pixels.chunks_exact_mut(size) {
+                    loader.next_into(out)?;
+                }
             }
         }
         let windows = self.sampler.sample(&self.model, images);
