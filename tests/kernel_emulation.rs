@@ -20,14 +20,7 @@ fn repo() -> &'static Path {
 fn compile(main: &Path, include_dirs: &[&Path], dir: &Path, name: &str) -> PathBuf {
     let exe = dir.join(name);
     let mut cmd = Command::new(compiler());
-    cmd.args([
-        "-std=c++17",
-        "-O1",
-        "-g",
-        "-fsanitize=thread",
-        "-pthread",
-        "-Wall",
-    ]);
+    cmd.args(["-std=c++17", "-O1", "-g", "-fsanitize=thread", "-pthread", "-Wall"]);
     for inc in include_dirs {
         cmd.arg("-I").arg(inc);
     }
@@ -53,10 +46,7 @@ fn compile(main: &Path, include_dirs: &[&Path], dir: &Path, name: &str) -> PathB
 fn run(exe: &Path, args: &[&Path]) -> Output {
     Command::new(exe)
         .args(args)
-        .env(
-            "TSAN_OPTIONS",
-            "halt_on_error=1 exitcode=66 report_signal_unsafe=0",
-        )
+        .env("TSAN_OPTIONS", "halt_on_error=1 exitcode=66 report_signal_unsafe=0")
         .output()
         .unwrap_or_else(|e| panic!("running {}: {e}", exe.display()))
 }
