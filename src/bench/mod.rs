@@ -18,7 +18,8 @@ use crate::bench::flops::{known_bf16_peak, training_flops};
 use crate::config::Config;
 use crate::data::batch::Batch;
 use crate::data::loader::{self, LoaderSpeed};
-use crate::data::{BatchSource, DataArgs};
+use crate::data::shards::Part;
+use crate::data::{open_dataset, BatchSource, DataArgs, DEFAULT_SHUFFLE_BUFFER};
 
 /// What to time.
 #[derive(Clone, Debug)]
@@ -164,8 +165,9 @@ pub fn run(
     let loader = match &data.data {
         Some(root) => {
             let images = (4 * t.batch).max(256);
+            let buffer = data.shuffle_buffer.unwrap_or(DEFAULT_SHUFFLE_BUFFER);
             Some(loader::measure(
-                root,
+                open_dataset(root, Part::default(), buffer)?,
                 m.image,
                 data.threads(),
                 images,

@@ -5,6 +5,7 @@ mod bench;
 mod eval;
 mod files;
 mod pretrain;
+mod shards;
 
 use clap::{Args, Parser, Subcommand};
 
@@ -18,6 +19,7 @@ pub use bench::BenchArgs;
 pub use eval::{EncodeArgs, ExportArgs, FeaturesArgs, PlotArgs, ProbeArgs, VisualizeArgs};
 pub use files::{GradArgs, InitArgs, SampleBatchArgs};
 pub use pretrain::PretrainArgs;
+pub use shards::ShardsArgs;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -52,6 +54,8 @@ pub enum Command {
     Visualize(VisualizeArgs),
     /// Plot the loss curve of a metrics.jsonl file as a PNG.
     Plot(PlotArgs),
+    /// Convert an image folder into tar shards of pre-shrunk images, for fast loading.
+    Shards(ShardsArgs),
 }
 
 /// What a training run needs: the model, the training settings, where to compute, and on
@@ -92,5 +96,6 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Bench(a) => bench::bench(*a),
         Command::Visualize(a) => eval::visualize(a),
         Command::Plot(a) => eval::plot(a),
+        Command::Shards(a) => shards::shards(a),
     }
 }

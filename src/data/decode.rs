@@ -14,7 +14,7 @@ use super::resize::RgbView;
 
 /// The largest decoded image accepted (the decoder's own default limit): a file that
 /// claims more is refused before any allocation.
-const MAX_DECODED_BYTES: u64 = 512 << 20;
+pub const MAX_DECODED_BYTES: u64 = 512 << 20;
 
 /// Buffers for decoding one image after another: a loader thread keeps one, so file
 /// bytes and pixels reuse memory instead of taking fresh pages from the kernel per image.
@@ -27,12 +27,40 @@ pub struct Decoder {
 impl Decoder {
     /// Reads and decodes the image file at `path`; the view lives until the next call.
     pub fn read(&mut self, path: &Path) -> Result<RgbView<'_>, String> {
+        self.decode_from(|bytes| {
+            File::open(path)
+                .and_then(|mut f| f.read_to_end(bytes))
+                .map(drop)
+                .map_err(|e| format!("cannot read: {e}"))
+        })
+    }
+
+    /// Decodes the encoded image that `fill` appends to the (emptied) byte buffer.
+    pub fn decode_from(
+        &mut self,
+        fill: impl FnOnce(&mut Vec<u8>) -> Result<(), String>,
+    ) -> Result<RgbView<'_>, String> {
         self.bytes.clear();
-        File::open(path)
-            .and_then(|mut f| f.read_to_end(&mut self.bytes))
-            .map_err(|e| format!("cannot read: {e}"))?;
+        fill(&mut self.bytes)?;
         let (width, height) = decode_into(&self.bytes, &mut self.pixels)?;
         Ok(RgbView::new(&self.pixels, width, height))
+    }
+
+    /// A `width × height` RGB image whose pixels `fill` writes, nothing to decode (raw
+    /// shards).
+    pub fn raw(
+        &mut self,
+        width: usize,
+        height: usize,
+        fill: impl FnOnce(&mut [u8]) -> Result<(), String>,
+    ) -> Result<RgbView<'_>, String> {
+        let len = width * height * 3;
+        if len as u64 > MAX_DECODED_BYTES {
+            return Err(format!("image too large ({width}x{height})"));
+        }
+        self.pixels.resize(len, 0);
+        fill(&mut self.pixels[..len])?;
+        Ok(RgbView::new(&self.pixels[..len], width, height))
     }
 }
 

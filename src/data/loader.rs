@@ -1,13 +1,15 @@
-//! The image-folder loader: worker threads decode and augment images ahead of the training
-//! step into a bounded reorder queue, and the step takes them in stream order.
+//! The image loader: worker threads decode and augment images ahead of the training step
+//! into a bounded reorder queue, and the step takes them in stream order.
 //!
-//! The stream is fixed by the seed alone: position `k` is file `order(epoch)[k mod N]` of
-//! epoch `k / N` (a fresh seeded shuffle per epoch), augmented with draws that depend on
-//! `(seed, epoch, file)`. Workers may finish in any order; the consumer waits for position
-//! `k` itself, so output never depends on thread timing, and the whole loader state is
-//! the counter `k` (plus the files found unusable, kept for the report).
+//! What is read is a [`Source`]: an image folder, or a folder of shards (`shards`). The
+//! stream is fixed by the seed alone: position `k` is item `order(epoch)[k mod N]` of
+//! epoch `k / N` (each source's seeded order per epoch), augmented with draws that depend
+//! on `(seed, epoch, item)`. Workers may finish in any order; the consumer waits for
+//! position `k` itself, so output never depends on thread timing or the thread count, and
+//! the whole loader state is the counter `k` (plus the items found unusable, kept for the
+//! report).
 //!
-//! A file that cannot be decoded is skipped with one warning line naming it, the first
+//! An item that cannot be decoded is skipped with one warning line naming it, the first
 //! time it is met, and counted; the stream simply moves to the next position.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -24,10 +26,99 @@ use serde::Serialize;
 use super::augment::{normalise_into, Augment};
 use super::decode::Decoder;
 use super::folder::ImageFolder;
-use super::FolderState;
 
-/// Keeps the shuffle streams apart from the other streams of the same seed.
+/// Keeps the folder shuffle streams apart from the other streams of the same seed.
 const SHUFFLE_SALT: u64 = 0x2c8e_55a1_9d04_b7f3;
+
+/// A data set the loader streams: items numbered by `u64` ids (the id keys the
+/// augmentation draws), visited once per epoch in an order drawn from the seed.
+pub trait Source: Send + Sync + 'static {
+    /// Stream positions per epoch (at least 1).
+    fn epoch_len(&self) -> usize;
+    /// Epoch `epoch`'s item ids in stream order: `epoch_len` ids, each once.
+    fn epoch_order(&self, seed: u64, epoch: u64) -> Vec<u64>;
+    /// The `k`-th item (`k < epoch_len`) in storage order, the order in which the loader
+    /// looks for a first usable item.
+    fn item(&self, k: usize) -> u64;
+    /// Item `item` decoded, cropped, resized and flipped as `augment` draws for `epoch`,
+    /// into `out` (`[side, side, 3]`). Err says why the item is unusable.
+    fn load(
+        &self,
+        item: u64,
+        epoch: u64,
+        augment: &Augment,
+        decoder: &mut Decoder,
+        out: &mut [u8],
+    ) -> Result<(), String>;
+    /// The item as a warning names it.
+    fn name(&self, item: u64) -> String;
+    /// The item as a checkpoint lists it, and back.
+    fn key(&self, item: u64) -> String;
+    fn item_of(&self, key: &str) -> Option<u64>;
+    /// The folder `--data` named.
+    fn root(&self) -> &Path;
+    /// What an item is called in messages ("files", "samples").
+    fn unit(&self) -> &'static str;
+}
+
+/// Fisher–Yates from the end, `j = U(0 ..= i)` on u32 draws (docs/DESIGN.md §1.1).
+pub fn shuffle<T>(rng: &mut ChaCha8Rng, items: &mut [T]) {
+    for i in (1..items.len()).rev() {
+        let j = rng.gen_range(0..=i as u32) as usize;
+        items.swap(i, j);
+    }
+}
+
+impl Source for ImageFolder {
+    fn epoch_len(&self) -> usize {
+        self.len()
+    }
+
+    fn epoch_order(&self, seed: u64, epoch: u64) -> Vec<u64> {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed ^ SHUFFLE_SALT);
+        rng.set_stream(epoch);
+        let mut order: Vec<u64> = (0..self.len() as u64).collect();
+        shuffle(&mut rng, &mut order);
+        order
+    }
+
+    fn item(&self, k: usize) -> u64 {
+        k as u64
+    }
+
+    fn load(
+        &self,
+        item: u64,
+        epoch: u64,
+        augment: &Augment,
+        decoder: &mut Decoder,
+        out: &mut [u8],
+    ) -> Result<(), String> {
+        let image = decoder.read(&self.path(item as usize))?;
+        augment.apply(&image, epoch, item, out);
+        Ok(())
+    }
+
+    fn name(&self, item: u64) -> String {
+        self.path(item as usize).display().to_string()
+    }
+
+    fn key(&self, item: u64) -> String {
+        self.relative(item as usize).to_string_lossy().into_owned()
+    }
+
+    fn item_of(&self, key: &str) -> Option<u64> {
+        self.index_of(Path::new(key)).map(|i| i as u64)
+    }
+
+    fn root(&self) -> &Path {
+        ImageFolder::root(self)
+    }
+
+    fn unit(&self) -> &'static str {
+        "files"
+    }
+}
 
 /// How a loader runs.
 #[derive(Clone, Copy, Debug)]
@@ -42,33 +133,22 @@ pub struct LoaderOptions {
     pub prefetch: usize,
 }
 
-/// The seeded per-epoch shuffles of `n` files, the latest two kept (workers straddle at
-/// most one epoch boundary, since the queue is far shorter than an epoch or the
-/// shuffles are cheap to redo).
+/// The source's per-epoch orders, the latest two kept (workers straddle at most one
+/// epoch boundary, since the queue is far shorter than an epoch or the orders are cheap
+/// to redo).
 struct EpochOrder {
     seed: u64,
     n: usize,
-    cache: Mutex<Vec<(u64, Arc<Vec<u32>>)>>,
+    cache: Mutex<Vec<(u64, Arc<Vec<u64>>)>>,
 }
 
 impl EpochOrder {
-    fn shuffle(&self, epoch: u64) -> Vec<u32> {
-        let mut rng = ChaCha8Rng::seed_from_u64(self.seed ^ SHUFFLE_SALT);
-        rng.set_stream(epoch);
-        let mut order: Vec<u32> = (0..self.n as u32).collect();
-        for i in (1..self.n).rev() {
-            let j = rng.gen_range(0..=i as u32) as usize;
-            order.swap(i, j);
-        }
-        order
-    }
-
-    fn epoch(&self, epoch: u64) -> Arc<Vec<u32>> {
+    fn epoch(&self, source: &dyn Source, epoch: u64) -> Arc<Vec<u64>> {
         let mut cache = lock(&self.cache);
         if let Some((_, order)) = cache.iter().find(|(e, _)| *e == epoch) {
             return order.clone();
         }
-        let order = Arc::new(self.shuffle(epoch));
+        let order = Arc::new(source.epoch_order(self.seed, epoch));
         if cache.len() == 2 {
             cache.remove(0);
         }
@@ -76,15 +156,15 @@ impl EpochOrder {
         order
     }
 
-    /// (epoch, file index) of stream position `pos`.
-    fn locate(&self, pos: u64) -> (u64, usize) {
+    /// (epoch, item) of stream position `pos`.
+    fn locate(&self, source: &dyn Source, pos: u64) -> (u64, u64) {
         let n = self.n as u64;
         let epoch = pos / n;
-        (epoch, self.epoch(epoch)[(pos % n) as usize] as usize)
+        (epoch, self.epoch(source, epoch)[(pos % n) as usize])
     }
 }
 
-/// One position's outcome: the augmented 8-bit image, or why its file was unusable.
+/// One position's outcome: the augmented 8-bit image, or why its item was unusable.
 type Item = Result<Vec<u8>, String>;
 
 struct Queue {
@@ -99,7 +179,7 @@ struct Queue {
 }
 
 struct Shared {
-    folder: ImageFolder,
+    source: Arc<dyn Source>,
     order: EpochOrder,
     augment: Augment,
     queue: Mutex<Queue>,
@@ -118,12 +198,16 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Shared {
+    fn locate(&self, pos: u64) -> (u64, u64) {
+        self.order.locate(self.source.as_ref(), pos)
+    }
+
     fn load(&self, pos: u64, decoder: &mut Decoder) -> Item {
-        let (epoch, file) = self.order.locate(pos);
-        let image = decoder.read(&self.folder.path(file))?;
+        let (epoch, item) = self.locate(pos);
         let mut out = lock(&self.spare).pop().unwrap_or_default();
         out.resize(self.augment.side * self.augment.side * 3, 0);
-        self.augment.apply(&image, epoch, file as u64, &mut out);
+        self.source
+            .load(item, epoch, &self.augment, decoder, &mut out)?;
         Ok(out)
     }
 
@@ -153,22 +237,22 @@ impl Shared {
     }
 }
 
-/// Decodes and augments a folder's images on worker threads, in a seeded order.
+/// Decodes and augments a source's images on worker threads, in a seeded order.
 pub struct Loader {
     shared: Arc<Shared>,
     workers: Vec<JoinHandle<()>>,
     /// The next stream position to hand out.
     next: u64,
-    /// Files found unusable.
-    skipped: BTreeSet<usize>,
+    /// Items found unusable.
+    skipped: BTreeSet<u64>,
 }
 
 impl Loader {
     /// A loader at stream position `next` (0 for a fresh run) that already knows the
-    /// unusable files `skipped` (relative paths, from a checkpoint). Fails when the folder
+    /// unusable items `skipped` (their keys, from a checkpoint). Fails when the source
     /// holds no usable image.
     pub fn open(
-        folder: ImageFolder,
+        source: Arc<dyn Source>,
         opts: LoaderOptions,
         next: u64,
         skipped: &[String],
@@ -178,15 +262,15 @@ impl Loader {
         }
         let known = skipped
             .iter()
-            .filter_map(|name| folder.index_of(Path::new(name)))
+            .filter_map(|key| source.item_of(key))
             .collect();
         let shared = Arc::new(Shared {
             order: EpochOrder {
                 seed: opts.seed,
-                n: folder.len(),
+                n: source.epoch_len(),
                 cache: Mutex::new(Vec::new()),
             },
-            folder,
+            source,
             augment: Augment {
                 seed: opts.seed,
                 side: opts.side,
@@ -220,55 +304,61 @@ impl Loader {
         Ok(loader)
     }
 
-    /// Finds one decodable file, in file order, before any training: a folder of
-    /// nothing but unusable files is an error now rather than a stall later.
+    /// Finds one usable item, in storage order, before any training: a source of
+    /// nothing but unusable items is an error now rather than a stall later.
     fn check_usable(&mut self) -> Result<()> {
         let shared = self.shared.clone();
-        let folder = &shared.folder;
-        let mut unusable: Vec<(usize, String)> = Vec::new();
+        let source = shared.source.as_ref();
+        let mut unusable: Vec<(u64, String)> = Vec::new();
         let mut decoder = Decoder::default();
-        for i in 0..folder.len() {
-            if self.skipped.contains(&i) {
+        let mut out = vec![0u8; shared.augment.side * shared.augment.side * 3];
+        for k in 0..source.epoch_len() {
+            let item = source.item(k);
+            if self.skipped.contains(&item) {
                 continue;
             }
-            match decoder.read(&folder.path(i)) {
-                Ok(_) => {
-                    for (file, why) in unusable {
-                        self.skip(file, &why);
+            match source.load(item, 0, &shared.augment, &mut decoder, &mut out) {
+                Ok(()) => {
+                    for (item, why) in unusable {
+                        self.skip(item, &why);
                     }
                     return Ok(());
                 }
-                Err(why) => unusable.push((i, why)),
+                Err(why) => unusable.push((item, why)),
             }
         }
         let first = unusable.first().map_or_else(
             || "all were found unusable before".to_string(),
-            |(i, why)| format!("{}: {why}", folder.relative(*i).display()),
+            |(item, why)| format!("{}: {why}", source.key(*item)),
         );
         bail!(
-            "--data {}: no usable image among its {} files (each is unreadable or not a JPEG or PNG; first: {first})",
-            folder.root().display(),
-            folder.len(),
+            "--data {}: no usable image among its {} {} (each is unreadable or not a JPEG or PNG; first: {first})",
+            source.root().display(),
+            source.epoch_len(),
+            source.unit(),
         )
     }
 
-    fn skip(&mut self, file: usize, why: &str) {
-        if self.skipped.insert(file) {
-            eprintln!(
-                "warning: skipping {}: {why}",
-                self.shared.folder.path(file).display()
-            );
+    fn skip(&mut self, item: u64, why: &str) {
+        if self.skipped.insert(item) {
+            eprintln!("warning: skipping {}: {why}", self.shared.source.name(item));
         }
     }
 
-    /// Files found unusable so far.
+    /// Items found unusable so far.
     pub fn skipped(&self) -> u64 {
         self.skipped.len() as u64
     }
 
-    /// Files in the folder.
-    pub fn files(&self) -> usize {
-        self.shared.folder.len()
+    /// The unusable items' keys, as a checkpoint lists them.
+    pub fn skipped_keys(&self) -> Vec<String> {
+        let source = &self.shared.source;
+        self.skipped.iter().map(|&i| source.key(i)).collect()
+    }
+
+    /// Stream positions per epoch: the folder's files, or this rank's share of samples.
+    pub fn epoch_len(&self) -> usize {
+        self.shared.source.epoch_len()
     }
 
     /// Decoding threads.
@@ -281,24 +371,10 @@ impl Loader {
         self.next
     }
 
-    /// What a checkpoint stores to continue this exact stream.
-    pub fn state(&self) -> FolderState {
-        let folder = &self.shared.folder;
-        FolderState {
-            path: folder.root().to_string_lossy().into_owned(),
-            files: folder.len() as u64,
-            skipped: self
-                .skipped
-                .iter()
-                .map(|&i| folder.relative(i).to_string_lossy().into_owned())
-                .collect(),
-        }
-    }
-
     /// The next usable image of the stream, augmented and normalised into `out`
     /// (`[3, side, side]`).
     pub fn next_into(&mut self, out: &mut [f32]) -> Result<()> {
-        let files = self.files() as u64;
+        let items = self.epoch_len() as u64;
         let mut failures = 0u64;
         loop {
             let pos = self.next;
@@ -325,13 +401,15 @@ impl Loader {
                     return Ok(());
                 }
                 Err(why) => {
-                    let (_, file) = self.shared.order.locate(pos);
-                    self.skip(file, &why);
+                    let (_, item) = self.shared.locate(pos);
+                    self.skip(item, &why);
                     failures += 1;
-                    if failures >= files {
+                    if failures >= items {
+                        let source = &self.shared.source;
                         bail!(
-                            "--data {}: a whole pass over its {files} files found no readable image (the last: {why}); were the files removed or changed during the run?",
-                            self.shared.folder.root().display()
+                            "--data {}: a whole pass over its {items} {} found no readable image (the last: {why}); were the files removed or changed during the run?",
+                            source.root().display(),
+                            source.unit()
                         );
                     }
                 }
@@ -362,7 +440,7 @@ pub struct LoaderSpeed {
     /// CPU time the process spent meanwhile, all threads (Linux only): on a shared
     /// machine, `images / cpu_seconds` is what each free core would add.
     pub cpu_seconds: Option<f64>,
-    /// Files found unusable along the way.
+    /// Items found unusable along the way.
     pub skipped: u64,
 }
 
@@ -376,12 +454,12 @@ fn process_cpu_seconds() -> Option<f64> {
     Some(ns as f64 * 1e-9)
 }
 
-/// Loads `images` images of `side × side` from the folder at `root` with `threads`
-/// decoding threads, as fast as the consumer can take and normalise them, and times it
-/// from the start of the threads to the last image (the folder scan and usability check
+/// Loads `images` images of `side × side` from `source` with `threads` decoding
+/// threads, as fast as the consumer can take and normalise them, and times it from the
+/// start of the threads to the last image (opening the source and the usability check
 /// excluded).
 pub fn measure(
-    root: &Path,
+    source: Arc<dyn Source>,
     side: usize,
     threads: usize,
     images: usize,
@@ -390,14 +468,13 @@ pub fn measure(
     if side == 0 || images == 0 {
         bail!("the loader benchmark needs an image side and an image count of at least 1");
     }
-    let folder = ImageFolder::scan(root)?;
     let opts = LoaderOptions {
         side,
         seed,
         threads,
         prefetch: 4 * threads.max(1) + 16,
     };
-    let mut loader = Loader::open(folder, opts, 0, &[])?;
+    let mut loader = Loader::open(source, opts, 0, &[])?;
     let (started, cpu_started) = (std::time::Instant::now(), process_cpu_seconds());
     let mut tensor = vec![0.0f32; 3 * side * side];
     for _ in 0..images {

@@ -1,6 +1,6 @@
-//! Training data: the embedded synthetic images or an image folder, normalised like the
-//! reference recipe, combined with the sampler's windows and masks into the batches the
-//! backends consume.
+//! Training data: the embedded synthetic images, an image folder or a folder of shards,
+//! normalised like the reference recipe, combined with the sampler's windows and masks
+//! into the batches the backends consume.
 
 pub mod augment;
 pub mod batch;
@@ -10,9 +10,11 @@ pub mod loader;
 pub mod prefetch;
 pub mod resize;
 pub mod sampler;
+pub mod shards;
 pub mod synthetic;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::{bail, Result};
 use clap::Args;
@@ -23,12 +25,16 @@ use crate::config::ModelConfig;
 use crate::data::batch::Batch;
 use crate::data::sampler::{Sampler, SamplerState};
 use folder::ImageFolder;
-use loader::{Loader, LoaderOptions};
+use loader::{Loader, LoaderOptions, Source};
+use shards::{Part, ShardIndex, ShardSet, ShardStream};
 use synthetic::SyntheticImages;
 
 /// ImageNet channel means and standard deviations (docs/DESIGN.md §1.4).
 pub const IMAGENET_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
 pub const IMAGENET_STD: [f32; 3] = [0.229, 0.224, 0.225];
+
+/// Samples in a shard stream's shuffle buffer unless `--shuffle-buffer` says otherwise.
+pub const DEFAULT_SHUFFLE_BUFFER: usize = 4096;
 
 /// A colour value in [0, 1] of channel `c`, normalised.
 pub fn normalise_pixel(c: usize, value: f32) -> f32 {
@@ -38,12 +44,16 @@ pub fn normalise_pixel(c: usize, value: f32) -> f32 {
 /// Where the data stream stands.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DataState {
-    /// Images drawn so far. For an image folder, stream positions: epoch `next_image / N`,
-    /// position `next_image mod N` in that epoch's shuffle, unusable files included.
+    /// Images drawn so far. For an image folder or shards, stream positions: epoch
+    /// `next_image / N`, position `next_image mod N` in that epoch's order, unusable items
+    /// included.
     pub next_image: u64,
     /// Present when the run reads an image folder.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub folder: Option<FolderState>,
+    /// Present when the run reads a folder of shards.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shards: Option<ShardState>,
 }
 
 impl DataState {
@@ -52,12 +62,26 @@ impl DataState {
         DataState {
             next_image,
             folder: None,
+            shards: None,
         }
     }
 
-    /// Files found unusable so far; `None` for the synthetic images.
+    /// Files or samples found unusable so far; `None` for the synthetic images.
     pub fn skipped_files(&self) -> Option<u64> {
-        self.folder.as_ref().map(|f| f.skipped.len() as u64)
+        match (&self.folder, &self.shards) {
+            (Some(f), _) => Some(f.skipped.len() as u64),
+            (_, Some(s)) => Some(s.skipped.len() as u64),
+            _ => None,
+        }
+    }
+
+    /// The folder the data came from, when not synthetic.
+    fn path(&self) -> Option<&str> {
+        match (&self.folder, &self.shards) {
+            (Some(f), _) => Some(&f.path),
+            (_, Some(s)) => Some(&s.path),
+            _ => None,
+        }
     }
 }
 
@@ -73,16 +97,39 @@ pub struct FolderState {
     pub skipped: Vec<String>,
 }
 
+/// The folder of shards a run reads, as a checkpoint records it: with the position, all
+/// that fixes the stream.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShardState {
+    /// The folder given to `--data`.
+    pub path: String,
+    /// Shards and samples in it (the stream depends on both).
+    pub shards: u64,
+    pub samples: u64,
+    /// This reader's share: shards `rank, rank + world, …`.
+    pub rank: u64,
+    pub world: u64,
+    pub shuffle_buffer: u64,
+    /// Samples found unusable so far, by key.
+    #[serde(default)]
+    pub skipped: Vec<String>,
+}
+
 /// Where the images come from (`--data`), and how they are loaded.
 #[derive(Args, Clone, Debug, Default)]
 pub struct DataArgs {
     /// Train on the JPEG and PNG images in this folder tree (any nesting, e.g.
-    /// imagenet/train) instead of the embedded synthetic images.
+    /// imagenet/train), or on a folder of shards written by `lomar shards`, instead of the
+    /// embedded synthetic images.
     #[arg(long, value_name = "PATH")]
     pub data: Option<PathBuf>,
     /// Threads decoding and augmenting images from --data [default: every core].
     #[arg(long, value_name = "N")]
     pub loader_threads: Option<usize>,
+    /// Samples mixed in the shuffle buffer when --data is a folder of shards [default:
+    /// 4096]. A resumed run keeps its checkpoint's.
+    #[arg(long, value_name = "N")]
+    pub shuffle_buffer: Option<usize>,
 }
 
 impl DataArgs {
@@ -93,9 +140,30 @@ impl DataArgs {
     }
 }
 
+/// The images at `path` as a loader streams them: a folder of shards when it holds a shard
+/// index (read as `part` with a `buffer`-sample shuffle buffer), else an image folder.
+pub fn open_dataset(path: &Path, part: Part, buffer: usize) -> Result<Arc<dyn Source>> {
+    Ok(if ShardIndex::is_in(path) {
+        Arc::new(ShardStream::new(ShardSet::open(path)?, part, buffer)?)
+    } else {
+        Arc::new(ImageFolder::scan(path)?)
+    })
+}
+
+/// What a shard stream's checkpoint entry records besides the skipped samples.
+#[derive(Clone, Debug)]
+struct ShardInfo {
+    path: String,
+    shards: u64,
+    samples: u64,
+    part: Part,
+    buffer: usize,
+}
+
 enum Images {
     Synthetic { images: SyntheticImages, next: u64 },
-    Folder(Loader),
+    Folder { loader: Loader, path: String },
+    Shards { loader: Loader, info: ShardInfo },
 }
 
 /// Images plus sampled windows: the whole input pipeline of a run. Its state is the
@@ -134,33 +202,20 @@ impl BatchSource {
             Some((s, d)) => (Sampler::restore(s), d),
             None => (Sampler::new(seed), DataState::synthetic(0)),
         };
-        let folder_path = match (&state.folder, &data.data) {
+        let path = match (state.path(), &data.data) {
             (None, Some(path)) if resuming => bail!(
                 "--data {}: the checkpoint's run trained on the embedded synthetic images, and a resumed run keeps its data",
                 path.display()
             ),
             (None, path) => path.clone(),
-            (Some(f), path) => Some(path.clone().unwrap_or_else(|| PathBuf::from(&f.path))),
+            (Some(recorded), path) => Some(path.clone().unwrap_or_else(|| PathBuf::from(recorded))),
         };
-        let images = match folder_path {
+        let images = match path {
             None => Images::Synthetic {
                 images: SyntheticImages::new(seed, model.image),
                 next: state.next_image,
             },
             Some(path) => {
-                let folder = ImageFolder::scan(&path)?;
-                let mut skipped: &[String] = &[];
-                if let Some(f) = &state.folder {
-                    if f.files != folder.len() as u64 {
-                        eprintln!(
-                            "warning: {} held {} files when the checkpoint was written and holds {} now: the resumed run sees a different image order than the original would have",
-                            path.display(),
-                            f.files,
-                            folder.len()
-                        );
-                    }
-                    skipped = &f.skipped;
-                }
                 let threads = data.threads();
                 let opts = LoaderOptions {
                     side: model.image,
@@ -168,7 +223,11 @@ impl BatchSource {
                     threads,
                     prefetch: (2 * batch).max(2 * threads),
                 };
-                Images::Folder(Loader::open(folder, opts, state.next_image, skipped)?)
+                if ShardIndex::is_in(&path) {
+                    open_shards(&path, opts, data, &state)?
+                } else {
+                    open_folder(&path, opts, &state)?
+                }
             }
         };
         Ok(BatchSource {
@@ -185,27 +244,54 @@ impl BatchSource {
     pub fn data_state(&self) -> DataState {
         match &self.images {
             Images::Synthetic { next, .. } => DataState::synthetic(*next),
-            Images::Folder(loader) => DataState {
+            Images::Folder { loader, path } => DataState {
                 next_image: loader.position(),
-                folder: Some(loader.state()),
+                folder: Some(FolderState {
+                    path: path.clone(),
+                    files: loader.epoch_len() as u64,
+                    skipped: loader.skipped_keys(),
+                }),
+                shards: None,
+            },
+            Images::Shards { loader, info } => DataState {
+                next_image: loader.position(),
+                folder: None,
+                shards: Some(ShardState {
+                    path: info.path.clone(),
+                    shards: info.shards,
+                    samples: info.samples,
+                    rank: info.part.rank as u64,
+                    world: info.part.world as u64,
+                    shuffle_buffer: info.buffer as u64,
+                    skipped: loader.skipped_keys(),
+                }),
             },
         }
     }
 
     /// One line saying where the images come from, for the run header.
     pub fn describe(&self) -> String {
+        const AUGMENT: &str = "RandomResizedCrop 0.2-1, flip, ImageNet normalisation";
         match &self.images {
             Images::Synthetic { .. } => "embedded synthetic images".to_string(),
-            Images::Folder(loader) => {
-                let state = loader.state();
-                format!(
-                    "{} ({} files, epoch {}, {} loader threads; RandomResizedCrop 0.2-1, flip, ImageNet normalisation)",
-                    state.path,
-                    state.files,
-                    loader.position() / state.files,
-                    loader.threads()
-                )
-            }
+            Images::Folder { loader, path } => format!(
+                "{path} ({} files, epoch {}, {} loader threads; {AUGMENT})",
+                loader.epoch_len(),
+                loader.position() / loader.epoch_len() as u64,
+                loader.threads()
+            ),
+            Images::Shards { loader, info } => format!(
+                "{} ({} shards, {} samples; rank {} of {} reads {} per epoch, epoch {}, shuffle buffer {}, {} loader threads; {AUGMENT})",
+                info.path,
+                info.shards,
+                info.samples,
+                info.part.rank,
+                info.part.world,
+                loader.epoch_len(),
+                loader.position() / loader.epoch_len() as u64,
+                info.buffer,
+                loader.threads()
+            ),
         }
     }
 
@@ -226,7 +312,7 @@ impl BatchSource {
                     .for_each(|(i, out)| synth.render(first + i as u64, out));
                 *next += images as u64;
             }
-            Images::Folder(loader) => {
+            Images::Folder { loader, .. } | Images::Shards { loader, .. } => {
                 for out in pixels.chunks_exact_mut(size) {
                     loader.next_into(out)?;
                 }
@@ -240,6 +326,97 @@ impl BatchSource {
             mask_index: windows.mask,
         })
     }
+}
+
+/// The image folder at `path`, at the position `state` records.
+fn open_folder(path: &Path, opts: LoaderOptions, state: &DataState) -> Result<Images> {
+    if let Some(s) = &state.shards {
+        bail!(
+            "--data {}: the checkpoint's run read the shards in {}; a resumed run keeps its data (give that folder of shards)",
+            path.display(),
+            s.path
+        );
+    }
+    let folder = ImageFolder::scan(path)?;
+    let mut skipped: &[String] = &[];
+    if let Some(f) = &state.folder {
+        if f.files != folder.len() as u64 {
+            eprintln!(
+                "warning: {} held {} files when the checkpoint was written and holds {} now: the resumed run sees a different image order than the original would have",
+                path.display(),
+                f.files,
+                folder.len()
+            );
+        }
+        skipped = &f.skipped;
+    }
+    let loader = Loader::open(Arc::new(folder), opts, state.next_image, skipped)?;
+    Ok(Images::Folder {
+        loader,
+        path: path.to_string_lossy().into_owned(),
+    })
+}
+
+/// The folder of shards at `path`, at the position `state` records: a resumed run keeps
+/// the recorded share and shuffle buffer.
+fn open_shards(
+    path: &Path,
+    opts: LoaderOptions,
+    data: &DataArgs,
+    state: &DataState,
+) -> Result<Images> {
+    if let Some(f) = &state.folder {
+        bail!(
+            "--data {}: the checkpoint's run read the image folder {}; a resumed run keeps its data (give that folder)",
+            path.display(),
+            f.path
+        );
+    }
+    let set = ShardSet::open(path)?;
+    let (shards, samples) = (set.index().shards.len() as u64, set.len() as u64);
+    let (part, buffer, skipped) = match &state.shards {
+        Some(s) => {
+            if let Some(b) = data
+                .shuffle_buffer
+                .filter(|&b| b as u64 != s.shuffle_buffer)
+            {
+                bail!(
+                    "--shuffle-buffer {b}: the checkpoint's run used {}; a resumed run keeps its stream",
+                    s.shuffle_buffer
+                );
+            }
+            if (s.shards, s.samples) != (shards, samples) {
+                eprintln!(
+                    "warning: {} held {} shards of {} samples when the checkpoint was written and holds {shards} of {samples} now: the resumed run sees a different order than the original would have",
+                    path.display(),
+                    s.shards,
+                    s.samples
+                );
+            }
+            let part = Part {
+                rank: s.rank as usize,
+                world: s.world as usize,
+            };
+            (part, s.shuffle_buffer as usize, s.skipped.as_slice())
+        }
+        None => (
+            Part::default(),
+            data.shuffle_buffer.unwrap_or(DEFAULT_SHUFFLE_BUFFER),
+            &[][..],
+        ),
+    };
+    let stream = ShardStream::new(set, part, buffer)?;
+    let loader = Loader::open(Arc::new(stream), opts, state.next_image, skipped)?;
+    Ok(Images::Shards {
+        loader,
+        info: ShardInfo {
+            path: path.to_string_lossy().into_owned(),
+            shards,
+            samples,
+            part,
+            buffer,
+        },
+    })
 }
 
 #[cfg(test)]

@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 use crate::cpu::encoder::Encoder;
 use crate::data::augment::load_centred;
 use crate::data::folder::ImageFolder;
+use crate::data::shards::{ShardIndex, ShardSet};
 use crate::data::synthetic::{Family, SyntheticImages};
 use crate::io::finite::first_non_finite;
 use crate::io::tensor_file::{write_atomic, OutTensor, TensorFile};
@@ -165,6 +166,56 @@ impl LabelledImages for FolderSource {
     }
     fn name(&self, index: usize) -> String {
         self.path(index).display().to_string()
+    }
+}
+
+/// A folder of shards (from `lomar shards`), labelled by each sample's class, every
+/// image centre-cropped to a square and resized as at evaluation.
+pub struct ShardSource {
+    set: ShardSet,
+    /// The samples used: all, or `max_images` spread evenly.
+    ids: Vec<u64>,
+    side: usize,
+}
+
+impl ShardSource {
+    pub fn open(dir: &Path, side: usize, max_images: Option<usize>) -> Result<Self> {
+        let set = ShardSet::open(dir)?;
+        let n = set.len() as u64;
+        let ids = match max_images {
+            Some(count) if (count as u64) < n => {
+                (0..count as u64).map(|i| i * n / count as u64).collect()
+            }
+            _ => (0..n).collect(),
+        };
+        Ok(ShardSource { set, ids, side })
+    }
+}
+
+impl LabelledImages for ShardSource {
+    fn len(&self) -> usize {
+        self.ids.len()
+    }
+    fn side(&self) -> usize {
+        self.side
+    }
+    fn classes(&self) -> Vec<String> {
+        self.set.index().classes.clone()
+    }
+    fn label(&self, index: usize) -> Result<u32> {
+        self.set
+            .label(self.ids[index])
+            .map_err(|why| anyhow!("{}: {why}", self.name(index)))
+    }
+    fn load(&self, index: usize, out: &mut [f32]) -> Result<(), String> {
+        let id = self.ids[index];
+        // A sample without a usable class is as unusable as one without an image.
+        self.set.label(id)?;
+        out.copy_from_slice(&self.set.centred(id, self.side)?);
+        Ok(())
+    }
+    fn name(&self, index: usize) -> String {
+        self.set.name(self.ids[index])
     }
 }
 
@@ -328,9 +379,9 @@ impl Features {
 }
 
 /// The labelled collection `--data` names: `synthetic` for the embedded images
-/// (`images` of them, default 2000, drawn from `seed`), else an image folder with one
-/// sub-folder per class (every file, or `images` spread evenly over them); `side` pixels
-/// wide.
+/// (`images` of them, default 2000, drawn from `seed`), a folder of shards (labelled by
+/// their `.cls`), else an image folder with one sub-folder per class (every file, or
+/// `images` spread evenly over them); `side` pixels wide.
 pub fn open_source(
     data: &str,
     side: usize,
@@ -346,6 +397,9 @@ pub fn open_source(
             side,
             images.unwrap_or(2000),
         ))),
+        path if ShardIndex::is_in(Path::new(path)) => {
+            Ok(Box::new(ShardSource::open(Path::new(path), side, images)?))
+        }
         path => Ok(Box::new(FolderSource::open(Path::new(path), side, images)?)),
     }
 }

@@ -22,6 +22,7 @@ use crate::data::augment::load_centred;
 use crate::data::batch::Batch;
 use crate::data::folder::ImageFolder;
 use crate::data::sampler::Sampler;
+use crate::data::shards::{ShardIndex, ShardSet};
 use crate::data::synthetic::SyntheticImages;
 use crate::data::{IMAGENET_MEAN, IMAGENET_STD};
 use crate::eval::draw::font::{text_width, GLYPH_HEIGHT};
@@ -255,24 +256,19 @@ fn gather_images(images: &Images, m: &ModelConfig, seed: u64) -> Result<Vec<Vec<
             })
             .collect::<Result<_>>()?,
         Images::Folder(root, count) => {
-            let folder = ImageFolder::scan(root)?;
-            let n = folder.len();
-            let mut out = Vec::new();
-            let mut next = 0;
-            for i in 0..*count {
-                // Evenly spaced, each taking the first usable file at or after its slot.
-                let mut f = (i * n / count).max(next);
-                while f < n && out.len() <= i {
-                    match load_centred(&folder.path(f), side) {
-                        Ok(img) => out.push(img),
-                        Err(why) => {
-                            eprintln!("warning: skipping {}: {why}", folder.path(f).display())
-                        }
-                    }
-                    f += 1;
-                }
-                next = f;
-            }
+            let out = if ShardIndex::is_in(root) {
+                let set = ShardSet::open(root)?;
+                spread(set.len(), *count, |id| {
+                    set.centred(id as u64, side)
+                        .map_err(|why| format!("{}: {why}", set.name(id as u64)))
+                })
+            } else {
+                let folder = ImageFolder::scan(root)?;
+                spread(folder.len(), *count, |f| {
+                    load_centred(&folder.path(f), side)
+                        .map_err(|why| format!("{}: {why}", folder.path(f).display()))
+                })
+            };
             if out.is_empty() {
                 bail!("--data {}: no usable image to show", root.display());
             }
@@ -289,6 +285,30 @@ fn gather_images(images: &Images, m: &ModelConfig, seed: u64) -> Result<Vec<Vec<
                 .collect()
         }
     })
+}
+
+/// `count` images of the `n` that `load` reads (a folder's files, or samples), evenly
+/// spaced, each the first usable one at or after its slot; unusable ones are warned about
+/// (Err names the image and why).
+fn spread(
+    n: usize,
+    count: usize,
+    load: impl Fn(usize) -> Result<Vec<f32>, String>,
+) -> Vec<Vec<f32>> {
+    let mut out = Vec::new();
+    let mut next = 0;
+    for i in 0..count {
+        let mut f = (i * n / count).max(next);
+        while f < n && out.len() <= i {
+            match load(f) {
+                Ok(img) => out.push(img),
+                Err(why) => eprintln!("warning: skipping {why}"),
+            }
+            f += 1;
+        }
+        next = f;
+    }
+    out
 }
 
 /// `lomar visualize`: the figure for `images` under the checkpoint's parameters, windows
