@@ -20,7 +20,14 @@ fn repo() -> &'static Path {
 fn compile(main: &Path, include_dirs: &[&Path], dir: &Path, name: &str) -> PathBuf {
     let exe = dir.join(name);
     let mut cmd = Command::new(compiler());
-    cmd.args(["-std=c++17", "-O1", "-g", "-fsanitize=thread", "-pthread", "-Wall"]);
+    cmd.args([
+        "-std=c++17",
+        "-O1",
+        "-g",
+        "-fsanitize=thread",
+        "-pthread",
+        "-Wall",
+    ]);
     for inc in include_dirs {
         cmd.arg("-I").arg(inc);
     }
@@ -46,7 +53,10 @@ fn compile(main: &Path, include_dirs: &[&Path], dir: &Path, name: &str) -> PathB
 fn run(exe: &Path, args: &[&Path]) -> Output {
     Command::new(exe)
         .args(args)
-        .env("TSAN_OPTIONS", "halt_on_error=1 exitcode=66 report_signal_unsafe=0")
+        .env(
+            "TSAN_OPTIONS",
+            "halt_on_error=1 exitcode=66 report_signal_unsafe=0",
+        )
         .output()
         .unwrap_or_else(|e| panic!("running {}: {e}", exe.display()))
 }
@@ -72,4 +82,44 @@ fn shim_primitives_follow_the_ptx_isa() {
     let out = run(&exe, &[]);
     println!("{}", String::from_utf8_lossy(&out.stdout));
     assert!(out.status.success(), "{}", describe(&out));
+}
+
+/// Compiles and runs one of the kernel drivers of `kernels/emu/` (which compare kernels
+/// with a C++ reference and print one line per tensor), failing on any mismatch or race.
+fn run_driver(name: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let exe = compile(
+        &repo().join(format!("kernels/emu/{name}.cpp")),
+        &[&repo().join("kernels/emu")],
+        dir.path(),
+        name,
+    );
+    let out = run(&exe, &[]);
+    println!("{}", String::from_utf8_lossy(&out.stdout));
+    assert!(out.status.success(), "{}", describe(&out));
+}
+
+#[test]
+fn bias_adds_casts_and_adamw_match_the_reference() {
+    run_driver("elementwise_driver");
+}
+
+#[test]
+fn gelu_and_its_fused_bias_gradient_match_the_reference() {
+    run_driver("gelu_driver");
+}
+
+#[test]
+fn layernorm_and_its_fused_backward_match_the_reference() {
+    run_driver("layernorm_driver");
+}
+
+#[test]
+fn column_sums_match_the_reference() {
+    run_driver("reduce_driver");
+}
+
+#[test]
+fn masked_mse_matches_the_reference() {
+    run_driver("loss_driver");
 }
