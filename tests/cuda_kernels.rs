@@ -618,12 +618,12 @@ fn column_sums(x: &[f32], cols: usize, start: &[f32]) -> Vec<f32> {
 }
 
 fn reductions_case<T: Storage>(gpu: &Gpu, k: &Kernels<T>, title: String) {
-    let m = preset("tiny").unwrap();
     let mut report = Report::new(title);
-    let s = scratch(gpu, &m);
     // Widths off the 8-value packs (45), across two blocks (2056), and row counts that
     // are not a multiple of the chunks.
-    for (rows, cols) in [(5000, 256), (3, 48), (129, 64), (1001, 45), (70, 2056)] {
+    let shapes = [(5000, 256), (3, 48), (129, 64), (1001, 45), (70, 2056)];
+    let s: CudaSlice<f32> = gpu.zeros(REDUCE_CHUNKS * 2056, "scratch").expect("scratch");
+    for (rows, cols) in shapes {
         let mut r = rng(20);
         let x = round_to::<T>(&uniform(&mut r, rows * cols, 1.0));
         let start = uniform(&mut r, cols, 1.0);
