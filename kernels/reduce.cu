@@ -4,37 +4,59 @@
 #include "common.cuh"
 
 // First pass of a column sum: x [N, C] T -> partial [chunks, C] f32, the sum of each chunk
-// of rows_per_chunk rows. Grid (ceil(C / blockDim.x), chunks), one thread per column and
-// chunk.
+// of rows_per_chunk rows. Grid (packs of C, chunks), block (packs, row groups): each thread
+// sums its 8-column pack over every blockDim.y-th row of the chunk, then the row groups
+// are added in order.
 template <typename T>
-__device__ void column_sum(const T* x, float* partial, int rows, int cols, int rows_per_chunk) {
-  const int c = blockIdx.x * blockDim.x + threadIdx.x;
-  if (c >= cols) return;
-  const int chunk = blockIdx.y;
-  const int row_end = min(rows, (chunk + 1) * rows_per_chunk);
-  float sum = 0.0f;
-  for (int row = chunk * rows_per_chunk; row < row_end; ++row) {
-    sum += to_float(x[(size_t)row * cols + c]);
+__device__ void column_sum(const T* __restrict__ x, float* __restrict__ partial, int rows,
+                           int cols, int rows_per_chunk) {
+  const ColumnPack p = column_pack(cols);
+  const RowChunk chunk = row_chunk(rows, rows_per_chunk);
+  const bool vec = packable(cols, x);
+  float sum[PACK] = {};
+  if (p.n > 0) {
+    for (int row = chunk.begin + (int)threadIdx.y; row < chunk.end; row += (int)blockDim.y) {
+      float v[PACK];
+      load_pack(x + (size_t)row * cols + p.col, p.n, vec, v);
+      for (int k = 0; k < PACK; ++k) sum[k] += v[k];
+    }
   }
-  partial[(size_t)chunk * cols + c] = sum;
+  store_chunk_partial(sum, partial, cols, p);
 }
 
 #define EXPORT_COLUMN_SUM(T, SUFFIX)                                                        \
-  extern "C" __global__ void column_sum_##SUFFIX(const T* x, float* partial, int rows,      \
-                                                 int cols, int rows_per_chunk) {            \
+  extern "C" __global__ void __launch_bounds__(256)                                         \
+      column_sum_##SUFFIX(const T* x, float* partial, int rows, int cols,                   \
+                          int rows_per_chunk) {                                             \
     column_sum<T>(x, partial, rows, cols, rows_per_chunk);                                  \
   }
 EXPORT_COLUMN_SUM(float, f32)
 EXPORT_COLUMN_SUM(bf16, bf16)
 
-// Second pass: partial [chunks, C] f32 -> out [C] f32 (+=, gradients accumulate).
-extern "C" __global__ void partials_finish(const float* partial, float* out, int chunks,
-                                           int cols) {
-  const int c = blockIdx.x * blockDim.x + threadIdx.x;
-  if (c >= cols) return;
+// Chunks summed side by side per column in partials_finish.
+#define FINISH_LANES 8
+
+// Second pass: partial [outputs, chunks, C] f32 -> out_k [C] f32 (+=, gradients accumulate)
+// for output k = blockIdx.y (out0, out1, out2; outputs <= 3). Grid (ceil(C / 32), outputs),
+// block (32, FINISH_LANES): lane y sums chunks y, y + 8, ...; the eight sums of a column are
+// then added in lane order, so the order is fixed by the chunk count alone.
+extern "C" __global__ void __launch_bounds__(32 * FINISH_LANES)
+    partials_finish(const float* partial, float* out0, float* out1, float* out2, int chunks,
+                    int cols) {
+  __shared__ float lane_sums[FINISH_LANES][32];
+  const int c = (int)(blockIdx.x * 32 + threadIdx.x);
+  const float* mine = partial + (size_t)blockIdx.y * chunks * cols + c;
   float sum = 0.0f;
-  for (int k = 0; k < chunks; ++k) sum += partial[(size_t)k * cols + c];
-  out[c] += sum;
+  if (c < cols) {
+    for (int k = (int)threadIdx.y; k < chunks; k += FINISH_LANES) sum += mine[(size_t)k * cols];
+  }
+  lane_sums[threadIdx.y][threadIdx.x] = sum;
+  __syncthreads();
+  if (threadIdx.y != 0 || c >= cols) return;
+  float total = 0.0f;
+  for (int y = 0; y < FINISH_LANES; ++y) total += lane_sums[y][threadIdx.x];
+  float* out = blockIdx.y == 0 ? out0 : blockIdx.y == 1 ? out1 : out2;
+  out[c] += total;
 }
 
 // First pass of a sum of squares: x [n] f32 -> partial [gridDim.x] f32. Grid-stride, so the

@@ -298,8 +298,9 @@ fn masked_token_gather_and_scatter_match_cpu() {
 
 fn layernorm_case<T: Storage>(gpu: &Gpu, k: &Kernels<T>, title: String) {
     let mut report = Report::new(title);
-    // 72 is not a multiple of 32; 1001 rows is not a multiple of the 8 rows per block.
-    for (rows, width) in [(1001, 72), (37, 768)] {
+    // 72 and 100 are not multiples of 32 (100 not of the 8-value packs either); 1001 rows
+    // is not a multiple of the rows per block.
+    for (rows, width) in [(1001, 72), (37, 768), (203, 100)] {
         let mut r = rng(16);
         let x: Vec<f32> = uniform(&mut r, rows * width, 3.0)
             .iter()
@@ -348,13 +349,17 @@ fn layernorm_case<T: Storage>(gpu: &Gpu, k: &Kernels<T>, title: String) {
             1e-5,
         );
 
-        // Backward onto non-zero dx, dgamma, dbeta: all three accumulate.
+        // Backward onto non-zero dx, dgamma, dbeta and bias gradient: all accumulate.
         let dy = round_to::<T>(&uniform(&mut r, rows * width, 1.0));
         let mut want_dx = uniform(&mut r, rows * width, 1.0);
         let mut want_dg = uniform(&mut r, width, 1.0);
         let mut want_db = uniform(&mut r, width, 1.0);
+        let bias_start = uniform(&mut r, width, 1.0);
         let dx_d = up::<f32>(gpu, &want_dx);
-        let grads = up::<f32>(gpu, &[want_dg.clone(), want_db.clone()].concat());
+        let grads = up::<f32>(
+            gpu,
+            &[want_dg.clone(), want_db.clone(), bias_start.clone()].concat(),
+        );
         layernorm::layernorm_backward(
             &mut want_dx,
             &mut want_dg,
@@ -364,10 +369,12 @@ fn layernorm_case<T: Storage>(gpu: &Gpu, k: &Kernels<T>, title: String) {
             &stats,
             &gamma,
         );
+        let want_bias = column_sums(&want_dx, width, &bias_start);
         let dy_d = up::<T>(gpu, &dy);
+        let copy: CudaSlice<T> = gpu.zeros(rows * width, "dx copy").unwrap();
         let gp = dev(gpu, &grads);
-        // dgamma and dbeta partials for up to REDUCE_CHUNKS chunks of rows.
-        let s: CudaSlice<f32> = gpu.zeros(2 * REDUCE_CHUNKS * width, "scratch").unwrap();
+        // dgamma, dbeta and dx column partials for up to REDUCE_CHUNKS chunks of rows.
+        let s: CudaSlice<f32> = gpu.zeros(3 * REDUCE_CHUNKS * width, "scratch").unwrap();
         k.layernorm_backward(
             dev(gpu, &x_d),
             dev(gpu, &dy_d),
@@ -375,18 +382,33 @@ fn layernorm_case<T: Storage>(gpu: &Gpu, k: &Kernels<T>, title: String) {
             dev(gpu, &mean),
             dev(gpu, &rstd),
             dev(gpu, &dx_d),
+            Some(dev(gpu, &copy)),
             gp.range(0..width).unwrap(),
             gp.range(width..2 * width).unwrap(),
+            Some(gp.range(2 * width..3 * width).unwrap()),
             dev(gpu, &s),
             rows,
             width,
         )
         .unwrap();
         let got = down(gpu, &grads);
+        let got_dx = down(gpu, &dx_d);
         report.close(
             &format!("dx (accumulated) {shape}"),
-            &down(gpu, &dx_d),
+            &got_dx,
             &want_dx,
+            2e-5,
+        );
+        report.close(
+            &format!("dx in storage type {shape}"),
+            &down(gpu, &copy),
+            &round_to::<T>(&got_dx),
+            0.0,
+        );
+        report.close(
+            &format!("column sums of dx (accumulated) {shape}"),
+            &got[2 * width..],
+            &want_bias,
             2e-5,
         );
         report.close(
@@ -397,7 +419,7 @@ fn layernorm_case<T: Storage>(gpu: &Gpu, k: &Kernels<T>, title: String) {
         );
         report.close(
             &format!("dbeta (accumulated) {shape}"),
-            &got[width..],
+            &got[width..2 * width],
             &want_db,
             2e-5,
         );
@@ -414,7 +436,13 @@ fn layernorm_matches_cpu() {
 }
 
 fn gelu_case<T: Storage>(gpu: &Gpu, k: &Kernels<T>, title: String) {
-    let (rows, cols) = (333, 200);
+    // 333 rows: not a multiple of any chunk; 203 columns: not of the 8-value packs.
+    for (rows, cols) in [(333, 200), (333, 203)] {
+        gelu_shape(gpu, k, &title, rows, cols);
+    }
+}
+
+fn gelu_shape<T: Storage>(gpu: &Gpu, k: &Kernels<T>, title: &str, rows: usize, cols: usize) {
     let mut r = rng(17);
     let pre = round_to::<T>(&uniform(&mut r, rows * cols, 4.0));
     let bias = uniform(&mut r, cols, 1.0);
@@ -436,7 +464,7 @@ fn gelu_case<T: Storage>(gpu: &Gpu, k: &Kernels<T>, title: String) {
         cols,
     )
     .unwrap();
-    let mut report = Report::new(title);
+    let mut report = Report::new(format!("{title} [{rows}, {cols}]"));
     report.close("pre + bias (stored)", &down(gpu, &pre_d), &x, 1e-6);
     report.close(
         "gelu(pre + bias)",
@@ -449,13 +477,26 @@ fn gelu_case<T: Storage>(gpu: &Gpu, k: &Kernels<T>, title: String) {
     let mut want = dact.clone();
     gelu::gelu_backward(&mut want, &x, &cdf);
     let grad = up::<T>(gpu, &dact);
-    k.gelu_backward(dev(gpu, &pre_d), dev(gpu, &grad), x.len())
-        .unwrap();
+    let bias_start = uniform(&mut r, cols, 1.0);
+    let bias_grad = up::<f32>(gpu, &bias_start);
+    let scratch: CudaSlice<f32> = gpu.zeros(REDUCE_CHUNKS * cols, "scratch").unwrap();
+    k.gelu_backward(
+        dev(gpu, &pre_d),
+        dev(gpu, &grad),
+        rows,
+        cols,
+        dev(gpu, &scratch),
+        dev(gpu, &bias_grad),
+    )
+    .unwrap();
+    let got = down(gpu, &grad);
+    report.close("d pre", &got, &round_to::<T>(&want), tol::<T>());
+    // The bias gradient sums d pre as stored, so it is checked against the GPU's own.
     report.close(
-        "d pre",
-        &down(gpu, &grad),
-        &round_to::<T>(&want),
-        tol::<T>(),
+        "fc1 bias gradient (accumulated)",
+        &down(gpu, &bias_grad),
+        &column_sums(&got, cols, &bias_start),
+        1e-5,
     );
     report.finish();
 }
@@ -588,33 +629,22 @@ fn column_sums(x: &[f32], cols: usize, start: &[f32]) -> Vec<f32> {
 }
 
 fn reductions_case<T: Storage>(gpu: &Gpu, k: &Kernels<T>, title: String) {
-    let m = preset("tiny").unwrap();
     let mut report = Report::new(title);
-    let s = scratch(gpu, &m);
-    for (rows, cols) in [(5000, 256), (3, 48), (129, 64)] {
+    // Widths off the 8-value packs (45), across two blocks (2056), and row counts that
+    // are not a multiple of the chunks.
+    let shapes = [(5000, 256), (3, 48), (129, 64), (1001, 45), (70, 2056)];
+    let s: CudaSlice<f32> = gpu.zeros(REDUCE_CHUNKS * 2056, "scratch").expect("scratch");
+    for (rows, cols) in shapes {
         let mut r = rng(20);
         let x = round_to::<T>(&uniform(&mut r, rows * cols, 1.0));
         let start = uniform(&mut r, cols, 1.0);
         let want = column_sums(&x, cols, &start);
-        let (x_t, x_f, out_t, out_f) = (
-            up::<T>(gpu, &x),
-            up::<f32>(gpu, &x),
-            up::<f32>(gpu, &start),
-            up::<f32>(gpu, &start),
-        );
+        let (x_t, out_t) = (up::<T>(gpu, &x), up::<f32>(gpu, &start));
         k.column_sum(dev(gpu, &x_t), rows, cols, dev(gpu, &s), dev(gpu, &out_t))
-            .unwrap();
-        k.column_sum_f32(dev(gpu, &x_f), rows, cols, dev(gpu, &s), dev(gpu, &out_f))
             .unwrap();
         report.close(
             &format!("column_sum [{rows}, {cols}] (accumulated)"),
             &down(gpu, &out_t),
-            &want,
-            1e-5,
-        );
-        report.close(
-            &format!("column_sum_f32 [{rows}, {cols}] (accumulated)"),
-            &down(gpu, &out_f),
             &want,
             1e-5,
         );
@@ -646,7 +676,13 @@ fn reductions_match_host() {
 }
 
 fn elementwise_case<T: Storage>(gpu: &Gpu, k: &Kernels<T>, title: String) {
-    let (rows, cols) = (777, 96);
+    // 96 columns take the 16-byte path, 45 the scalar one.
+    for (rows, cols) in [(777, 96), (777, 45)] {
+        elementwise_shape(gpu, k, &title, rows, cols);
+    }
+}
+
+fn elementwise_shape<T: Storage>(gpu: &Gpu, k: &Kernels<T>, title: &str, rows: usize, cols: usize) {
     let n = rows * cols;
     let mut r = rng(22);
     let (y, bias, x) = (
@@ -662,7 +698,7 @@ fn elementwise_case<T: Storage>(gpu: &Gpu, k: &Kernels<T>, title: String) {
     let residual: Vec<f32> = x.iter().zip(&with_bias).map(|(a, b)| a + b).collect();
     let (y_d, bias_d, x_d) = (up::<T>(gpu, &y), up::<f32>(gpu, &bias), up::<f32>(gpu, &x));
     let x_out: CudaSlice<f32> = gpu.zeros(n, "x_out").unwrap();
-    let mut report = Report::new(title);
+    let mut report = Report::new(format!("{title} [{rows}, {cols}]"));
     k.residual_add_bias(
         dev(gpu, &x_d),
         dev(gpu, &y_d),

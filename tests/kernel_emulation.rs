@@ -1,9 +1,11 @@
 //! The CUDA kernels compiled as C++ for the CPU against the shim of `kernels/emu/` and run
-//! under ThreadSanitizer (docs/DESIGN.md §7): a check of indexing, fragment layouts and
+//! under ThreadSanitizer (docs/DESIGN.md §5): a check of indexing, fragment layouts and
 //! barriers that needs no GPU. It needs a C++17 compiler with `-fsanitize=thread` (`$CXX`,
 //! else `g++`); without one these tests fail, they do not skip.
 //!
-//! The attention kernels run forward, backward and the table gradient's finish with the
+//! The memory-bound kernels (bias adds, casts, GELU, LayerNorm, column sums, AdamW, the
+//! masked MSE) run through the drivers of `kernels/emu/`, which compare them with a C++
+//! reference on odd shapes. The attention kernels run forward, backward and the table gradient's finish with the
 //! launches `lomar::cuda::attention::plan` picks for an H100, on small shapes covering the
 //! fast and the general kernels, and are compared with the CPU op: bf16 within 2e-2, f32
 //! within 1e-5 (max-abs difference over max-abs value), as tests/cuda_attention.rs does on
@@ -106,6 +108,41 @@ fn shim_primitives_follow_the_ptx_isa() {
     let out = run(&exe, &[]);
     println!("{}", String::from_utf8_lossy(&out.stdout));
     assert!(out.status.success(), "{}", describe(&out));
+}
+
+/// Compiles and runs one of the kernel drivers of `kernels/emu/` (which compare kernels
+/// with a C++ reference and print one line per tensor), failing on any mismatch or race.
+fn run_driver(name: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let exe = compile(&repo().join("kernels"), dir.path(), name);
+    let out = run(&exe, &[]);
+    println!("{}", String::from_utf8_lossy(&out.stdout));
+    assert!(out.status.success(), "{}", describe(&out));
+}
+
+#[test]
+fn bias_adds_casts_and_adamw_match_the_reference() {
+    run_driver("elementwise_driver");
+}
+
+#[test]
+fn gelu_and_its_fused_bias_gradient_match_the_reference() {
+    run_driver("gelu_driver");
+}
+
+#[test]
+fn layernorm_and_its_fused_backward_match_the_reference() {
+    run_driver("layernorm_driver");
+}
+
+#[test]
+fn column_sums_match_the_reference() {
+    run_driver("reduce_driver");
+}
+
+#[test]
+fn masked_mse_matches_the_reference() {
+    run_driver("loss_driver");
 }
 
 /// An element type of the attention kernels, with its tolerance and file format.

@@ -15,9 +15,21 @@ use crate::config::ModelConfig;
 const THREADS: u32 = 256;
 /// Threads of the one-block-per-row kernels (rows are 3p² or D values).
 const ROW_THREADS: u32 = 128;
-/// Target chunk count of the two-pass column reductions: enough blocks to fill the GPU,
-/// few enough partials that the finishing pass is short.
-pub const REDUCE_CHUNKS: usize = 128;
+/// Values each thread of the streaming kernels moves at once (`PACK` in kernels/common.cuh).
+const PACK: usize = 8;
+/// Most threads in a block of the pack kernels (`sum_row_groups` in kernels/common.cuh
+/// stages this many packs).
+const PACK_THREADS: usize = 256;
+/// Largest row the LayerNorm kernels take: one pack per thread of one block.
+const MAX_LAYERNORM_WIDTH: usize = PACK * PACK_THREADS;
+/// Most chunks of the two-pass column reductions: at vit_base size 512 chunks of 100 rows
+/// give 4-8 blocks per SM, while the partials (2% of the traffic) stay quick to finish.
+pub const REDUCE_CHUNKS: usize = 512;
+/// Most blocks in a grid's y dimension.
+const MAX_GRID_Y: usize = 65_535;
+/// Chunks `partials_finish` sums side by side per column (`FINISH_LANES` in
+/// kernels/reduce.cu).
+const FINISH_LANES: u32 = 8;
 /// Blocks of the sum-of-squares pass, and so the partials it leaves.
 pub const SUM_BLOCKS: usize = 1024;
 /// Grid-stride kernels never launch more blocks than this.
@@ -56,12 +68,61 @@ fn config(grid: (u32, u32), block: u32) -> LaunchConfig {
     }
 }
 
-/// A grid-stride launch over `n` elements.
+/// A grid-stride launch over `n` elements, one pack of them per thread.
 fn elementwise(n: usize) -> Result<LaunchConfig> {
+    let packs = n.div_ceil(PACK);
     Ok(config(
-        (blocks(n.min(MAX_BLOCKS * THREADS as usize), THREADS)?, 1),
+        (
+            blocks(packs.min(MAX_BLOCKS * THREADS as usize), THREADS)?,
+            1,
+        ),
         THREADS,
     ))
+}
+
+/// The block of the pack kernels over rows of `cols` values (kernels/common.cuh): blocks
+/// across a row, threads per row (a pack each, whole warps, so no warp spans two rows) and
+/// rows side by side, at most [`PACK_THREADS`] threads.
+#[derive(Clone, Copy)]
+struct PackTile {
+    across: u32,
+    per_row: u32,
+    rows: u32,
+}
+
+fn pack_tile(cols: usize) -> PackTile {
+    let packs = cols.div_ceil(PACK);
+    let across = packs.div_ceil(PACK_THREADS);
+    let per_row = packs.div_ceil(across).next_multiple_of(32);
+    PackTile {
+        across: across as u32,
+        per_row: per_row as u32,
+        rows: (PACK_THREADS / per_row).max(1) as u32,
+    }
+}
+
+impl PackTile {
+    /// Grid (blocks across, `ys`) of these blocks.
+    fn config(self, ys: usize) -> LaunchConfig {
+        LaunchConfig {
+            grid_dim: (self.across, ys as u32, 1),
+            block_dim: (self.per_row, self.rows, 1),
+            shared_mem_bytes: 0,
+        }
+    }
+
+    /// A grid-stride launch over `rows` rows.
+    fn over_rows(self, rows: usize) -> LaunchConfig {
+        self.config(rows.div_ceil(self.rows as usize).clamp(1, MAX_GRID_Y))
+    }
+}
+
+/// The LayerNorm kernels' block: a whole row across one block.
+fn layernorm_tile(width: usize) -> Result<PackTile> {
+    if width == 0 || width > MAX_LAYERNORM_WIDTH {
+        bail!("LayerNorm over {width} values: the kernels take 1 to {MAX_LAYERNORM_WIDTH}");
+    }
+    Ok(pack_tile(width))
 }
 
 /// Checks that a chunked partial buffer fits in the scratch.
@@ -205,11 +266,7 @@ impl<T: Storage> Kernels<T> {
             .arg(&per_i);
         let grid = (blocks(d, THREADS)?, chunks as u32);
         self.run(b, config(grid, THREADS), "assemble_tokens_backward")?;
-        for (k, out) in [d_cls, d_mask_token, d_patch_bias].into_iter().enumerate() {
-            let partial = scratch.range(k * chunks * d..(k + 1) * chunks * d)?;
-            self.partials_finish(partial, out, chunks, d)?;
-        }
-        Ok(())
+        self.partials_finish(scratch, &[d_cls, d_mask_token, d_patch_bias], chunks, d)
     }
 
     /// x [S, 1+K², D] f32, mask_index [S, M] -> xm [S*M, D] f32.
@@ -307,6 +364,7 @@ impl<T: Storage> Kernels<T> {
         rstd.check(rows, "layernorm_forward rstd")?;
         let rows_i = int(rows, "rows")?;
         let width_i = int(width, "width")?;
+        let tile = layernorm_tile(width)?;
         let mut b = self.stream.launch_builder(&self.layernorm_forward);
         b.arg(x.addr())
             .arg(gamma.addr())
@@ -316,15 +374,14 @@ impl<T: Storage> Kernels<T> {
             .arg(rstd.addr())
             .arg(&rows_i)
             .arg(&width_i);
-        self.run(
-            b,
-            config((blocks(rows, THREADS / 32)?, 1), THREADS),
-            "layernorm_forward",
-        )
+        self.run(b, tile.over_rows(rows), "layernorm_forward")
     }
 
     /// x [N, D] f32, dy [N, D] T, gamma [D], mean, rstd [N]
-    ///   -> dx [N, D] f32 (+=), d_gamma, d_beta [D] f32 (+=).
+    ///   -> dx [N, D] f32 (+=), d_gamma, d_beta [D] f32 (+=), in one pass over the rows;
+    /// with `dx_copy`, also the updated dx [N, D] in storage type; with `dx_bias_grad`, the
+    /// column sums of the updated dx added into it (the gradient of the bias that was added
+    /// into the residual stream just before this LayerNorm).
     #[allow(clippy::too_many_arguments)]
     pub fn layernorm_backward(
         &self,
@@ -334,8 +391,10 @@ impl<T: Storage> Kernels<T> {
         mean: DevPtr<f32>,
         rstd: DevPtr<f32>,
         dx: DevPtr<f32>,
+        dx_copy: Option<DevPtr<T>>,
         d_gamma: DevPtr<f32>,
         d_beta: DevPtr<f32>,
+        dx_bias_grad: Option<DevPtr<f32>>,
         scratch: DevPtr<f32>,
         rows: usize,
         width: usize,
@@ -346,12 +405,16 @@ impl<T: Storage> Kernels<T> {
         mean.check(rows, "layernorm_backward mean")?;
         rstd.check(rows, "layernorm_backward rstd")?;
         dx.check(rows * width, "layernorm_backward dx")?;
+        if let Some(copy) = &dx_copy {
+            copy.check(rows * width, "layernorm_backward dx_copy")?;
+        }
+        let tile = layernorm_tile(width)?;
         let (per, chunks) = chunking(rows);
-        check_scratch(&scratch, 2 * chunks * width, "layernorm_backward")?;
+        check_scratch(&scratch, 3 * chunks * width, "layernorm_backward")?;
         let rows_i = int(rows, "rows")?;
         let width_i = int(width, "width")?;
         let per_i = int(per, "rows per chunk")?;
-
+        let copy_addr = dx_copy.map_or(0, |p| *p.addr());
         let mut b = self.stream.launch_builder(&self.layernorm_backward);
         b.arg(x.addr())
             .arg(dy.addr())
@@ -359,32 +422,17 @@ impl<T: Storage> Kernels<T> {
             .arg(mean.addr())
             .arg(rstd.addr())
             .arg(dx.addr())
-            .arg(&rows_i)
-            .arg(&width_i);
-        self.run(
-            b,
-            config((blocks(rows, THREADS / 32)?, 1), THREADS),
-            "layernorm_backward",
-        )?;
-
-        let mut b = self.stream.launch_builder(&self.layernorm_param_grad);
-        b.arg(x.addr())
-            .arg(dy.addr())
-            .arg(mean.addr())
-            .arg(rstd.addr())
+            .arg(&copy_addr)
             .arg(scratch.addr())
             .arg(&rows_i)
             .arg(&width_i)
             .arg(&per_i);
-        let grid = (blocks(width, THREADS)?, chunks as u32);
-        self.run(b, config(grid, THREADS), "layernorm_param_grad")?;
-        self.partials_finish(scratch.range(0..chunks * width)?, d_gamma, chunks, width)?;
-        self.partials_finish(
-            scratch.range(chunks * width..2 * chunks * width)?,
-            d_beta,
-            chunks,
-            width,
-        )
+        self.run(b, tile.config(chunks), "layernorm_backward")?;
+        let outputs: Vec<DevPtr<f32>> = [Some(d_gamma), Some(d_beta), dx_bias_grad]
+            .into_iter()
+            .flatten()
+            .collect();
+        self.partials_finish(scratch, &outputs, chunks, width)
     }
 
     /// pre [N, C] T (+= bias in place), bias [C] f32 -> act [N, C] T = gelu(pre).
@@ -400,24 +448,42 @@ impl<T: Storage> Kernels<T> {
         pre.check(n, "bias_gelu_forward pre")?;
         bias.check(cols, "bias_gelu_forward bias")?;
         act.check(n, "bias_gelu_forward act")?;
-        let (n_l, cols_i) = (long(n), int(cols, "cols")?);
+        let (rows_i, cols_i) = (int(rows, "rows")?, int(cols, "cols")?);
         let mut b = self.stream.launch_builder(&self.bias_gelu_forward);
         b.arg(pre.addr())
             .arg(bias.addr())
             .arg(act.addr())
-            .arg(&n_l)
+            .arg(&rows_i)
             .arg(&cols_i);
-        self.run(b, elementwise(n)?, "bias_gelu_forward")
+        self.run(b, pack_tile(cols).over_rows(rows), "bias_gelu_forward")
     }
 
-    /// pre [n] T (with bias), grad [n] T: d act in, d pre out.
-    pub fn gelu_backward(&self, pre: DevPtr<T>, grad: DevPtr<T>, n: usize) -> Result<()> {
-        pre.check(n, "gelu_backward pre")?;
-        grad.check(n, "gelu_backward grad")?;
-        let n_l = long(n);
+    /// pre [N, C] T (with bias), grad [N, C] T: d act in, d pre out; bias_grad [C] f32 +=
+    /// the column sums of d pre (fc1's bias gradient).
+    pub fn gelu_backward(
+        &self,
+        pre: DevPtr<T>,
+        grad: DevPtr<T>,
+        rows: usize,
+        cols: usize,
+        scratch: DevPtr<f32>,
+        bias_grad: DevPtr<f32>,
+    ) -> Result<()> {
+        pre.check(rows * cols, "gelu_backward pre")?;
+        grad.check(rows * cols, "gelu_backward grad")?;
+        let (per, chunks) = chunking(rows);
+        check_scratch(&scratch, chunks * cols, "gelu_backward")?;
+        let (rows_i, cols_i) = (int(rows, "rows")?, int(cols, "cols")?);
+        let per_i = int(per, "rows per chunk")?;
         let mut b = self.stream.launch_builder(&self.gelu_backward);
-        b.arg(pre.addr()).arg(grad.addr()).arg(&n_l);
-        self.run(b, elementwise(n)?, "gelu_backward")
+        b.arg(pre.addr())
+            .arg(grad.addr())
+            .arg(scratch.addr())
+            .arg(&rows_i)
+            .arg(&cols_i)
+            .arg(&per_i);
+        self.run(b, pack_tile(cols).config(chunks), "gelu_backward")?;
+        self.partials_finish(scratch, &[bias_grad], chunks, cols)
     }
 
     /// pred [Nm, P] T, bias [P] f32, target [Nm, P] f32
@@ -516,79 +582,58 @@ impl<T: Storage> Kernels<T> {
         scratch: DevPtr<f32>,
         out: DevPtr<f32>,
     ) -> Result<()> {
-        self.column_sum_with(&self.column_sum, "column_sum", x, rows, cols, scratch, out)
-    }
-
-    /// x [N, C] f32 -> out [C] f32 (+=).
-    pub fn column_sum_f32(
-        &self,
-        x: DevPtr<f32>,
-        rows: usize,
-        cols: usize,
-        scratch: DevPtr<f32>,
-        out: DevPtr<f32>,
-    ) -> Result<()> {
-        self.column_sum_with(
-            &self.column_sum_f32,
-            "column_sum_f32",
-            x,
-            rows,
-            cols,
-            scratch,
-            out,
-        )
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn column_sum_with<U>(
-        &self,
-        f: &CudaFunction,
-        name: &str,
-        x: DevPtr<U>,
-        rows: usize,
-        cols: usize,
-        scratch: DevPtr<f32>,
-        out: DevPtr<f32>,
-    ) -> Result<()> {
-        x.check(rows * cols, &format!("{name} x"))?;
+        x.check(rows * cols, "column_sum x")?;
         let (per, chunks) = chunking(rows);
-        check_scratch(&scratch, chunks * cols, name)?;
+        check_scratch(&scratch, chunks * cols, "column_sum")?;
         let rows_i = int(rows, "rows")?;
         let cols_i = int(cols, "cols")?;
         let per_i = int(per, "rows per chunk")?;
-        let mut b = self.stream.launch_builder(f);
+        let mut b = self.stream.launch_builder(&self.column_sum);
         b.arg(x.addr())
             .arg(scratch.addr())
             .arg(&rows_i)
             .arg(&cols_i)
             .arg(&per_i);
-        let grid = (blocks(cols, THREADS)?, chunks as u32);
-        self.run(b, config(grid, THREADS), name)?;
-        self.partials_finish(scratch.range(0..chunks * cols)?, out, chunks, cols)
+        self.run(b, pack_tile(cols).config(chunks), "column_sum")?;
+        self.partials_finish(scratch, &[out], chunks, cols)
     }
 
-    /// partial [chunks, C] f32 -> out [C] f32 (+=).
+    /// partial [outputs.len(), chunks, C] f32 -> outputs[k] [C] f32 (+=), at most three.
     fn partials_finish(
         &self,
         partial: DevPtr<f32>,
-        out: DevPtr<f32>,
+        outputs: &[DevPtr<f32>],
         chunks: usize,
         cols: usize,
     ) -> Result<()> {
-        partial.check(chunks * cols, "partials_finish partial")?;
-        out.check(cols, "partials_finish out")?;
+        if outputs.is_empty() || outputs.len() > 3 {
+            bail!(
+                "partials_finish: {} outputs, it takes 1 to 3",
+                outputs.len()
+            );
+        }
+        partial.check(outputs.len() * chunks * cols, "partials_finish partial")?;
+        for out in outputs {
+            out.check(cols, "partials_finish out")?;
+        }
+        // Unused output slots repeat the first; the kernel never reaches them.
+        let addr = |k: usize| *outputs.get(k).unwrap_or(&outputs[0]).addr();
+        let (out0, out1, out2) = (addr(0), addr(1), addr(2));
         let chunks_i = int(chunks, "chunks")?;
         let cols_i = int(cols, "cols")?;
         let mut b = self.stream.launch_builder(&self.partials_finish);
         b.arg(partial.addr())
-            .arg(out.addr())
+            .arg(&out0)
+            .arg(&out1)
+            .arg(&out2)
             .arg(&chunks_i)
             .arg(&cols_i);
-        self.run(
-            b,
-            config((blocks(cols, THREADS)?, 1), THREADS),
-            "partials_finish",
-        )
+        let cfg = LaunchConfig {
+            grid_dim: (blocks(cols, 32)?, outputs.len() as u32, 1),
+            block_dim: (32, FINISH_LANES, 1),
+            shared_mem_bytes: 0,
+        };
+        self.run(b, cfg, "partials_finish")
     }
 
     /// x [n] f32 -> out [1] f32 = sum of squares.
@@ -625,13 +670,12 @@ impl<T: Storage> Kernels<T> {
         rows: usize,
         cols: usize,
     ) -> Result<()> {
-        let n = rows * cols;
-        y.check(n, "add_bias y")?;
+        y.check(rows * cols, "add_bias y")?;
         bias.check(cols, "add_bias bias")?;
-        let (n_l, cols_i) = (long(n), int(cols, "cols")?);
+        let (rows_i, cols_i) = (int(rows, "rows")?, int(cols, "cols")?);
         let mut b = self.stream.launch_builder(&self.add_bias);
-        b.arg(y.addr()).arg(bias.addr()).arg(&n_l).arg(&cols_i);
-        self.run(b, elementwise(n)?, "add_bias")
+        b.arg(y.addr()).arg(bias.addr()).arg(&rows_i).arg(&cols_i);
+        self.run(b, pack_tile(cols).over_rows(rows), "add_bias")
     }
 
     /// x_in [N, D] f32, y [N, D] T, bias [D] f32 -> x_out [N, D] f32 = x_in + y + bias.
@@ -649,15 +693,15 @@ impl<T: Storage> Kernels<T> {
         y.check(n, "residual_add_bias y")?;
         bias.check(cols, "residual_add_bias bias")?;
         x_out.check(n, "residual_add_bias x_out")?;
-        let (n_l, cols_i) = (long(n), int(cols, "cols")?);
+        let (rows_i, cols_i) = (int(rows, "rows")?, int(cols, "cols")?);
         let mut b = self.stream.launch_builder(&self.residual_add_bias);
         b.arg(x_in.addr())
             .arg(y.addr())
             .arg(bias.addr())
             .arg(x_out.addr())
-            .arg(&n_l)
+            .arg(&rows_i)
             .arg(&cols_i);
-        self.run(b, elementwise(n)?, "residual_add_bias")
+        self.run(b, pack_tile(cols).over_rows(rows), "residual_add_bias")
     }
 
     /// src [n] f32 -> dst [n] T.

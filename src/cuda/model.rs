@@ -311,6 +311,8 @@ impl<'a, T: Storage + AttnElem> Pass<'a, T> {
             d,
             p,
         )?;
+        // The last block's fc2 bias gradient is the column sum of d x_out, which is zero
+        // outside the masked rows: the column sum of dxm, from the LayerNorm backward.
         self.gpu.memset_zero(self.ptr(&a.dxm)?)?;
         k.layernorm_backward(
             self.ptr(&a.xm)?,
@@ -319,8 +321,10 @@ impl<'a, T: Storage + AttnElem> Pass<'a, T> {
             self.ptr(&a.lnm_mean)?,
             self.ptr(&a.lnm_rstd)?,
             self.ptr(&a.dxm)?,
+            None,
             self.g(&r.norm_w)?,
             self.g(&r.norm_b)?,
+            Some(self.g(&r.blocks[m.depth - 1].fc2_b)?),
             self.scratch,
             nm,
             d,
@@ -332,26 +336,37 @@ impl<'a, T: Storage + AttnElem> Pass<'a, T> {
             self.ptr(&a.dx)?,
             m,
             self.seqs(),
-        )
+        )?;
+        // The last block's fc2 operand; every later one comes from a LayerNorm backward.
+        let n = self.seqs() * m.seq_len();
+        k.cast_from_f32(self.ptr(&a.dx)?, self.ptr(&a.dy)?, n * d)
     }
 
     /// Takes `dx` = d x_out to d x_in, adding every parameter gradient of block `l`.
+    /// On entry `dy` holds d x_out in storage type and the fc2 bias gradient is already
+    /// added; on leaving, the same holds for block `l - 1`.
     fn block_backward(&self, l: usize) -> Result<()> {
         let (a, m, k) = (self.acts, self.model, self.kernels);
         let (r, ba) = (&self.ranges.blocks[l], &a.blocks[l]);
         let (n, d, h) = (self.seqs() * m.seq_len(), m.width, m.hidden());
         let (dx, dy, dsmall) = (self.ptr(&a.dx)?, self.ptr(&a.dy)?, self.ptr(&a.dsmall)?);
         let (dhidden, dqkv) = (self.ptr(&a.dhidden)?, self.ptr(&a.dqkv)?);
+        // The block below, whose fc2 bias and operand the last LayerNorm backward feeds.
+        let below = l.checked_sub(1).map(|b| &self.ranges.blocks[b]);
 
         // MLP branch: dx holds d x_out, which is also the gradient of fc2's output.
-        k.cast_from_f32(dx, dy, n * d)?;
-        k.column_sum_f32(dx, n, d, self.scratch, self.g(&r.fc2_b)?)?;
         self.blas
             .linear_backward_weight(dy, self.ptr(&ba.act)?, self.g(&r.fc2_w)?, n, h, d)?;
         self.blas
             .linear_backward_input(dy, self.w(&r.fc2_w)?, dhidden, n, h, d)?;
-        k.gelu_backward(self.ptr(&ba.pre)?, dhidden, n * h)?;
-        k.column_sum(dhidden, n, h, self.scratch, self.g(&r.fc1_b)?)?;
+        k.gelu_backward(
+            self.ptr(&ba.pre)?,
+            dhidden,
+            n,
+            h,
+            self.scratch,
+            self.g(&r.fc1_b)?,
+        )?;
         self.blas.linear_backward_weight(
             dhidden,
             self.ptr(&ba.ln2)?,
@@ -369,16 +384,16 @@ impl<'a, T: Storage + AttnElem> Pass<'a, T> {
             self.ptr(&ba.ln2_mean)?,
             self.ptr(&ba.ln2_rstd)?,
             dx,
+            Some(dy),
             self.g(&r.norm2_w)?,
             self.g(&r.norm2_b)?,
+            Some(self.g(&r.proj_b)?),
             self.scratch,
             n,
             d,
         )?;
 
-        // Attention branch: dx now holds d x_mid.
-        k.cast_from_f32(dx, dy, n * d)?;
-        k.column_sum_f32(dx, n, d, self.scratch, self.g(&r.proj_b)?)?;
+        // Attention branch: dx now holds d x_mid, dy its storage copy.
         self.blas
             .linear_backward_weight(dy, self.ptr(&ba.attn)?, self.g(&r.proj_w)?, n, d, d)?;
         self.blas
@@ -410,8 +425,10 @@ impl<'a, T: Storage + AttnElem> Pass<'a, T> {
             self.ptr(&ba.ln1_mean)?,
             self.ptr(&ba.ln1_rstd)?,
             dx,
+            below.map(|_| dy),
             self.g(&r.norm1_w)?,
             self.g(&r.norm1_b)?,
+            below.map(|b| self.g(&b.fc2_b)).transpose()?,
             self.scratch,
             n,
             d,
