@@ -926,3 +926,29 @@ fn blaslt_gemms_match_cpu() {
         .unwrap_err();
     assert!(format!("{err:#}").contains("GEMM B"), "{err:#}");
 }
+
+/// Uploads through one pinned buffer in a row: each refill waits for the previous copy, so
+/// the device ends with the last values and a wrong length is an error.
+#[test]
+fn pinned_uploads_refill_after_their_copy() {
+    let Some(gpu) = gpu_or_skip("pinned_uploads_refill_after_their_copy") else {
+        return;
+    };
+    let n = 1 << 22;
+    let mut staging = gpu.pinned(n, "staging").unwrap();
+    let mut dst: CudaSlice<f32> = gpu.zeros(n, "dst").unwrap();
+    for round in 0..4 {
+        gpu.write_pinned(&mut staging, &mut dst, "round", |out| {
+            out.iter_mut()
+                .enumerate()
+                .for_each(|(i, v)| *v = (i + round) as f32)
+        })
+        .unwrap();
+    }
+    let got = gpu.read(&dst, n, "dst").unwrap();
+    assert!(got.iter().enumerate().all(|(i, &v)| v == (i + 3) as f32));
+    let mut short: CudaSlice<f32> = gpu.zeros(n - 1, "short").unwrap();
+    assert!(gpu
+        .write_pinned(&mut staging, &mut short, "short", |_| ())
+        .is_err());
+}
