@@ -7,13 +7,14 @@ mod common;
 use common::{gpu_or_skip, rng, round_to, sample_batch, uniform, Report};
 use cudarc::driver::CudaSlice;
 use half::bf16;
-use lomar::backend::AdamWStep;
+use lomar::backend::{AdamWStep, Backend, Precision};
 use lomar::config::{preset, ModelConfig};
 use lomar::cpu::ops::{gelu, layernorm, linear, loss, tokens, window_gather};
 use lomar::cuda::blaslt::Linear;
 use lomar::cuda::launch::{scratch_len, REDUCE_CHUNKS};
 use lomar::cuda::pixels::{window_crops, PixelSource};
-use lomar::cuda::{Blas, BlasLt, DevPtr, Gpu, Kernels, Storage};
+use lomar::cuda::{Blas, BlasLt, CudaBackend, DevPtr, Gpu, Kernels, Storage};
+use lomar::params::ParamLayout;
 
 /// Relative tolerance of a kernel whose outputs are stored as T.
 fn tol<T: Storage>() -> f64 {
@@ -951,4 +952,39 @@ fn pinned_uploads_refill_after_their_copy() {
     assert!(gpu
         .write_pinned(&mut staging, &mut short, "short", |_| ())
         .is_err());
+}
+
+/// The device's time of a step is there once a step has finished, and within the host's.
+#[test]
+fn device_step_time_follows_a_step() {
+    if gpu_or_skip("device_step_time_follows_a_step").is_none() {
+        return;
+    }
+    let m = preset("tiny").unwrap();
+    let params = ParamLayout::new(&m).init(1);
+    let mut backend = CudaBackend::new(&m, params, Precision::Bf16).unwrap();
+    assert!(backend.device_step_ms().unwrap().is_none());
+    let batch = sample_batch(&m, 2, 3);
+    let started = std::time::Instant::now();
+    backend.zero_grads().unwrap();
+    backend.forward_backward(&batch, 1.0).unwrap();
+    backend.grad_norm().unwrap();
+    backend
+        .adamw_step(&AdamWStep {
+            t: 1,
+            lr: 1e-4,
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            weight_decay: 0.05,
+            grad_scale: 1.0,
+        })
+        .unwrap();
+    backend.synchronize().unwrap();
+    let host_ms = started.elapsed().as_secs_f64() * 1e3;
+    let device_ms = backend.device_step_ms().unwrap().expect("a finished step");
+    assert!(
+        device_ms > 0.0 && device_ms <= host_ms,
+        "{device_ms} vs {host_ms} ms"
+    );
 }
