@@ -84,6 +84,15 @@ pub trait Backend {
         false
     }
 
+    /// Device time of the last whole step, in milliseconds, from device events: from the
+    /// end of the first micro-batch's upload to the end of the AdamW update. It leaves out
+    /// the host's work before the upload and the copy, so beside the host-timed step it
+    /// shows how long the device waited for the host. `None` where there are no device events (the
+    /// CPU) or no step has finished.
+    fn device_step_ms(&mut self) -> Result<Option<f64>> {
+        Ok(None)
+    }
+
     /// Most memory the backend has held for tensors, in bytes, where it can tell.
     fn peak_memory_bytes(&mut self) -> Option<u64> {
         None

@@ -46,6 +46,11 @@ fn bench_reports_consistent_figures_and_writes_json() {
     // MFU against the 1 TFLOP/s peak given on the command line.
     assert!((r["mfu"].as_f64().unwrap() - tflops).abs() < 1e-9);
     assert!(r["phases"]["forward_backward_ms"].as_f64().unwrap() <= max);
+    // Each end-to-end time is its step plus the wait for the batch, so the median is too.
+    assert!(r["end_to_end_ms"]["median"].as_f64().unwrap() >= median_ms);
+    assert!(stdout.contains("end2end"), "{stdout}");
+    // The CPU has no device events.
+    assert!(r["device_step_ms"].is_null());
 }
 
 #[test]

@@ -7,12 +7,14 @@ mod common;
 use common::{gpu_or_skip, rng, round_to, sample_batch, uniform, Report};
 use cudarc::driver::CudaSlice;
 use half::bf16;
-use lomar::backend::AdamWStep;
+use lomar::backend::{AdamWStep, Backend, Precision};
 use lomar::config::{preset, ModelConfig};
 use lomar::cpu::ops::{gelu, layernorm, linear, loss, tokens, window_gather};
+use lomar::cuda::blaslt::Linear;
 use lomar::cuda::launch::{scratch_len, REDUCE_CHUNKS};
 use lomar::cuda::pixels::{window_crops, PixelSource};
-use lomar::cuda::{Blas, DevPtr, Gpu, Kernels, Storage};
+use lomar::cuda::{Blas, BlasLt, CudaBackend, DevPtr, Gpu, Kernels, Storage};
+use lomar::params::ParamLayout;
 
 /// Relative tolerance of a kernel whose outputs are stored as T.
 fn tol<T: Storage>() -> f64 {
@@ -34,6 +36,12 @@ fn down<T: Storage>(gpu: &Gpu, s: &CudaSlice<T>) -> Vec<f32> {
         .into_iter()
         .map(T::to_f32)
         .collect()
+}
+
+/// A test buffer from its second element on: an address aligned to only 2 or 4 bytes.
+fn off<'a, T>(gpu: &Gpu, s: &'a CudaSlice<T>) -> DevPtr<'a, T> {
+    let p = dev(gpu, s);
+    p.range(1..p.len()).expect("a buffer of at least one value")
 }
 
 /// The launchers' view of a test buffer.
@@ -828,4 +836,191 @@ fn buffers_of_another_stream_are_refused() {
     assert!(gpu.write(&[1.0; 4], &mut foreign, "foreign").is_err());
     let own = gpu.zeros::<f32>(4, "own").unwrap();
     assert!(gpu.ptr(&own).is_ok());
+}
+
+/// The cuBLASLt layer's four products against the CPU linear op, with every operand at an
+/// odd offset inside its buffer (so the plans are made for 2- or 4-byte alignment, as
+/// tensors inside the flat parameter buffer are), and each plan made once.
+fn blaslt_case<T: Storage>(gpu: &Gpu, lt: &BlasLt, title: String) {
+    let mut report = Report::new(title);
+    let s = Linear {
+        rows: 203,
+        inp: 45,
+        out: 77,
+    };
+    let mut r = rng(29);
+    let x = round_to::<T>(&uniform(&mut r, s.rows * s.inp, 1.0));
+    let w = round_to::<T>(&uniform(&mut r, s.out * s.inp, 1.0));
+    let dy = round_to::<T>(&uniform(&mut r, s.rows * s.out, 1.0));
+    let bias = uniform(&mut r, s.out, 1.0);
+    let x_in = uniform(&mut r, s.rows * s.out, 1.0);
+    let dw_start = uniform(&mut r, s.out * s.inp, 1.0);
+    let mut want_y = vec![0.0; s.rows * s.out];
+    linear::linear_forward(&mut want_y, &x, &w, &bias);
+    let mut want_resid = x_in.clone();
+    linear::linear_forward_add(&mut want_resid, &x, &w, &bias);
+    let mut want_dx = vec![0.0; s.rows * s.inp];
+    let mut want_dw = dw_start.clone();
+    let mut want_db = vec![0.0; s.out];
+    linear::linear_backward(Some(&mut want_dx), &mut want_dw, &mut want_db, &dy, &x, &w);
+
+    // Each buffer holds one value before the operand, which starts at element 1.
+    let pad = |v: &[f32]| [&[0.0][..], v].concat();
+    let (x_d, w_d, dy_d) = (
+        up::<T>(gpu, &pad(&x)),
+        up::<T>(gpu, &pad(&w)),
+        up::<T>(gpu, &pad(&dy)),
+    );
+    let (bias_d, x_in_d, dw) = (
+        up::<f32>(gpu, &pad(&bias)),
+        up::<f32>(gpu, &pad(&x_in)),
+        up::<f32>(gpu, &pad(&dw_start)),
+    );
+    let y: CudaSlice<T> = gpu.zeros(1 + s.rows * s.out, "y").unwrap();
+    let resid: CudaSlice<f32> = gpu.zeros(1 + s.rows * s.out, "x_out").unwrap();
+    let dx: CudaSlice<T> = gpu.zeros(1 + s.rows * s.inp, "dx").unwrap();
+    let db: CudaSlice<f32> = gpu.zeros(1 + s.out, "db").unwrap();
+    let before = lt.plans();
+    let forward = || {
+        lt.linear_forward(
+            off(gpu, &x_d),
+            off(gpu, &w_d),
+            Some(off(gpu, &bias_d)),
+            off(gpu, &y),
+            s,
+        )
+        .unwrap()
+    };
+    forward();
+    lt.linear_forward_residual(
+        off(gpu, &x_d),
+        off(gpu, &w_d),
+        off(gpu, &bias_d),
+        off(gpu, &x_in_d),
+        off(gpu, &resid),
+        s,
+    )
+    .unwrap();
+    lt.linear_backward_input(off(gpu, &dy_d), off(gpu, &w_d), off(gpu, &dx), s)
+        .unwrap();
+    lt.linear_backward_weight(
+        off(gpu, &dy_d),
+        off(gpu, &x_d),
+        off(gpu, &dw),
+        Some(off(gpu, &db)),
+        s,
+    )
+    .unwrap();
+    assert_eq!(lt.plans(), before + 4, "one plan per product");
+    forward();
+    assert_eq!(lt.plans(), before + 4, "the forward's plan was made again");
+    let skip = |v: Vec<f32>| v[1..].to_vec();
+    report.close(
+        "y = x·Wᵀ + b (BIAS epilogue, f32 bias)",
+        &skip(down(gpu, &y)),
+        &round_to::<T>(&want_y),
+        gemm_tol::<T>(),
+    );
+    report.close(
+        "x_out = x_in + x·Wᵀ + b (fp32 C ≠ D)",
+        &skip(down(gpu, &resid)),
+        &want_resid,
+        1e-5,
+    );
+    report.close(
+        "dx = dy·W",
+        &skip(down(gpu, &dx)),
+        &round_to::<T>(&want_dx),
+        gemm_tol::<T>(),
+    );
+    report.close(
+        "dW += dyᵀ·x (fp32, accumulated)",
+        &skip(down(gpu, &dw)),
+        &want_dw,
+        1e-5,
+    );
+    report.close("db = Σ dy (BGRADB)", &skip(down(gpu, &db)), &want_db, 1e-5);
+    report.finish();
+}
+
+#[test]
+fn blaslt_gemms_match_cpu() {
+    let Some(gpu) = gpu_or_skip("blaslt_gemms") else {
+        return;
+    };
+    let lt = BlasLt::new(&gpu).expect("cuBLASLt handle");
+    blaslt_case::<f32>(&gpu, &lt, "blaslt_gemms f32".into());
+    blaslt_case::<bf16>(&gpu, &lt, "blaslt_gemms bf16".into());
+    // A shape mistake is an error naming the operand, not a fault.
+    let s = Linear {
+        rows: 4,
+        inp: 3,
+        out: 2,
+    };
+    let small: CudaSlice<f32> = gpu.zeros(5, "small").unwrap();
+    let err = lt
+        .linear_backward_input(dev(&gpu, &small), dev(&gpu, &small), dev(&gpu, &small), s)
+        .unwrap_err();
+    assert!(format!("{err:#}").contains("GEMM B"), "{err:#}");
+}
+
+/// Uploads through one pinned buffer in a row: each refill waits for the previous copy, so
+/// the device ends with the last values and a wrong length is an error.
+#[test]
+fn pinned_uploads_refill_after_their_copy() {
+    let Some(gpu) = gpu_or_skip("pinned_uploads_refill_after_their_copy") else {
+        return;
+    };
+    let n = 1 << 22;
+    let mut staging = gpu.pinned(n, "staging").unwrap();
+    let mut dst: CudaSlice<f32> = gpu.zeros(n, "dst").unwrap();
+    for round in 0..4 {
+        gpu.write_pinned(&mut staging, &mut dst, "round", |out| {
+            out.iter_mut()
+                .enumerate()
+                .for_each(|(i, v)| *v = (i + round) as f32)
+        })
+        .unwrap();
+    }
+    let got = gpu.read(&dst, n, "dst").unwrap();
+    assert!(got.iter().enumerate().all(|(i, &v)| v == (i + 3) as f32));
+    let mut short: CudaSlice<f32> = gpu.zeros(n - 1, "short").unwrap();
+    assert!(gpu
+        .write_pinned(&mut staging, &mut short, "short", |_| ())
+        .is_err());
+}
+
+/// The device's time of a step is there once a step has finished, and within the host's.
+#[test]
+fn device_step_time_follows_a_step() {
+    if gpu_or_skip("device_step_time_follows_a_step").is_none() {
+        return;
+    }
+    let m = preset("tiny").unwrap();
+    let params = ParamLayout::new(&m).init(1);
+    let mut backend = CudaBackend::new(&m, params, Precision::Bf16).unwrap();
+    assert!(backend.device_step_ms().unwrap().is_none());
+    let batch = sample_batch(&m, 2, 3);
+    let started = std::time::Instant::now();
+    backend.zero_grads().unwrap();
+    backend.forward_backward(&batch, 1.0).unwrap();
+    backend.grad_norm().unwrap();
+    backend
+        .adamw_step(&AdamWStep {
+            t: 1,
+            lr: 1e-4,
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            weight_decay: 0.05,
+            grad_scale: 1.0,
+        })
+        .unwrap();
+    backend.synchronize().unwrap();
+    let host_ms = started.elapsed().as_secs_f64() * 1e3;
+    let device_ms = backend.device_step_ms().unwrap().expect("a finished step");
+    assert!(
+        device_ms > 0.0 && device_ms <= host_ms,
+        "{device_ms} vs {host_ms} ms"
+    );
 }

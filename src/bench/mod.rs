@@ -1,10 +1,13 @@
 //! `lomar bench`: warm-up, then timed training steps, reported as images/s, ms/step,
 //! achieved TFLOP/s and MFU (bench/README.md has the measurements).
 //!
-//! Batches are drawn before timing starts, so the step is measured alone; the input
-//! pipeline is timed on its own and reported beside it, which shows which one limits a
-//! run. Each step is forward+backward, the global gradient norm and one AdamW update —
-//! exactly what `pretrain` runs.
+//! Three times per step: the step with its batch already in memory (host clock); the
+//! end-to-end step, which adds waiting for the batch from the same input pipeline
+//! `pretrain` uses (prepared one ahead on a GPU, in line on the CPU); and, on a GPU, the
+//! device's own time for the step from events, which leaves out the host's work before the
+//! upload. The gap between the last two is the device waiting for the host. Each step is
+//! forward+backward, the global gradient norm and one AdamW update — exactly what
+//! `pretrain` runs.
 
 pub mod flops;
 
@@ -16,8 +19,8 @@ use serde::Serialize;
 use crate::backend::{AdamWStep, Backend};
 use crate::bench::flops::{known_bf16_peak, training_flops};
 use crate::config::Config;
-use crate::data::batch::Batch;
 use crate::data::loader::{self, LoaderSpeed};
+use crate::data::prefetch::Batches;
 use crate::data::shards::Part;
 use crate::data::{open_dataset, BatchSource, DataArgs, DEFAULT_SHUFFLE_BUFFER};
 
@@ -88,7 +91,12 @@ pub struct BenchReport {
     pub config: Config,
     pub warmup_steps: usize,
     pub timed_steps: usize,
+    /// The step with its batch in memory; images/s, TFLOP/s and MFU are of this time.
     pub step_ms: Spread,
+    /// The step plus the wait for its batch from the input pipeline.
+    pub end_to_end_ms: Spread,
+    /// The device's time for the step (see `Backend::device_step_ms`); absent on the CPU.
+    pub device_step_ms: Option<Spread>,
     pub images_per_s: f64,
     /// Matrix-product FLOPs of one step (see `flops.rs`).
     pub flops_per_step: f64,
@@ -118,23 +126,28 @@ pub fn run(
     let mut source = BatchSource::open(m, t.seed, t.batch, data, None)?;
     // A few distinct batches, cycled, keep the step's inputs realistic without timing
     // their generation inside the step.
-    let distinct = (plan.warmup_steps + plan.timed_steps).clamp(1, 4);
+    let steps = plan.warmup_steps + plan.timed_steps;
+    let distinct = steps.clamp(1, 4);
     let input_started = Instant::now();
-    let batches: Vec<Batch> = (0..distinct)
-        .map(|_| source.next_batch(t.batch))
-        .collect::<Result<_>>()?;
+    for _ in 0..distinct {
+        source.next_batch(t.batch)?;
+    }
     let input_images_per_s = (distinct * t.batch) as f64 / input_started.elapsed().as_secs_f64();
+    let mut batches = Batches::new(source, t.batch, steps as u64, !backend.computes_on_host())?;
 
     let mut fb_ms = Vec::new();
     let mut norm_ms = Vec::new();
     let mut opt_ms = Vec::new();
     let mut step_ms = Vec::new();
-    for i in 0..plan.warmup_steps + plan.timed_steps {
-        let batch = &batches[i % distinct];
+    let mut end_to_end_ms = Vec::new();
+    let mut device_ms = Vec::new();
+    for i in 0..steps {
         backend.synchronize()?;
+        let asked = Instant::now();
+        let batch = batches.draw()?.batch;
         let t0 = Instant::now();
         backend.zero_grads()?;
-        let loss = backend.forward_backward(batch, 1.0)?;
+        let loss = backend.forward_backward(&batch, 1.0)?;
         backend.synchronize()?;
         let t1 = Instant::now();
         let norm = backend.grad_norm()?;
@@ -159,6 +172,8 @@ pub fn run(
             norm_ms.push(ms(t1, t2));
             opt_ms.push(ms(t2, t3));
             step_ms.push(ms(t0, t3));
+            end_to_end_ms.push(ms(asked, t3));
+            device_ms.extend(backend.device_step_ms()?);
         }
     }
 
@@ -197,6 +212,11 @@ pub fn run(
             optimizer_ms: Spread::of(&opt_ms)?.median,
         },
         step_ms: step,
+        end_to_end_ms: Spread::of(&end_to_end_ms)?,
+        device_step_ms: match device_ms.is_empty() {
+            true => None,
+            false => Some(Spread::of(&device_ms)?),
+        },
         input_images_per_s,
         loader,
         peak_memory_bytes: backend.peak_memory_bytes(),
@@ -250,6 +270,17 @@ pub fn summary(r: &BenchReport) -> String {
             )
         }
         _ => out += "MFU       n/a (unknown peak; pass --peak-tflops)\n",
+    }
+    out += &format!(
+        "end2end   {:.2} ms median, waiting for the batch included\n",
+        r.end_to_end_ms.median
+    );
+    if let Some(d) = &r.device_step_ms {
+        out += &format!(
+            "device    {:.2} ms median from events ({:.2} ms of the step outside it: host work before the upload, and the copy)\n",
+            d.median,
+            s.median - d.median
+        );
     }
     out += &format!(
         "phases    forward+backward {:.2} ms, grad norm {:.2} ms, AdamW {:.2} ms\n\

@@ -5,9 +5,9 @@
 //! V / M visible / masked positions per window, Nv = S·V, Nm = S·M, D width, H = 4D, P = 3p².
 
 use anyhow::{Context, Result};
-use cudarc::driver::{CudaSlice, PinnedHostSlice};
+use cudarc::driver::CudaSlice;
 
-use super::device::Gpu;
+use super::device::{Gpu, Staging};
 use super::pixels::PixelSource;
 use super::storage::Storage;
 use crate::config::ModelConfig;
@@ -41,7 +41,7 @@ pub(super) struct Activations<T> {
     /// [B, 3, H, W] or [S, 3, K·p, K·p]
     pub pixels: CudaSlice<f32>,
     /// `pixels` in pinned host memory, where the batch is copied first.
-    pixels_staging: PinnedHostSlice<f32>,
+    pixels_staging: Staging,
     /// [S, 2] window origins in `pixels`: the batch's, or 0 for squares.
     pub window_origin: CudaSlice<u32>,
     /// [S, M]

@@ -2,7 +2,8 @@
 //! activations and GEMM operands in the chosen precision.
 
 use anyhow::{bail, Context, Result};
-use cudarc::driver::CudaSlice;
+use cudarc::driver::sys::CUevent_flags;
+use cudarc::driver::{CudaEvent, CudaSlice};
 use half::bf16;
 
 use super::activations::Activations;
@@ -93,6 +94,9 @@ impl Backend for CudaBackend {
     fn peak_memory_bytes(&mut self) -> Option<u64> {
         self.engine.peak_memory_bytes()
     }
+    fn device_step_ms(&mut self) -> Result<Option<f64>> {
+        self.engine.device_step_ms()
+    }
 }
 
 /// The backend for one storage type.
@@ -122,6 +126,34 @@ struct Engine<T: Storage + AttnElem> {
     scalar: CudaSlice<f32>,
     /// Buffers of the last batch size, reused while it holds.
     acts: Option<Activations<T>>,
+    timer: StepTimer,
+}
+
+/// Timing events around a step's device work (see [`Backend::device_step_ms`]).
+struct StepTimer {
+    start: CudaEvent,
+    end: CudaEvent,
+    /// The start of the current step is recorded (a micro-batch has been queued since
+    /// the last AdamW update).
+    started: bool,
+    /// Both events of the last step are recorded.
+    finished: bool,
+}
+
+impl StepTimer {
+    fn new(gpu: &Gpu) -> Result<StepTimer> {
+        let timed = || {
+            gpu.ctx()
+                .new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
+                .context("creating a timing event")
+        };
+        Ok(StepTimer {
+            start: timed()?,
+            end: timed()?,
+            started: false,
+            finished: false,
+        })
+    }
 }
 
 impl<T: Storage + AttnElem> Engine<T> {
@@ -158,6 +190,7 @@ impl<T: Storage + AttnElem> Engine<T> {
             scratch: gpu.zeros(scratch_len(model), "reduction scratch")?,
             scalar: gpu.zeros(1, "reduction result")?,
             acts: None,
+            timer: StepTimer::new(&gpu)?,
             layout,
             gpu,
         };
@@ -199,6 +232,10 @@ impl<T: Storage + AttnElem> Backend for Engine<T> {
             );
         };
         acts.upload(&self.gpu, &self.model, batch)?;
+        if !self.timer.started {
+            self.timer.start.record(self.gpu.stream())?;
+            self.timer.started = true;
+        }
         let pass = Pass {
             gpu: &self.gpu,
             kernels: &self.kernels,
@@ -245,7 +282,13 @@ impl<T: Storage + AttnElem> Backend for Engine<T> {
             g.ptr(&self.decay_mask)?,
             g.ptr(&self.shadow)?,
             step,
-        )
+        )?;
+        if self.timer.started {
+            self.timer.end.record(self.gpu.stream())?;
+            self.timer.started = false;
+            self.timer.finished = true;
+        }
+        Ok(())
     }
 
     fn params(&mut self) -> Result<Vec<f32>> {
@@ -291,5 +334,17 @@ impl<T: Storage + AttnElem> Backend for Engine<T> {
     /// after a step this is the run's peak (plus whatever else runs on the device).
     fn peak_memory_bytes(&mut self) -> Option<u64> {
         self.gpu.memory_in_use().ok()
+    }
+
+    fn device_step_ms(&mut self) -> Result<Option<f64>> {
+        if !self.timer.finished {
+            return Ok(None);
+        }
+        let ms = self
+            .timer
+            .start
+            .elapsed_ms(&self.timer.end)
+            .context("reading the step's timing events")?;
+        Ok(Some(ms as f64))
     }
 }

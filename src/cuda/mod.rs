@@ -9,6 +9,7 @@
 mod activations;
 pub mod attention;
 mod backend;
+pub mod blaslt;
 pub mod device;
 pub mod gemm;
 pub mod kernels;
@@ -19,6 +20,7 @@ pub mod storage;
 
 pub use activations::pos_slots;
 pub use backend::CudaBackend;
+pub use blaslt::BlasLt;
 pub use device::{unavailable, DevPtr, Gpu};
 pub use gemm::Blas;
 pub use kernels::{Kernels, KERNELS_BUILT};
