@@ -333,6 +333,20 @@ class FileAndCommandLineTests(unittest.TestCase):
             bf16 = model(*batch).item()
         self.assertAlmostEqual(bf16, fp32, delta=2e-2 * fp32)
 
+    def test_cpu_bench_writes_its_report(self):
+        out = self.path / "bench.json"
+        flags = ["--bench", "--device", "cpu", "--preset", "tiny", "--batch", "4", "--warmup", "1", "--steps", "2"]
+        code, printed = run_main([*flags, "--threads", "1", "--json", str(out)])
+        self.assertEqual(code, 0, printed)
+        report = json.loads(out.read_text())
+        self.assertEqual((report["threads"], report["precision"]), (1, "fp32, fused AdamW"))
+        self.assertEqual([r["mode"] for r in report["results"]], ["eager"])
+        r = report["results"][0]
+        self.assertGreater(r["images_per_s"], 0)
+        self.assertTrue(r["ms_min"] <= r["ms_median"] <= r["ms_max"])
+        self.assertIsNone(r["mfu"])
+        self.assertEqual(run_main([*flags, "--threads", "0"])[0], 2)
+
     @unittest.skipUnless(torch.cuda.is_available(), "no CUDA GPU")
     def test_bench_writes_its_report(self):
         out = self.path / "bench.json"

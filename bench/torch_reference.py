@@ -8,11 +8,14 @@ and every parameter's gradient in fp64 (or fp32) and compares them with the file
     python3 bench/torch_reference.py --preset tiny --params P.safetensors \
         --batch-file B.safetensors --grads G.safetensors [--tol 1e-4]
 
-Benchmark (`--bench`): times a whole training step (forward, backward, fused AdamW) in
-bf16 autocast, eager and under torch.compile, on batches sampled on the GPU.
+Benchmark (`--bench`): times a whole training step (forward, backward, fused AdamW) on
+batches sampled before each step: on the GPU (default) in bf16 autocast, eager and under
+torch.compile; with `--device cpu` in fp32 (the precision of lomar's CPU backend), eager,
+on one thread per core.
 
     python3 bench/torch_reference.py --bench --preset vit_base --image 384 --batch 64 \
         --json torch_vit_base_384.json
+    python3 bench/torch_reference.py --bench --device cpu --preset vit_tiny --batch 32
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ import dataclasses
 import gc
 import json
 import math
+import os
+import resource
 import statistics
 import sys
 import time
@@ -562,9 +567,11 @@ def make_adamw(model: nn.Module, lr: float) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8, fused=True)
 
 
-def time_mode(cfg: ModelConfig, args: argparse.Namespace, mode: str, flops: float, peak: float) -> dict:
-    """Warm-up steps, then timed steps of one execution mode ('eager' or 'compile')."""
-    device = torch.device("cuda")
+def time_mode(cfg: ModelConfig, args: argparse.Namespace, mode: str, flops: float, peak: float | None) -> dict:
+    """Warm-up steps, then timed steps of one execution mode ('eager' or 'compile') on
+    `args.device`: bf16 autocast on a GPU, fp32 on the CPU."""
+    device = torch.device(args.device)
+    on_gpu = device.type == "cuda"
     torch.manual_seed(args.seed)
     model = LomarViT(cfg).to(device)
     init_parameters(model)
@@ -572,37 +579,50 @@ def time_mode(cfg: ModelConfig, args: argparse.Namespace, mode: str, flops: floa
     forward = torch.compile(model, mode=args.compile_mode) if mode == "compile" else model
 
     def step(batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=on_gpu):
             loss = forward(*batch)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return loss.detach()
 
-    torch.cuda.reset_peak_memory_stats()
+    def synchronize() -> None:
+        if on_gpu:
+            torch.cuda.synchronize()
+
+    if on_gpu:
+        torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
     for _ in range(args.warmup):
         step(sample_batch(cfg, args.batch, device))
-    torch.cuda.synchronize()
+    synchronize()
     warmup_s = time.perf_counter() - started
 
-    # Each step's batch is sampled before its start event, so sampling is not timed.
-    events, losses = [], []
+    # Each step's batch is sampled before its timing starts, so sampling is not timed. The
+    # GPU runs ahead of the host, so its steps are timed with events; the CPU's are not.
+    spans, losses = [], []
     started = time.perf_counter()
     for _ in range(args.steps):
         batch = sample_batch(cfg, args.batch, device)
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        losses.append(step(batch))
-        end.record()
-        events.append((start, end))
-    torch.cuda.synchronize()
+        if on_gpu:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            losses.append(step(batch))
+            end.record()
+            spans.append(lambda start=start, end=end: start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            losses.append(step(batch))
+            elapsed_ms = (time.perf_counter() - t0) * 1e3
+            spans.append(lambda ms=elapsed_ms: ms)
+    synchronize()
     wall_s = time.perf_counter() - started
-    ms = sorted(start.elapsed_time(end) for start, end in events)
+    ms = sorted(span() for span in spans)
     final_loss = losses[-1].item()
     if not math.isfinite(final_loss):
         raise RuntimeError(f"{mode}: the loss is {final_loss}")
     median = statistics.median(ms)
+    achieved = flops / (median / 1000.0)
     result = {
         "mode": mode,
         "ms_median": median,
@@ -612,59 +632,90 @@ def time_mode(cfg: ModelConfig, args: argparse.Namespace, mode: str, flops: floa
         "ms_max": ms[-1],
         "images_per_s": args.batch * 1000.0 / median,
         "images_per_s_wall": args.batch * args.steps / wall_s,
-        "tflops": flops / (median / 1000.0) / 1e12,
-        "mfu": flops / (median / 1000.0) / peak,
-        "peak_memory_bytes": torch.cuda.max_memory_allocated(),
+        "tflops": achieved / 1e12,
+        "mfu": achieved / peak if peak else None,
+        # The CPU allocator keeps no statistics: the process's peak resident set instead.
+        "peak_memory_bytes": (
+            torch.cuda.max_memory_allocated() if on_gpu else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        ),
         "warmup_s": warmup_s,
         "final_loss": final_loss,
     }
     del model, forward, optimizer, losses
     torch._dynamo.reset()
     gc.collect()
-    torch.cuda.empty_cache()
+    if on_gpu:
+        torch.cuda.empty_cache()
     return result
 
 
+def cpu_threads() -> int:
+    """The cores this process may run on, as lomar's thread pool counts them."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def run_bench(args: argparse.Namespace, cfg: ModelConfig) -> int:
-    if not torch.cuda.is_available():
-        raise ValueError("--bench needs a CUDA GPU, and torch sees none")
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
-    gpu = torch.cuda.get_device_name()
-    if args.peak_flops:
-        peak, peak_source = args.peak_flops, "--peak-flops"
-    elif known_bf16_peak(gpu):
-        peak, peak_source = known_bf16_peak(gpu), "by GPU name"
+    threads = torch.get_num_threads()
+    try:
+        return bench_on_device(args, cfg)
+    finally:
+        torch.set_num_threads(threads)  # as it was for the caller (the tests run in one process)
+
+
+def bench_on_device(args: argparse.Namespace, cfg: ModelConfig) -> int:
+    if args.device == "cpu":
+        torch.set_num_threads(args.threads or cpu_threads())
+        device_name = f"cpu ({torch.get_num_threads()} threads)"
+        peak, peak_source = args.peak_flops, "--peak-flops" if args.peak_flops else None
+        precision = "fp32, fused AdamW"
     else:
-        peak, peak_source = 989.4e12, "unknown GPU: H100 SXM's, pass --peak-flops"
+        if not torch.cuda.is_available():
+            raise ValueError("--bench needs a CUDA GPU, and torch sees none (pass --device cpu to time the CPU)")
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        device_name = torch.cuda.get_device_name()
+        if args.peak_flops:
+            peak, peak_source = args.peak_flops, "--peak-flops"
+        elif known_bf16_peak(device_name):
+            peak, peak_source = known_bf16_peak(device_name), "by GPU name"
+        else:
+            peak, peak_source = 989.4e12, "unknown GPU: H100 SXM's, pass --peak-flops"
+        precision = "bf16 autocast, fp32 master weights, fused AdamW"
     flops = training_flops(cfg, args.batch)
     modes = args.modes.split(",")
     for mode in modes:
         if mode not in ("eager", "compile"):
             raise ValueError(f"--modes: {mode!r} is not one of eager, compile")
-    print(f"{gpu}, torch {torch.__version__}; {args.preset} {cfg}; batch {args.batch}")
-    print(f"{flops / 1e12:.3f} TFLOP per step; MFU against {peak / 1e12:.1f} TFLOP/s dense bf16 ({peak_source})")
+    print(f"{device_name}, torch {torch.__version__}; {args.preset} {cfg}; batch {args.batch}; {precision}")
+    if peak:
+        print(f"{flops / 1e9:.1f} GFLOP per step; MFU against {peak / 1e12:.1f} TFLOP/s ({peak_source})")
+    else:
+        print(f"{flops / 1e9:.1f} GFLOP per step; MFU n/a (no peak; pass --peak-flops)")
     results = []
     for mode in modes:
         r = time_mode(cfg, args, mode, flops, peak)
         results.append(r)
+        mfu = f"MFU {100 * r['mfu']:5.1f}%" if r["mfu"] is not None else "MFU n/a"
+        memory = "peak mem" if args.device != "cpu" else "peak RSS"
         print(
             f"{mode:>8}: {r['ms_median']:8.2f} ms/step (min {r['ms_min']:.2f}, p90 {r['ms_p90']:.2f}), "
-            f"{r['images_per_s']:9.1f} img/s, {r['tflops']:6.1f} TFLOP/s, MFU {100 * r['mfu']:5.1f}%, "
-            f"peak mem {r['peak_memory_bytes'] / 2**30:6.2f} GiB, warm-up {r['warmup_s']:.1f} s"
+            f"{r['images_per_s']:9.1f} img/s, {1e3 * r['tflops']:8.1f} GFLOP/s, {mfu}, "
+            f"{memory} {r['peak_memory_bytes'] / 2**30:6.2f} GiB, warm-up {r['warmup_s']:.1f} s"
         )
     if args.json:
         report = {
-            "gpu": gpu,
+            "device": device_name,
+            "gpu": device_name if args.device != "cpu" else None,
             "torch": torch.__version__,
             "cuda": torch.version.cuda,
+            "threads": torch.get_num_threads() if args.device == "cpu" else None,
             "preset": args.preset,
             "model": dataclasses.asdict(cfg),
             "batch": args.batch,
             "warmup_steps": args.warmup,
             "timed_steps": args.steps,
             "compile_mode": args.compile_mode,
-            "precision": "bf16 autocast, fp32 master weights, fused AdamW",
+            "precision": precision,
             "flops_per_step": flops,
             "peak_flops": peak,
             "peak_flops_source": peak_source,
@@ -714,17 +765,18 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, ModelConfig]
     check.add_argument("--grads", help="what `lomar grad` wrote: loss and one gradient per parameter")
     check.add_argument("--tol", type=float, default=1e-4, help="largest accepted max|err|/max|ref| of any tensor")
     check.add_argument("--dtype", choices=["float64", "float32"], default="float64")
-    check.add_argument("--device", default="cpu")
+    check.add_argument("--device", help="where torch computes: the check's default cpu, the benchmark's cuda")
     check.add_argument("--save-grads", help="also write our loss and gradients here, in lomar's format")
 
     bench = parser.add_argument_group("benchmark")
-    bench.add_argument("--bench", action="store_true", help="time training steps on the GPU instead")
+    bench.add_argument("--bench", action="store_true", help="time training steps instead (on --device)")
     bench.add_argument("--batch", type=int, default=32, help="images per step")
     bench.add_argument("--warmup", type=int, default=10)
     bench.add_argument("--steps", type=int, default=50, help="timed steps")
-    bench.add_argument("--modes", default="eager,compile", help="comma-separated: eager, compile")
+    bench.add_argument("--modes", help="comma-separated: eager, compile (default: both on a GPU, eager on the CPU)")
+    bench.add_argument("--threads", type=int, help="CPU threads (default: one per core this process may use)")
     bench.add_argument("--compile-mode", default="default", help="torch.compile mode")
-    bench.add_argument("--peak-flops", type=float, help="dense bf16 peak for MFU (default: by GPU name)")
+    bench.add_argument("--peak-flops", type=float, help="peak FLOP/s for MFU (default: a GPU's dense bf16 by name)")
     bench.add_argument("--seed", type=int, default=0)
     bench.add_argument("--json", help="write the results here")
     args = parser.parse_args(argv)
@@ -741,7 +793,15 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, ModelConfig]
         cfg.validate()
     except (OSError, ValueError) as err:
         parser.error(str(err))
+    if args.device is None:
+        args.device = "cuda" if args.bench else "cpu"
+    if args.modes is None:
+        args.modes = "eager" if args.device == "cpu" else "eager,compile"
     if args.bench:
+        if args.device not in ("cpu", "cuda"):
+            parser.error(f"--device {args.device}: the benchmark runs on cpu or cuda")
+        if args.threads is not None and (args.threads < 1 or args.device != "cpu"):
+            parser.error(f"--threads {args.threads}: needs --device cpu and at least 1")
         for name in ("batch", "warmup", "steps"):
             if getattr(args, name) < (0 if name == "warmup" else 1):
                 parser.error(f"--{name} = {getattr(args, name)}: too small")

@@ -1,10 +1,14 @@
-//! Every matrix product of the CPU backend goes through here, onto the `gemm` crate.
+//! Every matrix product of the CPU backend goes through here: f32 on our AVX-512 kernel
+//! (gemm/avx512.rs) where the CPU has AVX-512, everything else onto the `gemm` crate.
 //!
 //! [`Mat`] is a strided read-only view, so a head's q, k or v columns inside a qkv row and
 //! transposes are views, never copies. The three row-major helpers are the products a
 //! linear layer needs.
 
 use gemm::Parallelism;
+
+#[cfg(target_arch = "x86_64")]
+mod avx512;
 
 use super::real::Real;
 
@@ -59,8 +63,25 @@ fn last_index(rows: usize, cols: usize, rs: usize, cs: usize) -> usize {
     (rows - 1) * rs + (cols - 1) * cs
 }
 
-/// `dst[m, n] (+)= scale * a[m, k] · b[k, n]`, with `dst` row-major at row stride `dst_rs`.
-/// Overwrites `dst` unless `accumulate`.
+/// `(m, k, n)` of `dst = a · b`, checking that the inner dimensions agree and that `dst`
+/// at row stride `dst_rs` holds the product.
+fn product_dims<T>(dst: &[T], dst_rs: usize, a: Mat<T>, b: Mat<T>) -> (usize, usize, usize) {
+    let (m, k, n) = (a.rows, a.cols, b.cols);
+    assert_eq!(
+        b.rows, k,
+        "inner dimensions differ: {m}x{k} · {}x{n}",
+        b.rows
+    );
+    assert!(
+        m == 0 || n == 0 || last_index(m, n, dst_rs, 1) < dst.len(),
+        "a {m}x{n} product with row stride {dst_rs} overruns a destination of {}",
+        dst.len()
+    );
+    (m, k, n)
+}
+
+/// `dst[m, n] (+)= scale * a[m, k] · b[k, n]` on the `gemm` crate, with `dst` row-major at
+/// row stride `dst_rs`. Overwrites `dst` unless `accumulate`.
 #[allow(clippy::too_many_arguments)]
 pub fn matmul<T: Real>(
     dst: &mut [T],
@@ -71,20 +92,10 @@ pub fn matmul<T: Real>(
     accumulate: bool,
     parallelism: Parallelism,
 ) {
-    let (m, k, n) = (a.rows, a.cols, b.cols);
-    assert_eq!(
-        b.rows, k,
-        "inner dimensions differ: {m}x{k} · {}x{n}",
-        b.rows
-    );
+    let (m, k, n) = product_dims(dst, dst_rs, a, b);
     if m == 0 || n == 0 {
         return;
     }
-    assert!(
-        last_index(m, n, dst_rs, 1) < dst.len(),
-        "a {m}x{n} product with row stride {dst_rs} overruns a destination of {}",
-        dst.len()
-    );
     if k == 0 {
         if !accumulate {
             for i in 0..m {
@@ -121,6 +132,23 @@ pub fn matmul<T: Real>(
     }
 }
 
+/// `dst[m, n] (+)= a · b` in f32 on all cores (see [`Real::product`]).
+pub fn product_f32(dst: &mut [f32], dst_rs: usize, a: Mat<f32>, b: Mat<f32>, accumulate: bool) {
+    let (m, k, n) = product_dims(dst, dst_rs, a, b);
+    #[cfg(target_arch = "x86_64")]
+    if m > 0 && n > 0 && k > 0 && avx512::available() {
+        let end = last_index(m, n, dst_rs, 1) + 1;
+        avx512::matmul(&mut dst[..end], dst_rs, a, b, accumulate);
+        return;
+    }
+    matmul(dst, dst_rs, a, b, 1.0, accumulate, ALL_CORES);
+}
+
+/// `dst[m, n] (+)= a · b` in f64 on all cores (see [`Real::product`]).
+pub fn product_f64(dst: &mut [f64], dst_rs: usize, a: Mat<f64>, b: Mat<f64>, accumulate: bool) {
+    matmul(dst, dst_rs, a, b, 1.0, accumulate, ALL_CORES);
+}
+
 /// All cores, for the large products of the linear layers.
 const ALL_CORES: Parallelism = Parallelism::Rayon(0);
 
@@ -135,19 +163,19 @@ pub fn x_wt<T: Real>(
     accumulate: bool,
 ) {
     let (x, w) = (Mat::new(x, n, d_in), Mat::new(w, d_out, d_in));
-    matmul(y, d_out, x, w.t(), T::one(), accumulate, ALL_CORES);
+    T::product(y, d_out, x, w.t(), accumulate);
 }
 
 /// `dx[n, in] = dy[n, out] · w[out, in]`: a linear layer's input gradient.
 pub fn dy_w<T: Real>(dx: &mut [T], dy: &[T], w: &[T], n: usize, d_in: usize, d_out: usize) {
     let (dy, w) = (Mat::new(dy, n, d_out), Mat::new(w, d_out, d_in));
-    matmul(dx, d_in, dy, w, T::one(), false, ALL_CORES);
+    T::product(dx, d_in, dy, w, false);
 }
 
 /// `dw[out, in] += dy[n, out]ᵀ · x[n, in]`: a linear layer's weight gradient.
 pub fn add_dyt_x<T: Real>(dw: &mut [T], dy: &[T], x: &[T], n: usize, d_in: usize, d_out: usize) {
     let (dy, x) = (Mat::new(dy, n, d_out), Mat::new(x, n, d_in));
-    matmul(dw, d_in, dy.t(), x, T::one(), true, ALL_CORES);
+    T::product(dw, d_in, dy.t(), x, true);
 }
 
 #[cfg(test)]
@@ -234,6 +262,49 @@ mod tests {
             .iter()
             .zip(&want)
             .all(|(a, b)| (a - 2.0 * b).abs() < 1e-12));
+    }
+
+    #[test]
+    fn f32_products_match_f64_at_every_edge_for_any_thread_count() {
+        // Rows past one task and not a multiple of a tile, columns not a multiple of a
+        // panel, k past one block; `a` row-major, and transposed as in a weight gradient.
+        for (m, k, n, transposed) in [
+            (203, 300, 100, false),
+            (70, 517, 64, true),
+            (5, 3, 7, false),
+        ] {
+            let a64 = filled(m * k, 5.0);
+            let b64 = filled(k * n, 6.0);
+            let c64 = filled(m * n, 7.0);
+            let f32s = |v: &[f64]| v.iter().map(|&x| x as f32).collect::<Vec<f32>>();
+            let (a32, b32) = (f32s(&a64), f32s(&b64));
+            let (a, a_ref) = if transposed {
+                (Mat::new(&a32, k, m).t(), view(&a64, m, k, 1, m))
+            } else {
+                (Mat::new(&a32, m, k), view(&a64, m, k, k, 1))
+            };
+            let product = |threads: usize, accumulate: bool| {
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .unwrap();
+                let mut c = f32s(&c64);
+                pool.install(|| product_f32(&mut c, n, a, Mat::new(&b32, k, n), accumulate));
+                c
+            };
+            let want = naive(a_ref, view(&b64, k, n, n, 1));
+            for accumulate in [false, true] {
+                let got = product(1, accumulate);
+                assert_eq!(got, product(3, accumulate), "{m}x{k}x{n}");
+                for (i, (&g, &w)) in got.iter().zip(&want).enumerate() {
+                    let w = if accumulate { w + c64[i] } else { w };
+                    assert!(
+                        (g as f64 - w).abs() < 1e-5 * k as f64,
+                        "{m}x{k}x{n} [{i}]: {g} vs {w}"
+                    );
+                }
+            }
+        }
     }
 
     #[test]

@@ -6,6 +6,8 @@ use std::iter::Sum;
 
 use num_traits::{Float, NumAssign};
 
+use super::gemm::{self, Mat};
+
 /// A float the ops and the model are generic over. Only f32 and f64 implement it, the two
 /// types the GEMM crate multiplies.
 pub trait Real: Float + NumAssign + Sum + Debug + Default + Send + Sync + Copy + 'static {
@@ -15,6 +17,10 @@ pub trait Real: Float + NumAssign + Sum + Debug + Default + Send + Sync + Copy +
     fn of(v: f64) -> Self;
     /// An input pixel.
     fn of_f32(v: f32) -> Self;
+    /// `dst[m, n] (+)= a · b` on all cores, `dst` row-major at row stride `dst_rs`;
+    /// overwrites unless `accumulate`. The linear layers' products: each type on its
+    /// fastest code (src/cpu/gemm.rs).
+    fn product(dst: &mut [Self], dst_rs: usize, a: Mat<Self>, b: Mat<Self>, accumulate: bool);
 }
 
 impl Real for f32 {
@@ -27,6 +33,9 @@ impl Real for f32 {
     fn of_f32(v: f32) -> Self {
         v
     }
+    fn product(dst: &mut [Self], dst_rs: usize, a: Mat<Self>, b: Mat<Self>, accumulate: bool) {
+        gemm::product_f32(dst, dst_rs, a, b, accumulate)
+    }
 }
 
 impl Real for f64 {
@@ -38,5 +47,8 @@ impl Real for f64 {
     }
     fn of_f32(v: f32) -> Self {
         v as f64
+    }
+    fn product(dst: &mut [Self], dst_rs: usize, a: Mat<Self>, b: Mat<Self>, accumulate: bool) {
+        gemm::product_f64(dst, dst_rs, a, b, accumulate)
     }
 }

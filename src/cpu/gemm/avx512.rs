@@ -1,0 +1,215 @@
+//! The f32 matrix product on AVX-512, for CPUs that have it (the `gemm` crate multiplies
+//! with AVX2 on stable Rust, half the width).
+//!
+//! `c[m, n] (+)= a[m, k] · b[k, n]`. `b` (a weight, or the activation of a weight
+//! gradient) is packed once per product into panels of `NR` columns, zero-padded, and
+//! shared by every thread; each thread packs its block of `a`'s rows into `MR`-row tiles
+//! per `KC` block of `k`, so the kernel reads both operands contiguously whatever their
+//! strides. Threads take disjoint blocks of `c`'s rows, and every element sums its `k`
+//! terms in the same order whatever the blocks: in `KC`-long runs from `k = 0`, each run
+//! summed in a register from zero and then added to `c`. So the result does not depend on
+//! the thread count.
+
+use std::arch::x86_64::*;
+use std::cell::Cell;
+
+use rayon::prelude::*;
+
+use super::Mat;
+
+/// Rows of `c` per register tile.
+const MR: usize = 8;
+/// Columns of `c` per register tile: three 16-lane vectors.
+const NR: usize = 48;
+/// `k` per pass over a tile: a packed panel of `b` (`KC·NR` values, 48 KiB) stays in L1/L2
+/// while every row tile of a block reuses it.
+const KC: usize = 256;
+/// Rows of `c` per rayon task (a multiple of `MR`).
+const MC: usize = 96;
+
+/// Whether this CPU runs the kernel.
+pub fn available() -> bool {
+    is_x86_feature_detected!("avx512f")
+}
+
+thread_local! {
+    /// The packed `b` of the last product on this thread, kept so that the next product
+    /// reuses its memory instead of faulting in fresh pages.
+    static PACKED: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
+}
+
+/// `c[m, n] (+)= a · b` with `c` row-major at row stride `c_rs`; overwrites unless
+/// `accumulate`. The caller checked the shapes and that `c` holds every element.
+pub fn matmul(c: &mut [f32], c_rs: usize, a: Mat<f32>, b: Mat<f32>, accumulate: bool) {
+    let (m, k, n) = (a.rows, a.cols, b.cols);
+    let panels = n.div_ceil(NR);
+    // Taken out of the thread-local, not borrowed: a nested product on this thread (rayon
+    // runs other tasks while one waits) then packs into a buffer of its own.
+    let mut packed = PACKED.take();
+    packed.clear();
+    packed.resize(k * panels * NR, 0.0);
+    pack_b(&mut packed, b, panels);
+
+    let rows_per_task = MC * c_rs;
+    let task = |(block, c): (usize, &mut [f32])| {
+        let rows = MC.min(m - block * MC);
+        let a = Mat {
+            data: &a.data[block * MC * a.rs..],
+            rows,
+            ..a
+        };
+        // SAFETY: `available()` was checked by the caller; `multiply_block` stays inside
+        // `a`, `packed` and the `rows × n` block of `c` at stride `c_rs`.
+        unsafe { multiply_block(c, c_rs, a, &packed, n, accumulate) }
+    };
+    if m > MC {
+        c.par_chunks_mut(rows_per_task).enumerate().for_each(task);
+    } else {
+        task((0, c));
+    }
+    PACKED.set(packed);
+}
+
+/// `b` `[k, n]` into `KC`-row blocks, each holding its panels one after the other: block
+/// `k0` starts at `k0·panels·NR`, its panel `j` is `kb × NR` values (`kb` the block's
+/// rows), column `j·NR + x` of row `k0 + r` at `r·NR + x`; columns past `n` stay 0.
+fn pack_b(packed: &mut [f32], b: Mat<f32>, panels: usize) {
+    let n = b.cols;
+    packed
+        .par_chunks_mut(KC * panels * NR)
+        .enumerate()
+        .for_each(|(block, dst)| {
+            let k0 = block * KC;
+            let kb = dst.len() / (panels * NR);
+            for (j, panel) in dst.chunks_exact_mut(kb * NR).enumerate() {
+                let cols = NR.min(n - j * NR);
+                for (r, row) in panel.chunks_exact_mut(NR).enumerate() {
+                    let src = &b.data[(k0 + r) * b.rs + j * NR * b.cs..];
+                    if b.cs == 1 {
+                        row[..cols].copy_from_slice(&src[..cols]);
+                        continue;
+                    }
+                    for (x, v) in row[..cols].iter_mut().enumerate() {
+                        *v = src[x * b.cs];
+                    }
+                }
+            }
+        });
+}
+
+/// One task's rows: for each `KC` block of `k`, its `a` rows packed, then every panel of
+/// `b` times every `MR`-row tile.
+///
+/// # Safety
+/// Needs AVX-512F. `a` must be a valid view, `packed` the whole packed `b` of `k = a.cols`
+/// rows and `n` columns, and `c` must hold `a.rows` rows of `n` values at stride `c_rs`.
+#[target_feature(enable = "avx512f")]
+unsafe fn multiply_block(
+    c: &mut [f32],
+    c_rs: usize,
+    a: Mat<f32>,
+    packed: &[f32],
+    n: usize,
+    accumulate: bool,
+) {
+    let (m, k) = (a.rows, a.cols);
+    let (panels, tiles) = (n.div_ceil(NR), m.div_ceil(MR));
+    assert!(m > 0 && c.len() > (m - 1) * c_rs + n - 1);
+    let mut a_tiles = vec![0.0f32; tiles * MR * KC.min(k)];
+    for k0 in (0..k).step_by(KC) {
+        let kb = KC.min(k - k0);
+        let a_block = &mut a_tiles[..tiles * MR * kb];
+        pack_a(a_block, a, k0, kb);
+        let overwrite = !accumulate && k0 == 0;
+        let block = &packed[k0 * panels * NR..][..kb * panels * NR];
+        for (j, panel) in block.chunks_exact(kb * NR).enumerate() {
+            let masks = column_masks(NR.min(n - j * NR));
+            for (t, tile) in a_block.chunks_exact(MR * kb).enumerate() {
+                let i = t * MR;
+                let c = c.as_mut_ptr().add(i * c_rs + j * NR);
+                multiply_tile(tile, panel, kb, c, c_rs, MR.min(m - i), masks, overwrite);
+            }
+        }
+    }
+}
+
+/// Rows of `a`, columns `k0..k0 + kb`, as `MR`-row tiles, each `kb × MR` with the tile's
+/// `MR` values of one `k` adjacent; rows past `a.rows` are 0. Each `k` fills its `MR`
+/// values before the next, so a transposed `a` (a weight gradient's) is read contiguously
+/// and a row-major one as `MR` streams.
+fn pack_a(dst: &mut [f32], a: Mat<f32>, k0: usize, kb: usize) {
+    for (t, tile) in dst.chunks_exact_mut(MR * kb).enumerate() {
+        let rows = MR.min(a.rows - t * MR);
+        let src = &a.data[t * MR * a.rs + k0 * a.cs..];
+        for (r, values) in tile.chunks_exact_mut(MR).enumerate() {
+            if a.rs == 1 && rows == MR {
+                values.copy_from_slice(&src[r * a.cs..][..MR]);
+                continue;
+            }
+            for (i, v) in values.iter_mut().enumerate() {
+                *v = if i < rows {
+                    src[i * a.rs + r * a.cs]
+                } else {
+                    0.0
+                };
+            }
+        }
+    }
+}
+
+/// Which lanes of a tile's three vectors hold columns of `c`.
+fn column_masks(cols: usize) -> [__mmask16; 3] {
+    std::array::from_fn(|v| {
+        let lanes = cols.saturating_sub(16 * v).min(16);
+        ((1u32 << lanes) - 1) as __mmask16
+    })
+}
+
+/// One register tile: `c[rows ≤ MR, NR]` (+)= `a_tile` `[kb, MR]`ᵀ · `panel` `[kb, NR]`,
+/// the `k` terms summed in order from zero, then added to (or stored into) `c`, only the
+/// lanes in `masks`.
+///
+/// # Safety
+/// Needs AVX-512F; `c` must hold `rows` rows at stride `c_rs` of the masked columns.
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn multiply_tile(
+    a_tile: &[f32],
+    panel: &[f32],
+    kb: usize,
+    c: *mut f32,
+    c_rs: usize,
+    rows: usize,
+    masks: [__mmask16; 3],
+    overwrite: bool,
+) {
+    let mut acc = [[_mm512_setzero_ps(); 3]; MR];
+    for (a, b) in a_tile.chunks_exact(MR).zip(panel.chunks_exact(NR)).take(kb) {
+        let b = [
+            _mm512_loadu_ps(b.as_ptr()),
+            _mm512_loadu_ps(b.as_ptr().add(16)),
+            _mm512_loadu_ps(b.as_ptr().add(32)),
+        ];
+        for (acc, &a) in acc.iter_mut().zip(a) {
+            let a = _mm512_set1_ps(a);
+            for (acc, &b) in acc.iter_mut().zip(&b) {
+                *acc = _mm512_fmadd_ps(a, b, *acc);
+            }
+        }
+    }
+    for (i, acc) in acc.iter().take(rows).enumerate() {
+        let row = c.add(i * c_rs);
+        for (v, (&acc, &mask)) in acc.iter().zip(&masks).enumerate() {
+            if mask == 0 {
+                continue;
+            }
+            let dst = row.add(16 * v);
+            let sum = if overwrite {
+                acc
+            } else {
+                _mm512_add_ps(_mm512_maskz_loadu_ps(mask, dst), acc)
+            };
+            _mm512_mask_storeu_ps(dst, mask, sum);
+        }
+    }
+}
