@@ -30,7 +30,9 @@ fn function(module: &Arc<CudaModule>, name: &str) -> Result<CudaFunction> {
         .with_context(|| format!("the kernel module has no function {name}"))
 }
 
-/// Every kernel of ours, instantiated for storage type `T` (plus the fp32-only ones).
+/// Every kernel of ours but attention's, instantiated for storage type `T` (plus the fp32-only
+/// ones). The attention kernels come in many instances (per head dim and path) chosen per
+/// call by `attention::plan`, so `attention::AttentionKernels` loads and launches them.
 pub struct Kernels<T> {
     pub(super) stream: Arc<CudaStream>,
     sync_launches: bool,
