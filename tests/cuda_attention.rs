@@ -18,7 +18,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use lomar::cuda::attention::{
-    attention_backward_tuned, attention_forward, attention_forward_tuned, plan, AttentionKernels,
+    attention_backward, attention_forward, plan, AttentionKernels,
     AttnElem, AttnShape, AttnTuning, Pass,
 };
 
@@ -124,7 +124,7 @@ fn run_gpu<E: Elem>(
     let mut lse_d = st.clone_htod(&vec![f32::NAN; shape.seqs * shape.heads * t])?;
     let mut dqkv_d = st.clone_htod(&nan_e(inputs.qkv.len()))?;
     let mut dtable_d = st.clone_htod(&inputs.dtable_start)?;
-    attention_forward_tuned(
+    attention_forward(
         st,
         &gpu.kernels,
         &qkv_d.as_view(),
@@ -134,7 +134,7 @@ fn run_gpu<E: Elem>(
         shape,
         tuning,
     )?;
-    attention_backward_tuned(
+    attention_backward(
         st,
         &gpu.kernels,
         &qkv_d.as_view(),
@@ -324,6 +324,7 @@ fn bad_buffers_are_errors() -> Result<()> {
             &mut out.as_view_mut(),
             &mut lse.as_view_mut(),
             sh,
+            AttnTuning::default(),
         )
     };
     let too_long = run(qkv.as_view()).unwrap_err();
@@ -342,7 +343,8 @@ fn bad_buffers_are_errors() -> Result<()> {
         &table.as_view(),
         &mut out.as_view_mut(),
         &mut lse.as_view_mut(),
-        no_kernel
+        no_kernel,
+        AttnTuning::default()
     )
     .is_err());
     Ok(())
@@ -424,7 +426,7 @@ fn vit_base_benchmark() -> Result<()> {
         let [fwd_plan, bwd_plan] = kernels;
         let (fwd_plan, bwd_plan) = (fwd_plan?, bwd_plan?);
         let fwd_us = timed(&mut || {
-            attention_forward_tuned(
+            attention_forward(
                 st,
                 &gpu.kernels,
                 &qkv.as_view(),
@@ -436,7 +438,7 @@ fn vit_base_benchmark() -> Result<()> {
             )
         })?;
         let bwd_us = timed(&mut || {
-            attention_backward_tuned(
+            attention_backward(
                 st,
                 &gpu.kernels,
                 &qkv.as_view(),

@@ -69,26 +69,6 @@ fn the_stream_depends_on_the_seed_alone_and_resumes_exactly() {
     assert_eq!(resumed.skipped_keys().len(), 6);
 }
 
-const SMALL: [&str; 10] = [
-    "--batch",
-    "4",
-    "--warmup-steps",
-    "1",
-    "--log-every",
-    "1",
-    "--loader-threads",
-    "2",
-    "--checkpoint-every",
-    "0",
-];
-
-fn metrics(run: &Path) -> Vec<serde_json::Value> {
-    fs::read_to_string(run.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
 
 #[test]
 fn training_skips_each_broken_file_once_with_a_warning_and_counts_it() {
@@ -96,7 +76,7 @@ fn training_skips_each_broken_file_once_with_a_warning_and_counts_it() {
     let d = dir.path();
     let mixed = images::mixed_folder(&d.join("imgs"));
     let mut args = vec!["pretrain", "--data", "imgs", "--out", "run", "--steps", "3"];
-    args.extend(SMALL);
+    args.extend(images::SMALL_RUN);
     let out = lomar(d, &args);
     let (stdout, stderr) = (
         String::from_utf8_lossy(&out.stdout),
@@ -121,7 +101,7 @@ fn training_skips_each_broken_file_once_with_a_warning_and_counts_it() {
     assert!(!stderr.contains("panicked"), "{stderr}");
     let last = stdout.lines().rfind(|l| l.starts_with("step ")).unwrap();
     assert!(last.contains("| skipped 6 files |"), "{last}");
-    let records = metrics(&d.join("run"));
+    let records = images::metrics(&d.join("run"));
     assert_eq!(records.len(), 3);
     assert_eq!(records[2]["skipped_files"], 6);
     assert!(records
@@ -143,7 +123,7 @@ fn a_resumed_folder_run_continues_the_same_stream() {
     let mut whole = vec![
         "pretrain", "--data", "imgs", "--out", "whole", "--steps", "4",
     ];
-    whole.extend(SMALL);
+    whole.extend(images::SMALL_RUN);
     lomar_ok(d, &whole);
     let mut split = vec![
         "pretrain",
@@ -156,7 +136,7 @@ fn a_resumed_folder_run_continues_the_same_stream() {
         "--stop-after",
         "2",
     ];
-    split.extend(SMALL);
+    split.extend(images::SMALL_RUN);
     lomar_ok(d, &split);
     // No --data: the checkpoint names the folder.
     let stdout = lomar_ok(
@@ -185,7 +165,7 @@ fn a_resumed_folder_run_continues_the_same_stream() {
     let differ = (0..a.params.len()).find(|&i| a.params[i].to_bits() != b.params[i].to_bits());
     assert_eq!(differ, None, "parameters differ after the resume");
     let losses = |run: &str| -> Vec<f64> {
-        metrics(&d.join(run))
+        images::metrics(&d.join(run))
             .iter()
             .map(|r| r["loss"].as_f64().unwrap())
             .collect()
@@ -238,7 +218,7 @@ fn a_synthetic_run_cannot_resume_on_a_folder() {
         "--stop-after",
         "1",
     ];
-    args.extend(SMALL);
+    args.extend(images::SMALL_RUN);
     lomar_ok(d, &args);
     let stderr = lomar_err(
         d,

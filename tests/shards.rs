@@ -281,26 +281,6 @@ fn the_stream_is_seeded_split_by_rank_and_independent_of_the_thread_count() {
     assert_eq!(take(2, 9, 16), one[9..]);
 }
 
-const SMALL: [&str; 10] = [
-    "--batch",
-    "4",
-    "--warmup-steps",
-    "1",
-    "--log-every",
-    "1",
-    "--loader-threads",
-    "2",
-    "--checkpoint-every",
-    "0",
-];
-
-fn metrics(run: &Path) -> Vec<serde_json::Value> {
-    fs::read_to_string(run.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
 
 #[test]
 fn training_on_shards_resumes_bit_for_bit() {
@@ -316,7 +296,7 @@ fn training_on_shards_resumes_bit_for_bit() {
     let run = |out: &str, extra: &[&str]| {
         let args = [
             &["pretrain", "--data", "s", "--out", out, "--steps", "5"][..],
-            &SMALL,
+            &images::SMALL_RUN,
             extra,
         ]
         .concat();
@@ -374,7 +354,7 @@ fn training_on_shards_resumes_bit_for_bit() {
     let differ = (0..a.params.len()).find(|&i| a.params[i].to_bits() != b.params[i].to_bits());
     assert_eq!(differ, None, "parameters differ after the resume");
     let losses = |run: &str| -> Vec<f64> {
-        metrics(&d.join(run))
+        images::metrics(&d.join(run))
             .iter()
             .map(|r| r["loss"].as_f64().unwrap())
             .collect()
@@ -517,7 +497,7 @@ fn train(d: &Path) -> (String, String) {
         &[
             "pretrain", "--data", "s", "--out", "run", "--steps", "3", "--force",
         ][..],
-        &SMALL,
+        &images::SMALL_RUN,
     ]
     .concat();
     let out = lomar(d, &args);
@@ -578,7 +558,7 @@ fn a_corrupt_image_or_a_missing_class_is_skipped_naming_shard_and_member() {
     );
     let last = stdout.lines().rfind(|l| l.starts_with("step ")).unwrap();
     assert!(last.contains("| skipped 2 files |"), "{last}");
-    assert_eq!(metrics(&d.join("run"))[2]["skipped_files"], 2);
+    assert_eq!(images::metrics(&d.join("run"))[2]["skipped_files"], 2);
     let ck = CheckpointFile::open(&d.join("run/checkpoint.safetensors"))
         .unwrap()
         .load(&preset("tiny").unwrap())

@@ -401,31 +401,10 @@ fn check_aligned<T>(what: &str, buf: &impl DevicePtr<T>, stream: &CudaStream) ->
     Ok(())
 }
 
-/// Enqueues the forward on `stream`: `out` and `lse` are overwritten.
-pub fn attention_forward<E: AttnElem>(
-    stream: &Arc<CudaStream>,
-    kernels: &AttentionKernels,
-    qkv: &CudaView<E>,
-    table: &CudaView<f32>,
-    out: &mut CudaViewMut<E>,
-    lse: &mut CudaViewMut<f32>,
-    shape: AttnShape,
-) -> Result<()> {
-    attention_forward_tuned(
-        stream,
-        kernels,
-        qkv,
-        table,
-        out,
-        lse,
-        shape,
-        AttnTuning::default(),
-    )
-}
-
-/// [`attention_forward`] with the launch choices of `tuning`.
+/// Enqueues the forward on `stream` with the launch choices of `tuning`
+/// (`AttnTuning::default()` for the planned ones): `out` and `lse` are overwritten.
 #[allow(clippy::too_many_arguments)]
-pub fn attention_forward_tuned<E: AttnElem>(
+pub fn attention_forward<E: AttnElem>(
     stream: &Arc<CudaStream>,
     kernels: &AttentionKernels,
     qkv: &CudaView<E>,
@@ -457,39 +436,11 @@ pub fn attention_forward_tuned<E: AttnElem>(
     Ok(())
 }
 
-/// Enqueues the backward on `stream`: `dqkv` is overwritten, `dtable` is added to.
-/// `out` and `lse` are the forward's outputs for the same inputs.
+/// Enqueues the backward on `stream` with the launch choices of `tuning`: `dqkv` is
+/// overwritten, `dtable` is added to. `out` and `lse` are the forward's outputs for the same
+/// inputs.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_backward<E: AttnElem>(
-    stream: &Arc<CudaStream>,
-    kernels: &AttentionKernels,
-    qkv: &CudaView<E>,
-    table: &CudaView<f32>,
-    out: &CudaView<E>,
-    dout: &CudaView<E>,
-    lse: &CudaView<f32>,
-    dqkv: &mut CudaViewMut<E>,
-    dtable: &mut CudaViewMut<f32>,
-    shape: AttnShape,
-) -> Result<()> {
-    attention_backward_tuned(
-        stream,
-        kernels,
-        qkv,
-        table,
-        out,
-        dout,
-        lse,
-        dqkv,
-        dtable,
-        shape,
-        AttnTuning::default(),
-    )
-}
-
-/// [`attention_backward`] with the launch choices of `tuning`.
-#[allow(clippy::too_many_arguments)]
-pub fn attention_backward_tuned<E: AttnElem>(
     stream: &Arc<CudaStream>,
     kernels: &AttentionKernels,
     qkv: &CudaView<E>,

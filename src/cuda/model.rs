@@ -11,7 +11,7 @@ use cudarc::driver::CudaSlice;
 
 use super::activations::Activations;
 use super::attention::{
-    attention_backward, attention_forward, AttentionKernels, AttnElem, AttnShape,
+    attention_backward, attention_forward, AttentionKernels, AttnElem, AttnShape, AttnTuning,
 };
 use super::device::{DevPtr, Gpu};
 use super::gemm::Blas;
@@ -86,6 +86,7 @@ impl<'a, T: Storage + AttnElem> Pass<'a, T> {
                     out,
                     lse,
                     self.attention_shape(),
+                    AttnTuning::default(),
                 )
             })
         })?;
@@ -126,6 +127,7 @@ impl<'a, T: Storage + AttnElem> Pass<'a, T> {
                     dqkv,
                     dtable,
                     self.attention_shape(),
+                    AttnTuning::default(),
                 )
             })
         })?;

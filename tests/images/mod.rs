@@ -105,3 +105,27 @@ pub fn mixed_folder(root: &Path) -> Mixed {
     std::os::unix::fs::symlink(root.join("nowhere.jpg"), p(bad[5])).unwrap();
     Mixed { good, bad }
 }
+
+/// Flags of a short `pretrain` run on a folder or shards: small batches, a line and a
+/// metrics record every step, two loader threads, a checkpoint only at the end.
+pub const SMALL_RUN: [&str; 10] = [
+    "--batch",
+    "4",
+    "--warmup-steps",
+    "1",
+    "--log-every",
+    "1",
+    "--loader-threads",
+    "2",
+    "--checkpoint-every",
+    "0",
+];
+
+/// The records of a run's metrics.jsonl.
+pub fn metrics(run: &Path) -> Vec<serde_json::Value> {
+    fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
