@@ -12,7 +12,7 @@ use anyhow::{bail, Result};
 use clap::ValueEnum;
 use rayon::prelude::*;
 
-use super::model::block_forward;
+use super::model::{block_forward, BlockActs};
 use super::ops::attention::RelativeIndex;
 use super::ops::{layernorm, linear, tokens};
 use crate::config::ModelConfig;
@@ -203,9 +203,15 @@ impl<'a> Encoder<'a> {
             &slots,
             area,
         );
+        // One set of buffers serves every block: the encoder keeps nothing for a backward.
+        let mut acts = BlockActs::default();
+        *acts.input() = x;
+        let (mut act, mut x) = (Vec::new(), Vec::new());
         for (b, table) in r.blocks.iter().zip(&self.tables) {
-            x = block_forward(p, b, table, &self.rel, m.heads, x).1;
+            block_forward(p, b, table, &self.rel, m.heads, &mut acts, &mut act, &mut x);
+            std::mem::swap(acts.input(), &mut x);
         }
+        let x = std::mem::take(acts.input());
         let mut normed = vec![0.0f32; x.len()];
         layernorm::layernorm_forward(&mut normed, &x, &p[r.norm_w.clone()], &p[r.norm_b.clone()]);
         normed

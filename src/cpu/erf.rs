@@ -26,11 +26,13 @@ const Q: [f64; 7] = [
     -4.521940495987945e-07,
 ];
 
+#[inline]
 fn horner(coeffs: &[f64; 7], u: f64) -> f64 {
     coeffs.iter().rev().fold(0.0, |acc, &c| acc * u + c)
 }
 
 /// erf(x) within one f32 ulp; NaN stays NaN.
+#[inline]
 pub fn erf_f32(x: f32) -> f32 {
     let x = x.clamp(-4.0, 4.0) as f64;
     let u = x * x;

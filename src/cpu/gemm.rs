@@ -80,18 +80,9 @@ fn product_dims<T>(dst: &[T], dst_rs: usize, a: Mat<T>, b: Mat<T>) -> (usize, us
     (m, k, n)
 }
 
-/// `dst[m, n] (+)= scale * a[m, k] · b[k, n]` on the `gemm` crate, with `dst` row-major at
-/// row stride `dst_rs`. Overwrites `dst` unless `accumulate`.
-#[allow(clippy::too_many_arguments)]
-pub fn matmul<T: Real>(
-    dst: &mut [T],
-    dst_rs: usize,
-    a: Mat<T>,
-    b: Mat<T>,
-    scale: T,
-    accumulate: bool,
-    parallelism: Parallelism,
-) {
+/// `dst[m, n] (+)= a[m, k] · b[k, n]` on the `gemm` crate and all cores, with `dst`
+/// row-major at row stride `dst_rs`. Overwrites `dst` unless `accumulate`.
+pub fn matmul<T: Real>(dst: &mut [T], dst_rs: usize, a: Mat<T>, b: Mat<T>, accumulate: bool) {
     let (m, k, n) = product_dims(dst, dst_rs, a, b);
     if m == 0 || n == 0 {
         return;
@@ -123,11 +114,11 @@ pub fn matmul<T: Real>(
             b.cs as isize,
             b.rs as isize,
             T::one(),
-            scale,
+            T::one(),
             false,
             false,
             false,
-            parallelism,
+            Parallelism::Rayon(0),
         );
     }
 }
@@ -141,16 +132,13 @@ pub fn product_f32(dst: &mut [f32], dst_rs: usize, a: Mat<f32>, b: Mat<f32>, acc
         avx512::matmul(&mut dst[..end], dst_rs, a, b, accumulate);
         return;
     }
-    matmul(dst, dst_rs, a, b, 1.0, accumulate, ALL_CORES);
+    matmul(dst, dst_rs, a, b, accumulate);
 }
 
 /// `dst[m, n] (+)= a · b` in f64 on all cores (see [`Real::product`]).
 pub fn product_f64(dst: &mut [f64], dst_rs: usize, a: Mat<f64>, b: Mat<f64>, accumulate: bool) {
-    matmul(dst, dst_rs, a, b, 1.0, accumulate, ALL_CORES);
+    matmul(dst, dst_rs, a, b, accumulate);
 }
-
-/// All cores, for the large products of the linear layers.
-const ALL_CORES: Parallelism = Parallelism::Rayon(0);
 
 /// `y[n, out] (+)= x[n, in] · w[out, in]ᵀ`: a linear layer's forward.
 pub fn x_wt<T: Real>(
@@ -253,15 +241,10 @@ mod tests {
             3,
             Mat::strided(&a[2..], 3, 2, 6),
             Mat::strided(&a[4..], 3, 2, 6).t(),
-            2.0,
             false,
-            Parallelism::None,
         );
         let want = naive(view(&a[2..], 3, 2, 6, 1), view(&a[4..], 2, 3, 1, 6));
-        assert!(c
-            .iter()
-            .zip(&want)
-            .all(|(a, b)| (a - 2.0 * b).abs() < 1e-12));
+        assert!(c.iter().zip(&want).all(|(a, b)| (a - b).abs() < 1e-12));
     }
 
     #[test]

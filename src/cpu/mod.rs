@@ -4,10 +4,12 @@
 
 pub mod encoder;
 mod erf;
+mod exp;
 pub mod gemm;
 pub mod model;
 pub mod ops;
 pub mod real;
+mod simd;
 
 use anyhow::Result;
 
@@ -19,12 +21,13 @@ use crate::train::optim::adamw_update;
 
 /// Trains in f32 on the CPU, with fp32 parameters, gradients and AdamW moments.
 pub struct CpuBackend {
-    model: ModelConfig,
     layout: ParamLayout,
     decay_mask: Vec<f32>,
     params: Vec<f32>,
     grads: Vec<f32>,
     moments: Moments,
+    /// Tables and activation buffers, kept across micro-batches.
+    workspace: model::Workspace<f32>,
 }
 
 impl CpuBackend {
@@ -35,7 +38,6 @@ impl CpuBackend {
         let n = layout.total();
         layout.check_len("parameters", params.len())?;
         Ok(CpuBackend {
-            model: model.clone(),
             decay_mask: layout.decay_mask(),
             layout,
             params,
@@ -44,6 +46,7 @@ impl CpuBackend {
                 m: vec![0.0; n],
                 v: vec![0.0; n],
             },
+            workspace: model::Workspace::new(model)?,
         })
     }
 }
@@ -63,13 +66,8 @@ impl Backend for CpuBackend {
 
     /// The model validates the batch before any work, so a bad batch is an error.
     fn forward_backward(&mut self, batch: &Batch, grad_scale: f32) -> Result<f32> {
-        model::loss_and_grad(
-            &self.model,
-            &self.params,
-            batch,
-            &mut self.grads,
-            grad_scale,
-        )
+        self.workspace
+            .loss_and_grad(&self.params, batch, &mut self.grads, grad_scale)
     }
 
     fn zero_grads(&mut self) -> Result<()> {

@@ -20,16 +20,17 @@ use crate::params::{BlockRanges, ModelRanges, ParamLayout};
 
 /// The mean reconstruction loss of a batch.
 pub fn loss<T: Real>(m: &ModelConfig, params: &[T], batch: &Batch) -> Result<T> {
-    let net = Net::new(m, params, batch)?;
-    let fwd = net.forward(batch);
-    Ok(loss::masked_mse_loss(&fwd.pred, &fwd.patches.targets))
+    let mut ws = Workspace::new(m)?;
+    ws.forward(params, batch)?;
+    Ok(loss::masked_mse_loss(&ws.pred, &ws.patches.targets))
 }
 
 /// The head's output for every masked patch, `[S·M, 3p²]` in `(y, x, c)` order, in
 /// `mask_index` order within each window (the layout of the targets).
 pub fn predict<T: Real>(m: &ModelConfig, params: &[T], batch: &Batch) -> Result<Vec<T>> {
-    let net = Net::new(m, params, batch)?;
-    Ok(net.forward(batch).pred)
+    let mut ws = Workspace::new(m)?;
+    ws.forward(params, batch)?;
+    Ok(ws.pred)
 }
 
 /// The mean reconstruction loss of a batch; adds `grad_scale · dloss/dparams` to `grads`.
@@ -40,30 +41,39 @@ pub fn loss_and_grad<T: Real>(
     grads: &mut [T],
     grad_scale: T,
 ) -> Result<T> {
-    let net = Net::new(m, params, batch)?;
-    if grads.len() != params.len() {
-        bail!(
-            "gradient buffer holds {} values, the parameters {}",
-            grads.len(),
-            params.len()
-        );
-    }
-    let fwd = net.forward(batch);
-    let mut dpred = vec![T::zero(); fwd.pred.len()];
-    let loss = loss::masked_mse(&mut dpred, &fwd.pred, &fwd.patches.targets, grad_scale);
-    net.backward(batch, &fwd, &dpred, grads);
-    Ok(loss)
+    Workspace::new(m)?.loss_and_grad(params, batch, grads, grad_scale)
 }
 
-/// A validated model, its parameters and the tables derived from them.
-struct Net<'a, T> {
-    m: &'a ModelConfig,
+/// A validated model, the tables derived from it (parameter ranges, relative index), and
+/// every buffer of a pass, kept from one call to the next: a backend that holds one
+/// builds the tables once and, from its second micro-batch of a size on, allocates
+/// nothing that scales with the batch, so no pass pays for fresh pages.
+pub struct Workspace<T> {
+    m: ModelConfig,
     r: ModelRanges,
-    p: &'a [T],
+    params_len: usize,
     rel: RelativeIndex,
+    patches: Patches<T>,
+    /// `[S·V, D]` embedded visible patches.
+    embedded: Vec<T>,
+    /// `[S, K²]` visible row of each window position, `None` where masked.
+    slots: Vec<Option<u32>>,
+    /// Block `i` keeps its input, so block `i + 1`'s input is block `i`'s output.
+    blocks: Vec<BlockActs<T>>,
+    /// `[S·T, D]` the last block's output.
+    x_last: Vec<T>,
+    /// `[S·M, D]` masked tokens of the final residual stream, before and after the norm.
+    picked: Vec<T>,
+    normed: Vec<T>,
+    norm_stats: Stats<T>,
+    /// `[S·M, 3p²]` the head's output and the loss gradient at it.
+    pred: Vec<T>,
+    dpred: Vec<T>,
+    scratch: Scratch<T>,
 }
 
 /// What one block keeps for its backward.
+#[derive(Default)]
 pub(crate) struct BlockActs<T> {
     /// `[S·T, D]` residual stream entering the block.
     x_in: Vec<T>,
@@ -84,21 +94,15 @@ pub(crate) struct BlockActs<T> {
     cdf: Vec<T>,
 }
 
-/// What the whole forward keeps for the backward.
-struct Forward<T> {
-    patches: Patches<T>,
-    /// `[S, K²]` visible row of each window position, `None` where masked.
-    slots: Vec<Option<u32>>,
-    blocks: Vec<BlockActs<T>>,
-    /// `[S·M, D]` masked tokens of the final residual stream, before and after the norm.
-    picked: Vec<T>,
-    normed: Vec<T>,
-    norm_stats: Stats<T>,
-    /// `[S·M, 3p²]`.
-    pred: Vec<T>,
+impl<T> BlockActs<T> {
+    /// `[S·T, D]` the block's input, to be filled before [`block_forward`].
+    pub(crate) fn input(&mut self) -> &mut Vec<T> {
+        &mut self.x_in
+    }
 }
 
-/// Input-gradient buffers the blocks' backward reuses.
+/// Buffers a pass uses and drops: GELU's output, and the input gradients.
+#[derive(Default)]
 struct Scratch<T> {
     /// `[S·T, 4D]`, GELU's output.
     act: Vec<T>,
@@ -110,10 +114,20 @@ struct Scratch<T> {
     attn: Vec<T>,
     /// `[S·T, 3D]`.
     qkv: Vec<T>,
+    /// `[S·T, D]`, gradient of the residual stream.
+    dx: Vec<T>,
+    /// `[S·M, D]`, gradients at the head's input and at the final norm's input.
+    dnormed: Vec<T>,
+    dpicked: Vec<T>,
+    /// `[S·V, D]`, gradient at the embedded patches.
+    dembedded: Vec<T>,
 }
 
-fn zeros<T: Real>(len: usize) -> Vec<T> {
-    vec![T::zero(); len]
+/// `v` resized to `len` values, keeping its memory. Values already there stay, so only a
+/// buffer that the next op overwrites may be taken this way.
+fn sized<T: Real>(v: &mut Vec<T>, len: usize) -> &mut [T] {
+    v.resize(len, T::zero());
+    v
 }
 
 /// Two disjoint tensors of the gradient buffer at once, e.g. a weight and its bias.
@@ -127,267 +141,267 @@ fn pair_mut<'g, T>(
     (&mut lo[a.clone()], &mut hi[..b.len()])
 }
 
-/// One pre-norm block on the residual stream `x_in` `[S·T, D]` of sequences laid out as
+/// One pre-norm block on the residual stream `a.x_in` `[S·T, D]` of sequences laid out as
 /// `rel` says, with `table` `[rel.table_rows, h]` as its relative bias: the block's own
-/// table for window sequences, a resized one for a larger grid. Returns what the backward
-/// needs and the block's output.
+/// table for window sequences, a resized one for a larger grid. Fills the rest of `a` for
+/// the backward, and `x_out` with the block's output; `act` is scratch.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn block_forward<T: Real>(
     p: &[T],
     br: &BlockRanges,
     table: &[T],
     rel: &RelativeIndex,
     heads: usize,
-    x_in: Vec<T>,
-) -> (BlockActs<T>, Vec<T>) {
+    a: &mut BlockActs<T>,
+    act: &mut Vec<T>,
+    x_out: &mut Vec<T>,
+) {
     let w = |r: &Range<usize>| &p[r.clone()];
     let (d, hidden) = (br.norm1_w.len(), br.fc1_b.len());
-    let rows = x_in.len() / d;
+    let rows = a.x_in.len() / d;
     let seqs = rows / rel.tokens;
 
     // x_mid = x_in + proj(attn(LN1(x_in)))
-    let mut ln1 = zeros(rows * d);
-    let ln1_stats = layernorm::layernorm_forward(&mut ln1, &x_in, w(&br.norm1_w), w(&br.norm1_b));
-    let mut qkv = zeros(rows * 3 * d);
-    linear::linear_forward(&mut qkv, &ln1, w(&br.qkv_w), w(&br.qkv_b));
-    let mut attn = zeros(rows * d);
-    let mut probs = zeros(seqs * heads * rel.tokens * rel.tokens);
-    attention::attention_forward(&mut attn, &mut probs, &qkv, table, rel, heads);
-    let mut x_mid = x_in.clone();
-    linear::linear_forward_add(&mut x_mid, &attn, w(&br.proj_w), w(&br.proj_b));
+    let ln1 = sized(&mut a.ln1, rows * d);
+    a.ln1_stats = layernorm::layernorm_forward(ln1, &a.x_in, w(&br.norm1_w), w(&br.norm1_b));
+    let qkv = sized(&mut a.qkv, rows * 3 * d);
+    linear::linear_forward(qkv, ln1, w(&br.qkv_w), w(&br.qkv_b));
+    let attn = sized(&mut a.attn, rows * d);
+    let probs = sized(&mut a.probs, seqs * heads * rel.tokens * rel.tokens);
+    attention::attention_forward(attn, probs, qkv, table, rel, heads);
+    let x_mid = sized(&mut a.x_mid, rows * d);
+    x_mid.copy_from_slice(&a.x_in);
+    linear::linear_forward_add(x_mid, attn, w(&br.proj_w), w(&br.proj_b));
 
     // x_out = x_mid + fc2(gelu(fc1(LN2(x_mid))))
-    let mut ln2 = zeros(rows * d);
-    let ln2_stats = layernorm::layernorm_forward(&mut ln2, &x_mid, w(&br.norm2_w), w(&br.norm2_b));
-    let mut fc1 = zeros(rows * hidden);
-    linear::linear_forward(&mut fc1, &ln2, w(&br.fc1_w), w(&br.fc1_b));
-    let (mut act, mut cdf) = (zeros(rows * hidden), zeros(rows * hidden));
-    gelu::gelu_forward(&mut act, &mut cdf, &fc1);
-    let mut x_out = x_mid.clone();
-    linear::linear_forward_add(&mut x_out, &act, w(&br.fc2_w), w(&br.fc2_b));
-
-    let acts = BlockActs {
-        x_in,
-        ln1,
-        ln1_stats,
-        qkv,
-        probs,
-        attn,
-        x_mid,
-        ln2,
-        ln2_stats,
-        fc1,
-        cdf,
-    };
-    (acts, x_out)
+    let ln2 = sized(&mut a.ln2, rows * d);
+    a.ln2_stats = layernorm::layernorm_forward(ln2, x_mid, w(&br.norm2_w), w(&br.norm2_b));
+    let fc1 = sized(&mut a.fc1, rows * hidden);
+    linear::linear_forward(fc1, ln2, w(&br.fc1_w), w(&br.fc1_b));
+    let (act, cdf) = (sized(act, rows * hidden), sized(&mut a.cdf, rows * hidden));
+    gelu::gelu_forward(act, cdf, fc1);
+    let x_out = sized(x_out, rows * d);
+    x_out.copy_from_slice(x_mid);
+    linear::linear_forward_add(x_out, act, w(&br.fc2_w), w(&br.fc2_b));
 }
 
-impl<'a, T: Real> Net<'a, T> {
-    fn new(m: &'a ModelConfig, p: &'a [T], batch: &Batch) -> Result<Self> {
+impl<T: Real> Workspace<T> {
+    /// The workspace of model `m`, which it validates; buffers grow on first use.
+    pub fn new(m: &ModelConfig) -> Result<Self> {
         m.validate()?;
-        batch.validate(m)?;
         let layout = ParamLayout::new(m);
-        if p.len() != layout.total() {
-            bail!(
-                "parameter buffer holds {} values, the model needs {}",
-                p.len(),
-                layout.total()
-            );
-        }
-        Ok(Net {
-            m,
+        Ok(Workspace {
+            m: m.clone(),
             r: layout.ranges().clone(),
-            p,
+            params_len: layout.total(),
             rel: RelativeIndex::new(m.window),
+            patches: Patches::default(),
+            embedded: Vec::new(),
+            slots: Vec::new(),
+            blocks: (0..m.depth).map(|_| BlockActs::default()).collect(),
+            x_last: Vec::new(),
+            picked: Vec::new(),
+            normed: Vec::new(),
+            norm_stats: Stats::default(),
+            pred: Vec::new(),
+            dpred: Vec::new(),
+            scratch: Scratch::default(),
         })
     }
 
-    fn w(&self, r: &Range<usize>) -> &'a [T] {
-        &self.p[r.clone()]
+    /// The mean reconstruction loss of a batch; adds `grad_scale · dloss/dparams` to
+    /// `grads`. Refuses a batch or buffers that do not fit the model, before any work.
+    pub fn loss_and_grad(
+        &mut self,
+        params: &[T],
+        batch: &Batch,
+        grads: &mut [T],
+        grad_scale: T,
+    ) -> Result<T> {
+        if grads.len() != params.len() {
+            bail!(
+                "gradient buffer holds {} values, the parameters {}",
+                grads.len(),
+                params.len()
+            );
+        }
+        self.forward(params, batch)?;
+        let dpred = sized(&mut self.dpred, self.pred.len());
+        let loss = loss::masked_mse(dpred, &self.pred, &self.patches.targets, grad_scale);
+        self.backward(params, batch, grads);
+        Ok(loss)
     }
 
-    fn forward(&self, batch: &Batch) -> Forward<T> {
-        let (m, r) = (self.m, &self.r);
+    fn forward(&mut self, p: &[T], batch: &Batch) -> Result<()> {
+        batch.validate(&self.m)?;
+        if p.len() != self.params_len {
+            bail!(
+                "parameter buffer holds {} values, the model needs {}",
+                p.len(),
+                self.params_len
+            );
+        }
+        let Workspace {
+            m, r, rel, scratch, ..
+        } = self;
+        let w = |r: &Range<usize>| &p[r.clone()];
         let (seqs, d) = (batch.sequences(m), m.width);
-        let patches = window_gather::window_gather::<T>(m, batch);
+        window_gather::window_gather_into(&mut self.patches, m, batch);
 
         // Only visible patches are embedded; masked positions get the mask token.
-        let mut embedded = zeros(seqs * m.visible_per_window() * d);
+        let embedded = sized(&mut self.embedded, seqs * m.visible_per_window() * d);
         linear::linear_forward(
-            &mut embedded,
-            &patches.visible,
-            self.w(&r.patch_w),
-            self.w(&r.patch_b),
+            embedded,
+            &self.patches.visible,
+            w(&r.patch_w),
+            w(&r.patch_b),
         );
-        let slots = batch.visible_slots(m);
-        let mut x = zeros(seqs * m.seq_len() * d);
+        self.slots = batch.visible_slots(m);
+        let x = sized(self.blocks[0].input(), seqs * m.seq_len() * d);
         tokens::assemble_tokens_forward(
-            &mut x,
-            self.w(&r.cls_token),
-            self.w(&r.mask_token),
-            &embedded,
-            &slots,
+            x,
+            w(&r.cls_token),
+            w(&r.mask_token),
+            embedded,
+            &self.slots,
             m.window_area(),
         );
 
-        let mut blocks = Vec::with_capacity(m.depth);
-        for br in &r.blocks {
-            let table = self.w(&br.rel_bias);
-            let (acts, x_out) = block_forward(self.p, br, table, &self.rel, m.heads, x);
-            blocks.push(acts);
-            x = x_out;
+        for (i, br) in r.blocks.iter().enumerate() {
+            let (done, rest) = self.blocks.split_at_mut(i + 1);
+            let x_out = match rest.first_mut() {
+                Some(next) => next.input(),
+                None => &mut self.x_last,
+            };
+            let table = w(&br.rel_bias);
+            block_forward(
+                p,
+                br,
+                table,
+                rel,
+                m.heads,
+                &mut done[i],
+                &mut scratch.act,
+                x_out,
+            );
         }
 
         // LayerNorm works per token, so norming only the masked tokens the head reads
         // equals picking them from the normed sequence.
         let masked_rows = batch.mask_index.len();
-        let mut picked = zeros(masked_rows * d);
-        tokens::gather_masked_tokens(&mut picked, &x, &batch.mask_index, m.seq_len());
-        let mut normed = zeros(masked_rows * d);
-        let norm_stats = layernorm::layernorm_forward(
-            &mut normed,
-            &picked,
-            self.w(&r.norm_w),
-            self.w(&r.norm_b),
-        );
-        let mut pred = zeros(masked_rows * m.patch_dim());
-        linear::linear_forward(&mut pred, &normed, self.w(&r.head_w), self.w(&r.head_b));
-        Forward {
-            patches,
-            slots,
-            blocks,
-            picked,
-            normed,
-            norm_stats,
-            pred,
-        }
+        let picked = sized(&mut self.picked, masked_rows * d);
+        tokens::gather_masked_tokens(picked, &self.x_last, &batch.mask_index, m.seq_len());
+        let normed = sized(&mut self.normed, masked_rows * d);
+        self.norm_stats = layernorm::layernorm_forward(normed, picked, w(&r.norm_w), w(&r.norm_b));
+        let pred = sized(&mut self.pred, masked_rows * m.patch_dim());
+        linear::linear_forward(pred, normed, w(&r.head_w), w(&r.head_b));
+        Ok(())
     }
 
-    /// The forward in reverse, from dpred `[S·M, 3p²]`; adds every parameter's gradient.
-    fn backward(&self, batch: &Batch, f: &Forward<T>, dpred: &[T], g: &mut [T]) {
-        let (m, r) = (self.m, &self.r);
+    /// The forward in reverse, from `dpred`; adds every parameter's gradient.
+    fn backward(&mut self, p: &[T], batch: &Batch, g: &mut [T]) {
+        let Workspace {
+            m,
+            r,
+            rel,
+            scratch: s,
+            ..
+        } = self;
+        let w = |r: &Range<usize>| &p[r.clone()];
         let d = m.width;
         let rows = batch.sequences(m) * m.seq_len();
 
-        let mut dnormed = zeros(f.normed.len());
+        let dnormed = sized(&mut s.dnormed, self.normed.len());
         let (dw, db) = pair_mut(g, &r.head_w, &r.head_b);
         linear::linear_backward(
-            Some(&mut dnormed),
+            Some(dnormed),
             dw,
             db,
-            dpred,
-            &f.normed,
-            self.w(&r.head_w),
+            &self.dpred,
+            &self.normed,
+            w(&r.head_w),
         );
-        let mut dpicked = zeros(f.picked.len());
+        let dpicked = sized(&mut s.dpicked, self.picked.len());
         let (dw, db) = pair_mut(g, &r.norm_w, &r.norm_b);
+        dpicked.fill(T::zero());
         layernorm::layernorm_backward(
-            &mut dpicked,
+            dpicked,
             dw,
             db,
-            &dnormed,
-            &f.picked,
-            &f.norm_stats,
-            self.w(&r.norm_w),
+            dnormed,
+            &self.picked,
+            &self.norm_stats,
+            w(&r.norm_w),
         );
-        let mut dx = zeros(rows * d);
-        tokens::scatter_masked_tokens(&mut dx, &dpicked, &batch.mask_index, m.seq_len());
+        let mut dx = std::mem::take(&mut s.dx);
+        sized(&mut dx, rows * d).fill(T::zero());
+        tokens::scatter_masked_tokens(&mut dx, dpicked, &batch.mask_index, m.seq_len());
 
-        let mut scratch = Scratch {
-            act: zeros(rows * m.hidden()),
-            hidden: zeros(rows * m.hidden()),
-            normed: zeros(rows * d),
-            attn: zeros(rows * d),
-            qkv: zeros(rows * 3 * d),
-        };
-        for (br, acts) in r.blocks.iter().zip(&f.blocks).rev() {
-            self.block_backward(br, acts, &mut dx, g, &mut scratch);
+        for (br, acts) in r.blocks.iter().zip(&self.blocks).rev() {
+            block_backward(p, br, rel, m.heads, acts, &mut dx, g, s);
         }
 
-        let mut dembedded = zeros(f.patches.visible.len() / m.patch_dim() * d);
+        let dembedded = sized(&mut s.dembedded, self.embedded.len());
         let (dcls, dmask) = pair_mut(g, &r.cls_token, &r.mask_token);
-        tokens::assemble_tokens_backward(
-            dcls,
-            dmask,
-            &mut dembedded,
-            &dx,
-            &f.slots,
-            m.window_area(),
-        );
+        tokens::assemble_tokens_backward(dcls, dmask, dembedded, &dx, &self.slots, m.window_area());
         let (dw, db) = pair_mut(g, &r.patch_w, &r.patch_b);
         linear::linear_backward(
             None,
             dw,
             db,
-            &dembedded,
-            &f.patches.visible,
-            self.w(&r.patch_w),
+            dembedded,
+            &self.patches.visible,
+            w(&r.patch_w),
         );
+        s.dx = dx;
     }
+}
 
-    /// One block in reverse: `dx` holds dL/dx_out on entry and dL/dx_in on return.
-    fn block_backward(
-        &self,
-        br: &BlockRanges,
-        a: &BlockActs<T>,
-        dx: &mut [T],
-        g: &mut [T],
-        s: &mut Scratch<T>,
-    ) {
-        // x_out = x_mid + fc2(gelu(fc1(LN2(x_mid)))): dx becomes dL/dx_mid.
-        gelu::gelu_recompute(&mut s.act, &a.fc1, &a.cdf);
-        let (dw, db) = pair_mut(g, &br.fc2_w, &br.fc2_b);
-        linear::linear_backward(Some(&mut s.hidden), dw, db, dx, &s.act, self.w(&br.fc2_w));
-        gelu::gelu_backward(&mut s.hidden, &a.fc1, &a.cdf);
-        let (dw, db) = pair_mut(g, &br.fc1_w, &br.fc1_b);
-        linear::linear_backward(
-            Some(&mut s.normed),
-            dw,
-            db,
-            &s.hidden,
-            &a.ln2,
-            self.w(&br.fc1_w),
-        );
-        let (dw, db) = pair_mut(g, &br.norm2_w, &br.norm2_b);
-        layernorm::layernorm_backward(
-            dx,
-            dw,
-            db,
-            &s.normed,
-            &a.x_mid,
-            &a.ln2_stats,
-            self.w(&br.norm2_w),
-        );
+/// One block in reverse: `dx` holds dL/dx_out on entry and dL/dx_in on return.
+#[allow(clippy::too_many_arguments)]
+fn block_backward<T: Real>(
+    p: &[T],
+    br: &BlockRanges,
+    rel: &RelativeIndex,
+    heads: usize,
+    a: &BlockActs<T>,
+    dx: &mut [T],
+    g: &mut [T],
+    s: &mut Scratch<T>,
+) {
+    let w = |r: &Range<usize>| &p[r.clone()];
+    let (rows, hidden) = (a.fc1.len() / br.fc1_b.len(), br.fc1_b.len());
+    let d = br.norm1_w.len();
+    let act = sized(&mut s.act, rows * hidden);
+    let dhidden = sized(&mut s.hidden, rows * hidden);
+    let dnormed = sized(&mut s.normed, rows * d);
+    let dattn = sized(&mut s.attn, rows * d);
+    let dqkv = sized(&mut s.qkv, rows * 3 * d);
 
-        // x_mid = x_in + proj(attn(LN1(x_in))): dx becomes dL/dx_in.
-        let (dw, db) = pair_mut(g, &br.proj_w, &br.proj_b);
-        linear::linear_backward(Some(&mut s.attn), dw, db, dx, &a.attn, self.w(&br.proj_w));
-        attention::attention_backward(
-            &mut s.qkv,
-            &mut g[br.rel_bias.clone()],
-            &s.attn,
-            &a.qkv,
-            &a.probs,
-            &self.rel,
-            self.m.heads,
-        );
-        let (dw, db) = pair_mut(g, &br.qkv_w, &br.qkv_b);
-        linear::linear_backward(
-            Some(&mut s.normed),
-            dw,
-            db,
-            &s.qkv,
-            &a.ln1,
-            self.w(&br.qkv_w),
-        );
-        let (dw, db) = pair_mut(g, &br.norm1_w, &br.norm1_b);
-        layernorm::layernorm_backward(
-            dx,
-            dw,
-            db,
-            &s.normed,
-            &a.x_in,
-            &a.ln1_stats,
-            self.w(&br.norm1_w),
-        );
-    }
+    // x_out = x_mid + fc2(gelu(fc1(LN2(x_mid)))): dx becomes dL/dx_mid.
+    gelu::gelu_recompute(act, &a.fc1, &a.cdf);
+    let (dw, db) = pair_mut(g, &br.fc2_w, &br.fc2_b);
+    linear::linear_backward(Some(&mut *dhidden), dw, db, dx, act, w(&br.fc2_w));
+    gelu::gelu_backward(dhidden, &a.fc1, &a.cdf);
+    let (dw, db) = pair_mut(g, &br.fc1_w, &br.fc1_b);
+    linear::linear_backward(Some(&mut *dnormed), dw, db, dhidden, &a.ln2, w(&br.fc1_w));
+    let (dw, db) = pair_mut(g, &br.norm2_w, &br.norm2_b);
+    layernorm::layernorm_backward(dx, dw, db, dnormed, &a.x_mid, &a.ln2_stats, w(&br.norm2_w));
+
+    // x_mid = x_in + proj(attn(LN1(x_in))): dx becomes dL/dx_in.
+    let (dw, db) = pair_mut(g, &br.proj_w, &br.proj_b);
+    linear::linear_backward(Some(&mut *dattn), dw, db, dx, &a.attn, w(&br.proj_w));
+    attention::attention_backward(
+        dqkv,
+        &mut g[br.rel_bias.clone()],
+        dattn,
+        &a.qkv,
+        &a.probs,
+        rel,
+        heads,
+    );
+    let (dw, db) = pair_mut(g, &br.qkv_w, &br.qkv_b);
+    linear::linear_backward(Some(&mut *dnormed), dw, db, dqkv, &a.ln1, w(&br.qkv_w));
+    let (dw, db) = pair_mut(g, &br.norm1_w, &br.norm1_b);
+    layernorm::layernorm_backward(dx, dw, db, dnormed, &a.x_in, &a.ln1_stats, w(&br.norm1_w));
 }

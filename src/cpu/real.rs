@@ -13,6 +13,8 @@ use super::gemm::{self, Mat};
 pub trait Real: Float + NumAssign + Sum + Debug + Default + Send + Sync + Copy + 'static {
     /// The error function, for the exact GELU.
     fn erf(self) -> Self;
+    /// e^x by code that vectorises in f32 (src/cpu/exp.rs); libm's in f64.
+    fn exp_vectorised(self) -> Self;
     /// A constant or a count, converted once; exact for f64, rounded for f32.
     fn of(v: f64) -> Self;
     /// An input pixel.
@@ -24,8 +26,13 @@ pub trait Real: Float + NumAssign + Sum + Debug + Default + Send + Sync + Copy +
 }
 
 impl Real for f32 {
+    #[inline]
     fn erf(self) -> Self {
         super::erf::erf_f32(self)
+    }
+    #[inline]
+    fn exp_vectorised(self) -> Self {
+        super::exp::exp_f32(self)
     }
     fn of(v: f64) -> Self {
         v as f32
@@ -39,8 +46,13 @@ impl Real for f32 {
 }
 
 impl Real for f64 {
+    #[inline]
     fn erf(self) -> Self {
         libm::erf(self)
+    }
+    #[inline]
+    fn exp_vectorised(self) -> Self {
+        self.exp()
     }
     fn of(v: f64) -> Self {
         v

@@ -3,11 +3,10 @@
 //! Shapes: qkv `[S, T, 3D]` (q | k | v, head `i` owns columns `i*d..(i+1)*d` of each),
 //! table `[(2K-1)²+3, h]` → out `[S, T, D]`, saving probs `[S, h, T, T]`.
 
-use gemm::Parallelism;
 use rayon::prelude::*;
 
-use super::super::gemm::{matmul, Mat};
 use super::super::real::Real;
+use super::super::simd::{sum, wide};
 
 /// For every (query, key) token pair of a window sequence, its row of the bias table.
 #[derive(Clone, Debug)]
@@ -62,6 +61,11 @@ fn dims(qkv_len: usize, probs_len: usize, rel: &RelativeIndex, heads: usize) -> 
 
 /// out `[S, T, D]` = per head softmax(q·kᵀ/√d + bias)·v; probs `[S, h, T, T]` keeps the
 /// softmax for the backward. Overwrites both.
+///
+/// One task per window sequence does every head start to finish, its `[T, T]`
+/// probabilities and the head's k, v (`T·d` values each) staying in L1: the products are
+/// hand-written as rows of multiply-adds, which vectorise along a row without reordering
+/// any sum.
 pub fn attention_forward<T: Real>(
     out: &mut [T],
     probs: &mut [T],
@@ -71,42 +75,75 @@ pub fn attention_forward<T: Real>(
     heads: usize,
 ) {
     let (seqs, width) = dims(qkv.len(), probs.len(), rel, heads);
-    let (t, d) = (rel.tokens, width / heads);
-    assert!(out.len() == seqs * t * width && table.len() == rel.table_rows * heads);
-    let scale = T::one() / T::of(d as f64).sqrt();
+    assert!(out.len() == seqs * rel.tokens * width && table.len() == rel.table_rows * heads);
+    let t = rel.tokens;
     out.par_chunks_mut(t * width)
         .zip(probs.par_chunks_mut(heads * t * t))
         .zip(qkv.par_chunks(t * 3 * width))
         .for_each(|((out, probs), qkv)| {
-            for (h, p) in probs.chunks_exact_mut(t * t).enumerate() {
-                let q = Mat::strided(&qkv[h * d..], t, d, 3 * width);
-                let k = Mat::strided(&qkv[width + h * d..], t, d, 3 * width);
-                let v = Mat::strided(&qkv[2 * width + h * d..], t, d, 3 * width);
-                matmul(p, t, q, k.t(), scale, false, Parallelism::None);
-                for (row, idx) in p.chunks_exact_mut(t).zip(rel.index.chunks_exact(t)) {
-                    for (logit, &i) in row.iter_mut().zip(idx) {
-                        *logit += table[i as usize * heads + h];
-                    }
-                    softmax_in_place(row);
-                }
-                matmul(
-                    &mut out[h * d..],
-                    width,
-                    Mat::new(p, t, t),
-                    v,
-                    T::one(),
-                    false,
-                    Parallelism::None,
-                );
-            }
+            wide(|| sequence_forward(out, probs, qkv, table, rel, heads))
         });
+}
+
+/// One window sequence of [`attention_forward`]; inlined into its caller, so that
+/// [`wide`] compiles it.
+#[inline(always)]
+fn sequence_forward<T: Real>(
+    out: &mut [T],
+    probs: &mut [T],
+    qkv: &[T],
+    table: &[T],
+    rel: &RelativeIndex,
+    heads: usize,
+) {
+    let (t, width) = (rel.tokens, out.len() / rel.tokens);
+    let d = width / heads;
+    let scale = T::one() / T::of(d as f64).sqrt();
+    let row = |i: usize| &qkv[i * 3 * width..][..3 * width];
+    let mut kt = vec![T::zero(); d * t];
+    for (h, p) in probs.chunks_exact_mut(t * t).enumerate() {
+        transpose_head(&mut kt, qkv, width, width + h * d);
+        for (i, (z, idx)) in p
+            .chunks_exact_mut(t)
+            .zip(rel.index.chunks_exact(t))
+            .enumerate()
+        {
+            // z = q_i·kᵀ, as d rows of kᵀ scaled by q_i's values.
+            z.fill(T::zero());
+            for (&q, k) in row(i)[h * d..][..d].iter().zip(kt.chunks_exact(t)) {
+                z.iter_mut().zip(k).for_each(|(z, &k)| *z += q * k);
+            }
+            for (z, &i) in z.iter_mut().zip(idx) {
+                *z = *z * scale + table[i as usize * heads + h];
+            }
+            softmax_in_place(z);
+            // out_i = Σ_j p_ij v_j.
+            let o = &mut out[i * width + h * d..][..d];
+            o.fill(T::zero());
+            for (j, &p) in z.iter().enumerate() {
+                let v = &row(j)[2 * width + h * d..][..d];
+                o.iter_mut().zip(v).for_each(|(o, &v)| *o += p * v);
+            }
+        }
+    }
+}
+
+/// `dst` `[d, T]` = the `d` columns of `qkv` `[T, 3·width]` from `col`, transposed.
+#[inline(always)]
+fn transpose_head<T: Real>(dst: &mut [T], qkv: &[T], width: usize, col: usize) {
+    let t = qkv.len() / (3 * width);
+    for (j, row) in qkv.chunks_exact(3 * width).enumerate() {
+        for (c, &v) in row[col..][..dst.len() / t].iter().enumerate() {
+            dst[c * t + j] = v;
+        }
+    }
 }
 
 fn softmax_in_place<T: Real>(row: &mut [T]) {
     let max = row.iter().copied().fold(T::neg_infinity(), T::max);
     let mut sum = T::zero();
     for v in row.iter_mut() {
-        *v = (*v - max).exp();
+        *v = (*v - max).exp_vectorised();
         sum += *v;
     }
     let inv = T::one() / sum;
@@ -116,7 +153,8 @@ fn softmax_in_place<T: Real>(row: &mut [T]) {
 }
 
 /// From dout `[S, T, D]`: dqkv `[S, T, 3D]` (overwritten) and dtable `[(2K-1)²+3, h]` +=
-/// the logit gradients scattered by index.
+/// the logit gradients scattered by index. Each sequence's table gradient is a partial
+/// sum of its own; the partials are added in sequence order.
 pub fn attention_backward<T: Real>(
     dqkv: &mut [T],
     dtable: &mut [T],
@@ -127,66 +165,84 @@ pub fn attention_backward<T: Real>(
     heads: usize,
 ) {
     let (seqs, width) = dims(qkv.len(), probs.len(), rel, heads);
-    let (t, d) = (rel.tokens, width / heads);
+    let t = rel.tokens;
     assert!(dout.len() == seqs * t * width && dqkv.len() == qkv.len());
     assert_eq!(dtable.len(), rel.table_rows * heads);
-    let scale = T::one() / T::of(d as f64).sqrt();
-    let none = Parallelism::None;
     let partials: Vec<Vec<T>> = dqkv
         .par_chunks_mut(t * 3 * width)
         .zip(dout.par_chunks(t * width))
         .zip(qkv.par_chunks(t * 3 * width))
         .zip(probs.par_chunks(heads * t * t))
         .map(|(((dqkv, dout), qkv), probs)| {
-            let mut dtable = vec![T::zero(); dtable.len()];
-            let mut dlogits = vec![T::zero(); t * t];
-            for (h, p) in probs.chunks_exact(t * t).enumerate() {
-                let q = Mat::strided(&qkv[h * d..], t, d, 3 * width);
-                let k = Mat::strided(&qkv[width + h * d..], t, d, 3 * width);
-                let v = Mat::strided(&qkv[2 * width + h * d..], t, d, 3 * width);
-                let dout = Mat::strided(&dout[h * d..], t, d, width);
-                let p_mat = Mat::new(p, t, t);
-                // dv = pᵀ·dout, dp = dout·vᵀ.
-                matmul(
-                    &mut dqkv[2 * width + h * d..],
-                    3 * width,
-                    p_mat.t(),
-                    dout,
-                    T::one(),
-                    false,
-                    none,
-                );
-                matmul(&mut dlogits, t, dout, v.t(), T::one(), false, none);
-                // Softmax backward per query row: dz = p ⊙ (dp - Σ_j p dp).
-                for ((dz, p), idx) in dlogits
-                    .chunks_exact_mut(t)
-                    .zip(p.chunks_exact(t))
-                    .zip(rel.index.chunks_exact(t))
-                {
-                    let dot = dz.iter().zip(p).map(|(&a, &b)| a * b).sum::<T>();
-                    for ((dz, &p), &i) in dz.iter_mut().zip(p).zip(idx) {
-                        *dz = p * (*dz - dot);
-                        dtable[i as usize * heads + h] += *dz;
-                    }
-                }
-                let dz = Mat::new(&dlogits, t, t);
-                matmul(&mut dqkv[h * d..], 3 * width, dz, k, scale, false, none);
-                matmul(
-                    &mut dqkv[width + h * d..],
-                    3 * width,
-                    dz.t(),
-                    q,
-                    scale,
-                    false,
-                    none,
-                );
-            }
+            let mut dtable = vec![T::zero(); rel.table_rows * heads];
+            wide(|| sequence_backward(dqkv, &mut dtable, dout, qkv, probs, rel, heads));
             dtable
         })
         .collect();
     for part in partials {
         for (a, b) in dtable.iter_mut().zip(part) {
             *a += b;
+        }
+    }
+}
+
+/// One window sequence of [`attention_backward`], its table gradient into `dtable`;
+/// inlined into its caller, so that [`wide`] compiles it. One pass over the query rows
+/// per head: row `i` gives dz_i, hence dq_i, and adds its terms to every dk_j and dv_j.
+#[inline(always)]
+fn sequence_backward<T: Real>(
+    dqkv: &mut [T],
+    dtable: &mut [T],
+    dout: &[T],
+    qkv: &[T],
+    probs: &[T],
+    rel: &RelativeIndex,
+    heads: usize,
+) {
+    let (t, width) = (rel.tokens, dout.len() / rel.tokens);
+    let d = width / heads;
+    let scale = T::one() / T::of(d as f64).sqrt();
+    let row = |i: usize| &qkv[i * 3 * width..][..3 * width];
+    let (mut vt, mut dz, mut dq) = (
+        vec![T::zero(); d * t],
+        vec![T::zero(); t],
+        vec![T::zero(); d],
+    );
+    for (h, p) in probs.chunks_exact(t * t).enumerate() {
+        transpose_head(&mut vt, qkv, width, 2 * width + h * d);
+        for j in 0..t {
+            let drow = &mut dqkv[j * 3 * width..][..3 * width];
+            drow[width + h * d..][..d].fill(T::zero());
+            drow[2 * width + h * d..][..d].fill(T::zero());
+        }
+        for (i, (p, idx)) in p.chunks_exact(t).zip(rel.index.chunks_exact(t)).enumerate() {
+            let dout = &dout[i * width + h * d..][..d];
+            // dp_i = dout_i·vᵀ; dv_j += p_ij dout_i.
+            dz.fill(T::zero());
+            for (&g, v) in dout.iter().zip(vt.chunks_exact(t)) {
+                dz.iter_mut().zip(v).for_each(|(dz, &v)| *dz += g * v);
+            }
+            for (j, &p) in p.iter().enumerate() {
+                let dv = &mut dqkv[j * 3 * width + 2 * width + h * d..][..d];
+                dv.iter_mut().zip(dout).for_each(|(dv, &g)| *dv += p * g);
+            }
+            // Softmax backward: dz = p ⊙ (dp - Σ_j p dp).
+            let dot = sum(t, |j| p[j] * dz[j]);
+            for ((dz, &p), &i) in dz.iter_mut().zip(p).zip(idx) {
+                *dz = p * (*dz - dot);
+                dtable[i as usize * heads + h] += *dz;
+            }
+            // dq_i = scale Σ_j dz_ij k_j; dk_j += scale dz_ij q_i.
+            let q = &row(i)[h * d..][..d];
+            dq.fill(T::zero());
+            for (j, &g) in dz.iter().enumerate() {
+                let g = g * scale;
+                let k = &row(j)[width + h * d..][..d];
+                dq.iter_mut().zip(k).for_each(|(dq, &k)| *dq += g * k);
+                let dk = &mut dqkv[j * 3 * width + width + h * d..][..d];
+                dk.iter_mut().zip(q).for_each(|(dk, &q)| *dk += g * q);
+            }
+            dqkv[i * 3 * width + h * d..][..d].copy_from_slice(&dq);
         }
     }
 }

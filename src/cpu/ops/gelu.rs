@@ -4,6 +4,7 @@
 use rayon::prelude::*;
 
 use super::super::real::Real;
+use super::super::simd::wide;
 
 const CHUNK: usize = 4096;
 
@@ -15,10 +16,12 @@ pub fn gelu_forward<T: Real>(y: &mut [T], cdf: &mut [T], x: &[T]) {
         .zip(cdf.par_chunks_mut(CHUNK))
         .zip(x.par_chunks(CHUNK))
         .for_each(|((y, cdf), x)| {
-            for ((y, cdf), &x) in y.iter_mut().zip(cdf).zip(x) {
-                *cdf = half * (T::one() + (x * inv_sqrt2).erf());
-                *y = x * *cdf;
-            }
+            wide(|| {
+                for ((y, cdf), &x) in y.iter_mut().zip(cdf).zip(x) {
+                    *cdf = half * (T::one() + (x * inv_sqrt2).erf());
+                    *y = x * *cdf;
+                }
+            })
         });
 }
 
@@ -31,10 +34,12 @@ pub fn gelu_backward<T: Real>(grad: &mut [T], x: &[T], cdf: &[T]) {
         .zip(x.par_chunks(CHUNK))
         .zip(cdf.par_chunks(CHUNK))
         .for_each(|((g, x), cdf)| {
-            for ((g, &x), &cdf) in g.iter_mut().zip(x).zip(cdf) {
-                let pdf = inv_sqrt_2pi * (-half * x * x).exp();
-                *g *= cdf + x * pdf;
-            }
+            wide(|| {
+                for ((g, &x), &cdf) in g.iter_mut().zip(x).zip(cdf) {
+                    let pdf = inv_sqrt_2pi * (-half * x * x).exp_vectorised();
+                    *g *= cdf + x * pdf;
+                }
+            })
         });
 }
 
@@ -45,9 +50,11 @@ pub fn gelu_recompute<T: Real>(y: &mut [T], x: &[T], cdf: &[T]) {
         .zip(x.par_chunks(CHUNK))
         .zip(cdf.par_chunks(CHUNK))
         .for_each(|((y, x), cdf)| {
-            for ((y, &x), &cdf) in y.iter_mut().zip(x).zip(cdf) {
-                *y = x * cdf;
-            }
+            wide(|| {
+                for ((y, &x), &cdf) in y.iter_mut().zip(x).zip(cdf) {
+                    *y = x * cdf;
+                }
+            })
         });
 }
 

@@ -16,6 +16,7 @@ pub mod window_gather;
 use rayon::prelude::*;
 
 use super::real::Real;
+use super::simd::wide;
 
 /// Rows handed to one rayon task by the row-wise ops.
 const ROWS_PER_TASK: usize = 64;
@@ -27,11 +28,13 @@ fn add_column_sums<T: Real>(dst: &mut [T], src: &[T]) {
         .par_chunks(cols * ROWS_PER_TASK)
         .map(|rows| {
             let mut acc = vec![T::zero(); cols];
-            for row in rows.chunks_exact(cols) {
-                for (a, &v) in acc.iter_mut().zip(row) {
-                    *a += v;
+            wide(|| {
+                for row in rows.chunks_exact(cols) {
+                    for (a, &v) in acc.iter_mut().zip(row) {
+                        *a += v;
+                    }
                 }
-            }
+            });
             acc
         })
         .collect();

@@ -10,7 +10,7 @@ use crate::config::{ModelConfig, NORM_PIX_EPS};
 use crate::data::batch::Batch;
 
 /// What the network sees and what it must reconstruct.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct Patches<T> {
     /// `[S*V, 3p²]`, visible positions of each window in ascending order.
     pub visible: Vec<T>,
@@ -20,6 +20,13 @@ pub struct Patches<T> {
 
 /// Cuts every window of a batch (validated against `m`) into visible rows and targets.
 pub fn window_gather<T: Real>(m: &ModelConfig, batch: &Batch) -> Patches<T> {
+    let mut patches = Patches::default();
+    window_gather_into(&mut patches, m, batch);
+    patches
+}
+
+/// [`window_gather`] into `patches`, reusing its memory (every value is overwritten).
+pub fn window_gather_into<T: Real>(patches: &mut Patches<T>, m: &ModelConfig, batch: &Batch) {
     let (p, k, img) = (m.patch, m.window, m.image);
     let (pd, v, mk, area) = (
         m.patch_dim(),
@@ -28,8 +35,9 @@ pub fn window_gather<T: Real>(m: &ModelConfig, batch: &Batch) -> Patches<T> {
         m.window_area(),
     );
     let seqs = batch.sequences(m);
-    let mut visible = vec![T::zero(); seqs * v * pd];
-    let mut targets = vec![T::zero(); seqs * mk * pd];
+    let Patches { visible, targets } = patches;
+    visible.resize(seqs * v * pd, T::zero());
+    targets.resize(seqs * mk * pd, T::zero());
     visible
         .par_chunks_mut(v * pd)
         .zip(targets.par_chunks_mut(mk * pd))
@@ -75,7 +83,6 @@ pub fn window_gather<T: Real>(m: &ModelConfig, batch: &Batch) -> Patches<T> {
                 }
             }
         });
-    Patches { visible, targets }
 }
 
 /// norm-pix: `(t - mean) / sqrt(var + 1e-6)` with the unbiased variance of the row.
