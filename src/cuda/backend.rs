@@ -13,6 +13,7 @@ use super::gemm::Blas;
 use super::kernels::{load_module, Kernels, ATTENTION};
 use super::launch::scratch_len;
 use super::model::Pass;
+use super::nvtx;
 use super::storage::Storage;
 use crate::backend::{AdamWStep, Backend, Moments, Precision};
 use crate::config::ModelConfig;
@@ -68,6 +69,7 @@ impl Backend for CudaBackend {
         self.engine.zero_grads()
     }
     fn grad_norm(&mut self) -> Result<f32> {
+        let _range = nvtx::range("gradient norm");
         self.engine.grad_norm()
     }
     fn adamw_step(&mut self, step: &AdamWStep) -> Result<()> {
@@ -231,7 +233,10 @@ impl<T: Storage + AttnElem> Backend for Engine<T> {
                 batch.images_len
             );
         };
-        acts.upload(&self.gpu, &self.model, batch)?;
+        {
+            let _range = nvtx::range("upload");
+            acts.upload(&self.gpu, &self.model, batch)?;
+        }
         if !self.timer.started {
             self.timer.start.record(self.gpu.stream())?;
             self.timer.started = true;
@@ -262,6 +267,7 @@ impl<T: Storage + AttnElem> Backend for Engine<T> {
     }
 
     fn grad_norm(&mut self) -> Result<f32> {
+        let _range = nvtx::range("gradient norm");
         let (grads, scratch, out) = (
             self.gpu.ptr(&self.grads)?,
             self.gpu.ptr(&self.scratch)?,
@@ -273,6 +279,7 @@ impl<T: Storage + AttnElem> Backend for Engine<T> {
     }
 
     fn adamw_step(&mut self, step: &AdamWStep) -> Result<()> {
+        let _range = nvtx::range("AdamW");
         let g = &self.gpu;
         self.kernels.adamw(
             g.ptr(&self.master)?,

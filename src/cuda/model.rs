@@ -16,6 +16,7 @@ use super::attention::{
 use super::device::{DevPtr, Gpu};
 use super::gemm::Blas;
 use super::kernels::Kernels;
+use super::nvtx;
 use super::storage::Storage;
 use crate::config::ModelConfig;
 use crate::params::ModelRanges;
@@ -135,18 +136,21 @@ impl<'a, T: Storage + AttnElem> Pass<'a, T> {
     }
 
     /// Queues the whole forward and backward; the mean loss lands in `acts.loss`.
+    /// Each phase and block is an NVTX range, as the error context names it.
     pub fn forward_backward(&self, grad_scale: f32) -> Result<()> {
-        self.embed_forward().context("patch embedding forward")?;
+        let phase = |name: &str, run: &dyn Fn() -> Result<()>| {
+            let _range = nvtx::range(name);
+            run().context(name.to_string())
+        };
+        phase("patch embedding forward", &|| self.embed_forward())?;
         for l in 0..self.model.depth {
-            self.block_forward(l)
-                .with_context(|| format!("block {l} forward"))?;
+            phase(&format!("block {l} forward"), &|| self.block_forward(l))?;
         }
-        self.head(grad_scale).context("head and loss")?;
+        phase("head and loss", &|| self.head(grad_scale))?;
         for l in (0..self.model.depth).rev() {
-            self.block_backward(l)
-                .with_context(|| format!("block {l} backward"))?;
+            phase(&format!("block {l} backward"), &|| self.block_backward(l))?;
         }
-        self.embed_backward().context("patch embedding backward")
+        phase("patch embedding backward", &|| self.embed_backward())
     }
 
     fn embed_forward(&self) -> Result<()> {
