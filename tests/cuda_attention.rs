@@ -18,8 +18,8 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use lomar::cuda::attention::{
-    attention_backward, attention_forward, plan, AttentionKernels,
-    AttnElem, AttnShape, AttnTuning, Pass,
+    attention_backward, attention_forward, plan, AttentionKernels, AttnElem, AttnShape, AttnTuning,
+    Pass,
 };
 
 use attention_reference::{Inputs, Outputs};

@@ -69,7 +69,6 @@ fn the_stream_depends_on_the_seed_alone_and_resumes_exactly() {
     assert_eq!(resumed.skipped_keys().len(), 6);
 }
 
-
 #[test]
 fn training_skips_each_broken_file_once_with_a_warning_and_counts_it() {
     let dir = tempfile::tempdir().unwrap();

@@ -281,7 +281,6 @@ fn the_stream_is_seeded_split_by_rank_and_independent_of_the_thread_count() {
     assert_eq!(take(2, 9, 16), one[9..]);
 }
 
-
 #[test]
 fn training_on_shards_resumes_bit_for_bit() {
     let dir = tempfile::tempdir().unwrap();
