@@ -510,7 +510,7 @@ fn train(d: &Path) -> (String, String) {
 }
 
 #[test]
-fn a_corrupt_image_or_a_missing_class_is_skipped_naming_shard_and_member() {
+fn a_corrupt_image_a_missing_class_or_a_wrong_size_is_skipped_naming_shard_and_member() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     jpeg_shards(d);
@@ -534,6 +534,9 @@ fn a_corrupt_image_or_a_missing_class_is_skipped_naming_shard_and_member() {
     fs::write(&first_shard, &rebuilt).unwrap();
     let mut idx = idx;
     idx["shards"][0]["bytes"] = serde_json::json!(rebuilt.len());
+    // The index gives the first sample of the second shard another size than its JPEG's.
+    let resized = idx["shards"][0]["sizes"].as_array().unwrap().len();
+    idx["shards"][1]["sizes"][0] = serde_json::json!([1, 1]);
     write_index(&d.join("s"), &idx);
 
     let (stdout, stderr) = train(d);
@@ -541,7 +544,7 @@ fn a_corrupt_image_or_a_missing_class_is_skipped_naming_shard_and_member() {
         .lines()
         .filter(|l| l.starts_with("warning: skipping"))
         .collect();
-    assert_eq!(warnings.len(), 2, "{stderr}");
+    assert_eq!(warnings.len(), 3, "{stderr}");
     let shard_name = idx["shards"][0]["file"].as_str().unwrap();
     assert!(
         warnings.iter().any(|w| w.contains("000000000.jpg in")
@@ -555,14 +558,24 @@ fn a_corrupt_image_or_a_missing_class_is_skipped_naming_shard_and_member() {
             .any(|w| w.contains("000000001.jpg in") && w.contains("not a JPEG or PNG")),
         "{stderr}"
     );
+    let resized = format!("{resized:09}");
+    assert!(
+        warnings
+            .iter()
+            .any(|w| w.contains(&format!("{resized}.jpg in")) && w.contains("the index says 1x1")),
+        "{stderr}"
+    );
     let last = stdout.lines().rfind(|l| l.starts_with("step ")).unwrap();
-    assert!(last.contains("| skipped 2 files |"), "{last}");
-    assert_eq!(images::metrics(&d.join("run"))[2]["skipped_files"], 2);
+    assert!(last.contains("| skipped 3 files |"), "{last}");
+    assert_eq!(images::metrics(&d.join("run"))[2]["skipped_files"], 3);
     let ck = CheckpointFile::open(&d.join("run/checkpoint.safetensors"))
         .unwrap()
         .load(&preset("tiny").unwrap())
         .unwrap();
-    assert_eq!(ck.data.shards.unwrap().skipped, ["000000000", "000000001"]);
+    assert_eq!(
+        ck.data.shards.unwrap().skipped,
+        ["000000000", "000000001", resized.as_str()]
+    );
 }
 
 #[test]
