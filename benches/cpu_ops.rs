@@ -1,10 +1,11 @@
 //! CPU reference ops at the shapes of one vit_tiny block at batch 32 (S = 128 windows of
-//! T = 50 tokens), and a whole training step of the `tiny` preset.
+//! T = 50 tokens), and a whole training step of the `tiny` preset. Criterion's "elem/s"
+//! is FLOP/s for the products and attention, values per second for GELU and LayerNorm.
 //! Run: `cargo bench --bench cpu_ops`
 
 use std::time::Duration;
 
-use criterion::{criterion_group, criterion_main, Criterion};
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use lomar::backend::{AdamWStep, Backend};
 use lomar::config::preset;
 use lomar::cpu::ops::attention::{self, RelativeIndex};
@@ -38,16 +39,21 @@ fn block_ops(c: &mut Criterion) {
         filled(4 * WIDTH),
     );
     let mut y = filled(ROWS * 4 * WIDTH);
+    // [6400, 192] · [192, 768]: 2 FLOPs per multiply-add; the backward does two products.
+    let fc1_flops = 2 * ROWS * WIDTH * 4 * WIDTH;
+    g.throughput(Throughput::Elements(fc1_flops as u64));
     g.bench_function("fc1_forward", |bench| {
         bench.iter(|| linear::linear_forward(&mut y, &x, &w, &b))
     });
     let (mut dx, mut dw, mut db) = (filled(ROWS * WIDTH), filled(w.len()), filled(b.len()));
+    g.throughput(Throughput::Elements(2 * fc1_flops as u64));
     g.bench_function("fc1_backward", |bench| {
         bench.iter(|| linear::linear_backward(Some(&mut dx), &mut dw, &mut db, &y, &x, &w))
     });
 
     // Pre-activations of the size GELU sees in a trained network.
     let pre = spread(y.len(), 3.0);
+    g.throughput(Throughput::Elements(pre.len() as u64));
     let (mut act, mut cdf) = (filled(y.len()), filled(y.len()));
     g.bench_function("gelu_forward", |bench| {
         bench.iter(|| gelu::gelu_forward(&mut act, &mut cdf, &pre))
@@ -62,6 +68,7 @@ fn block_ops(c: &mut Criterion) {
 
     let (gamma, beta) = (filled(WIDTH), filled(WIDTH));
     let mut normed = filled(x.len());
+    g.throughput(Throughput::Elements(x.len() as u64));
     let stats = layernorm::layernorm_forward(&mut normed, &x, &gamma, &beta);
     g.bench_function("layer_norm_forward", |bench| {
         bench.iter(|| layernorm::layernorm_forward(&mut normed, &x, &gamma, &beta))
@@ -84,10 +91,14 @@ fn block_ops(c: &mut Criterion) {
     let rel = RelativeIndex::new(7);
     let (qkv, table) = (filled(ROWS * 3 * WIDTH), filled(rel.table_rows * HEADS));
     let (mut out, mut probs) = (filled(ROWS * WIDTH), filled(SEQS * HEADS * TOKENS * TOKENS));
+    // q·kᵀ and p·v per sequence: 2 · 2·T²·D; the backward does four products.
+    let attention_flops = 4 * SEQS * TOKENS * TOKENS * WIDTH;
+    g.throughput(Throughput::Elements(attention_flops as u64));
     g.bench_function("attention_forward", |bench| {
         bench.iter(|| attention::attention_forward(&mut out, &mut probs, &qkv, &table, &rel, HEADS))
     });
     let (mut dqkv, mut dtable) = (filled(qkv.len()), filled(table.len()));
+    g.throughput(Throughput::Elements(2 * attention_flops as u64));
     g.bench_function("attention_backward", |bench| {
         bench.iter(|| {
             attention::attention_backward(&mut dqkv, &mut dtable, &out, &qkv, &probs, &rel, HEADS)

@@ -4,7 +4,9 @@
 
 use super::real::Real;
 
-/// Runs `f`, compiled for AVX-512 when this CPU has it, else as built. The bits are the
+/// Runs `f`, compiled for AVX-512 when this CPU has it, else as built. Pass the closure
+/// as `#[inline(always)] || …` (and mark what it calls the same), or LLVM may keep a large
+/// body out of line, compiled without AVX-512. The bits are the
 /// same either way: without fast-math LLVM vectorises only what needs no reordering of
 /// float operations, and it never fuses a multiply and an add on its own.
 #[inline(always)]

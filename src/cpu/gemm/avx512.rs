@@ -3,12 +3,11 @@
 //!
 //! `c[m, n] (+)= a[m, k] · b[k, n]`. `b` (a weight, or the activation of a weight
 //! gradient) is packed once per product into panels of `NR` columns, zero-padded, and
-//! shared by every thread; each thread packs its block of `a`'s rows into `MR`-row tiles
-//! per `KC` block of `k`, so the kernel reads both operands contiguously whatever their
-//! strides. Threads take disjoint blocks of `c`'s rows, and every element sums its `k`
-//! terms in the same order whatever the blocks: in `KC`-long runs from `k = 0`, each run
-//! summed in a register from zero and then added to `c`. So the result does not depend on
-//! the thread count.
+//! shared by every thread; `a` is read in place when row-major, else packed by each
+//! thread into `MR`-row tiles per `KC` block of `k`. Threads take disjoint blocks of
+//! `c`'s rows, and every element sums its `k` terms in the same order whatever the
+//! blocks: in `KC`-long runs from `k = 0`, each run summed in a register from zero and
+//! then added to `c`. So the result does not depend on the thread count.
 
 use std::arch::x86_64::*;
 use std::cell::Cell;
@@ -97,8 +96,10 @@ fn pack_b(packed: &mut [f32], b: Mat<f32>, panels: usize) {
         });
 }
 
-/// One task's rows: for each `KC` block of `k`, its `a` rows packed, then every panel of
-/// `b` times every `MR`-row tile.
+/// One task's rows: for each `KC` block of `k`, every panel of `b` times every `MR`-row
+/// tile of `a`. A row-major `a` (`cs = 1`) is read in place, `MR` rows as streams; any
+/// other (the transposed activation of a weight gradient), and a last tile of fewer than
+/// `MR` rows, is packed first, so the kernel always reads `MR` rows.
 ///
 /// # Safety
 /// Needs AVX-512F. `a` must be a valid view, `packed` the whole packed `b` of `k = a.cols`
@@ -113,19 +114,25 @@ unsafe fn multiply_block(
     accumulate: bool,
 ) {
     let (m, k) = (a.rows, a.cols);
-    let (panels, tiles) = (n.div_ceil(NR), m.div_ceil(MR));
     assert!(m > 0 && c.len() > (m - 1) * c_rs + n - 1);
-    let mut a_tiles = vec![0.0f32; tiles * MR * KC.min(k)];
+    let (panels, tiles) = (n.div_ceil(NR), m.div_ceil(MR));
+    let in_place = if a.cs == 1 { m / MR } else { 0 };
+    let mut a_tiles = vec![0.0f32; (tiles - in_place) * MR * KC.min(k)];
     for k0 in (0..k).step_by(KC) {
         let kb = KC.min(k - k0);
-        let a_block = &mut a_tiles[..tiles * MR * kb];
-        pack_a(a_block, a, k0, kb);
+        let a_packed = &mut a_tiles[..(tiles - in_place) * MR * kb];
+        pack_a(a_packed, a, in_place * MR, k0, kb);
         let overwrite = !accumulate && k0 == 0;
         let block = &packed[k0 * panels * NR..][..kb * panels * NR];
         for (j, panel) in block.chunks_exact(kb * NR).enumerate() {
             let masks = column_masks(NR.min(n - j * NR));
-            for (t, tile) in a_block.chunks_exact(MR * kb).enumerate() {
+            for t in 0..tiles {
                 let i = t * MR;
+                let tile = if t < in_place {
+                    (a.data.as_ptr().add(i * a.rs + k0), a.rs, 1)
+                } else {
+                    (a_packed.as_ptr().add((t - in_place) * MR * kb), 1, MR)
+                };
                 let c = c.as_mut_ptr().add(i * c_rs + j * NR);
                 multiply_tile(tile, panel, kb, c, c_rs, MR.min(m - i), masks, overwrite);
             }
@@ -133,14 +140,14 @@ unsafe fn multiply_block(
     }
 }
 
-/// Rows of `a`, columns `k0..k0 + kb`, as `MR`-row tiles, each `kb × MR` with the tile's
-/// `MR` values of one `k` adjacent; rows past `a.rows` are 0. Each `k` fills its `MR`
-/// values before the next, so a transposed `a` (a weight gradient's) is read contiguously
-/// and a row-major one as `MR` streams.
-fn pack_a(dst: &mut [f32], a: Mat<f32>, k0: usize, kb: usize) {
+/// Rows `first..` of `a`, columns `k0..k0 + kb`, as `MR`-row tiles, each `kb × MR` with
+/// the tile's `MR` values of one `k` adjacent; rows past `a.rows` are 0. Each `k` fills its
+/// `MR` values before the next, so a transposed `a` is read contiguously.
+fn pack_a(dst: &mut [f32], a: Mat<f32>, first: usize, k0: usize, kb: usize) {
     for (t, tile) in dst.chunks_exact_mut(MR * kb).enumerate() {
-        let rows = MR.min(a.rows - t * MR);
-        let src = &a.data[t * MR * a.rs + k0 * a.cs..];
+        let row0 = first + t * MR;
+        let rows = MR.min(a.rows - row0);
+        let src = &a.data[row0 * a.rs + k0 * a.cs..];
         for (r, values) in tile.chunks_exact_mut(MR).enumerate() {
             if a.rs == 1 && rows == MR {
                 values.copy_from_slice(&src[r * a.cs..][..MR]);
@@ -165,16 +172,17 @@ fn column_masks(cols: usize) -> [__mmask16; 3] {
     })
 }
 
-/// One register tile: `c[rows ≤ MR, NR]` (+)= `a_tile` `[kb, MR]`ᵀ · `panel` `[kb, NR]`,
-/// the `k` terms summed in order from zero, then added to (or stored into) `c`, only the
-/// lanes in `masks`.
+/// One register tile: `c[rows ≤ MR, NR]` (+)= `a` `[MR, kb]` · `panel` `[kb, NR]`, the
+/// `k` terms summed in order from zero, then added to (or stored into) `c`, only the
+/// lanes in `masks`. `a` is `(pointer, row stride, k stride)`.
 ///
 /// # Safety
-/// Needs AVX-512F; `c` must hold `rows` rows at stride `c_rs` of the masked columns.
+/// Needs AVX-512F; `a` must cover `MR` rows of `kb` values, and `c` hold `rows` rows at
+/// stride `c_rs` of the masked columns.
 #[target_feature(enable = "avx512f")]
 #[allow(clippy::too_many_arguments)]
 unsafe fn multiply_tile(
-    a_tile: &[f32],
+    (a, a_rs, a_cs): (*const f32, usize, usize),
     panel: &[f32],
     kb: usize,
     c: *mut f32,
@@ -184,14 +192,15 @@ unsafe fn multiply_tile(
     overwrite: bool,
 ) {
     let mut acc = [[_mm512_setzero_ps(); 3]; MR];
-    for (a, b) in a_tile.chunks_exact(MR).zip(panel.chunks_exact(NR)).take(kb) {
+    let a_rows: [*const f32; MR] = std::array::from_fn(|i| a.add(i * a_rs));
+    for (r, b) in panel.chunks_exact(NR).take(kb).enumerate() {
         let b = [
             _mm512_loadu_ps(b.as_ptr()),
             _mm512_loadu_ps(b.as_ptr().add(16)),
             _mm512_loadu_ps(b.as_ptr().add(32)),
         ];
-        for (acc, &a) in acc.iter_mut().zip(a) {
-            let a = _mm512_set1_ps(a);
+        for (acc, row) in acc.iter_mut().zip(&a_rows) {
+            let a = _mm512_set1_ps(*row.add(r * a_cs));
             for (acc, &b) in acc.iter_mut().zip(&b) {
                 *acc = _mm512_fmadd_ps(a, b, *acc);
             }

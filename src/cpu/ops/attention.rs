@@ -81,7 +81,10 @@ pub fn attention_forward<T: Real>(
         .zip(probs.par_chunks_mut(heads * t * t))
         .zip(qkv.par_chunks(t * 3 * width))
         .for_each(|((out, probs), qkv)| {
-            wide(|| sequence_forward(out, probs, qkv, table, rel, heads))
+            wide(
+                #[inline(always)]
+                || sequence_forward(out, probs, qkv, table, rel, heads),
+            )
         });
 }
 
@@ -175,7 +178,10 @@ pub fn attention_backward<T: Real>(
         .zip(probs.par_chunks(heads * t * t))
         .map(|(((dqkv, dout), qkv), probs)| {
             let mut dtable = vec![T::zero(); rel.table_rows * heads];
-            wide(|| sequence_backward(dqkv, &mut dtable, dout, qkv, probs, rel, heads));
+            wide(
+                #[inline(always)]
+                || sequence_backward(dqkv, &mut dtable, dout, qkv, probs, rel, heads),
+            );
             dtable
         })
         .collect();

@@ -16,12 +16,15 @@ pub fn gelu_forward<T: Real>(y: &mut [T], cdf: &mut [T], x: &[T]) {
         .zip(cdf.par_chunks_mut(CHUNK))
         .zip(x.par_chunks(CHUNK))
         .for_each(|((y, cdf), x)| {
-            wide(|| {
-                for ((y, cdf), &x) in y.iter_mut().zip(cdf).zip(x) {
-                    *cdf = half * (T::one() + (x * inv_sqrt2).erf());
-                    *y = x * *cdf;
-                }
-            })
+            wide(
+                #[inline(always)]
+                || {
+                    for ((y, cdf), &x) in y.iter_mut().zip(cdf).zip(x) {
+                        *cdf = half * (T::one() + (x * inv_sqrt2).erf());
+                        *y = x * *cdf;
+                    }
+                },
+            )
         });
 }
 
@@ -34,12 +37,15 @@ pub fn gelu_backward<T: Real>(grad: &mut [T], x: &[T], cdf: &[T]) {
         .zip(x.par_chunks(CHUNK))
         .zip(cdf.par_chunks(CHUNK))
         .for_each(|((g, x), cdf)| {
-            wide(|| {
-                for ((g, &x), &cdf) in g.iter_mut().zip(x).zip(cdf) {
-                    let pdf = inv_sqrt_2pi * (-half * x * x).exp_vectorised();
-                    *g *= cdf + x * pdf;
-                }
-            })
+            wide(
+                #[inline(always)]
+                || {
+                    for ((g, &x), &cdf) in g.iter_mut().zip(x).zip(cdf) {
+                        let pdf = inv_sqrt_2pi * (-half * x * x).exp_vectorised();
+                        *g *= cdf + x * pdf;
+                    }
+                },
+            )
         });
 }
 
@@ -50,11 +56,14 @@ pub fn gelu_recompute<T: Real>(y: &mut [T], x: &[T], cdf: &[T]) {
         .zip(x.par_chunks(CHUNK))
         .zip(cdf.par_chunks(CHUNK))
         .for_each(|((y, x), cdf)| {
-            wide(|| {
-                for ((y, &x), &cdf) in y.iter_mut().zip(x).zip(cdf) {
-                    *y = x * cdf;
-                }
-            })
+            wide(
+                #[inline(always)]
+                || {
+                    for ((y, &x), &cdf) in y.iter_mut().zip(x).zip(cdf) {
+                        *y = x * cdf;
+                    }
+                },
+            )
         });
 }
 

@@ -27,7 +27,12 @@ pub fn layernorm_forward<T: Real>(y: &mut [T], x: &[T], gamma: &[T], beta: &[T])
         .zip(x.par_chunks(task))
         .zip(mean.par_chunks_mut(ROWS_PER_TASK))
         .zip(rstd.par_chunks_mut(ROWS_PER_TASK))
-        .for_each(|(((y, x), mean), rstd)| wide(|| normalise_rows(y, x, mean, rstd, gamma, beta)));
+        .for_each(|(((y, x), mean), rstd)| {
+            wide(
+                #[inline(always)]
+                || normalise_rows(y, x, mean, rstd, gamma, beta),
+            )
+        });
     Stats { mean, rstd }
 }
 
@@ -83,7 +88,10 @@ pub fn layernorm_backward<T: Real>(
         .zip(stats.rstd.par_chunks(ROWS_PER_TASK))
         .map(|((((dx, dy), x), mean), rstd)| {
             let (mut dg, mut db) = (vec![T::zero(); d], vec![T::zero(); d]);
-            wide(|| backward_rows(dx, &mut dg, &mut db, dy, x, mean, rstd, gamma));
+            wide(
+                #[inline(always)]
+                || backward_rows(dx, &mut dg, &mut db, dy, x, mean, rstd, gamma),
+            );
             (dg, db)
         })
         .collect();

@@ -28,13 +28,16 @@ fn add_column_sums<T: Real>(dst: &mut [T], src: &[T]) {
         .par_chunks(cols * ROWS_PER_TASK)
         .map(|rows| {
             let mut acc = vec![T::zero(); cols];
-            wide(|| {
-                for row in rows.chunks_exact(cols) {
-                    for (a, &v) in acc.iter_mut().zip(row) {
-                        *a += v;
+            wide(
+                #[inline(always)]
+                || {
+                    for row in rows.chunks_exact(cols) {
+                        for (a, &v) in acc.iter_mut().zip(row) {
+                            *a += v;
+                        }
                     }
-                }
-            });
+                },
+            );
             acc
         })
         .collect();
