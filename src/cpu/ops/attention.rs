@@ -5,6 +5,7 @@
 
 use rayon::prelude::*;
 
+use super::super::gemm::Mat;
 use super::super::real::Real;
 use super::super::simd::{sum, wide};
 
@@ -63,9 +64,9 @@ fn dims(qkv_len: usize, probs_len: usize, rel: &RelativeIndex, heads: usize) -> 
 /// softmax for the backward. Overwrites both.
 ///
 /// One task per window sequence does every head start to finish, its `[T, T]`
-/// probabilities and the head's k, v (`T·d` values each) staying in L1: the products are
-/// hand-written as rows of multiply-adds, which vectorise along a row without reordering
-/// any sum.
+/// probabilities and the head's q, k, v staying in L1; the two products per head go to
+/// the f32 product kernel (`Real::product`), whose register tile beats rows of
+/// multiply-adds only `T` long.
 pub fn attention_forward<T: Real>(
     out: &mut [T],
     probs: &mut [T],
@@ -102,46 +103,27 @@ fn sequence_forward<T: Real>(
     let (t, width) = (rel.tokens, out.len() / rel.tokens);
     let d = width / heads;
     let scale = T::one() / T::of(d as f64).sqrt();
-    let row = |i: usize| &qkv[i * 3 * width..][..3 * width];
-    let mut kt = vec![T::zero(); d * t];
     for (h, p) in probs.chunks_exact_mut(t * t).enumerate() {
-        transpose_head(&mut kt, qkv, width, width + h * d);
-        for (i, (z, idx)) in p
-            .chunks_exact_mut(t)
-            .zip(rel.index.chunks_exact(t))
-            .enumerate()
-        {
-            // z = q_i·kᵀ, as d rows of kᵀ scaled by q_i's values.
-            z.fill(T::zero());
-            for (&q, k) in row(i)[h * d..][..d].iter().zip(kt.chunks_exact(t)) {
-                z.iter_mut().zip(k).for_each(|(z, &k)| *z += q * k);
-            }
+        let [q, k, v] = head_views(qkv, width, h * d, d);
+        T::product(p, t, q, k.t(), false);
+        for (z, idx) in p.chunks_exact_mut(t).zip(rel.index.chunks_exact(t)) {
             for (z, &i) in z.iter_mut().zip(idx) {
                 *z = *z * scale + table[i as usize * heads + h];
             }
             softmax_in_place(z);
-            // out_i = Σ_j p_ij v_j.
-            let o = &mut out[i * width + h * d..][..d];
-            o.fill(T::zero());
-            for (j, &p) in z.iter().enumerate() {
-                let v = &row(j)[2 * width + h * d..][..d];
-                o.iter_mut().zip(v).for_each(|(o, &v)| *o += p * v);
-            }
         }
+        T::product(&mut out[h * d..], width, Mat::new(p, t, t), v, false);
     }
 }
 
-/// `dst` `[d, T]` = the `d` columns of `qkv` `[T, 3·width]` from `col`, transposed.
-#[inline(always)]
-fn transpose_head<T: Real>(dst: &mut [T], qkv: &[T], width: usize, col: usize) {
+/// Head `h`'s q, k and v `[T, d]` (columns `col..col + d` of each third) inside a
+/// sequence's qkv rows `[T, 3·width]`.
+fn head_views<T>(qkv: &[T], width: usize, col: usize, d: usize) -> [Mat<'_, T>; 3] {
     let t = qkv.len() / (3 * width);
-    for (j, row) in qkv.chunks_exact(3 * width).enumerate() {
-        for (c, &v) in row[col..][..dst.len() / t].iter().enumerate() {
-            dst[c * t + j] = v;
-        }
-    }
+    std::array::from_fn(|part| Mat::strided(&qkv[part * width + col..], t, d, 3 * width))
 }
 
+#[inline(always)]
 fn softmax_in_place<T: Real>(row: &mut [T]) {
     let max = row.iter().copied().fold(T::neg_infinity(), T::max);
     let mut sum = T::zero();
@@ -193,8 +175,7 @@ pub fn attention_backward<T: Real>(
 }
 
 /// One window sequence of [`attention_backward`], its table gradient into `dtable`;
-/// inlined into its caller, so that [`wide`] compiles it. One pass over the query rows
-/// per head: row `i` gives dz_i, hence dq_i, and adds its terms to every dk_j and dv_j.
+/// inlined into its caller, so that [`wide`] compiles it.
 #[inline(always)]
 fn sequence_backward<T: Real>(
     dqkv: &mut [T],
@@ -208,48 +189,37 @@ fn sequence_backward<T: Real>(
     let (t, width) = (rel.tokens, dout.len() / rel.tokens);
     let d = width / heads;
     let scale = T::one() / T::of(d as f64).sqrt();
-    let row = |i: usize| &qkv[i * 3 * width..][..3 * width];
-    let (mut vt, mut dz, mut dq) = (
-        vec![T::zero(); d * t],
-        vec![T::zero(); t],
-        vec![T::zero(); d],
-    );
+    let mut dz = vec![T::zero(); t * t];
     for (h, p) in probs.chunks_exact(t * t).enumerate() {
-        transpose_head(&mut vt, qkv, width, 2 * width + h * d);
-        for j in 0..t {
-            let drow = &mut dqkv[j * 3 * width..][..3 * width];
-            drow[width + h * d..][..d].fill(T::zero());
-            drow[2 * width + h * d..][..d].fill(T::zero());
-        }
-        for (i, (p, idx)) in p.chunks_exact(t).zip(rel.index.chunks_exact(t)).enumerate() {
-            let dout = &dout[i * width + h * d..][..d];
-            // dp_i = dout_i·vᵀ; dv_j += p_ij dout_i.
-            dz.fill(T::zero());
-            for (&g, v) in dout.iter().zip(vt.chunks_exact(t)) {
-                dz.iter_mut().zip(v).for_each(|(dz, &v)| *dz += g * v);
-            }
-            for (j, &p) in p.iter().enumerate() {
-                let dv = &mut dqkv[j * 3 * width + 2 * width + h * d..][..d];
-                dv.iter_mut().zip(dout).for_each(|(dv, &g)| *dv += p * g);
-            }
-            // Softmax backward: dz = p ⊙ (dp - Σ_j p dp).
+        let [q, k, v] = head_views(qkv, width, h * d, d);
+        let dout = Mat::strided(&dout[h * d..], t, d, width);
+        let p_mat = Mat::new(p, t, t);
+        // dv = pᵀ·dout, dp = dout·vᵀ.
+        T::product(
+            &mut dqkv[2 * width + h * d..],
+            3 * width,
+            p_mat.t(),
+            dout,
+            false,
+        );
+        T::product(&mut dz, t, dout, v.t(), false);
+        // Softmax backward per query row: dz = p ⊙ (dp - Σ_j p dp); the table takes dz,
+        // q and k take dz/√d.
+        for ((dz, p), idx) in dz
+            .chunks_exact_mut(t)
+            .zip(p.chunks_exact(t))
+            .zip(rel.index.chunks_exact(t))
+        {
             let dot = sum(t, |j| p[j] * dz[j]);
             for ((dz, &p), &i) in dz.iter_mut().zip(p).zip(idx) {
                 *dz = p * (*dz - dot);
                 dtable[i as usize * heads + h] += *dz;
+                *dz *= scale;
             }
-            // dq_i = scale Σ_j dz_ij k_j; dk_j += scale dz_ij q_i.
-            let q = &row(i)[h * d..][..d];
-            dq.fill(T::zero());
-            for (j, &g) in dz.iter().enumerate() {
-                let g = g * scale;
-                let k = &row(j)[width + h * d..][..d];
-                dq.iter_mut().zip(k).for_each(|(dq, &k)| *dq += g * k);
-                let dk = &mut dqkv[j * 3 * width + width + h * d..][..d];
-                dk.iter_mut().zip(q).for_each(|(dk, &q)| *dk += g * q);
-            }
-            dqkv[i * 3 * width + h * d..][..d].copy_from_slice(&dq);
         }
+        let dz = Mat::new(&dz, t, t);
+        T::product(&mut dqkv[h * d..], 3 * width, dz, k, false);
+        T::product(&mut dqkv[width + h * d..], 3 * width, dz.t(), q, false);
     }
 }
 
