@@ -2,8 +2,9 @@
 //! `cpu::ops::global_attention`, computed in f64 from exactly the values the GPU sees: f32
 //! within 1e-5 and bf16 within 2e-2 (max-abs difference over max-abs value, per tensor),
 //! for T from 1 to 785 (MAE's encoder and decoder at 224 and 448) and head dims 32 to 128;
-//! the backward bit-identical across runs. Without a GPU every test prints why it skipped
-//! and passes (with `LOMAR_REQUIRE_GPU=1` it fails).
+//! the backward bit-identical across runs; `mae_shapes_benchmark` times MAE's shapes.
+//! Without a GPU every test prints why it skipped and passes (with `LOMAR_REQUIRE_GPU=1`
+//! it fails).
 
 mod common;
 
@@ -171,5 +172,63 @@ fn bad_buffers_are_errors() -> Result<()> {
         .global_attention_forward(gpu.ptr(&qkv)?, gpu.ptr(&short)?, gpu.ptr(&lse)?, odd)
         .unwrap_err();
     assert!(err.to_string().contains("head_dim 48"), "{err}");
+    Ok(())
+}
+
+/// Times forward and backward (median of 7 timings of 10 calls each) on MAE's attention
+/// shapes at batch 256 (mae_base: encoder 12 heads of 64 on the visible quarter, decoder 16
+/// heads of 32 on every patch) in bf16, and prints µs and TFLOP/s counting the products a
+/// pass needs (forward Q·Kᵀ and P·V; backward dV, dP, dQ, dK: twice the forward), not the
+/// recomputed ones.
+#[test]
+fn mae_shapes_benchmark() -> Result<()> {
+    let Some(gpu) = gpu::<bf16>("mae_shapes_benchmark")? else {
+        return Ok(());
+    };
+    let (gpu, kernels) = &gpu;
+    println!("MAE global attention, bf16, batch 256, on {}", gpu.name());
+    println!(
+        "{:<22} {:>22} {:>22}",
+        "shape", "forward µs (TFLOP/s)", "backward µs (TFLOP/s)"
+    );
+    for (name, sh) in [
+        ("encoder 224", shape(50, 64, 12, 256)),
+        ("decoder 224", shape(197, 32, 16, 256)),
+        ("encoder 448", shape(197, 64, 12, 256)),
+        ("decoder 448", shape(785, 32, 16, 256)),
+    ] {
+        let (qkv, dout) = inputs::<bf16>(sh, 5);
+        let to_bf16 = |v: &[f32]| -> Vec<bf16> { v.iter().map(|&x| bf16::from_f32(x)).collect() };
+        let rows = sh.seqs * sh.tokens;
+        let qkv = gpu.upload(&to_bf16(&qkv), "qkv")?;
+        let dout = gpu.upload(&to_bf16(&dout), "dout")?;
+        let out = gpu.zeros::<bf16>(rows * sh.width(), "out")?;
+        let lse = gpu.zeros::<f32>(rows * sh.heads, "lse")?;
+        let delta = gpu.zeros::<f32>(rows * sh.heads, "delta")?;
+        let dqkv = gpu.zeros::<bf16>(rows * 3 * sh.width(), "dqkv")?;
+        let forward =
+            || kernels.global_attention_forward(gpu.ptr(&qkv)?, gpu.ptr(&out)?, gpu.ptr(&lse)?, sh);
+        let fwd_us = common::median_us(gpu, 10, 7, &mut || forward())?;
+        let bwd_us = common::median_us(gpu, 10, 7, &mut || {
+            kernels.global_attention_backward(
+                gpu.ptr(&qkv)?,
+                gpu.ptr(&out)?,
+                gpu.ptr(&dout)?,
+                gpu.ptr(&lse)?,
+                gpu.ptr(&delta)?,
+                gpu.ptr(&dqkv)?,
+                sh,
+            )
+        })?;
+        let fwd_flops = 4.0 * (sh.seqs * sh.heads * sh.tokens * sh.tokens * sh.head_dim) as f64;
+        let tflops = |flops: f64, us: f64| flops / us * 1e-6;
+        println!(
+            "{name:<22} {:>12.1} ({:>6.1}) {:>13.1} ({:>6.1})",
+            fwd_us,
+            tflops(fwd_flops, fwd_us),
+            bwd_us,
+            tflops(2.0 * fwd_flops, bwd_us)
+        );
+    }
     Ok(())
 }
