@@ -381,6 +381,30 @@ fn general_attention_kernels_match_the_cpu_op() {
     }
 }
 
+/// Asserts that the mutant `name` was caught, and says how: its driver failed (a race
+/// ThreadSanitizer saw, or one of the shim's own checks), or `judge` (within tolerance?,
+/// the errors shown) finds its outputs out of tolerance.
+fn expect_caught<R>(
+    name: &str,
+    outcome: Result<R, String>,
+    judge: impl FnOnce(&R) -> (bool, String),
+) {
+    match outcome {
+        Err(failure) => {
+            let first = failure
+                .lines()
+                .find(|l| l.contains("WARNING: ThreadSanitizer") || l.starts_with("emu:"))
+                .unwrap_or("the driver failed");
+            println!("{name}: caught: {first}");
+        }
+        Ok(result) => {
+            let (within, shown) = judge(&result);
+            assert!(!within, "{name}: the mutant passed ({shown})");
+            println!("{name}: caught: {shown}");
+        }
+    }
+}
+
 /// A copy of `kernels/` with `find` (which must occur exactly once in `file`) replaced.
 fn mutant(name: &str, file: &str, find: &str, replace: &str) -> PathBuf {
     let dir = scratch().join(format!("mutant-{name}"));
@@ -437,23 +461,9 @@ fn planted_bugs_are_caught() {
         let kernels = mutant(name, file, find, replace);
         let exe = compile(&kernels, kernels.parent().unwrap(), "attention_driver");
         let dir = kernels.parent().unwrap().join("case");
-        match vit_like().run::<Bf16>(&exe, &dir) {
-            Err(failure) => {
-                let first = failure
-                    .lines()
-                    .find(|l| l.contains("WARNING: ThreadSanitizer") || l.starts_with("emu:"))
-                    .unwrap_or("the driver failed");
-                println!("{name}: caught: {first}");
-            }
-            Ok((_, errors)) => {
-                assert!(
-                    !within::<Bf16>(&errors),
-                    "{name}: the mutant passed ({})",
-                    show(&errors)
-                );
-                println!("{name}: caught: {}", show(&errors));
-            }
-        }
+        expect_caught(name, vit_like().run::<Bf16>(&exe, &dir), |(_, errors)| {
+            (within::<Bf16>(errors), show(errors))
+        });
     }
 }
 
@@ -679,22 +689,8 @@ fn planted_bugs_in_the_global_attention_are_caught() {
             "global_attention_driver",
         );
         let dir = kernels.parent().unwrap().join("case");
-        match case.run::<Bf16>(&exe, &dir) {
-            Err(failure) => {
-                let first = failure
-                    .lines()
-                    .find(|l| l.contains("WARNING: ThreadSanitizer") || l.starts_with("emu:"))
-                    .unwrap_or("the driver failed");
-                println!("{name}: caught: {first}");
-            }
-            Ok((_, errors)) => {
-                assert!(
-                    !global_within(&errors, Bf16::TOLERANCE),
-                    "{name}: the mutant passed ({})",
-                    show_global(&errors)
-                );
-                println!("{name}: caught: {}", show_global(&errors));
-            }
-        }
+        expect_caught(name, case.run::<Bf16>(&exe, &dir), |(_, errors)| {
+            (global_within(errors, Bf16::TOLERANCE), show_global(errors))
+        });
     }
 }

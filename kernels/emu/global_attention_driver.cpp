@@ -9,11 +9,7 @@
 // then four lines `NAME grid.x grid.y grid.z block.x smem_bytes`: forward, delta, dq, dkdv;
 // DIR/{qkv,dout}.bin the inputs (elem, little-endian). Writes DIR/{out,lse,dqkv}.bin.
 // Outputs and the delta scratch start as NaN so anything unwritten shows.
-#include <dlfcn.h>
-
-#include <fstream>
-#include <string>
-
+#include "driver_files.h"
 #include "global_attention.cu"
 
 namespace {
@@ -22,33 +18,6 @@ struct Launch {
     std::string name;
     unsigned gx = 1, gy = 1, gz = 1, block = 1, smem = 0;
 };
-
-[[noreturn]] void die(const std::string& what) {
-    std::fprintf(stderr, "global_attention_driver: %s\n", what.c_str());
-    std::exit(2);
-}
-
-template <typename T>
-std::vector<T> read(const std::string& path, size_t count) {
-    std::vector<T> v(count);
-    std::ifstream f(path, std::ios::binary);
-    if (!f.read(reinterpret_cast<char*>(v.data()), count * sizeof(T)) || f.peek() != EOF)
-        die(path + ": not " + std::to_string(count) + " values");
-    return v;
-}
-
-template <typename T>
-void write(const std::string& path, const std::vector<T>& v) {
-    std::ofstream f(path, std::ios::binary);
-    if (!f.write(reinterpret_cast<const char*>(v.data()), v.size() * sizeof(T))) die("writing " + path);
-}
-
-template <typename Fn>
-Fn* kernel(const std::string& name) {
-    void* f = dlsym(RTLD_DEFAULT, name.c_str());
-    if (f == nullptr) die("no kernel " + name + " (built with -rdynamic?)");
-    return reinterpret_cast<Fn*>(f);
-}
 
 template <typename Fn, typename... Args>
 void launch(const Launch& l, Args... args) {
