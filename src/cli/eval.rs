@@ -150,7 +150,7 @@ pub struct PlotArgs {
 }
 
 pub(super) fn export(a: ExportArgs) -> Result<()> {
-    let model = Pretrained::open(&a.checkpoint)?;
+    let model = Pretrained::open_lomar(&a.checkpoint, "export")?;
     let m = &model.config.model;
     let image = a.image.unwrap_or(m.image);
     let opts = ExportOptions {
@@ -175,7 +175,7 @@ pub(super) fn flag_value(v: impl ValueEnum) -> String {
 
 /// The features of `checkpoint`'s encoder on the images `e` names.
 pub(super) fn encode(checkpoint: &Path, e: &EncodeArgs) -> Result<(Features, Provenance)> {
-    let model = Pretrained::open(checkpoint)?;
+    let model = Pretrained::open_lomar(checkpoint, "features")?;
     let image = e.image.unwrap_or(model.config.model.image);
     let encoder = Encoder::new(&model.config.model, &model.params, image, e.mode, e.pool)?;
     let source = open_source(&e.data, image, e.images, e.data_seed)?;

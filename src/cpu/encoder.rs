@@ -12,7 +12,7 @@ use anyhow::{bail, Result};
 use clap::ValueEnum;
 use rayon::prelude::*;
 
-use super::model::{block_forward, BlockActs};
+use super::model::{block_forward, BlockActs, Tokens};
 use super::ops::attention::RelativeIndex;
 use super::ops::{layernorm, linear, tokens};
 use crate::config::ModelConfig;
@@ -208,7 +208,16 @@ impl<'a> Encoder<'a> {
         *acts.input() = x;
         let (mut act, mut x) = (Vec::new(), Vec::new());
         for (b, table) in r.blocks.iter().zip(&self.tables) {
-            block_forward(p, b, table, &self.rel, m.heads, &mut acts, &mut act, &mut x);
+            block_forward(
+                p,
+                b,
+                table,
+                Tokens::Windows(&self.rel),
+                m.heads,
+                &mut acts,
+                &mut act,
+                &mut x,
+            );
             std::mem::swap(acts.input(), &mut x);
         }
         let x = std::mem::take(acts.input());

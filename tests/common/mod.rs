@@ -4,6 +4,8 @@
 // Each test binary uses its own subset of these helpers.
 #![allow(dead_code)]
 
+pub mod fd;
+
 use lomar::config::ModelConfig;
 use lomar::cuda::Gpu;
 use lomar::data::batch::Batch;
