@@ -5,6 +5,7 @@
 
 use lomar::backend::{AdamWStep, Backend};
 use lomar::config::{mae_recipe, preset, DecoderConfig, ModelConfig};
+use lomar::cpu::encoder::{Encoder, Pool, View};
 use lomar::cpu::mae;
 use lomar::cpu::ops::tokens;
 use lomar::cpu::CpuBackend;
@@ -120,6 +121,42 @@ fn naive_block(x: &mut [Vec<f64>], w: impl Fn(&str) -> Vec<f64>, heads: usize) {
     }
 }
 
+/// MAE's encoder on the `kept` patches of one image `[3, H, H]`: every token after the
+/// final norm, cls first.
+fn naive_encoder(m: &ModelConfig, params: &[f64], image: &[f32], kept: &[usize]) -> Vec<Vec<f64>> {
+    let layout = ParamLayout::new(m);
+    let get = |name: &str| params[layout.get(name).unwrap().range()].to_vec();
+    let (p, g, img) = (m.patch, m.grid(), m.image);
+    let mut x = vec![get("cls_token")];
+    for &i in kept {
+        let mut v = Vec::new();
+        for c in 0..3 {
+            for y in 0..p {
+                for xx in 0..p {
+                    v.push(image[(c * img + i / g * p + y) * img + i % g * p + xx] as f64);
+                }
+            }
+        }
+        let e = dense(
+            &get("patch_embed.proj.weight"),
+            &get("patch_embed.proj.bias"),
+            &v,
+        );
+        x.push(
+            e.iter()
+                .enumerate()
+                .map(|(c, v)| v + sincos(m.width, g, 1 + i, c))
+                .collect(),
+        );
+    }
+    for blk in 0..m.depth {
+        naive_block(&mut x, |s| get(&format!("blocks.{blk}.{s}")), m.heads);
+    }
+    x.iter()
+        .map(|r| norm(r, &get("norm.weight"), &get("norm.bias")))
+        .collect()
+}
+
 /// MAE's loss, image by image, token by token.
 fn naive_loss(m: &ModelConfig, params: &[f64], batch: &Batch) -> f64 {
     let layout = ParamLayout::new(m);
@@ -135,42 +172,11 @@ fn naive_loss(m: &ModelConfig, params: &[f64], batch: &Batch) -> f64 {
             let (top, left) = (patch / g * p, patch % g * p);
             batch.images[((b * 3 + c) * img + top + y) * img + left + x] as f64
         };
-        // Encoder: cls, then every kept patch embedded plus its position.
-        let mut x = vec![get("cls_token")];
         let kept: Vec<usize> = (0..n).filter(|i| !masked.contains(&(*i as u32))).collect();
-        for &i in &kept {
-            let mut v = Vec::new();
-            for c in 0..3 {
-                for y in 0..p {
-                    for xx in 0..p {
-                        v.push(pixel(i, c, y, xx));
-                    }
-                }
-            }
-            let e = dense(
-                &get("patch_embed.proj.weight"),
-                &get("patch_embed.proj.bias"),
-                &v,
-            );
-            x.push(
-                e.iter()
-                    .enumerate()
-                    .map(|(c, v)| v + sincos(m.width, g, 1 + i, c))
-                    .collect(),
-            );
-        }
-        for blk in 0..m.depth {
-            naive_block(&mut x, |s| get(&format!("blocks.{blk}.{s}")), m.heads);
-        }
-        let y: Vec<Vec<f64>> = x
+        let image = &batch.images[b * 3 * img * img..][..3 * img * img];
+        let y: Vec<Vec<f64>> = naive_encoder(m, params, image, &kept)
             .iter()
-            .map(|r| {
-                dense(
-                    &get("decoder_embed.weight"),
-                    &get("decoder_embed.bias"),
-                    &norm(r, &get("norm.weight"), &get("norm.bias")),
-                )
-            })
+            .map(|r| dense(&get("decoder_embed.weight"), &get("decoder_embed.bias"), r))
             .collect();
         // Decoder: cls, each patch's encoded token or the mask token, plus positions.
         let mut z = vec![y[0].clone()];
@@ -239,6 +245,35 @@ fn mae_forward_matches_the_loop_by_loop_definition() {
         let want = naive_loss(&m, &params, &batch);
         assert!((got - want).abs() <= 1e-12 * want, "{got} vs {want}");
     }
+}
+
+#[test]
+fn the_frozen_mae_encoder_sees_every_patch_as_defined() {
+    let m = model();
+    let params = random_params(&m, 17);
+    let params32: Vec<f32> = params.iter().map(|&v| v as f32).collect();
+    let exact: Vec<f64> = params32.iter().map(|&v| v as f64).collect();
+    let batch = sample_batch(&m, 2, 18);
+    let encoder = Encoder::new(&m, &params32, m.image, View::Image, Pool::Mean).unwrap();
+    let got = encoder.tokens(&batch.images);
+    let all: Vec<usize> = (0..m.window_area()).collect();
+    let per_image = 3 * m.image * m.image;
+    let want: Vec<f64> = batch
+        .images
+        .chunks(per_image)
+        .flat_map(|image| naive_encoder(&m, &exact, image, &all).concat())
+        .collect();
+    assert_eq!(got.len(), want.len());
+    let worst = got
+        .iter()
+        .zip(&want)
+        .map(|(&a, b)| (a as f64 - b).abs())
+        .fold(0.0, f64::max);
+    assert!(worst < 1e-4, "max |f32 - f64| = {worst:e}");
+    let err = Encoder::new(&m, &params32, m.image, View::Windows, Pool::Cls)
+        .err()
+        .unwrap();
+    assert!(err.to_string().contains("no windows"), "{err}");
 }
 
 #[test]

@@ -73,8 +73,6 @@ fn sample_batch_init_and_grad_work_on_mae_files() {
         ],
     );
     assert!(err.contains("--method mae model"), "{err}");
-    let err = lomar_err(d, &["export", "--checkpoint", "p.st", "--out", "e.st"]);
-    assert!(err.contains("--method mae model"), "{err}");
     let err = lomar_err(
         d,
         &[
@@ -162,4 +160,98 @@ fn bench_counts_mae_flops() {
     let m = lomar::config::mae_recipe(lomar::config::preset("tiny").unwrap());
     let want = lomar::bench::flops::training_flops(&m, 2);
     assert_eq!(json["report"]["flops_per_step"].as_f64(), Some(want));
+}
+
+#[test]
+fn an_mae_encoder_exports_for_timm_vit_and_gives_features() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    lomar_ok(
+        d,
+        &["init", "--method", "mae", "--out", "p.st", "--seed", "2"],
+    );
+    let out = lomar_ok(
+        d,
+        &[
+            "export",
+            "--checkpoint",
+            "p.st",
+            "--out",
+            "e.st",
+            "--image",
+            "48",
+        ],
+    );
+    assert!(
+        out.contains("timm.models.vision_transformer.VisionTransformer"),
+        "{out}"
+    );
+    let file = TensorFile::open(&d.join("e.st"), "encoder").unwrap();
+    // A 12×12 grid at 48 pixels: the sin-cos table is computed for it.
+    let (shape, pos) = file.f32("pos_embed").unwrap();
+    assert_eq!(shape, [1, 145, 64]);
+    assert!(pos[..64].iter().all(|&v| v == 0.0));
+    assert_eq!(file.f32("blocks.1.attn.qkv.bias").unwrap().0, [192]);
+    assert!(file.f32("blocks.0.attn.q_bias").is_err());
+    assert!(file.f32("mask_token").is_err());
+    assert!(file.f32("decoder_embed.weight").is_err());
+    let kwargs: serde_json::Value = file.metadata_json("timm_vit_kwargs").unwrap().unwrap();
+    assert_eq!(
+        (kwargs["img_size"].as_u64(), kwargs["embed_dim"].as_u64()),
+        (Some(48), Some(64))
+    );
+
+    let encode = ["--checkpoint", "p.st", "--images", "40", "--method", "mae"];
+    let out = lomar_ok(
+        d,
+        &[&["features"][..], &encode, &["--out", "f.st"]].concat(),
+    );
+    assert!(out.contains("40 features with labels written"), "{out}");
+    let out = lomar_ok(d, &[&["probe"][..], &encode, &["--k", "3"]].concat());
+    assert!(out.contains("64-d features"), "{out}");
+
+    for (args, want) in [
+        (
+            &[
+                "export",
+                "--checkpoint",
+                "p.st",
+                "--out",
+                "x.st",
+                "--method",
+                "lomar",
+            ][..],
+            "holds a --method mae model",
+        ),
+        (
+            &[
+                "export",
+                "--checkpoint",
+                "p.st",
+                "--out",
+                "x.st",
+                "--position-index",
+            ][..],
+            "no relative position index",
+        ),
+        (
+            &[
+                "features",
+                "--checkpoint",
+                "p.st",
+                "--out",
+                "x.st",
+                "--mode",
+                "windows",
+            ][..],
+            "no windows",
+        ),
+        (
+            &["visualize", "--checkpoint", "p.st", "--out", "x.png"][..],
+            "--method lomar models only",
+        ),
+    ] {
+        let err = lomar_err(d, args);
+        assert!(err.contains(want), "{args:?}: {err}");
+    }
 }
