@@ -72,47 +72,100 @@ struct Run<E> {
     dtable: Vec<f32>,
 }
 
+/// The device tensors of one forward + backward.
+struct Buffers<E> {
+    qkv: CudaSlice<E>,
+    table: CudaSlice<f32>,
+    dout: CudaSlice<E>,
+    out: CudaSlice<E>,
+    lse: CudaSlice<f32>,
+    dqkv: CudaSlice<E>,
+    dtable: CudaSlice<f32>,
+}
+
+impl<E: Elem> Buffers<E> {
+    /// The inputs as given; the outputs NaN, so that anything left unwritten shows.
+    fn new(
+        gpu: &Gpu,
+        shape: AttnShape,
+        qkv: &[E],
+        table: &[f32],
+        dout: &[E],
+        dtable: &[f32],
+    ) -> Result<Self> {
+        let t = shape.tokens();
+        let nan_e = |n: usize| vec![E::from_f64(f64::NAN); n];
+        Ok(Buffers {
+            qkv: gpu.upload(qkv, "qkv")?,
+            table: gpu.upload(table, "table")?,
+            dout: gpu.upload(dout, "dout")?,
+            out: gpu.upload(&nan_e(shape.seqs * t * shape.width()), "out")?,
+            lse: gpu.upload(&vec![f32::NAN; shape.seqs * shape.heads * t], "lse")?,
+            dqkv: gpu.upload(&nan_e(qkv.len()), "dqkv")?,
+            dtable: gpu.upload(dtable, "dtable")?,
+        })
+    }
+
+    fn forward(
+        &self,
+        (gpu, kernels): &(Gpu, Kernels<E>),
+        shape: AttnShape,
+        tuning: AttnTuning,
+    ) -> Result<()> {
+        kernels.attention_forward(
+            gpu.ptr(&self.qkv)?,
+            gpu.ptr(&self.table)?,
+            gpu.ptr(&self.out)?,
+            gpu.ptr(&self.lse)?,
+            shape,
+            tuning,
+        )
+    }
+
+    fn backward(
+        &self,
+        (gpu, kernels): &(Gpu, Kernels<E>),
+        shape: AttnShape,
+        tuning: AttnTuning,
+    ) -> Result<()> {
+        kernels.attention_backward(
+            gpu.ptr(&self.qkv)?,
+            gpu.ptr(&self.table)?,
+            gpu.ptr(&self.out)?,
+            gpu.ptr(&self.dout)?,
+            gpu.ptr(&self.lse)?,
+            gpu.ptr(&self.dqkv)?,
+            gpu.ptr(&self.dtable)?,
+            shape,
+            tuning,
+        )
+    }
+}
+
 fn run_gpu<E: Elem>(
-    (gpu, kernels): &(Gpu, Kernels<E>),
+    gpu: &(Gpu, Kernels<E>),
     shape: AttnShape,
     inputs: &Inputs,
     tuning: AttnTuning,
 ) -> Result<Run<E>> {
     let to_e = |v: &[f64]| -> Vec<E> { v.iter().map(|&x| E::from_f64(x)).collect() };
-    let nan_e = |n: usize| vec![E::from_f64(f64::NAN); n];
-    let qkv = gpu.upload(&to_e(&inputs.qkv), "qkv")?;
-    let table = gpu.upload(&inputs.table, "table")?;
-    let dout = gpu.upload(&to_e(&inputs.dout), "dout")?;
-    let t = shape.tokens();
-    let out = gpu.upload(&nan_e(shape.seqs * t * shape.width()), "out")?;
-    let lse = gpu.upload(&vec![f32::NAN; shape.seqs * shape.heads * t], "lse")?;
-    let dqkv = gpu.upload(&nan_e(inputs.qkv.len()), "dqkv")?;
-    let dtable = gpu.upload(&inputs.dtable_start, "dtable")?;
-    kernels.attention_forward(
-        gpu.ptr(&qkv)?,
-        gpu.ptr(&table)?,
-        gpu.ptr(&out)?,
-        gpu.ptr(&lse)?,
+    let bufs = Buffers::new(
+        &gpu.0,
         shape,
-        tuning,
+        &to_e(&inputs.qkv),
+        &inputs.table,
+        &to_e(&inputs.dout),
+        &inputs.dtable_start,
     )?;
-    kernels.attention_backward(
-        gpu.ptr(&qkv)?,
-        gpu.ptr(&table)?,
-        gpu.ptr(&out)?,
-        gpu.ptr(&dout)?,
-        gpu.ptr(&lse)?,
-        gpu.ptr(&dqkv)?,
-        gpu.ptr(&dtable)?,
-        shape,
-        tuning,
-    )?;
-    let all = |s: &CudaSlice<E>, what| gpu.read(s, s.len(), what);
+    bufs.forward(gpu, shape, tuning)?;
+    bufs.backward(gpu, shape, tuning)?;
+    let all_e = |s: &CudaSlice<E>, what| gpu.0.read(s, s.len(), what);
+    let all_f32 = |s: &CudaSlice<f32>, what| gpu.0.read(s, s.len(), what);
     Ok(Run {
-        out: all(&out, "out")?,
-        lse: gpu.read(&lse, lse.len(), "lse")?,
-        dqkv: all(&dqkv, "dqkv")?,
-        dtable: gpu.read(&dtable, dtable.len(), "dtable")?,
+        out: all_e(&bufs.out, "out")?,
+        lse: all_f32(&bufs.lse, "lse")?,
+        dqkv: all_e(&bufs.dqkv, "dqkv")?,
+        dtable: all_f32(&bufs.dtable, "dtable")?,
     })
 }
 
@@ -324,11 +377,11 @@ fn bad_buffers_are_errors() -> Result<()> {
 /// `LOMAR_ATTN_BENCH_JSON=PATH` (scripts/gpu-check) also writes it as JSON.
 #[test]
 fn vit_base_benchmark() -> Result<()> {
-    let Some((gpu, kernels)) = gpu::<bf16>("vit_base_benchmark")? else {
+    let Some(gpu) = gpu::<bf16>("vit_base_benchmark")? else {
         return Ok(());
     };
     let sh = shape(7, 64, 12, 1024);
-    let st = gpu.stream();
+    let st = gpu.0.stream();
     let (t, width) = (sh.tokens(), sh.width());
     let mut rng = ChaCha8Rng::seed_from_u64(7);
     let mut random = |n: usize| -> Vec<bf16> {
@@ -336,21 +389,24 @@ fn vit_base_benchmark() -> Result<()> {
             .map(|_| bf16::from_f32(rng.gen_range(-1.0..1.0)))
             .collect()
     };
-    let qkv = gpu.upload(&random(sh.seqs * t * 3 * width), "qkv")?;
-    let dout = gpu.upload(&random(sh.seqs * t * width), "dout")?;
-    let table = gpu.zeros::<f32>(sh.table_rows() * sh.heads, "table")?;
-    let out = gpu.zeros::<bf16>(sh.seqs * t * width, "out")?;
-    let lse = gpu.zeros::<f32>(sh.seqs * sh.heads * t, "lse")?;
-    let dqkv = gpu.upload(&vec![bf16::NAN; sh.seqs * t * 3 * width], "dqkv")?;
-    let dtable = gpu.zeros::<f32>(sh.table_rows() * sh.heads, "dtable")?;
+    let qkv = random(sh.seqs * t * 3 * width);
+    let dout = random(sh.seqs * t * width);
+    let zeros = vec![0.0f32; sh.table_rows() * sh.heads];
+    let bufs = Buffers::new(&gpu.0, sh, &qkv, &zeros, &dout, &zeros)?;
     let (reps, timings) = (20, 7);
     // Median µs per call of `f`, after one untimed call.
     let timed = |f: &mut dyn FnMut() -> Result<()>| -> Result<f64> {
         f()?;
         let mut samples = Vec::new();
         for _ in 0..timings {
-            let start = gpu.ctx().new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
-            let end = gpu.ctx().new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
+            let start = gpu
+                .0
+                .ctx()
+                .new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
+            let end = gpu
+                .0
+                .ctx()
+                .new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
             start.record(st)?;
             for _ in 0..reps {
                 f()?;
@@ -382,7 +438,7 @@ fn vit_base_benchmark() -> Result<()> {
     let mut results = Vec::new();
     println!(
         "vit_base bf16 attention, S=1024 T=50 h=12 d=64, on {}",
-        gpu.name()
+        gpu.0.name()
     );
     println!(
         "{:<32} {:>24} {:>24} {:>10}",
@@ -390,32 +446,11 @@ fn vit_base_benchmark() -> Result<()> {
     );
     for (name, tuning) in candidates {
         let [fwd_plan, bwd_plan] = [Pass::Forward, Pass::Backward]
-            .map(|pass| plan(pass, &sh, "bf16", &kernels.attention_limits(), tuning));
+            .map(|pass| plan(pass, &sh, "bf16", &gpu.1.attention_limits(), tuning));
         let (fwd_plan, bwd_plan) = (fwd_plan?, bwd_plan?);
-        let fwd_us = timed(&mut || {
-            kernels.attention_forward(
-                gpu.ptr(&qkv)?,
-                gpu.ptr(&table)?,
-                gpu.ptr(&out)?,
-                gpu.ptr(&lse)?,
-                sh,
-                tuning,
-            )
-        })?;
-        let bwd_us = timed(&mut || {
-            kernels.attention_backward(
-                gpu.ptr(&qkv)?,
-                gpu.ptr(&table)?,
-                gpu.ptr(&out)?,
-                gpu.ptr(&dout)?,
-                gpu.ptr(&lse)?,
-                gpu.ptr(&dqkv)?,
-                gpu.ptr(&dtable)?,
-                sh,
-                tuning,
-            )
-        })?;
-        let dq = gpu.read(&dqkv, dqkv.len(), "dqkv")?;
+        let fwd_us = timed(&mut || bufs.forward(&gpu, sh, tuning))?;
+        let bwd_us = timed(&mut || bufs.backward(&gpu, sh, tuning))?;
+        let dq = gpu.0.read(&bufs.dqkv, bufs.dqkv.len(), "dqkv")?;
         assert!(dq.iter().all(|v| v.is_finite()) && dq.iter().any(|v| v.to_f32() != 0.0));
         let (fwd_gbs, bwd_gbs) = (fwd_bytes / fwd_us * 1e-3, bwd_bytes / bwd_us * 1e-3);
         println!(
@@ -444,7 +479,7 @@ fn vit_base_benchmark() -> Result<()> {
              \"heads\": {}, \"head_dim\": {}, \"dtype\": \"bf16\"}}, \
              \"forward_bytes\": {fwd_bytes}, \"backward_bytes\": {bwd_bytes}, \
              \"calls_per_timing\": {reps}, \"timings\": {timings}, \"results\": [\n  {}\n]}}\n",
-            gpu.name(),
+            gpu.0.name(),
             std::env::var("LOMAR_COMMIT").unwrap_or_default(),
             sh.seqs,
             sh.heads,
