@@ -8,7 +8,7 @@ mod common;
 
 use common::{gpu_or_skip, rng, sample_batch, Report};
 use lomar::backend::{AdamWStep, Backend, Precision};
-use lomar::config::ModelConfig;
+use lomar::config::{Method, ModelConfig};
 use lomar::cpu::CpuBackend;
 use lomar::cuda::CudaBackend;
 use lomar::params::{standard_normal, ParamLayout};
@@ -75,6 +75,8 @@ fn models() -> Vec<(&'static str, ModelConfig)> {
         width: 128,
         heads: 2,
         norm_pix: true,
+        method: Method::Lomar,
+        decoder: None,
     };
     vec![("tiny d32", tiny()), ("p16 d64", p16)]
 }

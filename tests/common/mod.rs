@@ -4,6 +4,8 @@
 // Each test binary uses its own subset of these helpers.
 #![allow(dead_code)]
 
+pub mod fd;
+
 use cudarc::driver::sys::CUevent_flags;
 use lomar::config::ModelConfig;
 use lomar::cuda::Gpu;
