@@ -15,6 +15,7 @@ pub mod gemm;
 pub mod kernels;
 pub mod launch;
 mod model;
+pub mod nccl;
 mod nvtx;
 pub mod pixels;
 pub mod storage;
