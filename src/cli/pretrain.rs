@@ -7,12 +7,12 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 
+use super::dist::connect;
 use super::RunArgs;
 use crate::backend::Backend;
 use crate::config::{self, Config};
-use crate::cuda::{self, nccl::NcclCollective};
 use crate::device::Device;
-use crate::dist::{self, launch, Collective, Fingerprint, Launch};
+use crate::dist::{launch, Fingerprint, Launch};
 use crate::io::checkpoint::CheckpointFile;
 use crate::train::{self, TrainOptions};
 
@@ -60,7 +60,7 @@ pub(super) fn pretrain(a: PretrainArgs) -> Result<()> {
         .as_ref()
         .is_ok_and(|p| !p.start.backend.computes_on_host());
     let timeout = Duration::from_secs(a.dist_timeout.max(1));
-    let mut comm = connect(&launch, mine, on_gpu, timeout)?;
+    let mut comm = connect(&launch, mine, on_gpu, false, timeout)?;
     let Prepared {
         config,
         start:
@@ -182,25 +182,6 @@ fn fingerprint(a: &PretrainArgs, p: &Prepared) -> Result<Fingerprint> {
             "stop_after": a.stop_after,
         },
     }))
-}
-
-/// Meets the other ranks: NCCL on GPUs, the rendezvous links on the CPU.
-fn connect(
-    launch: &Launch,
-    mine: std::result::Result<Fingerprint, String>,
-    on_gpu: bool,
-    timeout: Duration,
-) -> Result<Box<dyn Collective>> {
-    if !(launch.is_distributed() && on_gpu) {
-        return dist::connect_host(launch, mine, timeout);
-    }
-    let joined = dist::rendezvous(launch, mine, cuda::nccl::unique_id, timeout)?;
-    Ok(Box::new(NcclCollective::new(
-        &joined.session,
-        launch.rank,
-        launch.world,
-        timeout,
-    )?))
 }
 
 /// The global batch, and how it changed when the resumed run had another world size.
