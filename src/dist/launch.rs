@@ -251,9 +251,21 @@ fn nonempty(host: &str, bad: impl Fn() -> anyhow::Error) -> Result<String> {
 /// device, e.g. Slurm's `--gpus-per-task=1`) is left alone.
 pub fn bind_gpu(local_rank: usize) -> Result<()> {
     let visible = std::env::var("CUDA_VISIBLE_DEVICES").ok();
+    if let (None, Some(n)) = (&visible, node_gpus()) {
+        if local_rank >= n {
+            bail!("LOCAL_RANK {local_rank} but this node has {n} GPUs: start at most {n} processes on it");
+        }
+    }
     let chosen = visible_device(visible.as_deref(), local_rank)?;
     std::env::set_var("CUDA_VISIBLE_DEVICES", chosen);
     Ok(())
+}
+
+/// The GPUs the NVIDIA driver lists on this node (one folder each), read without starting
+/// CUDA; `None` where the driver does not say (no driver, or not Linux).
+fn node_gpus() -> Option<usize> {
+    let n = std::fs::read_dir("/proc/driver/nvidia/gpus").ok()?.count();
+    (n > 0).then_some(n)
 }
 
 /// The `CUDA_VISIBLE_DEVICES` value that leaves only local rank `local_rank`'s GPU visible.
