@@ -229,9 +229,13 @@ pub(super) fn print_run_header(config: &Config, backend: &dyn Backend, params: u
         backend.device_name()
     );
     println!(
-        "batch {} x accum {} = {} images/step | steps {} (warmup {}) | peak lr {:.3e} | seed {}{}",
+        "batch {} x accum {}{} = {} images/step | steps {} (warmup {}) | peak lr {:.3e} | seed {}{}",
         t.batch,
         t.accum,
+        match t.world {
+            1 => String::new(),
+            w => format!(" x {w} ranks"),
+        },
         t.effective_batch(),
         t.steps,
         t.warmup_steps,
