@@ -12,6 +12,7 @@ mod backend;
 pub mod blaslt;
 pub mod device;
 pub mod gemm;
+pub mod global_attention;
 pub mod kernels;
 pub mod launch;
 mod model;

@@ -4,6 +4,7 @@
 // Each test binary uses its own subset of these helpers.
 #![allow(dead_code)]
 
+use cudarc::driver::sys::CUevent_flags;
 use lomar::config::ModelConfig;
 use lomar::cuda::Gpu;
 use lomar::data::batch::Batch;
@@ -113,6 +114,30 @@ pub fn random_params(m: &ModelConfig, seed: u64, std: impl Fn(&str) -> f64) -> V
         }
     }
     params
+}
+
+/// Median µs per call of `f` on `gpu`'s stream over `timings` timings of `reps` calls
+/// each, after one untimed call.
+pub fn median_us(
+    gpu: &Gpu,
+    reps: usize,
+    timings: usize,
+    f: &mut dyn FnMut() -> anyhow::Result<()>,
+) -> anyhow::Result<f64> {
+    f()?;
+    let mut samples = Vec::new();
+    for _ in 0..timings {
+        let start = gpu.ctx().new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
+        let end = gpu.ctx().new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
+        start.record(gpu.stream())?;
+        for _ in 0..reps {
+            f()?;
+        }
+        end.record(gpu.stream())?;
+        samples.push(start.elapsed_ms(&end)? as f64 * 1e3 / reps as f64);
+    }
+    samples.sort_by(f64::total_cmp);
+    Ok(samples[timings / 2])
 }
 
 pub fn rng(seed: u64) -> ChaCha8Rng {
