@@ -271,7 +271,7 @@ pub struct TrainConfig {
     pub steps: u64,
     /// Linear warm-up steps.
     pub warmup_steps: u64,
-    /// Base learning rate; the peak is `blr * batch * accum / 256`.
+    /// Base learning rate; the peak is `blr * batch * accum * world / 256`.
     pub blr: f64,
     /// Learning rate at the end of the cosine.
     pub min_lr: f64,
@@ -283,12 +283,24 @@ pub struct TrainConfig {
     pub clip_grad: Option<f64>,
     /// Seed of the parameters, the sampler and the synthetic data.
     pub seed: u64,
+    /// Data-parallel ranks, each training `batch` images per micro-batch. Set from the
+    /// launcher, not a flag; absent from single-process configs.
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    pub world: usize,
+}
+
+fn one() -> usize {
+    1
+}
+
+fn is_one(n: &usize) -> bool {
+    *n == 1
 }
 
 impl TrainConfig {
-    /// Images per optimiser step.
+    /// Images per optimiser step, over all ranks.
     pub fn effective_batch(&self) -> usize {
-        self.batch * self.accum
+        self.batch * self.accum * self.world
     }
     /// Peak learning rate, scaled linearly with the effective batch.
     pub fn peak_lr(&self) -> f64 {
@@ -301,6 +313,9 @@ impl TrainConfig {
         }
         if self.accum == 0 {
             bail!("accum = 0: must be at least 1");
+        }
+        if self.world == 0 || self.world > 65536 {
+            bail!("world = {}: must be in 1..=65536", self.world);
         }
         if self.steps == 0 {
             bail!("steps = 0: must be at least 1");
@@ -323,7 +338,7 @@ impl TrainConfig {
         finite_nonneg("weight_decay", self.weight_decay)?;
         if self.min_lr > self.peak_lr() {
             bail!(
-                "min_lr = {}: must not exceed the peak learning rate blr*batch*accum/256 = {}",
+                "min_lr = {}: must not exceed the peak learning rate blr*batch*accum*world/256 = {}",
                 self.min_lr,
                 self.peak_lr()
             );
@@ -360,6 +375,7 @@ impl Default for TrainConfig {
             eps: 1e-8,
             clip_grad: None,
             seed: 0,
+            world: 1,
         }
     }
 }

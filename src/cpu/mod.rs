@@ -17,6 +17,7 @@ use anyhow::Result;
 use crate::backend::{AdamWStep, Backend, Moments};
 use crate::config::{Method, ModelConfig};
 use crate::data::batch::Batch;
+use crate::dist::Collective;
 use crate::params::ParamLayout;
 use crate::train::optim::adamw_update;
 
@@ -86,6 +87,10 @@ impl Backend for CpuBackend {
     fn zero_grads(&mut self) -> Result<()> {
         self.grads.fill(0.0);
         Ok(())
+    }
+
+    fn average_grads(&mut self, comm: &mut dyn Collective) -> Result<()> {
+        comm.all_reduce_mean(&mut self.grads)
     }
 
     fn grad_norm(&mut self) -> Result<f32> {

@@ -16,6 +16,7 @@ pub mod global_attention;
 pub mod kernels;
 pub mod launch;
 mod model;
+pub mod nccl;
 mod nvtx;
 pub mod pixels;
 pub mod storage;
