@@ -8,6 +8,7 @@ use lomar::config::{mae_recipe, preset, DecoderConfig, ModelConfig};
 use lomar::cpu::encoder::{Encoder, Pool, View};
 use lomar::cpu::mae;
 use lomar::cpu::ops::tokens;
+use lomar::cpu::step::Step;
 use lomar::cpu::CpuBackend;
 use lomar::data::batch::Batch;
 use lomar::params::ParamLayout;

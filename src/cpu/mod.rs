@@ -11,6 +11,7 @@ pub mod model;
 pub mod ops;
 pub mod real;
 mod simd;
+pub mod step;
 
 use anyhow::Result;
 
@@ -20,6 +21,7 @@ use crate::data::batch::Batch;
 use crate::dist::Collective;
 use crate::params::ParamLayout;
 use crate::train::optim::adamw_update;
+use step::Step;
 
 /// Trains in f32 on the CPU, with fp32 parameters, gradients and AdamW moments.
 pub struct CpuBackend {

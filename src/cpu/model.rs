@@ -7,31 +7,28 @@
 
 use std::ops::Range;
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 
 use super::ops::attention::{self, RelativeIndex};
 use super::ops::global_attention;
 use super::ops::layernorm::{self, Stats};
 use super::ops::window_gather::{self, Patches};
-use super::ops::{gelu, linear, loss, tokens};
+use super::ops::{gelu, linear, tokens};
 use super::real::Real;
+use super::step::{self, Step};
 use crate::config::ModelConfig;
 use crate::data::batch::Batch;
 use crate::params::{BlockRanges, ModelRanges, ParamLayout};
 
 /// The mean reconstruction loss of a batch.
 pub fn loss<T: Real>(m: &ModelConfig, params: &[T], batch: &Batch) -> Result<T> {
-    let mut ws = Workspace::new(m)?;
-    ws.forward(params, batch)?;
-    Ok(loss::masked_mse_loss(&ws.pred, &ws.patches.targets))
+    step::loss::<T, Workspace<T>>(m, params, batch)
 }
 
 /// The head's output for every masked patch, `[S·M, 3p²]` in `(y, x, c)` order, in
 /// `mask_index` order within each window (the layout of the targets).
 pub fn predict<T: Real>(m: &ModelConfig, params: &[T], batch: &Batch) -> Result<Vec<T>> {
-    let mut ws = Workspace::new(m)?;
-    ws.forward(params, batch)?;
-    Ok(ws.pred)
+    step::predict::<T, Workspace<T>>(m, params, batch)
 }
 
 /// The mean reconstruction loss of a batch; adds `grad_scale · dloss/dparams` to `grads`.
@@ -42,7 +39,7 @@ pub fn loss_and_grad<T: Real>(
     grads: &mut [T],
     grad_scale: T,
 ) -> Result<T> {
-    Workspace::new(m)?.loss_and_grad(params, batch, grads, grad_scale)
+    step::loss_and_grad::<T, Workspace<T>>(m, params, batch, grads, grad_scale)
 }
 
 /// A validated model, the tables derived from it (parameter ranges, relative index), and
@@ -220,9 +217,8 @@ pub(crate) fn block_forward<T: Real>(
     linear::linear_forward_add(x_out, act, w(&br.fc2_w), w(&br.fc2_b));
 }
 
-impl<T: Real> Workspace<T> {
-    /// The workspace of model `m`, which it validates; buffers grow on first use.
-    pub fn new(m: &ModelConfig) -> Result<Self> {
+impl<T: Real> Step<T> for Workspace<T> {
+    fn new(m: &ModelConfig) -> Result<Self> {
         m.validate()?;
         let layout = ParamLayout::new(m);
         Ok(Workspace {
@@ -244,38 +240,19 @@ impl<T: Real> Workspace<T> {
         })
     }
 
-    /// The mean reconstruction loss of a batch; adds `grad_scale · dloss/dparams` to
-    /// `grads`. Refuses a batch or buffers that do not fit the model, before any work.
-    pub fn loss_and_grad(
-        &mut self,
-        params: &[T],
-        batch: &Batch,
-        grads: &mut [T],
-        grad_scale: T,
-    ) -> Result<T> {
-        if grads.len() != params.len() {
-            bail!(
-                "gradient buffer holds {} values, the parameters {}",
-                grads.len(),
-                params.len()
-            );
-        }
-        self.forward(params, batch)?;
-        let dpred = sized(&mut self.dpred, self.pred.len());
-        let loss = loss::masked_mse(dpred, &self.pred, &self.patches.targets, grad_scale);
-        self.backward(params, batch, grads);
-        Ok(loss)
+    fn model(&self) -> &ModelConfig {
+        &self.m
     }
 
-    fn forward(&mut self, p: &[T], batch: &Batch) -> Result<()> {
-        batch.validate(&self.m)?;
-        if p.len() != self.params_len {
-            bail!(
-                "parameter buffer holds {} values, the model needs {}",
-                p.len(),
-                self.params_len
-            );
-        }
+    fn params_len(&self) -> usize {
+        self.params_len
+    }
+
+    fn predictions(&mut self) -> (&[T], &mut Vec<T>, &[T]) {
+        (&self.pred, &mut self.dpred, &self.patches.targets)
+    }
+
+    fn forward_unchecked(&mut self, p: &[T], batch: &Batch) {
         let Workspace {
             m, r, rel, scratch, ..
         } = self;
@@ -321,7 +298,6 @@ impl<T: Real> Workspace<T> {
         self.norm_stats = layernorm::layernorm_forward(normed, picked, w(&r.norm_w), w(&r.norm_b));
         let pred = sized(&mut self.pred, masked_rows * m.patch_dim());
         linear::linear_forward(pred, normed, w(&r.head_w), w(&r.head_b));
-        Ok(())
     }
 
     /// The forward in reverse, from `dpred`; adds every parameter's gradient.

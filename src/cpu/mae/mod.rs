@@ -15,8 +15,9 @@ use anyhow::{bail, Result};
 use super::model::{blocks_backward, blocks_forward, pair_mut, sized, BlockActs, Scratch, Tokens};
 use super::ops::layernorm::{self, Stats};
 use super::ops::window_gather::{self, Patches};
-use super::ops::{linear, loss, tokens};
+use super::ops::{linear, tokens};
 use super::real::Real;
+use super::step::{self, Step};
 use crate::config::{DecoderConfig, Method, ModelConfig};
 use crate::data::batch::Batch;
 use crate::params::{DecoderRanges, ModelRanges, ParamLayout};
@@ -65,22 +66,27 @@ pub struct Workspace<T> {
 
 /// The mean reconstruction loss of a batch.
 pub fn loss<T: Real>(m: &ModelConfig, params: &[T], batch: &Batch) -> Result<T> {
-    let mut ws = Workspace::new(m)?;
-    ws.forward(params, batch)?;
-    Ok(loss::masked_mse_loss(&ws.pred, &ws.patches.targets))
+    step::loss::<T, Workspace<T>>(m, params, batch)
 }
 
 /// `decoder_pred`'s output for every masked patch, `[B·M, 3p²]` in `(y, x, c)` order, in
 /// `mask_index` order within each image (the layout of the targets).
 pub fn predict<T: Real>(m: &ModelConfig, params: &[T], batch: &Batch) -> Result<Vec<T>> {
-    let mut ws = Workspace::new(m)?;
-    ws.forward(params, batch)?;
-    Ok(ws.pred)
+    step::predict::<T, Workspace<T>>(m, params, batch)
 }
 
-impl<T: Real> Workspace<T> {
+impl<T> Workspace<T> {
+    fn decoder(&self) -> &DecoderRanges {
+        self.r
+            .decoder
+            .as_ref()
+            .expect("an MAE layout has a decoder")
+    }
+}
+
+impl<T: Real> Step<T> for Workspace<T> {
     /// The workspace of MAE model `m`, which it validates; buffers grow on first use.
-    pub fn new(m: &ModelConfig) -> Result<Self> {
+    fn new(m: &ModelConfig) -> Result<Self> {
         m.validate()?;
         let Some(dec) = m.decoder.filter(|_| m.method == Method::Mae) else {
             bail!("the MAE workspace needs a --method mae model");
@@ -122,45 +128,19 @@ impl<T: Real> Workspace<T> {
         })
     }
 
-    /// The mean reconstruction loss of a batch; adds `grad_scale · dloss/dparams` to
-    /// `grads`. Refuses a batch or buffers that do not fit the model, before any work.
-    pub fn loss_and_grad(
-        &mut self,
-        params: &[T],
-        batch: &Batch,
-        grads: &mut [T],
-        grad_scale: T,
-    ) -> Result<T> {
-        if grads.len() != params.len() {
-            bail!(
-                "gradient buffer holds {} values, the parameters {}",
-                grads.len(),
-                params.len()
-            );
-        }
-        self.forward(params, batch)?;
-        let dpred = sized(&mut self.dpred, self.pred.len());
-        let loss = loss::masked_mse(dpred, &self.pred, &self.patches.targets, grad_scale);
-        self.backward(params, batch, grads);
-        Ok(loss)
+    fn model(&self) -> &ModelConfig {
+        &self.m
     }
 
-    fn decoder(&self) -> &DecoderRanges {
-        self.r
-            .decoder
-            .as_ref()
-            .expect("an MAE layout has a decoder")
+    fn params_len(&self) -> usize {
+        self.params_len
     }
 
-    fn forward(&mut self, p: &[T], batch: &Batch) -> Result<()> {
-        batch.validate(&self.m)?;
-        if p.len() != self.params_len {
-            bail!(
-                "parameter buffer holds {} values, the model needs {}",
-                p.len(),
-                self.params_len
-            );
-        }
+    fn predictions(&mut self) -> (&[T], &mut Vec<T>, &[T]) {
+        (&self.pred, &mut self.dpred, &self.patches.targets)
+    }
+
+    fn forward_unchecked(&mut self, p: &[T], batch: &Batch) {
         let w = |r: &Range<usize>| &p[r.clone()];
         let dr = self.decoder().clone();
         let Workspace { m, dec, r, .. } = self;
@@ -219,7 +199,6 @@ impl<T: Real> Workspace<T> {
         linear::linear_forward(pred_all, dec_normed, w(&r.head_w), w(&r.head_b));
         let pred = sized(&mut self.pred, batch.mask_index.len() * m.patch_dim());
         tokens::gather_masked_tokens(pred, pred_all, &batch.mask_index, 1 + n);
-        Ok(())
     }
 
     /// The forward in reverse, from `dpred`; adds every parameter's gradient.
