@@ -16,6 +16,7 @@ use rand_chacha::ChaCha8Rng;
 
 mod common;
 use common::fd::{dot, randn, FdCheck};
+use common::naive::{block_rest, dense, norm, patch_target, squared_error};
 use common::sample_batch;
 
 /// `common::random_params` with the relative-bias tables at standard deviation 0.5 and the
@@ -295,20 +296,6 @@ fn naive_loss(m: &ModelConfig, params: &[f64], batch: &Batch) -> f64 {
     let layout = ParamLayout::new(m);
     let get = |name: &str| &params[layout.get(name).unwrap().range()];
     let (p, k, d, img) = (m.patch, m.window, m.width, m.image);
-    let dense = |w: &[f64], b: &[f64], x: &[f64]| -> Vec<f64> {
-        b.iter()
-            .enumerate()
-            .map(|(o, bias)| bias + dot(&w[o * x.len()..][..x.len()], x))
-            .collect()
-    };
-    let norm = |x: &[f64], g: &[f64], b: &[f64]| -> Vec<f64> {
-        let mean = x.iter().sum::<f64>() / x.len() as f64;
-        let var = x.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / x.len() as f64;
-        x.iter()
-            .zip(g.iter().zip(b))
-            .map(|(v, (g, b))| (v - mean) / (var + 1e-6).sqrt() * g + b)
-            .collect()
-    };
     let mk = m.masked_per_window();
     let (mut total, mut count) = (0.0, 0usize);
     for s in 0..batch.sequences(m) {
@@ -357,49 +344,14 @@ fn naive_loss(m: &ModelConfig, params: &[f64], batch: &Batch) -> f64 {
             let flat: Vec<f64> = qkv.concat();
             let attn = naive_attention(&flat, &table, k, d, m.heads);
             for (t, row) in x.iter_mut().enumerate() {
-                let proj = dense(
-                    w("attn.proj.weight"),
-                    w("attn.proj.bias"),
-                    &attn[t * d..][..d],
-                );
-                row.iter_mut().zip(proj).for_each(|(a, b)| *a += b);
-                let h = dense(
-                    w("mlp.fc1.weight"),
-                    w("mlp.fc1.bias"),
-                    &norm(row, w("norm2.weight"), w("norm2.bias")),
-                );
-                let g: Vec<f64> = h
-                    .iter()
-                    .map(|v| 0.5 * v * (1.0 + libm::erf(v / 2f64.sqrt())))
-                    .collect();
-                let out = dense(w("mlp.fc2.weight"), w("mlp.fc2.bias"), &g);
-                row.iter_mut().zip(out).for_each(|(a, b)| *a += b);
+                block_rest(row, &attn[t * d..][..d], w);
             }
         }
         for &i in masked {
             let z = norm(&x[1 + i as usize], get("norm.weight"), get("norm.bias"));
             let pred = dense(get("head.weight"), get("head.bias"), &z);
-            let mut target = Vec::new();
-            for y in 0..p {
-                for xx in 0..p {
-                    for c in 0..3 {
-                        target.push(pixel(i as usize, c, y, xx));
-                    }
-                }
-            }
-            if m.norm_pix {
-                let n = target.len() as f64;
-                let mean = target.iter().sum::<f64>() / n;
-                let var = target.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1.0);
-                target
-                    .iter_mut()
-                    .for_each(|v| *v = (*v - mean) / (var + 1e-6).sqrt());
-            }
-            total += pred
-                .iter()
-                .zip(&target)
-                .map(|(a, b)| (a - b).powi(2))
-                .sum::<f64>();
+            let target = patch_target(p, m.norm_pix, |c, y, x| pixel(i as usize, c, y, x));
+            total += squared_error(&pred, &target);
             count += target.len();
         }
     }
@@ -482,26 +434,7 @@ fn f32_backend_agrees_with_the_f64_model() {
     let mut grads64 = vec![0.0; exact.len()];
     let loss64 = model::loss_and_grad(&m, &exact, &batch, &mut grads64, 1.0).unwrap();
 
-    assert!(
-        (loss32 - loss64).abs() <= 1e-5 * loss64,
-        "{loss32} vs {loss64}"
-    );
-    // Relative 1e-4 per tensor, in the L2 norm of the difference.
-    for e in layout.entries() {
-        let (g32, g64) = (&grads32[e.range()], &grads64[e.range()]);
-        let diff = g32
-            .iter()
-            .zip(g64)
-            .map(|(&a, b)| (a as f64 - b).powi(2))
-            .sum::<f64>()
-            .sqrt();
-        let norm = g64.iter().map(|v| v * v).sum::<f64>().sqrt();
-        assert!(
-            diff <= 1e-4 * norm,
-            "{}: |g32 - g64| = {diff:e}, |g64| = {norm:e}",
-            e.name
-        );
-    }
+    common::assert_f32_matches_f64(&layout, (loss32, &grads32), (loss64, &grads64));
 }
 
 #[test]

@@ -18,6 +18,7 @@ use rand_chacha::ChaCha8Rng;
 
 mod common;
 use common::fd::{dot, randn, FdCheck};
+use common::naive::{block_rest, dense, norm, patch_target, squared_error};
 use common::sample_batch;
 
 /// The tiny preset's MAE (64 patches, 16 kept), its decoder given two heads so that the
@@ -36,22 +37,6 @@ fn model() -> ModelConfig {
 /// The initialisation with biases, norms and tokens moved off 0 and 1 by N(0, 0.1).
 fn random_params(m: &ModelConfig, seed: u64) -> Vec<f64> {
     common::random_params(m, seed, |_| 0.1)
-}
-
-fn dense(w: &[f64], b: &[f64], x: &[f64]) -> Vec<f64> {
-    b.iter()
-        .enumerate()
-        .map(|(o, bias)| bias + dot(&w[o * x.len()..][..x.len()], x))
-        .collect()
-}
-
-fn norm(x: &[f64], g: &[f64], b: &[f64]) -> Vec<f64> {
-    let mean = x.iter().sum::<f64>() / x.len() as f64;
-    let var = x.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / x.len() as f64;
-    x.iter()
-        .zip(g.iter().zip(b))
-        .map(|(v, (g, b))| (v - mean) / (var + 1e-6).sqrt() * g + b)
-        .collect()
 }
 
 /// Channel `c` of MAE's sin-cos embedding of token `t` (0 = cls) on a `g`-wide grid:
@@ -107,18 +92,7 @@ fn naive_block(x: &mut [Vec<f64>], w: impl Fn(&str) -> Vec<f64>, heads: usize) {
         }
     }
     for (row, a) in x.iter_mut().zip(&attn) {
-        let proj = dense(&w("attn.proj.weight"), &w("attn.proj.bias"), a);
-        row.iter_mut().zip(proj).for_each(|(r, p)| *r += p);
-        let hidden: Vec<f64> = dense(
-            &w("mlp.fc1.weight"),
-            &w("mlp.fc1.bias"),
-            &norm(row, &w("norm2.weight"), &w("norm2.bias")),
-        )
-        .iter()
-        .map(|v| 0.5 * v * (1.0 + libm::erf(v / 2f64.sqrt())))
-        .collect();
-        let out = dense(&w("mlp.fc2.weight"), &w("mlp.fc2.bias"), &hidden);
-        row.iter_mut().zip(out).for_each(|(r, o)| *r += o);
+        block_rest(row, a, &w);
     }
 }
 
@@ -206,27 +180,8 @@ fn naive_loss(m: &ModelConfig, params: &[f64], batch: &Batch) -> f64 {
                 &get("decoder_norm.bias"),
             );
             let pred = dense(&get("decoder_pred.weight"), &get("decoder_pred.bias"), &out);
-            let mut target = Vec::new();
-            for y in 0..p {
-                for xx in 0..p {
-                    for c in 0..3 {
-                        target.push(pixel(i as usize, c, y, xx));
-                    }
-                }
-            }
-            if m.norm_pix {
-                let len = target.len() as f64;
-                let mean = target.iter().sum::<f64>() / len;
-                let var = target.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (len - 1.0);
-                target
-                    .iter_mut()
-                    .for_each(|v| *v = (*v - mean) / (var + 1e-6).sqrt());
-            }
-            total += pred
-                .iter()
-                .zip(&target)
-                .map(|(a, t)| (a - t).powi(2))
-                .sum::<f64>();
+            let target = patch_target(p, m.norm_pix, |c, y, x| pixel(i as usize, c, y, x));
+            total += squared_error(&pred, &target);
             count += target.len();
         }
     }
@@ -381,25 +336,7 @@ fn mae_f32_backend_agrees_with_the_f64_model_and_learns() {
         .unwrap()
         .loss_and_grad(&exact, &batch, &mut grads64, 1.0)
         .unwrap();
-    assert!(
-        (loss32 - loss64).abs() <= 1e-5 * loss64,
-        "{loss32} vs {loss64}"
-    );
-    for e in layout.entries() {
-        let (g32, g64) = (&grads32[e.range()], &grads64[e.range()]);
-        let diff = g32
-            .iter()
-            .zip(g64)
-            .map(|(&a, b)| (a as f64 - b).powi(2))
-            .sum::<f64>()
-            .sqrt();
-        let norm = g64.iter().map(|v| v * v).sum::<f64>().sqrt();
-        assert!(
-            diff <= 1e-4 * norm,
-            "{}: |g32 - g64| = {diff:e}, |g64| = {norm:e}",
-            e.name
-        );
-    }
+    common::assert_f32_matches_f64(&layout, (loss32, &grads32), (loss64, &grads64));
 
     let mut backend = CpuBackend::new(&m, layout.init(61)).unwrap();
     let batch = sample_batch(&m, 4, 62);

@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod fd;
+pub mod naive;
 
 use cudarc::driver::sys::CUevent_flags;
 use lomar::config::ModelConfig;
@@ -281,4 +282,32 @@ pub fn assert_same_training(a: &[f32], b: &[f32], init: &[f32], peak_lr: f64, wh
         max_in_lr <= 0.5 && rms_ratio <= 1e-3,
         "{what}: largest difference {max_in_lr:.2e} x lr, RMS of the difference {rms_ratio:.2e} of the distance trained"
     );
+}
+
+/// The f32 backend's loss and gradients against the f64 model's: the loss within 1e-5
+/// relative, each tensor's gradient within 1e-4 relative in the L2 norm of the difference.
+pub fn assert_f32_matches_f64(
+    layout: &ParamLayout,
+    (loss32, grads32): (f64, &[f32]),
+    (loss64, grads64): (f64, &[f64]),
+) {
+    assert!(
+        (loss32 - loss64).abs() <= 1e-5 * loss64,
+        "{loss32} vs {loss64}"
+    );
+    for e in layout.entries() {
+        let (g32, g64) = (&grads32[e.range()], &grads64[e.range()]);
+        let diff = g32
+            .iter()
+            .zip(g64)
+            .map(|(&a, b)| (a as f64 - b).powi(2))
+            .sum::<f64>()
+            .sqrt();
+        let norm = g64.iter().map(|v| v * v).sum::<f64>().sqrt();
+        assert!(
+            diff <= 1e-4 * norm,
+            "{}: |g32 - g64| = {diff:e}, |g64| = {norm:e}",
+            e.name
+        );
+    }
 }
