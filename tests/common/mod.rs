@@ -6,7 +6,7 @@
 
 use lomar::config::ModelConfig;
 use lomar::cuda::Gpu;
-use lomar::data::batch::Batch;
+use lomar::data::batch::{Batch, Pixels};
 use lomar::params::{standard_normal, Init, ParamLayout};
 use rand::seq::index::sample;
 use rand::{Rng, SeedableRng};
@@ -69,7 +69,7 @@ pub fn sample_batch(m: &ModelConfig, images_len: usize, seed: u64) -> Batch {
     }
     let batch = Batch {
         images_len,
-        images,
+        images: Pixels::Normalised(images),
         window_origin,
         mask_index,
     };
