@@ -199,6 +199,17 @@ struct Mma<bf16> {
     }
 };
 
+// The sizes one (sequence, head) is worked in: T tokens padded to whole 16-row tiles, and
+// the bias table's (2K-1)² + 3 rows.
+struct HeadSizes {
+    int tokens, padded, tiles, table_rows;
+};
+
+__device__ HeadSizes head_sizes(int window) {
+    const int tokens = window * window + 1, padded = round_up(tokens, TILE);
+    return {tokens, padded, padded / TILE, (2 * window - 1) * (2 * window - 1) + 3};
+}
+
 // Where one (sequence, head) lives in the global tensors.
 struct HeadView {
     int tokens, width;  // T, D
@@ -221,9 +232,43 @@ struct HeadView {
     }
 };
 
+// This thread's warp, and the block's warp count.
+struct WarpPlace {
+    int warps, warp, lane;
+};
+
+__device__ WarpPlace warp_place() {
+    return {static_cast<int>(blockDim.x / WARP_SIZE), static_cast<int>(threadIdx.x / WARP_SIZE),
+            static_cast<int>(threadIdx.x % WARP_SIZE)};
+}
+
+// One head's whole T rows (from `src`, row stride `ld`) into a shared matrix of `padded`
+// rows, zeros past T; by the whole block.
+template <typename E, int HEAD_DIM>
+__device__ void copy_whole(E* dst, const E* src, size_t ld, int tokens, int padded) {
+    copy_rows(dst, HEAD_DIM + ROW_PAD<E>, src, ld, tokens, padded, HEAD_DIM, threadIdx.x, blockDim.x);
+}
+
+// One head's 16 rows from row0 on into a warp's shared tile, zeros past T; by one warp.
+template <typename E, int HEAD_DIM>
+__device__ void copy_tile(E* dst, const E* src, size_t ld, int row0, int tokens, int lane) {
+    copy_rows(dst, HEAD_DIM + ROW_PAD<E>, src + row0 * ld, ld, tokens - row0, TILE, HEAD_DIM, lane, WARP_SIZE);
+}
+
 // Copies this head's column of the bias table into shared memory.
 __device__ void load_bias(float* bias, const float* table, int rows, int heads) {
     for (int r = threadIdx.x; r < rows; r += blockDim.x) bias[r] = table[r * heads + blockIdx.y];
+}
+
+// This head's K and V, all T rows (zeros to the padded count), and its bias column into
+// shared memory; by the whole block.
+template <typename E, int HEAD_DIM>
+__device__ void load_keys_values_bias(E* keys, E* values, float* bias, const E* qkv, const float* table,
+                                      const HeadView& g, int table_rows, int heads) {
+    const int padded = round_up(g.tokens, TILE);
+    copy_whole<E, HEAD_DIM>(keys, qkv + g.k, g.qkv_ld, g.tokens, padded);
+    copy_whole<E, HEAD_DIM>(values, qkv + g.v, g.qkv_ld, g.tokens, padded);
+    load_bias(bias, table, table_rows, heads);
 }
 
 // Turns the raw q·k scores of query rows row0..row0+16 (a warp's strip, ld_s) into
@@ -266,9 +311,8 @@ __device__ void attention_forward(const E* __restrict__ qkv, const float* __rest
     using M = Mma<E>;
     constexpr int LD = HEAD_DIM + ROW_PAD<E>;
     const HeadView g(window, heads, HEAD_DIM);
-    const int tokens = g.tokens, padded = round_up(tokens, TILE), tiles = padded / TILE;
-    const int table_rows = (2 * window - 1) * (2 * window - 1) + 3;
-    const int warps = blockDim.x / WARP_SIZE, warp = threadIdx.x / WARP_SIZE, lane = threadIdx.x % WARP_SIZE;
+    const auto [tokens, padded, tiles, table_rows] = head_sizes(window);
+    const auto [warps, warp, lane] = warp_place();
     const int ld_s = padded + F32_PAD, ld_p = padded + ROW_PAD<E>;
 
     SmemCursor smem;
@@ -280,16 +324,13 @@ __device__ void attention_forward(const E* __restrict__ qkv, const float* __rest
     E* probs = smem.take_per_warp<E>(TILE * ld_p, warps, warp);
     smem.require_launched_size();
 
-    copy_rows(keys, LD, qkv + g.k, g.qkv_ld, tokens, padded, HEAD_DIM, threadIdx.x, blockDim.x);
-    copy_rows(values, LD, qkv + g.v, g.qkv_ld, tokens, padded, HEAD_DIM, threadIdx.x, blockDim.x);
-    load_bias(bias, table, table_rows, heads);
+    load_keys_values_bias<E, HEAD_DIM>(keys, values, bias, qkv, table, g, table_rows, heads);
     __syncthreads();
 
     const float scale = 1.0f / sqrtf(static_cast<float>(HEAD_DIM));
     for (int qt = warp; qt < tiles; qt += warps) {
         const int row0 = qt * TILE;
-        copy_rows(q_tile, LD, qkv + g.q + row0 * g.qkv_ld, g.qkv_ld, tokens - row0, TILE, HEAD_DIM, lane,
-                  WARP_SIZE);
+        copy_tile<E, HEAD_DIM>(q_tile, qkv + g.q, g.qkv_ld, row0, tokens, lane);
         __syncwarp();
         for (int kt = 0; kt < tiles; ++kt) {
             typename M::Acc acc;
@@ -375,9 +416,8 @@ __device__ void attention_backward(const E* __restrict__ qkv, const float* __res
     constexpr int LD = HEAD_DIM + ROW_PAD<E>;
     constexpr int COL_TILES = HEAD_DIM / TILE;
     const HeadView g(window, heads, HEAD_DIM);
-    const int tokens = g.tokens, padded = round_up(tokens, TILE), tiles = padded / TILE;
-    const int table_rows = (2 * window - 1) * (2 * window - 1) + 3;
-    const int warps = blockDim.x / WARP_SIZE, warp = threadIdx.x / WARP_SIZE, lane = threadIdx.x % WARP_SIZE;
+    const auto [tokens, padded, tiles, table_rows] = head_sizes(window);
+    const auto [warps, warp, lane] = warp_place();
 
     SmemCursor smem;
     E* whole_a = smem.take<E>(padded * LD);  // phase 1: K, phase 2: Q
@@ -396,9 +436,7 @@ __device__ void attention_backward(const E* __restrict__ qkv, const float* __res
     E* ds_tile = smem.take_per_warp<E>(TILE * TILE, warps, warp);
     smem.require_launched_size();
 
-    copy_rows(whole_a, LD, qkv + g.k, g.qkv_ld, tokens, padded, HEAD_DIM, threadIdx.x, blockDim.x);
-    copy_rows(whole_b, LD, qkv + g.v, g.qkv_ld, tokens, padded, HEAD_DIM, threadIdx.x, blockDim.x);
-    load_bias(bias, table, table_rows, heads);
+    load_keys_values_bias<E, HEAD_DIM>(whole_a, whole_b, bias, qkv, table, g, table_rows, heads);
     for (int r = lane; r < table_rows; r += WARP_SIZE) dbias[r] = 0.0f;
     for (int i = threadIdx.x; i < padded; i += blockDim.x) lse_s[i] = i < tokens ? lse[g.lse + i] : 0.0f;
     for (int i = warp; i < padded; i += warps) {
@@ -416,10 +454,8 @@ __device__ void attention_backward(const E* __restrict__ qkv, const float* __res
     // Phase 1: dQ and dtable, one query tile per warp at a time.
     for (int qt = warp; qt < tiles; qt += warps) {
         const int row0 = qt * TILE;
-        copy_rows(tile_a, LD, qkv + g.q + row0 * g.qkv_ld, g.qkv_ld, tokens - row0, TILE, HEAD_DIM, lane,
-                  WARP_SIZE);
-        copy_rows(tile_b, LD, dout + g.o + row0 * g.out_ld, g.out_ld, tokens - row0, TILE, HEAD_DIM, lane,
-                  WARP_SIZE);
+        copy_tile<E, HEAD_DIM>(tile_a, qkv + g.q, g.qkv_ld, row0, tokens, lane);
+        copy_tile<E, HEAD_DIM>(tile_b, dout + g.o, g.out_ld, row0, tokens, lane);
         __syncwarp();
         typename M::Acc dq[COL_TILES];
 #pragma unroll
@@ -455,17 +491,15 @@ __device__ void attention_backward(const E* __restrict__ qkv, const float* __res
     }
     __syncthreads();
 
-    copy_rows(whole_a, LD, qkv + g.q, g.qkv_ld, tokens, padded, HEAD_DIM, threadIdx.x, blockDim.x);
-    copy_rows(whole_b, LD, dout + g.o, g.out_ld, tokens, padded, HEAD_DIM, threadIdx.x, blockDim.x);
+    copy_whole<E, HEAD_DIM>(whole_a, qkv + g.q, g.qkv_ld, tokens, padded);
+    copy_whole<E, HEAD_DIM>(whole_b, dout + g.o, g.out_ld, tokens, padded);
     __syncthreads();
 
     // Phase 2: dK and dV, one key tile per warp at a time.
     for (int kt = warp; kt < tiles; kt += warps) {
         const int key0 = kt * TILE;
-        copy_rows(tile_a, LD, qkv + g.k + key0 * g.qkv_ld, g.qkv_ld, tokens - key0, TILE, HEAD_DIM, lane,
-                  WARP_SIZE);
-        copy_rows(tile_b, LD, qkv + g.v + key0 * g.qkv_ld, g.qkv_ld, tokens - key0, TILE, HEAD_DIM, lane,
-                  WARP_SIZE);
+        copy_tile<E, HEAD_DIM>(tile_a, qkv + g.k, g.qkv_ld, key0, tokens, lane);
+        copy_tile<E, HEAD_DIM>(tile_b, qkv + g.v, g.qkv_ld, key0, tokens, lane);
         __syncwarp();
         typename M::Acc dk[COL_TILES], dv[COL_TILES];
 #pragma unroll

@@ -6,32 +6,22 @@
 //! skipped and passes (with `LOMAR_REQUIRE_GPU=1` it fails).
 
 mod attention_reference;
+mod common;
 
-use std::sync::Arc;
-
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use cudarc::driver::sys::CUevent_flags;
-use cudarc::driver::{CudaContext, CudaStream, ValidAsZeroBits};
-use cudarc::nvrtc::Ptx;
+use cudarc::driver::CudaSlice;
 use half::bf16;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use lomar::cuda::attention::{
-    attention_backward, attention_forward, plan, AttentionKernels, AttnElem, AttnShape, AttnTuning,
-    Pass,
-};
+use lomar::cuda::attention::{plan, AttnShape, AttnTuning, Pass};
+use lomar::cuda::{Gpu, Kernels, Storage};
 
 use attention_reference::{Inputs, Outputs};
 
-// Every kernel file's fatbin; only ATTENTION is used here.
-#[allow(dead_code)]
-mod fatbins {
-    include!(concat!(env!("OUT_DIR"), "/kernels.rs"));
-}
-
 /// An element type under test, with its tolerance.
-trait Elem: AttnElem + ValidAsZeroBits + Copy + Unpin {
+trait Elem: Storage {
     const TOLERANCE: f64;
     fn from_f64(v: f64) -> Self;
     fn to_f64(self) -> f64;
@@ -57,38 +47,13 @@ impl Elem for bf16 {
     }
 }
 
-struct Gpu {
-    ctx: Arc<CudaContext>,
-    stream: Arc<CudaStream>,
-    kernels: AttentionKernels,
-}
-
-/// The first GPU with the kernels loaded; `None` (after printing why) when this machine
-/// cannot run them, except that with `LOMAR_REQUIRE_GPU=1` (GPU runs) that is a failure,
-/// so no GPU run passes by skipping. Failures past that point are test failures.
-fn gpu() -> Result<Option<Gpu>> {
-    let missing = match fatbins::KERNELS_BUILT {
-        false => Some("the crate was built without nvcc, so it has no kernels".to_string()),
-        true => lomar::cuda::unavailable(),
-    };
-    if let Some(reason) = missing {
-        if std::env::var("LOMAR_REQUIRE_GPU").is_ok_and(|v| v == "1") {
-            bail!("LOMAR_REQUIRE_GPU=1 but {reason}");
-        }
-        println!("skipped: {reason}");
+/// The first GPU and its `E` kernels, or `None` after printing why the test skips.
+fn gpu<E: Elem>(test: &str) -> Result<Option<(Gpu, Kernels<E>)>> {
+    let Some(gpu) = common::gpu_or_skip(test) else {
         return Ok(None);
-    }
-    let ctx = CudaContext::new(0)?;
-    let module = ctx
-        .load_module(Ptx::from_binary(fatbins::ATTENTION.to_vec()))
-        .context("loading kernels/attention.cu")?;
-    let kernels = AttentionKernels::load(&ctx, &module)?;
-    let stream = ctx.default_stream();
-    Ok(Some(Gpu {
-        ctx,
-        stream,
-        kernels,
-    }))
+    };
+    let kernels = Kernels::<E>::load(&gpu)?;
+    Ok(Some((gpu, kernels)))
 }
 
 fn widen<E: Elem>(v: &[E]) -> Vec<f64> {
@@ -107,56 +72,110 @@ struct Run<E> {
     dtable: Vec<f32>,
 }
 
+/// The device tensors of one forward + backward.
+struct Buffers<E> {
+    qkv: CudaSlice<E>,
+    table: CudaSlice<f32>,
+    dout: CudaSlice<E>,
+    out: CudaSlice<E>,
+    lse: CudaSlice<f32>,
+    dqkv: CudaSlice<E>,
+    dtable: CudaSlice<f32>,
+}
+
+impl<E: Elem> Buffers<E> {
+    /// The inputs as given; the outputs NaN, so that anything left unwritten shows.
+    fn new(
+        gpu: &Gpu,
+        shape: AttnShape,
+        qkv: &[E],
+        table: &[f32],
+        dout: &[E],
+        dtable: &[f32],
+    ) -> Result<Self> {
+        let t = shape.tokens();
+        let nan_e = |n: usize| vec![E::from_f64(f64::NAN); n];
+        Ok(Buffers {
+            qkv: gpu.upload(qkv, "qkv")?,
+            table: gpu.upload(table, "table")?,
+            dout: gpu.upload(dout, "dout")?,
+            out: gpu.upload(&nan_e(shape.seqs * t * shape.width()), "out")?,
+            lse: gpu.upload(&vec![f32::NAN; shape.seqs * shape.heads * t], "lse")?,
+            dqkv: gpu.upload(&nan_e(qkv.len()), "dqkv")?,
+            dtable: gpu.upload(dtable, "dtable")?,
+        })
+    }
+
+    fn forward(
+        &self,
+        (gpu, kernels): &(Gpu, Kernels<E>),
+        shape: AttnShape,
+        tuning: AttnTuning,
+    ) -> Result<()> {
+        kernels.attention_forward(
+            gpu.ptr(&self.qkv)?,
+            gpu.ptr(&self.table)?,
+            gpu.ptr(&self.out)?,
+            gpu.ptr(&self.lse)?,
+            shape,
+            tuning,
+        )
+    }
+
+    fn backward(
+        &self,
+        (gpu, kernels): &(Gpu, Kernels<E>),
+        shape: AttnShape,
+        tuning: AttnTuning,
+    ) -> Result<()> {
+        kernels.attention_backward(
+            gpu.ptr(&self.qkv)?,
+            gpu.ptr(&self.table)?,
+            gpu.ptr(&self.out)?,
+            gpu.ptr(&self.dout)?,
+            gpu.ptr(&self.lse)?,
+            gpu.ptr(&self.dqkv)?,
+            gpu.ptr(&self.dtable)?,
+            shape,
+            tuning,
+        )
+    }
+}
+
 fn run_gpu<E: Elem>(
-    gpu: &Gpu,
+    gpu: &(Gpu, Kernels<E>),
     shape: AttnShape,
     inputs: &Inputs,
     tuning: AttnTuning,
 ) -> Result<Run<E>> {
-    let st = &gpu.stream;
     let to_e = |v: &[f64]| -> Vec<E> { v.iter().map(|&x| E::from_f64(x)).collect() };
-    let nan_e = |n: usize| vec![E::from_f64(f64::NAN); n];
-    let qkv_d = st.clone_htod(&to_e(&inputs.qkv))?;
-    let table_d = st.clone_htod(&inputs.table)?;
-    let dout_d = st.clone_htod(&to_e(&inputs.dout))?;
-    let t = shape.tokens();
-    let mut out_d = st.clone_htod(&nan_e(shape.seqs * t * shape.width()))?;
-    let mut lse_d = st.clone_htod(&vec![f32::NAN; shape.seqs * shape.heads * t])?;
-    let mut dqkv_d = st.clone_htod(&nan_e(inputs.qkv.len()))?;
-    let mut dtable_d = st.clone_htod(&inputs.dtable_start)?;
-    attention_forward(
-        st,
-        &gpu.kernels,
-        &qkv_d.as_view(),
-        &table_d.as_view(),
-        &mut out_d.as_view_mut(),
-        &mut lse_d.as_view_mut(),
+    let bufs = Buffers::new(
+        &gpu.0,
         shape,
-        tuning,
+        &to_e(&inputs.qkv),
+        &inputs.table,
+        &to_e(&inputs.dout),
+        &inputs.dtable_start,
     )?;
-    attention_backward(
-        st,
-        &gpu.kernels,
-        &qkv_d.as_view(),
-        &table_d.as_view(),
-        &out_d.as_view(),
-        &dout_d.as_view(),
-        &lse_d.as_view(),
-        &mut dqkv_d.as_view_mut(),
-        &mut dtable_d.as_view_mut(),
-        shape,
-        tuning,
-    )?;
+    bufs.forward(gpu, shape, tuning)?;
+    bufs.backward(gpu, shape, tuning)?;
+    let all_e = |s: &CudaSlice<E>, what| gpu.0.read(s, s.len(), what);
+    let all_f32 = |s: &CudaSlice<f32>, what| gpu.0.read(s, s.len(), what);
     Ok(Run {
-        out: st.clone_dtoh(&out_d)?,
-        lse: st.clone_dtoh(&lse_d)?,
-        dqkv: st.clone_dtoh(&dqkv_d)?,
-        dtable: st.clone_dtoh(&dtable_d)?,
+        out: all_e(&bufs.out, "out")?,
+        lse: all_f32(&bufs.lse, "lse")?,
+        dqkv: all_e(&bufs.dqkv, "dqkv")?,
+        dtable: all_f32(&bufs.dtable, "dtable")?,
     })
 }
 
 /// Runs forward and backward on random inputs and compares every output with the CPU op.
-fn check<E: Elem>(gpu: &Gpu, shape: AttnShape, seed: u64, tuning: AttnTuning) -> Result<()> {
+fn check<E: Elem>(
+    gpu: &(Gpu, Kernels<E>),
+    shape: AttnShape,
+    seed: u64,
+    tuning: AttnTuning,
+) -> Result<()> {
     let inputs = Inputs::random(shape, seed, |v| E::from_f64(v).to_f64());
     let want = Outputs::reference(shape, &inputs);
     let run = run_gpu::<E>(gpu, shape, &inputs, tuning)?;
@@ -172,11 +191,12 @@ fn check<E: Elem>(gpu: &Gpu, shape: AttnShape, seed: u64, tuning: AttnTuning) ->
             .collect(),
     };
     let errors = got.errors(&want);
-    let kernels = [Pass::Forward, Pass::Backward]
-        .map(|pass| plan(pass, &shape, E::NAME, &gpu.kernels.device(), tuning).map(|l| l.kernel));
+    let kernels = [Pass::Forward, Pass::Backward].map(|pass| {
+        plan(pass, &shape, E::SUFFIX, &gpu.1.attention_limits(), tuning).map(|l| l.kernel)
+    });
     println!(
         "{} K={} d={} h={} S={} {tuning:?} {kernels:?}: {}",
-        E::NAME,
+        E::SUFFIX,
         shape.window,
         shape.head_dim,
         shape.heads,
@@ -187,7 +207,7 @@ fn check<E: Elem>(gpu: &Gpu, shape: AttnShape, seed: u64, tuning: AttnTuning) ->
         assert!(
             e <= E::TOLERANCE,
             "{} {shape:?} {tuning:?}: {name} error {e:.3e} > {:.0e}",
-            E::NAME,
+            E::SUFFIX,
             E::TOLERANCE
         );
     }
@@ -220,7 +240,9 @@ fn cases() -> Vec<AttnShape> {
 
 #[test]
 fn bf16_matches_the_cpu_reference() -> Result<()> {
-    let Some(gpu) = gpu()? else { return Ok(()) };
+    let Some(gpu) = gpu::<bf16>("bf16_matches_the_cpu_reference")? else {
+        return Ok(());
+    };
     for (i, shape) in cases().into_iter().enumerate() {
         check::<bf16>(&gpu, shape, 100 + i as u64, AttnTuning::default())?;
     }
@@ -231,7 +253,9 @@ fn bf16_matches_the_cpu_reference() -> Result<()> {
 /// vit_base's shape and a one-warp one.
 #[test]
 fn bf16_matches_the_cpu_reference_at_every_tuning() -> Result<()> {
-    let Some(gpu) = gpu()? else { return Ok(()) };
+    let Some(gpu) = gpu::<bf16>("bf16_matches_the_cpu_reference_at_every_tuning")? else {
+        return Ok(());
+    };
     let tunings = [
         AttnTuning {
             items_per_cta: Some(1),
@@ -261,7 +285,9 @@ fn bf16_matches_the_cpu_reference_at_every_tuning() -> Result<()> {
 /// both implementations (no atomics, fixed-order sums).
 #[test]
 fn the_backward_is_bitwise_reproducible() -> Result<()> {
-    let Some(gpu) = gpu()? else { return Ok(()) };
+    let Some(gpu) = gpu::<bf16>("the_backward_is_bitwise_reproducible")? else {
+        return Ok(());
+    };
     let sh = shape(7, 64, 12, 256);
     let inputs = Inputs::random(sh, 400, |v| bf16::from_f64(v).to_f64());
     for force_general in [false, true] {
@@ -289,7 +315,9 @@ fn the_backward_is_bitwise_reproducible() -> Result<()> {
 
 #[test]
 fn f32_matches_the_cpu_reference() -> Result<()> {
-    let Some(gpu) = gpu()? else { return Ok(()) };
+    let Some(gpu) = gpu::<f32>("f32_matches_the_cpu_reference")? else {
+        return Ok(());
+    };
     for (i, shape) in cases().into_iter().enumerate() {
         // K and V alone take 2·208·132·4 bytes of shared memory in f32: more than any GPU
         // allows a block. The launcher must say so rather than launch.
@@ -306,47 +334,38 @@ fn f32_matches_the_cpu_reference() -> Result<()> {
 
 #[test]
 fn bad_buffers_are_errors() -> Result<()> {
-    let Some(gpu) = gpu()? else { return Ok(()) };
-    let st = &gpu.stream;
+    let Some((gpu, kernels)) = gpu::<bf16>("bad_buffers_are_errors")? else {
+        return Ok(());
+    };
     let sh = shape(2, 32, 2, 3);
     let (t, width) = (sh.tokens(), sh.width());
-    let qkv = st.alloc_zeros::<bf16>(sh.seqs * t * 3 * width + 8)?;
-    let table = st.alloc_zeros::<f32>(sh.table_rows() * sh.heads)?;
-    let mut out = st.alloc_zeros::<bf16>(sh.seqs * t * width)?;
-    let mut lse = st.alloc_zeros::<f32>(sh.seqs * sh.heads * t)?;
     let n = sh.seqs * t * 3 * width;
-    let mut run = |qkv_view| {
-        attention_forward(
-            st,
-            &gpu.kernels,
-            &qkv_view,
-            &table.as_view(),
-            &mut out.as_view_mut(),
-            &mut lse.as_view_mut(),
-            sh,
+    let qkv = gpu.zeros::<bf16>(n + 8, "qkv")?;
+    let table = gpu.zeros::<f32>(sh.table_rows() * sh.heads, "table")?;
+    let out = gpu.zeros::<bf16>(sh.seqs * t * width, "out")?;
+    let lse = gpu.zeros::<f32>(sh.seqs * sh.heads * t, "lse")?;
+    let whole = gpu.ptr(&qkv)?;
+    let run = |qkv, shape| {
+        kernels.attention_forward(
+            qkv,
+            gpu.ptr(&table)?,
+            gpu.ptr(&out)?,
+            gpu.ptr(&lse)?,
+            shape,
             AttnTuning::default(),
         )
     };
-    let too_long = run(qkv.as_view()).unwrap_err();
+    let too_long = run(whole, sh).unwrap_err();
     assert!(format!("{too_long:#}").contains("qkv"), "{too_long:#}");
-    let misaligned = run(qkv.slice(1..n + 1)).unwrap_err();
+    let misaligned = run(whole.range(1..n + 1)?, sh).unwrap_err();
     assert!(
         format!("{misaligned:#}").contains("aligned"),
         "{misaligned:#}"
     );
-    run(qkv.slice(8..n + 8))?;
+    run(whole.range(8..n + 8)?, sh)?;
     let no_kernel = AttnShape { head_dim: 48, ..sh };
-    assert!(attention_forward(
-        st,
-        &gpu.kernels,
-        &qkv.slice(0..n),
-        &table.as_view(),
-        &mut out.as_view_mut(),
-        &mut lse.as_view_mut(),
-        no_kernel,
-        AttnTuning::default()
-    )
-    .is_err());
+    assert!(run(whole.range(0..n)?, no_kernel).is_err());
+    gpu.synchronize("the attention forwards")?;
     Ok(())
 }
 
@@ -358,9 +377,11 @@ fn bad_buffers_are_errors() -> Result<()> {
 /// `LOMAR_ATTN_BENCH_JSON=PATH` (scripts/gpu-check) also writes it as JSON.
 #[test]
 fn vit_base_benchmark() -> Result<()> {
-    let Some(gpu) = gpu()? else { return Ok(()) };
+    let Some(gpu) = gpu::<bf16>("vit_base_benchmark")? else {
+        return Ok(());
+    };
     let sh = shape(7, 64, 12, 1024);
-    let st = &gpu.stream;
+    let st = gpu.0.stream();
     let (t, width) = (sh.tokens(), sh.width());
     let mut rng = ChaCha8Rng::seed_from_u64(7);
     let mut random = |n: usize| -> Vec<bf16> {
@@ -368,21 +389,24 @@ fn vit_base_benchmark() -> Result<()> {
             .map(|_| bf16::from_f32(rng.gen_range(-1.0..1.0)))
             .collect()
     };
-    let qkv = st.clone_htod(&random(sh.seqs * t * 3 * width))?;
-    let dout = st.clone_htod(&random(sh.seqs * t * width))?;
-    let table = st.alloc_zeros::<f32>(sh.table_rows() * sh.heads)?;
-    let mut out = st.alloc_zeros::<bf16>(sh.seqs * t * width)?;
-    let mut lse = st.alloc_zeros::<f32>(sh.seqs * sh.heads * t)?;
-    let mut dqkv = st.clone_htod(&vec![bf16::NAN; sh.seqs * t * 3 * width])?;
-    let mut dtable = st.alloc_zeros::<f32>(sh.table_rows() * sh.heads)?;
+    let qkv = random(sh.seqs * t * 3 * width);
+    let dout = random(sh.seqs * t * width);
+    let zeros = vec![0.0f32; sh.table_rows() * sh.heads];
+    let bufs = Buffers::new(&gpu.0, sh, &qkv, &zeros, &dout, &zeros)?;
     let (reps, timings) = (20, 7);
     // Median µs per call of `f`, after one untimed call.
     let timed = |f: &mut dyn FnMut() -> Result<()>| -> Result<f64> {
         f()?;
         let mut samples = Vec::new();
         for _ in 0..timings {
-            let start = gpu.ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
-            let end = gpu.ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
+            let start = gpu
+                .0
+                .ctx()
+                .new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
+            let end = gpu
+                .0
+                .ctx()
+                .new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
             start.record(st)?;
             for _ in 0..reps {
                 f()?;
@@ -414,45 +438,19 @@ fn vit_base_benchmark() -> Result<()> {
     let mut results = Vec::new();
     println!(
         "vit_base bf16 attention, S=1024 T=50 h=12 d=64, on {}",
-        gpu.ctx.name()?
+        gpu.0.name()
     );
     println!(
         "{:<32} {:>24} {:>24} {:>10}",
         "candidate", "forward µs (GB/s)", "backward µs (GB/s)", "fwd+bwd µs"
     );
     for (name, tuning) in candidates {
-        let kernels = [Pass::Forward, Pass::Backward]
-            .map(|pass| plan(pass, &sh, "bf16", &gpu.kernels.device(), tuning));
-        let [fwd_plan, bwd_plan] = kernels;
+        let [fwd_plan, bwd_plan] = [Pass::Forward, Pass::Backward]
+            .map(|pass| plan(pass, &sh, "bf16", &gpu.1.attention_limits(), tuning));
         let (fwd_plan, bwd_plan) = (fwd_plan?, bwd_plan?);
-        let fwd_us = timed(&mut || {
-            attention_forward(
-                st,
-                &gpu.kernels,
-                &qkv.as_view(),
-                &table.as_view(),
-                &mut out.as_view_mut(),
-                &mut lse.as_view_mut(),
-                sh,
-                tuning,
-            )
-        })?;
-        let bwd_us = timed(&mut || {
-            attention_backward(
-                st,
-                &gpu.kernels,
-                &qkv.as_view(),
-                &table.as_view(),
-                &out.as_view(),
-                &dout.as_view(),
-                &lse.as_view(),
-                &mut dqkv.as_view_mut(),
-                &mut dtable.as_view_mut(),
-                sh,
-                tuning,
-            )
-        })?;
-        let dq = st.clone_dtoh(&dqkv)?;
+        let fwd_us = timed(&mut || bufs.forward(&gpu, sh, tuning))?;
+        let bwd_us = timed(&mut || bufs.backward(&gpu, sh, tuning))?;
+        let dq = gpu.0.read(&bufs.dqkv, bufs.dqkv.len(), "dqkv")?;
         assert!(dq.iter().all(|v| v.is_finite()) && dq.iter().any(|v| v.to_f32() != 0.0));
         let (fwd_gbs, bwd_gbs) = (fwd_bytes / fwd_us * 1e-3, bwd_bytes / bwd_us * 1e-3);
         println!(
@@ -481,7 +479,7 @@ fn vit_base_benchmark() -> Result<()> {
              \"heads\": {}, \"head_dim\": {}, \"dtype\": \"bf16\"}}, \
              \"forward_bytes\": {fwd_bytes}, \"backward_bytes\": {bwd_bytes}, \
              \"calls_per_timing\": {reps}, \"timings\": {timings}, \"results\": [\n  {}\n]}}\n",
-            gpu.ctx.name()?,
+            gpu.0.name(),
             std::env::var("LOMAR_COMMIT").unwrap_or_default(),
             sh.seqs,
             sh.heads,

@@ -136,39 +136,7 @@ fn a_resumed_folder_run_continues_the_same_stream() {
     ];
     split.extend(images::SMALL_RUN);
     lomar_ok(d, &split);
-    // No --data: the checkpoint names the folder.
-    let stdout = lomar_ok(
-        d,
-        &[
-            "pretrain",
-            "--resume",
-            "split/checkpoint.safetensors",
-            "--out",
-            "split",
-            "--loader-threads",
-            "3",
-            "--log-every",
-            "1",
-        ],
-    );
-    assert!(stdout.contains("resuming at step 2"), "{stdout}");
-    let load = |run: &str| {
-        CheckpointFile::open(&d.join(run).join("checkpoint.safetensors"))
-            .unwrap()
-            .load(&preset("tiny").unwrap())
-            .unwrap()
-    };
-    let (a, b) = (load("whole"), load("split"));
-    assert_eq!(a.data, b.data);
-    let differ = (0..a.params.len()).find(|&i| a.params[i].to_bits() != b.params[i].to_bits());
-    assert_eq!(differ, None, "parameters differ after the resume");
-    let losses = |run: &str| -> Vec<f64> {
-        images::metrics(&d.join(run))
-            .iter()
-            .map(|r| r["loss"].as_f64().unwrap())
-            .collect()
-    };
-    assert_eq!(losses("whole"), losses("split"));
+    images::resume_matches_whole(d, "3");
 }
 
 #[test]

@@ -1,4 +1,5 @@
-//! Launchers of the fused windowed attention kernels (kernels/attention.cu).
+//! The fused windowed attention kernels (kernels/attention.cu): their launch plan and the
+//! launchers [`Kernels::attention_forward`] and [`Kernels::attention_backward`].
 //!
 //! forward:  qkv `[S, T, 3D]` E, table `[(2K-1)²+3, h]` f32 → out `[S, T, D]` E, lse `[S, h, T]` f32
 //! backward: qkv, table, out, dout `[S, T, D]` E, lse → dqkv `[S, T, 3D]` E (overwritten),
@@ -14,19 +15,19 @@
 //!
 //! Either backward writes per-CTA partial table gradients into a scratch buffer, which
 //! `attention_dtable_finish` adds to dtable in a fixed order: two identical calls give
-//! bit-identical tables. The scratch buffer belongs to the [`AttentionKernels`] and is reused
-//! call after call, so one `AttentionKernels` serves one stream.
+//! bit-identical tables. The scratch buffer belongs to the [`Kernels`] and is reused call
+//! after call, as their stream orders the calls.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 
 use anyhow::{bail, Context, Result};
 use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
-use cudarc::driver::{
-    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr,
-    DeviceRepr, LaunchConfig, PushKernelArg,
-};
-use half::bf16;
+use cudarc::driver::{CudaFunction, CudaSlice, LaunchConfig, PushKernelArg};
+
+use super::device::{DevPtr, Gpu};
+use super::kernels::{load_module, Kernels, ATTENTION};
+use super::storage::Storage;
 
 /// Head dims the kernels are instantiated for.
 pub const HEAD_DIMS: [usize; 4] = [32, 64, 80, 128];
@@ -48,20 +49,6 @@ const FAST_BACKWARD_MAX_HEAD_DIM: usize = 80;
 const FINISH_THREADS: usize = 256;
 /// Shared memory the driver reserves per resident block (Hopper and Ampere).
 const SMEM_RESERVED_PER_BLOCK: usize = 1024;
-
-/// An element type the kernels are instantiated for.
-pub trait AttnElem: DeviceRepr {
-    /// Kernel-name suffix.
-    const NAME: &'static str;
-}
-
-impl AttnElem for f32 {
-    const NAME: &'static str = "f32";
-}
-
-impl AttnElem for bf16 {
-    const NAME: &'static str = "bf16";
-}
 
 /// Sizes of one attention call.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -164,6 +151,11 @@ pub struct Launch {
 }
 
 impl Launch {
+    /// A fast kernel (kernels/attention_fast.cuh) takes the sequence count as well.
+    fn is_fast(&self) -> bool {
+        self.kernel.starts_with("attention_fast_")
+    }
+
     fn config(&self) -> LaunchConfig {
         LaunchConfig {
             grid_dim: (self.grid.0, self.grid.1, 1),
@@ -238,7 +230,7 @@ pub fn plan(
     };
     let fast_tiles = FAST_TOKENS / TILE;
     let smem = fast_smem_bytes(pass, fast_tiles, shape.head_dim);
-    if elem == bf16::NAME
+    if elem == "bf16"
         && !tuning.force_general
         && shape.tokens() <= FAST_TOKENS
         && shape.head_dim <= max_head_dim
@@ -261,7 +253,7 @@ pub fn plan(
         launch.grid.0 = ctas.clamp(1, shape.seqs) as u32;
         return Ok(launch);
     }
-    let elem_size = if elem == bf16::NAME { 2 } else { 4 };
+    let elem_size = if elem == "bf16" { 2 } else { 4 };
     let tiles = shape.tokens().div_ceil(TILE);
     let fits = (1..=tiles.min(MAX_WARPS))
         .rev()
@@ -301,22 +293,24 @@ pub fn plan_finish(shape: &AttnShape, backward: &Launch) -> (Launch, usize) {
     (launch, backward.grid.0 as usize)
 }
 
-/// Every attention kernel of the module, by name, allowed the device's whole opt-in
-/// shared memory, and the scratch buffer of the backward's partial table gradients.
-pub struct AttentionKernels {
+/// Every attention kernel for one element type, by name, allowed the device's whole opt-in
+/// shared memory, and the scratch buffer of the backward's partial table gradients. Part of
+/// [`Kernels`], which launches them.
+pub(super) struct AttentionKernels {
     functions: HashMap<String, CudaFunction>,
     device: DeviceLimits,
     partials: Mutex<Option<CudaSlice<f32>>>,
 }
 
-/// The names of every kernel in kernels/attention.cu.
-fn kernel_names() -> Vec<String> {
+/// The names of every kernel in kernels/attention.cu for element type `elem`.
+fn kernel_names(elem: &str) -> Vec<String> {
     let mut names = vec!["attention_dtable_finish".to_string()];
     for pass in [Pass::Forward, Pass::Backward] {
-        for elem in [f32::NAME, bf16::NAME] {
-            for head_dim in HEAD_DIMS {
-                names.push(format!("attention_{}_{elem}_d{head_dim}", pass.name()));
-            }
+        for head_dim in HEAD_DIMS {
+            names.push(format!("attention_{}_{elem}_d{head_dim}", pass.name()));
+        }
+        if elem != "bf16" {
+            continue;
         }
         for head_dim in HEAD_DIMS {
             if pass == Pass::Forward || head_dim <= FAST_BACKWARD_MAX_HEAD_DIM {
@@ -332,8 +326,10 @@ fn kernel_names() -> Vec<String> {
 }
 
 impl AttentionKernels {
-    /// Loads the kernels from `module` (the fatbin of kernels/attention.cu) on `ctx`.
-    pub fn load(ctx: &Arc<CudaContext>, module: &Arc<CudaModule>) -> Result<Self> {
+    /// Loads the `elem` kernels of kernels/attention.cu on `gpu`.
+    pub(super) fn load(gpu: &Gpu, elem: &str) -> Result<Self> {
+        let module = load_module(gpu, ATTENTION, "attention")?;
+        let ctx = gpu.ctx();
         let attribute = |a| {
             ctx.attribute(a)
                 .with_context(|| format!("querying {a:?}"))
@@ -350,7 +346,7 @@ impl AttentionKernels {
         };
         ctx.bind_to_thread()?;
         let mut functions = HashMap::new();
-        for name in kernel_names() {
+        for name in kernel_names(elem) {
             let func = module
                 .load_function(&name)
                 .with_context(|| format!("the attention module has no {name}"))?;
@@ -373,11 +369,6 @@ impl AttentionKernels {
         })
     }
 
-    /// What [`plan`] was told of this device.
-    pub fn device(&self) -> DeviceLimits {
-        self.device
-    }
-
     fn function(&self, launch: &Launch) -> Result<&CudaFunction> {
         self.functions
             .get(&launch.kernel)
@@ -385,135 +376,150 @@ impl AttentionKernels {
     }
 }
 
-fn check_len(what: &str, got: usize, want: usize) -> Result<()> {
-    if got != want {
-        bail!("attention: {what} has {got} elements, the shape needs {want}");
+/// Errors unless `p` holds exactly `want` values.
+fn check_len<T>(what: &str, p: &DevPtr<T>, want: usize) -> Result<()> {
+    if p.len() != want {
+        bail!(
+            "attention: {what} has {} elements, the shape needs {want}",
+            p.len()
+        );
     }
     Ok(())
 }
 
 /// The kernels move E rows in 16-byte pieces.
-fn check_aligned<T>(what: &str, buf: &impl DevicePtr<T>, stream: &CudaStream) -> Result<()> {
-    let (addr, _sync) = buf.device_ptr(stream);
-    if addr % 16 != 0 {
-        bail!("attention: {what} starts at {addr:#x}, which is not 16-byte aligned");
-    }
-    Ok(())
-}
-
-/// Enqueues the forward on `stream` with the launch choices of `tuning`
-/// (`AttnTuning::default()` for the planned ones): `out` and `lse` are overwritten.
-#[allow(clippy::too_many_arguments)]
-pub fn attention_forward<E: AttnElem>(
-    stream: &Arc<CudaStream>,
-    kernels: &AttentionKernels,
-    qkv: &CudaView<E>,
-    table: &CudaView<f32>,
-    out: &mut CudaViewMut<E>,
-    lse: &mut CudaViewMut<f32>,
-    shape: AttnShape,
-    tuning: AttnTuning,
-) -> Result<()> {
-    let launch = plan(Pass::Forward, &shape, E::NAME, &kernels.device, tuning)?;
-    let func = kernels.function(&launch)?;
-    let (s, t, d) = (shape.seqs, shape.tokens(), shape.width());
-    check_len("qkv", qkv.len(), s * t * 3 * d)?;
-    check_len("table", table.len(), shape.table_rows() * shape.heads)?;
-    check_len("out", out.len(), s * t * d)?;
-    check_len("lse", lse.len(), s * shape.heads * t)?;
-    check_aligned("qkv", qkv, stream)?;
-    check_aligned("out", out, stream)?;
-    let (seqs, window, heads) = (s as i32, shape.window as i32, shape.heads as i32);
-    let mut args = stream.launch_builder(func);
-    args.arg(qkv).arg(table).arg(out).arg(lse);
-    if launch.kernel.starts_with("attention_fast_") {
-        args.arg(&seqs);
-    }
-    args.arg(&window).arg(&heads);
-    // SAFETY: the arguments match the kernel's parameter list, every buffer's length was
-    // checked against the shape the grid covers, and the E buffers are 16-byte aligned.
-    unsafe { args.launch(launch.config()) }.context("launching the attention forward")?;
-    Ok(())
-}
-
-/// Enqueues the backward on `stream` with the launch choices of `tuning`: `dqkv` is
-/// overwritten, `dtable` is added to. `out` and `lse` are the forward's outputs for the same
-/// inputs.
-#[allow(clippy::too_many_arguments)]
-pub fn attention_backward<E: AttnElem>(
-    stream: &Arc<CudaStream>,
-    kernels: &AttentionKernels,
-    qkv: &CudaView<E>,
-    table: &CudaView<f32>,
-    out: &CudaView<E>,
-    dout: &CudaView<E>,
-    lse: &CudaView<f32>,
-    dqkv: &mut CudaViewMut<E>,
-    dtable: &mut CudaViewMut<f32>,
-    shape: AttnShape,
-    tuning: AttnTuning,
-) -> Result<()> {
-    let launch = plan(Pass::Backward, &shape, E::NAME, &kernels.device, tuning)?;
-    let (finish, producers) = plan_finish(&shape, &launch);
-    let (func, finish_func) = (kernels.function(&launch)?, kernels.function(&finish)?);
-    let (s, t, d) = (shape.seqs, shape.tokens(), shape.width());
-    let table_len = shape.table_rows() * shape.heads;
-    check_len("qkv", qkv.len(), s * t * 3 * d)?;
-    check_len("table", table.len(), table_len)?;
-    check_len("out", out.len(), s * t * d)?;
-    check_len("dout", dout.len(), s * t * d)?;
-    check_len("lse", lse.len(), s * shape.heads * t)?;
-    check_len("dqkv", dqkv.len(), s * t * 3 * d)?;
-    check_len("dtable", dtable.len(), table_len)?;
-    check_aligned("qkv", qkv, stream)?;
-    check_aligned("out", out, stream)?;
-    check_aligned("dout", dout, stream)?;
-    check_aligned("dqkv", dqkv, stream)?;
-
-    let partials_len = producers * table_len;
-    let mut scratch = kernels
-        .partials
-        .lock()
-        .map_err(|_| anyhow::anyhow!("the attention scratch lock is poisoned"))?;
-    if scratch.as_ref().is_none_or(|p| p.len() < partials_len) {
-        *scratch = Some(
-            stream
-                .alloc_zeros::<f32>(partials_len)
-                .context("allocating the attention table-gradient partials")?,
+fn check_aligned<T>(what: &str, p: &DevPtr<T>) -> Result<()> {
+    if !p.addr().is_multiple_of(16) {
+        bail!(
+            "attention: {what} starts at {:#x}, which is not 16-byte aligned",
+            p.addr()
         );
     }
-    let partials = scratch.as_mut().expect("allocated above");
-    let mut partials = partials.slice_mut(0..partials_len);
+    Ok(())
+}
 
-    let (seqs, window, heads) = (s as i32, shape.window as i32, shape.heads as i32);
-    {
-        let mut args = stream.launch_builder(func);
-        args.arg(qkv)
-            .arg(table)
-            .arg(out)
-            .arg(dout)
-            .arg(lse)
-            .arg(dqkv)
-            .arg(&mut partials);
-        if launch.kernel.starts_with("attention_fast_") {
+impl<T: Storage> Kernels<T> {
+    /// What [`plan`] is told of this device.
+    pub fn attention_limits(&self) -> DeviceLimits {
+        self.attention.device
+    }
+
+    /// qkv [S, T, 3D] T, table [(2K-1)²+3, h] f32 -> out [S, T, D] T, lse [S, h, T] f32,
+    /// both overwritten; launched as `tuning` says (`AttnTuning::default()`: as planned).
+    pub fn attention_forward(
+        &self,
+        qkv: DevPtr<T>,
+        table: DevPtr<f32>,
+        out: DevPtr<T>,
+        lse: DevPtr<f32>,
+        shape: AttnShape,
+        tuning: AttnTuning,
+    ) -> Result<()> {
+        let launch = plan(
+            Pass::Forward,
+            &shape,
+            T::SUFFIX,
+            &self.attention.device,
+            tuning,
+        )?;
+        let func = self.attention.function(&launch)?;
+        let (s, t, d) = (shape.seqs, shape.tokens(), shape.width());
+        check_len("qkv", &qkv, s * t * 3 * d)?;
+        check_len("table", &table, shape.table_rows() * shape.heads)?;
+        check_len("out", &out, s * t * d)?;
+        check_len("lse", &lse, s * shape.heads * t)?;
+        check_aligned("qkv", &qkv)?;
+        check_aligned("out", &out)?;
+        let (seqs, window, heads) = (s as i32, shape.window as i32, shape.heads as i32);
+        let mut args = self.stream.launch_builder(func);
+        args.arg(qkv.addr())
+            .arg(table.addr())
+            .arg(out.addr())
+            .arg(lse.addr());
+        if launch.is_fast() {
             args.arg(&seqs);
         }
         args.arg(&window).arg(&heads);
-        // SAFETY: as in the forward; dqkv and the partials (heads × grid.x tables, the
-        // length sliced above) are the only buffers written.
-        unsafe { args.launch(launch.config()) }.context("launching the attention backward")?;
+        self.run(args, launch.config(), &launch.kernel)
     }
-    let (producers, rows) = (producers as i32, shape.table_rows() as i32);
-    let mut args = stream.launch_builder(finish_func);
-    args.arg(&mut partials)
-        .arg(dtable)
-        .arg(&producers)
-        .arg(&rows)
-        .arg(&heads);
-    // SAFETY: the finish reads heads × producers × rows partials (the slice's length) and
-    // writes the rows × heads table, whose length was checked.
-    unsafe { args.launch(finish.config()) }.context("launching attention_dtable_finish")?;
-    Ok(())
+
+    /// qkv, table, out, dout [S, T, D] T, lse (the forward's, for the same inputs)
+    /// -> dqkv [S, T, 3D] T (overwritten), dtable [(2K-1)²+3, h] f32 (added to).
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention_backward(
+        &self,
+        qkv: DevPtr<T>,
+        table: DevPtr<f32>,
+        out: DevPtr<T>,
+        dout: DevPtr<T>,
+        lse: DevPtr<f32>,
+        dqkv: DevPtr<T>,
+        dtable: DevPtr<f32>,
+        shape: AttnShape,
+        tuning: AttnTuning,
+    ) -> Result<()> {
+        let kernels = &self.attention;
+        let launch = plan(Pass::Backward, &shape, T::SUFFIX, &kernels.device, tuning)?;
+        let (finish, producers) = plan_finish(&shape, &launch);
+        let (func, finish_func) = (kernels.function(&launch)?, kernels.function(&finish)?);
+        let (s, t, d) = (shape.seqs, shape.tokens(), shape.width());
+        let table_len = shape.table_rows() * shape.heads;
+        check_len("qkv", &qkv, s * t * 3 * d)?;
+        check_len("table", &table, table_len)?;
+        check_len("out", &out, s * t * d)?;
+        check_len("dout", &dout, s * t * d)?;
+        check_len("lse", &lse, s * shape.heads * t)?;
+        check_len("dqkv", &dqkv, s * t * 3 * d)?;
+        check_len("dtable", &dtable, table_len)?;
+        for (what, p) in [
+            ("qkv", &qkv),
+            ("out", &out),
+            ("dout", &dout),
+            ("dqkv", &dqkv),
+        ] {
+            check_aligned(what, p)?;
+        }
+
+        let partials_len = producers * table_len;
+        let mut scratch = kernels
+            .partials
+            .lock()
+            .map_err(|_| anyhow::anyhow!("the attention scratch lock is poisoned"))?;
+        if scratch.as_ref().is_none_or(|p| p.len() < partials_len) {
+            *scratch = Some(
+                self.stream
+                    .alloc_zeros::<f32>(partials_len)
+                    .context("allocating the attention table-gradient partials")?,
+            );
+        }
+        let partials = scratch.as_mut().expect("allocated above");
+        let mut partials = partials.slice_mut(0..partials_len);
+
+        let (seqs, window, heads) = (s as i32, shape.window as i32, shape.heads as i32);
+        let mut args = self.stream.launch_builder(func);
+        args.arg(qkv.addr())
+            .arg(table.addr())
+            .arg(out.addr())
+            .arg(dout.addr())
+            .arg(lse.addr())
+            .arg(dqkv.addr())
+            .arg(&mut partials);
+        if launch.is_fast() {
+            args.arg(&seqs);
+        }
+        args.arg(&window).arg(&heads);
+        self.run(args, launch.config(), &launch.kernel)?;
+
+        // The partials: heads × producers tables of rows values, the slice's length.
+        let (producers, rows) = (producers as i32, shape.table_rows() as i32);
+        let mut args = self.stream.launch_builder(finish_func);
+        args.arg(&mut partials)
+            .arg(dtable.addr())
+            .arg(&producers)
+            .arg(&rows)
+            .arg(&heads);
+        self.run(args, finish.config(), &finish.kernel)
+    }
 }
 
 #[cfg(test)]
@@ -592,11 +598,11 @@ mod tests {
         .unwrap();
         assert_eq!(l.kernel, "attention_forward_bf16_d64");
         // Every planned kernel is one the loader asks the module for.
-        let names = kernel_names();
-        for window in 2..=14 {
-            for head_dim in HEAD_DIMS {
-                for pass in [Pass::Forward, Pass::Backward] {
-                    for elem in ["bf16", "f32"] {
+        for elem in ["bf16", "f32"] {
+            let names = kernel_names(elem);
+            for window in 2..=14 {
+                for head_dim in HEAD_DIMS {
+                    for pass in [Pass::Forward, Pass::Backward] {
                         if let Ok(l) = hopper(pass, &shape(window, head_dim), elem) {
                             assert!(names.contains(&l.kernel), "{l:?}");
                         }

@@ -7,10 +7,10 @@ use cudarc::driver::{CudaEvent, CudaSlice};
 use half::bf16;
 
 use super::activations::Activations;
-use super::attention::{AttentionKernels, AttnElem, HEAD_DIMS};
+use super::attention::HEAD_DIMS;
 use super::device::Gpu;
 use super::gemm::Blas;
-use super::kernels::{load_module, Kernels, ATTENTION};
+use super::kernels::Kernels;
 use super::launch::scratch_len;
 use super::model::Pass;
 use super::nvtx;
@@ -102,10 +102,9 @@ impl Backend for CudaBackend {
 }
 
 /// The backend for one storage type.
-struct Engine<T: Storage + AttnElem> {
+struct Engine<T: Storage> {
     gpu: Gpu,
     kernels: Kernels<T>,
-    attention: AttentionKernels,
     blas: Blas,
     precision: Precision,
     model: ModelConfig,
@@ -158,7 +157,7 @@ impl StepTimer {
     }
 }
 
-impl<T: Storage + AttnElem> Engine<T> {
+impl<T: Storage> Engine<T> {
     fn new(
         gpu: Gpu,
         model: &ModelConfig,
@@ -168,8 +167,6 @@ impl<T: Storage + AttnElem> Engine<T> {
     ) -> Result<Self> {
         let total = layout.total();
         let kernels = Kernels::load(&gpu)?;
-        let attention_module = load_module(&gpu, ATTENTION, "attention")?;
-        let attention = AttentionKernels::load(gpu.ctx(), &attention_module)?;
         let blas = Blas::new(&gpu)?;
         let decay: Vec<u8> = layout
             .decay_mask()
@@ -178,7 +175,6 @@ impl<T: Storage + AttnElem> Engine<T> {
             .collect();
         let mut engine = Engine {
             kernels,
-            attention,
             blas,
             precision,
             model: model.clone(),
@@ -208,7 +204,7 @@ impl<T: Storage + AttnElem> Engine<T> {
     }
 }
 
-impl<T: Storage + AttnElem> Backend for Engine<T> {
+impl<T: Storage> Backend for Engine<T> {
     fn device_name(&self) -> String {
         format!("{} (CUDA, {})", self.gpu.name(), self.precision)
     }
@@ -244,7 +240,6 @@ impl<T: Storage + AttnElem> Backend for Engine<T> {
         let pass = Pass {
             gpu: &self.gpu,
             kernels: &self.kernels,
-            attention: &self.attention,
             blas: &self.blas,
             model: &self.model,
             ranges: &self.ranges,

@@ -5,16 +5,12 @@
 //! upload's copy stream (`pixels::PixelUpload`) is ordered against it with events of its
 //! own, so cudarc's cross-stream event tracking is switched off.
 
-use std::mem::ManuallyDrop;
 use std::ops::Range;
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use cudarc::driver::sys::cudaError_enum;
-use cudarc::driver::{
-    CudaContext, CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr, DeviceRepr,
-    ValidAsZeroBits,
-};
+use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DevicePtr, DeviceRepr, ValidAsZeroBits};
 
 use super::kernels::KERNELS_BUILT;
 
@@ -198,7 +194,6 @@ impl Gpu {
         Ok(DevPtr {
             buffer: s,
             addr,
-            start: 0,
             len: s.len(),
         })
     }
@@ -273,8 +268,6 @@ impl Gpu {
 pub struct DevPtr<'a, T> {
     buffer: &'a CudaSlice<T>,
     addr: u64,
-    /// The first element, within `buffer`.
-    start: usize,
     len: usize,
 }
 
@@ -322,7 +315,6 @@ impl<'a, T> DevPtr<'a, T> {
         Ok(DevPtr {
             buffer: self.buffer,
             addr: self.addr + (r.start * std::mem::size_of::<T>()) as u64,
-            start: self.start + r.start,
             len: r.len(),
         })
     }
@@ -336,26 +328,6 @@ impl<'a, T> DevPtr<'a, T> {
             );
         }
         Ok(())
-    }
-
-    /// The same elements as a cudarc view, for launchers written against cudarc's types.
-    pub(super) fn view(&self) -> CudaView<'a, T> {
-        self.buffer.slice(self.start..self.start + self.len)
-    }
-
-    /// Runs `f` on a mutable cudarc view of the same elements. The shared borrow of the
-    /// buffer cannot give one, so the view is taken from a second, never-freed handle to
-    /// the same memory that lives only during `f`.
-    pub(super) fn with_view_mut<R>(&self, f: impl FnOnce(&mut CudaViewMut<'_, T>) -> R) -> R {
-        // SAFETY: the `len` elements at `addr` lie inside `buffer`, which is borrowed for
-        // 'a and so stays allocated while `f` runs; `ManuallyDrop` keeps the handle from
-        // freeing it, and the handle (hence the view) does not outlive this call.
-        let mut alias = ManuallyDrop::new(unsafe {
-            self.buffer
-                .stream()
-                .upgrade_device_ptr::<T>(self.addr, self.len)
-        });
-        f(&mut alias.slice_mut(..))
     }
 }
 

@@ -8,6 +8,7 @@ use anyhow::{Context, Result};
 use cudarc::driver::{CudaFunction, CudaModule, CudaStream, LaunchArgs, LaunchConfig};
 use cudarc::nvrtc::Ptx;
 
+use super::attention::AttentionKernels;
 use super::device::Gpu;
 use super::storage::Storage;
 
@@ -30,9 +31,9 @@ fn function(module: &Arc<CudaModule>, name: &str) -> Result<CudaFunction> {
         .with_context(|| format!("the kernel module has no function {name}"))
 }
 
-/// Every kernel of ours but attention's, instantiated for storage type `T` (plus the fp32-only
-/// ones). The attention kernels come in many instances (per head dim and path) chosen per
-/// call by `attention::plan`, so `attention::AttentionKernels` loads and launches them.
+/// Every kernel of ours, instantiated for storage type `T` (plus the fp32-only ones), and
+/// the stream they are launched on. The attention kernels come in many instances (per head
+/// dim and path), chosen per call by `attention::plan`, so they are kept by name.
 pub struct Kernels<T> {
     pub(super) stream: Arc<CudaStream>,
     sync_launches: bool,
@@ -56,6 +57,7 @@ pub struct Kernels<T> {
     pub(super) add_bias: CudaFunction,
     pub(super) residual_add_bias: CudaFunction,
     pub(super) cast_from_f32: CudaFunction,
+    pub(super) attention: AttentionKernels,
     _storage: PhantomData<T>,
 }
 
@@ -92,6 +94,7 @@ impl<T: Storage> Kernels<T> {
             add_bias: function(&elementwise, &typed("add_bias"))?,
             residual_add_bias: function(&elementwise, &typed("residual_add_bias"))?,
             cast_from_f32: function(&elementwise, &typed("cast_from_f32"))?,
+            attention: AttentionKernels::load(gpu, T::SUFFIX)?,
             _storage: PhantomData,
         })
     }

@@ -10,9 +10,7 @@ use anyhow::{Context, Result};
 use cudarc::driver::CudaSlice;
 
 use super::activations::Activations;
-use super::attention::{
-    attention_backward, attention_forward, AttentionKernels, AttnElem, AttnShape, AttnTuning,
-};
+use super::attention::{AttnShape, AttnTuning};
 use super::device::{DevPtr, Gpu};
 use super::gemm::Blas;
 use super::kernels::Kernels;
@@ -23,10 +21,9 @@ use crate::params::ModelRanges;
 
 /// Everything one pass reads, borrowed; kernels write through device addresses, so the
 /// pass needs no mutable borrows.
-pub(super) struct Pass<'a, T: Storage + AttnElem> {
+pub(super) struct Pass<'a, T: Storage> {
     pub gpu: &'a Gpu,
     pub kernels: &'a Kernels<T>,
-    pub attention: &'a AttentionKernels,
     pub blas: &'a Blas,
     pub model: &'a ModelConfig,
     pub ranges: &'a ModelRanges,
@@ -39,7 +36,7 @@ pub(super) struct Pass<'a, T: Storage + AttnElem> {
     pub acts: &'a Activations<T>,
 }
 
-impl<'a, T: Storage + AttnElem> Pass<'a, T> {
+impl<'a, T: Storage> Pass<'a, T> {
     fn seqs(&self) -> usize {
         self.acts.images_len * self.model.windows_per_image
     }
@@ -67,72 +64,6 @@ impl<'a, T: Storage + AttnElem> Pass<'a, T> {
             heads: self.model.heads,
             head_dim: self.model.head_dim(),
         }
-    }
-
-    /// qkv [S, T, 3D] T, table [(2K-1)²+3, h] f32 -> out [S, T, D] T, lse [S, h, T] f32.
-    fn attention_forward(
-        &self,
-        qkv: DevPtr<'_, T>,
-        table: DevPtr<'_, f32>,
-        out: DevPtr<'_, T>,
-        lse: DevPtr<'_, f32>,
-    ) -> Result<()> {
-        out.with_view_mut(|out| {
-            lse.with_view_mut(|lse| {
-                attention_forward(
-                    self.gpu.stream(),
-                    self.attention,
-                    &qkv.view(),
-                    &table.view(),
-                    out,
-                    lse,
-                    self.attention_shape(),
-                    AttnTuning::default(),
-                )
-            })
-        })?;
-        self.wait_if_debugging("attention forward")
-    }
-
-    /// With `LOMAR_CUDA_SYNC` set, waits for the kernel just queued so a fault is reported
-    /// against it.
-    fn wait_if_debugging(&self, what: &str) -> Result<()> {
-        if self.gpu.sync_launches() {
-            self.gpu.synchronize(what)?;
-        }
-        Ok(())
-    }
-
-    /// qkv, table, out, dout [S, T, D], lse -> dqkv [S, T, 3D] T (written), dtable (+=).
-    #[allow(clippy::too_many_arguments)]
-    fn attention_backward(
-        &self,
-        qkv: DevPtr<'_, T>,
-        table: DevPtr<'_, f32>,
-        out: DevPtr<'_, T>,
-        dout: DevPtr<'_, T>,
-        lse: DevPtr<'_, f32>,
-        dqkv: DevPtr<'_, T>,
-        dtable: DevPtr<'_, f32>,
-    ) -> Result<()> {
-        dqkv.with_view_mut(|dqkv| {
-            dtable.with_view_mut(|dtable| {
-                attention_backward(
-                    self.gpu.stream(),
-                    self.attention,
-                    &qkv.view(),
-                    &table.view(),
-                    &out.view(),
-                    &dout.view(),
-                    &lse.view(),
-                    dqkv,
-                    dtable,
-                    self.attention_shape(),
-                    AttnTuning::default(),
-                )
-            })
-        })?;
-        self.wait_if_debugging("attention backward")
     }
 
     /// Queues the whole forward and backward; the mean loss lands in `acts.loss`.
@@ -208,11 +139,13 @@ impl<'a, T: Storage + AttnElem> Pass<'a, T> {
             3 * d,
         )?;
         k.add_bias(self.ptr(&ba.qkv)?, self.p(&r.qkv_b)?, n, 3 * d)?;
-        self.attention_forward(
+        k.attention_forward(
             self.ptr(&ba.qkv)?,
             self.p(&r.rel_bias)?,
             self.ptr(&ba.attn)?,
             self.ptr(&ba.lse)?,
+            self.attention_shape(),
+            AttnTuning::default(),
         )?;
         self.blas
             .linear_forward(self.ptr(&ba.attn)?, self.w(&r.proj_w)?, branch, n, d, d)?;
@@ -395,7 +328,7 @@ impl<'a, T: Storage + AttnElem> Pass<'a, T> {
             .linear_backward_weight(dy, self.ptr(&ba.attn)?, self.g(&r.proj_w)?, n, d, d)?;
         self.blas
             .linear_backward_input(dy, self.w(&r.proj_w)?, dsmall, n, d, d)?;
-        self.attention_backward(
+        k.attention_backward(
             self.ptr(&ba.qkv)?,
             self.p(&r.rel_bias)?,
             self.ptr(&ba.attn)?,
@@ -403,6 +336,8 @@ impl<'a, T: Storage + AttnElem> Pass<'a, T> {
             self.ptr(&ba.lse)?,
             dqkv,
             self.g(&r.rel_bias)?,
+            self.attention_shape(),
+            AttnTuning::default(),
         )?;
         k.column_sum(dqkv, n, 3 * d, self.scratch, self.g(&r.qkv_b)?)?;
         self.blas.linear_backward_weight(

@@ -7,6 +7,10 @@ use std::fs;
 use std::path::Path;
 
 use image::{DynamicImage, ImageBuffer, ImageFormat, Luma, LumaA, Rgb, RgbImage, Rgba};
+use lomar::config::preset;
+use lomar::io::checkpoint::{Checkpoint, CheckpointFile};
+
+use crate::common::lomar_ok;
 
 /// A colourful `w × h` picture with structure at several scales.
 pub fn picture(w: u32, h: u32, seed: u32) -> RgbImage {
@@ -128,4 +132,44 @@ pub fn metrics(run: &Path) -> Vec<serde_json::Value> {
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect()
+}
+
+/// Resumes the run in `split` (stopped after step 2) without `--data`, since its checkpoint
+/// names the data, on `loader_threads` threads, and checks that it ends where the
+/// uninterrupted run in `whole` ended: the same data position and parameters, bit for bit,
+/// and the same losses. Returns the two checkpoints, whole first.
+pub fn resume_matches_whole(d: &Path, loader_threads: &str) -> (Checkpoint, Checkpoint) {
+    let resumed = lomar_ok(
+        d,
+        &[
+            "pretrain",
+            "--resume",
+            "split/checkpoint.safetensors",
+            "--out",
+            "split",
+            "--loader-threads",
+            loader_threads,
+            "--log-every",
+            "1",
+        ],
+    );
+    assert!(resumed.contains("resuming at step 2"), "{resumed}");
+    let load = |run: &str| {
+        CheckpointFile::open(&d.join(run).join("checkpoint.safetensors"))
+            .unwrap()
+            .load(&preset("tiny").unwrap())
+            .unwrap()
+    };
+    let (a, b) = (load("whole"), load("split"));
+    assert_eq!(a.data, b.data);
+    let differ = (0..a.params.len()).find(|&i| a.params[i].to_bits() != b.params[i].to_bits());
+    assert_eq!(differ, None, "parameters differ after the resume");
+    let losses = |run: &str| -> Vec<f64> {
+        metrics(&d.join(run))
+            .iter()
+            .map(|r| r["loss"].as_f64().unwrap())
+            .collect()
+    };
+    assert_eq!(losses("whole"), losses("split"));
+    (a, b)
 }
