@@ -14,6 +14,7 @@ import io
 import json
 import math
 import struct
+import subprocess
 import sys
 import tempfile
 import unittest
@@ -212,6 +213,77 @@ class ModelTests(unittest.TestCase):
         self.assertEqual(tr.training_flops(tr.PRESETS["vit_base"], 1), want)
         self.assertEqual(tr.known_bf16_peak("NVIDIA H100 PCIe"), 756.0e12)
         self.assertEqual(tr.known_bf16_peak("NVIDIA H200"), 989.4e12)
+
+
+# MAE on a 4x4 grid of 2-pixel patches: 4 of 16 patches kept, a 2-block decoder of 2 heads.
+MAE_SMALL = tr.mae_recipe(dataclasses.replace(SMALL, image=8))
+MAE_SMALL = dataclasses.replace(MAE_SMALL, decoder=tr.DecoderConfig(8, 2, 2))
+# The lomar binary the cross-check runs, when it has been built (`cargo build --release`).
+LOMAR = Path(__file__).resolve().parent.parent / "target" / "release" / "lomar"
+
+
+def random_mae(cfg: tr.ModelConfig, seed: int) -> tr.MaeViT:
+    torch.manual_seed(seed)
+    model = tr.MaeViT(cfg).double()
+    with torch.no_grad():
+        for param in model.parameters():
+            param.normal_(0.0, 0.3)
+    return model
+
+
+class MaeTests(unittest.TestCase):
+    def test_mae_base_has_the_official_names_and_count(self):
+        model = tr.MaeViT(tr.PRESETS["mae_base"])
+        shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
+        # The official model's 111,907,840 values less its two fixed position tables.
+        self.assertEqual(sum(p.numel() for p in model.parameters()), 111_907_840 - 197 * 768 - 197 * 512)
+        self.assertEqual(shapes["mask_token"], (1, 1, 512))
+        self.assertEqual(shapes["decoder_pred.weight"], (768, 512))
+        self.assertEqual(shapes["decoder_blocks.7.attn.qkv.weight"], (1536, 512))
+        self.assertFalse(any("relative" in name for name in shapes))
+
+    def test_sincos_rows_follow_the_column_then_row_layout(self):
+        table = tr.sincos_pos_embed(8, 3)
+        self.assertTrue(torch.equal(table[0], torch.zeros(8, dtype=torch.float64)))
+        # Patch (row 2, column 1): omega = 1, 0.01 over the two channels of each quarter.
+        want = [math.sin(1), math.sin(0.01), math.cos(1), math.cos(0.01)]
+        want += [math.sin(2), math.sin(0.02), math.cos(2), math.cos(0.02)]
+        self.assertTrue(torch.allclose(table[1 + 2 * 3 + 1], torch.tensor(want, dtype=torch.float64)))
+
+    def test_mae_gradients_match_finite_differences(self):
+        model = random_mae(MAE_SMALL, seed=3)
+        torch.manual_seed(4)
+        batch = tuple(t.double() if t.is_floating_point() else t for t in tr.sample_batch(MAE_SMALL, 2, torch.device("cpu")))
+        self.assertEqual(batch[2].shape, (2, 1, 12))
+        names = [name for name, _ in model.named_parameters()]
+        params = tuple(p.detach().clone().requires_grad_() for p in model.parameters())
+
+        def loss_of(*values):
+            return torch.func.functional_call(model, dict(zip(names, values)), batch)
+
+        self.assertTrue(torch.autograd.gradcheck(loss_of, params, eps=1e-6, atol=1e-8, rtol=1e-6, fast_mode=True))
+
+    def test_mae_flops_match_the_hand_count_of_src_bench_flops(self):
+        enc = 2 * 50 * 768 * 2304 + 4 * 2500 * 768 + 2 * 50 * 768 * 768 + 4 * 50 * 768 * 3072
+        dec = 2 * 197 * 512 * 1536 + 4 * 197 * 197 * 512 + 2 * 197 * 512 * 512 + 4 * 197 * 512 * 2048
+        forward = 12 * enc + 2 * 50 * 768 * 512 + 8 * dec + 2 * 197 * 512 * 768
+        self.assertEqual(tr.training_flops(tr.PRESETS["mae_base"], 1), 3 * forward + 2 * 2 * 49 * 768 * 768)
+
+    @unittest.skipUnless(LOMAR.exists(), f"{LOMAR} is not built")
+    def test_lomar_grad_agrees_in_fp64(self):
+        with tempfile.TemporaryDirectory() as d:
+            lomar = lambda *args: subprocess.run([str(LOMAR), *args], cwd=d, check=True, capture_output=True)
+            lomar("sample-batch", "--method", "mae", "--out", "b.st", "--batch", "3", "--seed", "4")
+            lomar("init", "--method", "mae", "--out", "p.st", "--seed", "5")
+            lomar("grad", "--method", "mae", "--device", "cpu", "--params", "p.st", "--batch", "b.st", "--out", "g.st")
+            files = ["--params", f"{d}/p.st", "--batch-file", f"{d}/b.st", "--grads", f"{d}/g.st"]
+            # lomar computes in f32: agreement to f32 rounding.
+            code, out = run_main(["--method", "mae", *files, "--tol", "1e-5"])
+            print(out.splitlines()[-1])
+            self.assertEqual(code, 0, out)
+            code, out = run_main([*files])
+            self.assertEqual(code, 2)
+            self.assertIn("holds a --method mae model; it cannot run with --method lomar", out)
 
 
 def run_main(argv: list[str]) -> tuple[int, str]:

@@ -1,5 +1,8 @@
 #!/usr/bin/env python3
-"""The lomar model (docs/DESIGN.md §1) in PyTorch, written once and used for two jobs.
+"""The lomar model (docs/DESIGN.md §1) in PyTorch, written once and used for two jobs; with
+`--method mae`, MAE on the same footing (docs/DESIGN.md §7), built after the structure of the
+official MAE model (patchify, sin-cos position embeddings, random masking by index,
+unshuffling with ids_restore, a decoder, norm-pix loss on the removed patches).
 
 Gradient check (default): loads lomar's parameter file and a batch file, computes the loss
 and every parameter's gradient in fp64 (or fp32) and compares them with the file that
@@ -47,6 +50,13 @@ MLP_RATIO = 4
 
 
 @dataclasses.dataclass(frozen=True)
+class DecoderConfig:
+    width: int
+    depth: int
+    heads: int
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelConfig:
     image: int
     patch: int
@@ -57,6 +67,20 @@ class ModelConfig:
     width: int
     heads: int
     norm_pix: bool = True
+    method: str = "lomar"
+    decoder: DecoderConfig | None = None
+
+    @staticmethod
+    def from_json(model: dict) -> "ModelConfig":
+        decoder = model.get("decoder")
+        return ModelConfig(**(model | {"decoder": DecoderConfig(**decoder) if decoder else None}))
+
+    def as_json(self) -> dict:
+        """As lomar serialises it: a LoMaR model has no `decoder` key."""
+        out = dataclasses.asdict(self)
+        if self.decoder is None:
+            del out["decoder"]
+        return out
 
     @property
     def grid(self) -> int:
@@ -72,7 +96,10 @@ class ModelConfig:
 
     @property
     def masked_per_window(self) -> int:
-        # The small epsilon keeps e.g. 0.7 * 10 from flooring to 6, as lomar does.
+        # The small epsilon keeps e.g. 0.7 * 10 from flooring to 6, as lomar does. MAE keeps
+        # floor(N (1 - r)) of its N patches (its one window is the grid) and masks the rest.
+        if self.method == "mae":
+            return self.window_area - math.floor(self.window_area * (1.0 - self.mask_ratio) + 1e-9)
         return math.floor(self.window_area * self.mask_ratio + 1e-9)
 
     @property
@@ -98,7 +125,19 @@ class ModelConfig:
             raise ValueError(f"patch = {self.patch}: must be in 1..=64")
         if self.image <= 0 or self.image % self.patch:
             raise ValueError(f"image = {self.image}: must be a positive multiple of patch ({self.patch})")
-        if not 2 <= self.window <= 32:
+        if self.method == "mae":
+            if self.window != self.grid or self.windows_per_image != 1:
+                raise ValueError(
+                    f"window = {self.window}, windows_per_image = {self.windows_per_image}: MAE's one window is "
+                    f"the whole grid (window = {self.grid}, windows_per_image = 1)"
+                )
+            if self.decoder is None:
+                raise ValueError("decoder: --method mae needs a decoder")
+            if self.width % 4 or self.decoder.width % 4 or self.decoder.width % self.decoder.heads:
+                raise ValueError(f"decoder_width = {self.decoder.width}: widths must be multiples of 4 and of heads")
+        elif self.method != "lomar":
+            raise ValueError(f"method = {self.method}: must be lomar or mae")
+        elif not 2 <= self.window <= 32:
             raise ValueError(f"window = {self.window}: must be in 2..=32")
         if self.grid < self.window:
             raise ValueError(
@@ -126,14 +165,31 @@ def _vit(width: int, depth: int, heads: int, patch: int) -> ModelConfig:
     return ModelConfig(224, patch, 7, 4, 0.8, depth, width, heads)
 
 
+def mae_recipe(cfg: ModelConfig) -> ModelConfig:
+    """MAE's recipe on the encoder of `cfg`, the rule of src/config/presets.rs: decoder 512
+    wide, 8 blocks, 16 heads from ViT-B's width up; two thirds of the width in 32-wide heads
+    below; 32 wide, 2 blocks, 1 head for the test preset."""
+    if cfg.width >= 768:
+        decoder = DecoderConfig(512, 8, 16)
+    elif cfg.width >= 96:
+        width = -(-(2 * cfg.width // 3) // 32) * 32  # rounded up to a multiple of 32
+        decoder = DecoderConfig(width, 8, width // 32)
+    else:
+        decoder = DecoderConfig(32, 2, 1)
+    return dataclasses.replace(
+        cfg, window=cfg.grid, windows_per_image=1, mask_ratio=0.75, method="mae", decoder=decoder
+    )
+
+
 PRESETS = {
-    "tiny": ModelConfig(32, 4, 4, 2, 0.75, 2, 64, 4),
+    "tiny": ModelConfig(32, 4, 4, 2, 0.75, 2, 64, 2),
     "vit_tiny": _vit(192, 12, 3, 16),
     "vit_small": _vit(384, 12, 6, 16),
     "vit_base": _vit(768, 12, 12, 16),
     "vit_large": _vit(1024, 24, 16, 16),
     "vit_huge": _vit(1280, 32, 16, 14),
 }
+PRESETS |= {f"mae_{size}": mae_recipe(PRESETS[f"vit_{size}"]) for size in ("small", "base", "large", "huge")}
 
 # ---------------------------------------------------------------------------------------
 # Model (docs/DESIGN.md §1.2); parameter names and shapes are those of src/params.rs
@@ -168,20 +224,28 @@ class PatchEmbed(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    """Multi-head attention of width `width`; with a `window`, BEiT's relative position bias
+    over that window's layout (LoMaR), without one no bias at all (MAE)."""
+
+    def __init__(self, width: int, heads: int, window: int | None):
         super().__init__()
-        self.heads = cfg.heads
-        self.qkv = nn.Linear(cfg.width, 3 * cfg.width)
-        self.relative_position_bias_table = nn.Parameter(torch.zeros(cfg.rel_bias_rows, cfg.heads))
-        self.proj = nn.Linear(cfg.width, cfg.width)
-        index = torch.tensor(relative_position_index(cfg.window))
-        self.register_buffer("relative_position_index", index, persistent=False)
+        self.heads = heads
+        self.qkv = nn.Linear(width, 3 * width)
+        if window is not None:
+            span = 2 * window - 1
+            self.relative_position_bias_table = nn.Parameter(torch.zeros(span * span + 3, heads))
+            index = torch.tensor(relative_position_index(window))
+            self.register_buffer("relative_position_index", index, persistent=False)
+        self.proj = nn.Linear(width, width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # [S, T, D] -> [S, T, D]
         s, t, d = x.shape
         # qkv rows are q, k, v; head i owns rows i*d..(i+1)*d of each: 3 x [S, h, T, d/h].
         q, k, v = self.qkv(x).view(s, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+        if not hasattr(self, "relative_position_bias_table"):
+            out = F.scaled_dot_product_attention(q, k, v)  # [S, h, T, d/h]
+            return self.proj(out.transpose(1, 2).reshape(s, t, d))
         # Every window has the same layout, so one bias serves all sequences. The fused CUDA
         # kernels need the mask's last stride to be 1 (else torch falls back to the unfused
         # math path), and reduce a [1, h, T, T] mask's gradient slowly: gather per head, and
@@ -193,10 +257,10 @@ class Attention(nn.Module):
 
 
 class Mlp(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, width: int):
         super().__init__()
-        self.fc1 = nn.Linear(cfg.width, cfg.hidden)
-        self.fc2 = nn.Linear(cfg.hidden, cfg.width)
+        self.fc1 = nn.Linear(width, width * MLP_RATIO)
+        self.fc2 = nn.Linear(width * MLP_RATIO, width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # [S, T, D] -> [S, T, 4D] -> [S, T, D]; exact erf GELU.
@@ -204,12 +268,12 @@ class Mlp(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, width: int, heads: int, window: int | None):
         super().__init__()
-        self.norm1 = nn.LayerNorm(cfg.width, eps=LN_EPS)
-        self.attn = Attention(cfg)
-        self.norm2 = nn.LayerNorm(cfg.width, eps=LN_EPS)
-        self.mlp = Mlp(cfg)
+        self.norm1 = nn.LayerNorm(width, eps=LN_EPS)
+        self.attn = Attention(width, heads, window)
+        self.norm2 = nn.LayerNorm(width, eps=LN_EPS)
+        self.mlp = Mlp(width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # [S, T, D] -> [S, T, D], pre-norm residual.
@@ -224,7 +288,7 @@ class LomarViT(nn.Module):
         self.patch_embed = PatchEmbed(cfg)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.width))
         self.mask_token = nn.Parameter(torch.zeros(1, 1, cfg.width))
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
+        self.blocks = nn.ModuleList(Block(cfg.width, cfg.heads, cfg.window) for _ in range(cfg.depth))
         self.norm = nn.LayerNorm(cfg.width, eps=LN_EPS)
         self.head = nn.Linear(cfg.width, cfg.patch_dim)
         window_position = torch.arange(cfg.window_area)
@@ -280,13 +344,111 @@ class LomarViT(nn.Module):
         return (pred.to(target.dtype) - target).pow(2).mean()
 
 
+def sincos_pos_embed(width: int, grid: int) -> torch.Tensor:
+    """MAE's fixed 2-D sin-cos embedding, [1 + G², D] in float64, row 0 (cls) zeros.
+
+    As the official get_2d_sincos_pos_embed: the grid from meshgrid(columns, rows), so the
+    first half of the channels encodes the column and the second the row, each half D/4
+    sines then D/4 cosines of pos * omega, omega = 1 / 10000^(k / (D/4)).
+    """
+    omega = 1.0 / 10000 ** (torch.arange(width // 4, dtype=torch.float64) / (width / 4))
+    rows, cols = torch.meshgrid(
+        torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64), indexing="ij"
+    )
+
+    def one_axis(pos: torch.Tensor) -> torch.Tensor:
+        out = pos.reshape(-1, 1) * omega  # [G², D/4]
+        return torch.cat([out.sin(), out.cos()], dim=1)
+
+    patches = torch.cat([one_axis(cols), one_axis(rows)], dim=1)  # [G², D]
+    return torch.cat([torch.zeros(1, width, dtype=torch.float64), patches])
+
+
+class MaeViT(nn.Module):
+    """MAE (docs/DESIGN.md §7) with the official model's parameter names and data flow."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        dec = cfg.decoder
+        self.patch_embed = PatchEmbed(cfg)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.width))
+        # Kept in float64 (so an fp64 check sees the exact table), cast to the activations' dtype.
+        self.register_buffer("pos_embed", sincos_pos_embed(cfg.width, cfg.grid)[None], persistent=False)
+        self.blocks = nn.ModuleList(Block(cfg.width, cfg.heads, None) for _ in range(cfg.depth))
+        self.norm = nn.LayerNorm(cfg.width, eps=LN_EPS)
+        self.decoder_embed = nn.Linear(cfg.width, dec.width)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, dec.width))
+        self.register_buffer("decoder_pos_embed", sincos_pos_embed(dec.width, cfg.grid)[None], persistent=False)
+        self.decoder_blocks = nn.ModuleList(Block(dec.width, dec.heads, None) for _ in range(dec.depth))
+        self.decoder_norm = nn.LayerNorm(dec.width, eps=LN_EPS)
+        self.decoder_pred = nn.Linear(dec.width, cfg.patch_dim)
+
+    def patchify(self, images: torch.Tensor) -> torch.Tensor:
+        """[B, 3, H, W] -> [B, N, p²·3], each patch in (y, x, c) order."""
+        b, p, g = images.shape[0], self.cfg.patch, self.cfg.grid
+        x = images.reshape(b, 3, g, p, g, p)
+        return torch.einsum("nchpwq->nhwpqc", x).reshape(b, g * g, p * p * 3)
+
+    def forward(
+        self,
+        images: torch.Tensor,
+        window_origin: torch.Tensor,
+        mask_index: torch.Tensor,
+        visible_index: torch.Tensor,
+    ) -> torch.Tensor:
+        """The batch's mean loss. The batch is a LoMaR batch of one window per image at (0, 0)
+        covering the grid (window_origin all zeros): mask_index [B, 1, M] the removed
+        patches and visible_index [B, 1, V] the kept ones, each ascending, play the official
+        model's ids_keep and the rest of its shuffle."""
+        b, d = images.shape[0], self.cfg.width
+        ids_keep, ids_removed = visible_index[:, 0], mask_index[:, 0]  # [B, V], [B, M]
+        ids_restore = torch.argsort(torch.cat([ids_keep, ids_removed], dim=1), dim=1)  # [B, N]
+
+        # Encoder: embed every patch, add positions, keep the visible ones, prepend cls.
+        x = self.patch_embed.proj(images).flatten(2).transpose(1, 2)  # [B, N, D]
+        x = x + self.pos_embed[:, 1:].to(x.dtype)
+        x = x.gather(1, ids_keep[..., None].expand(-1, -1, d))  # [B, V, D]
+        cls = (self.cls_token + self.pos_embed[:, :1].to(x.dtype)).expand(b, -1, -1)
+        x = torch.cat([cls, x], dim=1)  # [B, 1+V, D]
+        for block in self.blocks:
+            x = block(x)
+        x = self.norm(x)
+
+        # Decoder: embed, append mask tokens, unshuffle, add positions.
+        x = self.decoder_embed(x)  # [B, 1+V, Dd]
+        dd = x.shape[-1]
+        mask_tokens = self.mask_token.to(x.dtype).expand(b, ids_restore.shape[1] + 1 - x.shape[1], -1)
+        x_ = torch.cat([x[:, 1:], mask_tokens], dim=1)  # [B, N, Dd] in shuffle order
+        x_ = x_.gather(1, ids_restore[..., None].expand(-1, -1, dd))  # [B, N, Dd] in grid order
+        x = torch.cat([x[:, :1], x_], dim=1) + self.decoder_pos_embed.to(x.dtype)
+        for block in self.decoder_blocks:
+            x = block(x)
+        pred = self.decoder_pred(self.decoder_norm(x))[:, 1:]  # [B, N, p²·3]
+
+        # Norm-pix MSE per patch, averaged over the removed patches.
+        target = self.patchify(images)
+        if self.cfg.norm_pix:
+            mean = target.mean(-1, keepdim=True)
+            var = target.var(-1, keepdim=True)  # unbiased
+            target = (target - mean) / (var + NORM_PIX_EPS).sqrt()
+        removed = torch.zeros_like(ids_restore, dtype=target.dtype).scatter(1, ids_removed, 1.0)  # [B, N]
+        per_patch = (pred.to(target.dtype) - target).pow(2).mean(-1)
+        return (per_patch * removed).sum() / removed.sum()
+
+
+def build_model(cfg: ModelConfig) -> nn.Module:
+    """The model of `cfg`'s method."""
+    return MaeViT(cfg) if cfg.method == "mae" else LomarViT(cfg)
+
+
 def is_decayed(name: str, param: torch.Tensor) -> bool:
     """AdamW decays the matrix weights only (linear and patch-embed), as src/params.rs."""
     return name.endswith(".weight") and param.dim() >= 2
 
 
 @torch.no_grad()
-def init_parameters(model: LomarViT) -> None:
+def init_parameters(model: nn.Module) -> None:
     """docs/DESIGN.md §1.4: xavier-uniform matrices, zero biases and tables, unit norm weights."""
     for name, param in model.named_parameters():
         if is_decayed(name, param):
@@ -411,13 +573,17 @@ def check_same_model(path: str | Path, metadata: dict[str, str], cfg: ModelConfi
         found = json.loads(metadata["config"])["model"]
     except (json.JSONDecodeError, KeyError, TypeError) as err:
         raise ValueError(f"{path}: metadata `config` is malformed ({err})") from err
-    ours = dataclasses.asdict(cfg)
+    if found.get("method", "lomar") != cfg.method:
+        raise ValueError(
+            f"{path} holds a --method {found.get('method', 'lomar')} model; it cannot run with --method {cfg.method}"
+        )
+    ours = cfg.as_json()
     differ = [f"{k} = {found.get(k)} in the file, {v} requested" for k, v in ours.items() if found.get(k) != v]
     if differ:
         raise ValueError(f"{path} was made for another model: {'; '.join(differ)}")
 
 
-def load_parameters(model: LomarViT, path: str | Path) -> None:
+def load_parameters(model: nn.Module, path: str | Path) -> None:
     """Copies a lomar parameter or checkpoint file into the model, checking every shape."""
     tensors, metadata = read_safetensors(path, keep=lambda name: not name.startswith("optimizer."))
     check_same_model(path, metadata, model.cfg)
@@ -474,7 +640,7 @@ def load_batch(path: str | Path, cfg: ModelConfig) -> tuple[torch.Tensor, ...]:
 # ---------------------------------------------------------------------------------------
 
 
-def loss_and_grads(model: LomarViT, batch: tuple[torch.Tensor, ...]) -> tuple[float, dict[str, torch.Tensor]]:
+def loss_and_grads(model: nn.Module, batch: tuple[torch.Tensor, ...]) -> tuple[float, dict[str, torch.Tensor]]:
     param = next(model.parameters())
     images, *indices = batch
     model.zero_grad(set_to_none=True)
@@ -512,13 +678,13 @@ def run_check(args: argparse.Namespace, cfg: ModelConfig) -> int:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
-    model = LomarViT(cfg).to(device, dtype)
+    model = build_model(cfg).to(device, dtype)
     load_parameters(model, args.params)
     loss, grads = loss_and_grads(model, load_batch(args.batch_file, cfg))
     print(f"loss {loss:.9g} ({args.dtype} on {device})")
     if args.save_grads:
         as_lomar = {"loss": torch.tensor(loss)} | {name: g.float() for name, g in grads.items()}
-        config = {"preset": args.preset, "model": dataclasses.asdict(cfg)}
+        config = {"preset": args.preset, "model": cfg.as_json()}
         save_safetensors(args.save_grads, as_lomar, {"format": "lomar-grad", "config": json.dumps(config)})
         print(f"wrote {args.save_grads}")
     if not args.grads:
@@ -544,12 +710,24 @@ def run_check(args: argparse.Namespace, cfg: ModelConfig) -> int:
 
 def training_flops(cfg: ModelConfig, images: int) -> float:
     """Matrix-product FLOPs of one training step, counted exactly as src/bench/flops.rs counts."""
-    t, d, hidden = cfg.seq_len, cfg.width, cfg.hidden
-    per_block = 2 * t * d * 3 * d + 2 * 2 * t * t * d + 2 * t * d * d + 2 * 2 * t * d * hidden
-    head = 2 * cfg.masked_per_window * d * cfg.patch_dim
-    embed = 2 * cfg.visible_per_window * cfg.patch_dim * d
+
+    def block(t: int, d: int) -> int:
+        return 2 * t * d * 3 * d + 2 * 2 * t * t * d + 2 * t * d * d + 2 * 2 * t * d * d * MLP_RATIO
+
+    d, pd = cfg.width, cfg.patch_dim
+    if cfg.method == "mae":
+        dec, encoded, tokens = cfg.decoder, 1 + cfg.visible_per_window, cfg.seq_len
+        forward = (
+            cfg.depth * block(encoded, d)
+            + 2 * encoded * d * dec.width
+            + dec.depth * block(tokens, dec.width)
+            + 2 * tokens * dec.width * pd
+        )
+    else:
+        forward = cfg.depth * block(cfg.seq_len, d) + 2 * cfg.masked_per_window * d * pd
+    embed = 2 * cfg.visible_per_window * pd * d
     # Backward doubles every product but the embedding's, which needs no input gradient.
-    return float(images * cfg.windows_per_image * (3 * (cfg.depth * per_block + head) + 2 * embed))
+    return float(images * cfg.windows_per_image * (3 * forward + 2 * embed))
 
 
 # Dense bf16 tensor-core peaks, matched on the device name (the table of src/bench/flops.rs).
@@ -573,7 +751,7 @@ def time_mode(cfg: ModelConfig, args: argparse.Namespace, mode: str, flops: floa
     device = torch.device(args.device)
     on_gpu = device.type == "cuda"
     torch.manual_seed(args.seed)
-    model = LomarViT(cfg).to(device)
+    model = build_model(cfg).to(device)
     init_parameters(model)
     optimizer = make_adamw(model, lr=1.5e-4 * args.batch / 256)
     forward = torch.compile(model, mode=args.compile_mode) if mode == "compile" else model
@@ -710,7 +888,7 @@ def bench_on_device(args: argparse.Namespace, cfg: ModelConfig) -> int:
             "cuda": torch.version.cuda,
             "threads": torch.get_num_threads() if args.device == "cpu" else None,
             "preset": args.preset,
-            "model": dataclasses.asdict(cfg),
+            "model": cfg.as_json(),
             "batch": args.batch,
             "warmup_steps": args.warmup,
             "timed_steps": args.steps,
@@ -738,7 +916,7 @@ def base_model(args: argparse.Namespace) -> ModelConfig:
     try:
         config = json.loads(Path(args.config).read_text())
         args.preset = config.get("preset", "config")
-        return ModelConfig(**config["model"])
+        return ModelConfig.from_json(config["model"])
     except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
         raise ValueError(f"--config {args.config}: not a lomar config ({err})") from err
 
@@ -758,6 +936,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, ModelConfig]
     model.add_argument("--width", type=int)
     model.add_argument("--heads", type=int)
     model.add_argument("--no-norm-pix", action="store_true")
+    model.add_argument("--method", choices=["lomar", "mae"], help="default: the preset's or config's")
 
     check = parser.add_argument_group("gradient check (the default job)")
     check.add_argument("--params", help="lomar parameter or checkpoint file (safetensors)")
@@ -789,7 +968,14 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, ModelConfig]
     if args.no_norm_pix:
         overrides["norm_pix"] = False
     try:
-        cfg = dataclasses.replace(base_model(args), **overrides)
+        base = base_model(args)
+        if args.method == "mae" and base.method == "lomar" and not args.config:
+            base = mae_recipe(base)
+        elif args.method is not None and args.method != base.method:
+            raise ValueError(f"{args.preset} holds a --method {base.method} model; it cannot run with --method {args.method}")
+        cfg = dataclasses.replace(base, **overrides)
+        if cfg.method == "mae":
+            cfg = dataclasses.replace(cfg, window=cfg.grid)
         cfg.validate()
     except (OSError, ValueError) as err:
         parser.error(str(err))

@@ -1,5 +1,6 @@
 //! CPU reference ops at the shapes of one vit_tiny block at batch 32 (S = 128 windows of
-//! T = 50 tokens), and a whole training step of the `tiny` preset. Criterion's "elem/s"
+//! T = 50 tokens), MAE's decoder attention at 224 and batch 8 (T = 197, 16 heads of 32),
+//! and a whole training step of the `tiny` preset. Criterion's "elem/s"
 //! is FLOP/s for the products and attention, values per second for GELU and LayerNorm.
 //! Run: `cargo bench --bench cpu_ops`
 
@@ -9,6 +10,7 @@ use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use lomar::backend::{AdamWStep, Backend};
 use lomar::config::preset;
 use lomar::cpu::ops::attention::{self, RelativeIndex};
+use lomar::cpu::ops::global_attention;
 use lomar::cpu::ops::{gelu, layernorm, linear};
 use lomar::cpu::CpuBackend;
 use lomar::data::batch::{Batch, Pixels};
@@ -107,6 +109,31 @@ fn block_ops(c: &mut Criterion) {
     g.finish();
 }
 
+fn mae_decoder_attention(c: &mut Criterion) {
+    let (seqs, tokens, width, heads) = (8, 197, 512, 16);
+    let mut g = c.benchmark_group("mae_decoder_attention_224_b8");
+    g.sample_size(10).measurement_time(Duration::from_secs(3));
+    let qkv = filled(seqs * tokens * 3 * width);
+    let (mut out, mut lse) = (filled(seqs * tokens * width), filled(seqs * heads * tokens));
+    // As for the windowed attention: 4·T²·D per sequence forward, twice that backward
+    // (the backward's recomputation of q·kᵀ not counted).
+    let flops = 4 * seqs * tokens * tokens * width;
+    g.throughput(Throughput::Elements(flops as u64));
+    g.bench_function("global_attention_forward", |bench| {
+        bench.iter(|| {
+            global_attention::global_attention_forward(&mut out, &mut lse, &qkv, tokens, heads)
+        })
+    });
+    let mut dqkv = filled(qkv.len());
+    g.throughput(Throughput::Elements(2 * flops as u64));
+    g.bench_function("global_attention_backward", |bench| {
+        bench.iter(|| {
+            global_attention::global_attention_backward(&mut dqkv, &out, &qkv, &lse, tokens, heads)
+        })
+    });
+    g.finish();
+}
+
 fn tiny_step(c: &mut Criterion) {
     let m = preset("tiny").unwrap();
     let mut backend = CpuBackend::new(&m, ParamLayout::new(&m).init(0)).unwrap();
@@ -143,5 +170,5 @@ fn tiny_step(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, block_ops, tiny_step);
+criterion_group!(benches, block_ops, mae_decoder_attention, tiny_step);
 criterion_main!(benches);

@@ -1,10 +1,12 @@
-"""Check a `lomar export` file against timm's BEiT (needs torch and timm; CI does not run it).
+"""Check a `lomar export` file against timm's BEiT, or for an MAE export (`timm_vit_kwargs`
+in its metadata) against timm's VisionTransformer (needs torch and timm; CI does not run it).
 
     python scripts/timm_check.py ENCODER.safetensors \
         [--checkpoint CKPT.safetensors] [--batch BATCH.safetensors --features FEATS.safetensors]
 
-1. Builds `timm.models.beit.Beit(**kwargs)` from the kwargs stored in the export and loads
-   the state dict strictly: prints the missing and unexpected keys (both must be empty).
+1. Builds `timm.models.beit.Beit(**kwargs)` (or `VisionTransformer(**kwargs)`) from the
+   kwargs stored in the export and loads the state dict strictly: prints the missing and
+   unexpected keys (both must be empty).
 2. With --checkpoint: every exported relative bias table must equal timm's own
    `resize_rel_pos_bias_table_simple` applied to the checkpoint's window table.
 3. With --batch and --features: timm's pooled features of the batch images must equal
@@ -21,6 +23,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from timm.layers.pos_embed_rel import resize_rel_pos_bias_table_simple
 from timm.models.beit import Beit
+from timm.models.vision_transformer import VisionTransformer
 
 
 def main() -> int:
@@ -32,9 +35,13 @@ def main() -> int:
     args = ap.parse_args()
 
     with safe_open(args.encoder, "pt") as f:
-        kwargs = json.loads(f.metadata()["timm_beit_kwargs"])
-    print(f"Beit(**{kwargs})")
-    model = Beit(**kwargs).eval()
+        metadata = f.metadata()
+    if "timm_vit_kwargs" in metadata:
+        kwargs, build = json.loads(metadata["timm_vit_kwargs"]), VisionTransformer
+    else:
+        kwargs, build = json.loads(metadata["timm_beit_kwargs"]), Beit
+    print(f"{build.__name__}(**{kwargs})")
+    model = build(**kwargs).eval()
     state = load_file(args.encoder)
     result = model.load_state_dict(state, strict=False)
     print(f"missing keys: {result.missing_keys}")

@@ -4,6 +4,7 @@
 use anyhow::Result;
 
 use crate::data::batch::Batch;
+use crate::dist::Collective;
 use crate::params::ParamLayout;
 
 /// `--precision`: what the CUDA backend stores activations and matrix-product operands
@@ -70,6 +71,16 @@ pub trait Backend {
     fn grads(&mut self) -> Result<Vec<f32>>;
     fn moments(&mut self) -> Result<Moments>;
     fn set_moments(&mut self, moments: &Moments) -> Result<()>;
+
+    /// Replaces the accumulated gradients by their fp32 mean over the ranks of `comm`
+    /// (data-parallel training). A backend that cannot take part says so.
+    fn average_grads(&mut self, comm: &mut dyn Collective) -> Result<()> {
+        let _ = comm;
+        anyhow::bail!(
+            "{} cannot average gradients across ranks (data-parallel runs need the CPU or CUDA backend)",
+            self.device_name()
+        )
+    }
 
     /// Waits for all queued work, so host clocks time finished work. The CPU backend
     /// computes synchronously.

@@ -6,6 +6,7 @@
 //! - `data`: images (embedded or a folder), the window/mask sampler, batches;
 //! - `backend` with `cpu` and `cuda`: gather/embed → blocks → head → loss → backward;
 //! - `train`: the loop, the optimiser's schedule, metrics; `bench`: timing it;
+//! - `dist`: data parallel across processes (launchers, rendezvous, gradient averaging);
 //! - `io`: the file formats (tensors, batches, checkpoints, pretrained weights);
 //! - `eval`: export to timm, features, probes, figures;
 //! - `cli`: the `lomar` commands.
@@ -21,6 +22,7 @@ pub mod cuda;
 pub mod device;
 
 pub mod bench;
+pub mod dist;
 pub mod train;
 
 pub mod io;

@@ -2,7 +2,9 @@
 //!
 //! [`ParamLayout::new`] is the only place that lists the parameters. Offsets, shapes,
 //! the initialisation, the weight-decay mask, checkpoint names and the per-block views the
-//! backends compute with all derive from it. Names follow timm's BEiT.
+//! backends compute with all derive from it. LoMaR's names follow timm's BEiT; MAE's are
+//! the official MAE state-dict names, so its checkpoints map tensor for tensor (its
+//! sin-cos position embeddings are fixed and computed, not parameters).
 
 use std::collections::HashMap;
 use std::ops::Range;
@@ -10,7 +12,7 @@ use std::ops::Range;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use crate::config::ModelConfig;
+use crate::config::{ModelConfig, MLP_RATIO};
 
 /// How a tensor is initialised (docs/DESIGN.md §1.4).
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -57,7 +59,7 @@ pub struct BlockRanges {
     /// `[3D, D]`, rows ordered q, k, v; head `i` owns rows `i*d..(i+1)*d` of each.
     pub qkv_w: Range<usize>,
     pub qkv_b: Range<usize>,
-    /// `[(2K-1)²+3, h]`.
+    /// `[(2K-1)²+3, h]`; empty in MAE's blocks, which have no relative bias.
     pub rel_bias: Range<usize>,
     pub proj_w: Range<usize>,
     pub proj_b: Range<usize>,
@@ -76,13 +78,30 @@ pub struct ModelRanges {
     pub patch_w: Range<usize>,
     pub patch_b: Range<usize>,
     pub cls_token: Range<usize>,
+    /// `[D]` for LoMaR, where it replaces masked patches at the encoder's input; `[Dd]`
+    /// for MAE, where it does so at the decoder's.
     pub mask_token: Range<usize>,
     pub blocks: Vec<BlockRanges>,
     pub norm_w: Range<usize>,
     pub norm_b: Range<usize>,
-    /// `[3p², D]`, outputs in `(y, x, c)` order.
+    /// MAE's decoder; `None` for LoMaR.
+    pub decoder: Option<DecoderRanges>,
+    /// `[3p², D]` (LoMaR's `head`) or `[3p², Dd]` (MAE's `decoder_pred`), outputs in
+    /// `(y, x, c)` order.
     pub head_w: Range<usize>,
     pub head_b: Range<usize>,
+}
+
+/// Where MAE's decoder lives in the flat buffer (its mask token and `decoder_pred` are
+/// [`ModelRanges::mask_token`] and [`ModelRanges::head_w`]).
+#[derive(Clone, Debug)]
+pub struct DecoderRanges {
+    /// `[Dd, D]`.
+    pub embed_w: Range<usize>,
+    pub embed_b: Range<usize>,
+    pub blocks: Vec<BlockRanges>,
+    pub norm_w: Range<usize>,
+    pub norm_b: Range<usize>,
 }
 
 /// The ordered table of every parameter, and the ranges the backends compute with.
@@ -115,15 +134,74 @@ impl Table {
         self.entries.push(entry);
         range
     }
+
+    /// One pre-norm block of width `d` named `prefix.*`, with a relative bias table of
+    /// `(rows, heads)` or none (MAE).
+    fn push_block(
+        &mut self,
+        prefix: &str,
+        d: usize,
+        rel_bias: Option<(usize, usize)>,
+    ) -> BlockRanges {
+        let hidden = d * MLP_RATIO;
+        let name = |s: &str| format!("{prefix}.{s}");
+        let norm1_w = self.push(&name("norm1.weight"), &[d], Init::Ones, false);
+        let norm1_b = self.push(&name("norm1.bias"), &[d], Init::Zeros, false);
+        let qkv_w = self.push(
+            &name("attn.qkv.weight"),
+            &[3 * d, d],
+            xavier(3 * d, d),
+            true,
+        );
+        let qkv_b = self.push(&name("attn.qkv.bias"), &[3 * d], Init::Zeros, false);
+        let rel_bias = match rel_bias {
+            Some((rows, heads)) => self.push(
+                &name("attn.relative_position_bias_table"),
+                &[rows, heads],
+                Init::Zeros,
+                false,
+            ),
+            None => self.total..self.total,
+        };
+        BlockRanges {
+            norm1_w,
+            norm1_b,
+            qkv_w,
+            qkv_b,
+            rel_bias,
+            proj_w: self.push(&name("attn.proj.weight"), &[d, d], xavier(d, d), true),
+            proj_b: self.push(&name("attn.proj.bias"), &[d], Init::Zeros, false),
+            norm2_w: self.push(&name("norm2.weight"), &[d], Init::Ones, false),
+            norm2_b: self.push(&name("norm2.bias"), &[d], Init::Zeros, false),
+            fc1_w: self.push(
+                &name("mlp.fc1.weight"),
+                &[hidden, d],
+                xavier(hidden, d),
+                true,
+            ),
+            fc1_b: self.push(&name("mlp.fc1.bias"), &[hidden], Init::Zeros, false),
+            fc2_w: self.push(
+                &name("mlp.fc2.weight"),
+                &[d, hidden],
+                xavier(d, hidden),
+                true,
+            ),
+            fc2_b: self.push(&name("mlp.fc2.bias"), &[d], Init::Zeros, false),
+        }
+    }
+}
+
+/// [`Init::XavierUniform`] over a weight viewed as `[fan_out, fan_in]`.
+fn xavier(fan_out: usize, fan_in: usize) -> Init {
+    Init::XavierUniform { fan_in, fan_out }
 }
 
 impl ParamLayout {
-    /// The timm/BEiT names, shapes, initialisers and decay flags, in buffer order; each
-    /// name is written once, here.
+    /// The names, shapes, initialisers and decay flags, in buffer order; each name is
+    /// written once, here.
     pub fn new(m: &ModelConfig) -> Self {
-        let (d, p, hidden, pd) = (m.width, m.patch, m.hidden(), m.patch_dim());
+        let (d, p, pd) = (m.width, m.patch, m.patch_dim());
         let mut t = Table::default();
-        let xavier = |fan_out, fan_in| Init::XavierUniform { fan_in, fan_out };
         let patch_w = t.push(
             "patch_embed.proj.weight",
             &[d, 3, p, p],
@@ -132,38 +210,67 @@ impl ParamLayout {
         );
         let patch_b = t.push("patch_embed.proj.bias", &[d], Init::Zeros, false);
         let cls_token = t.push("cls_token", &[1, 1, d], Init::Normal(0.02), false);
-        let mask_token = t.push("mask_token", &[1, 1, d], Init::Normal(0.02), false);
-        let blocks = (0..m.depth)
-            .map(|i| {
-                let mut push = |s: &str, shape: &[usize], init, decay| {
-                    t.push(&format!("blocks.{i}.{s}"), shape, init, decay)
-                };
-                BlockRanges {
-                    norm1_w: push("norm1.weight", &[d], Init::Ones, false),
-                    norm1_b: push("norm1.bias", &[d], Init::Zeros, false),
-                    qkv_w: push("attn.qkv.weight", &[3 * d, d], xavier(3 * d, d), true),
-                    qkv_b: push("attn.qkv.bias", &[3 * d], Init::Zeros, false),
-                    rel_bias: push(
-                        "attn.relative_position_bias_table",
-                        &[m.rel_bias_rows(), m.heads],
-                        Init::Zeros,
-                        false,
-                    ),
-                    proj_w: push("attn.proj.weight", &[d, d], xavier(d, d), true),
-                    proj_b: push("attn.proj.bias", &[d], Init::Zeros, false),
-                    norm2_w: push("norm2.weight", &[d], Init::Ones, false),
-                    norm2_b: push("norm2.bias", &[d], Init::Zeros, false),
-                    fc1_w: push("mlp.fc1.weight", &[hidden, d], xavier(hidden, d), true),
-                    fc1_b: push("mlp.fc1.bias", &[hidden], Init::Zeros, false),
-                    fc2_w: push("mlp.fc2.weight", &[d, hidden], xavier(d, hidden), true),
-                    fc2_b: push("mlp.fc2.bias", &[d], Init::Zeros, false),
+        let ranges = match m.decoder {
+            None => {
+                let mask_token = t.push("mask_token", &[1, 1, d], Init::Normal(0.02), false);
+                let rel_bias = Some((m.rel_bias_rows(), m.heads));
+                let blocks = (0..m.depth)
+                    .map(|i| t.push_block(&format!("blocks.{i}"), d, rel_bias))
+                    .collect();
+                let norm_w = t.push("norm.weight", &[d], Init::Ones, false);
+                let norm_b = t.push("norm.bias", &[d], Init::Zeros, false);
+                let head_w = t.push("head.weight", &[pd, d], xavier(pd, d), true);
+                let head_b = t.push("head.bias", &[pd], Init::Zeros, false);
+                ModelRanges {
+                    patch_w,
+                    patch_b,
+                    cls_token,
+                    mask_token,
+                    blocks,
+                    norm_w,
+                    norm_b,
+                    decoder: None,
+                    head_w,
+                    head_b,
                 }
-            })
-            .collect();
-        let norm_w = t.push("norm.weight", &[d], Init::Ones, false);
-        let norm_b = t.push("norm.bias", &[d], Init::Zeros, false);
-        let head_w = t.push("head.weight", &[pd, d], xavier(pd, d), true);
-        let head_b = t.push("head.bias", &[pd], Init::Zeros, false);
+            }
+            Some(dec) => {
+                let dd = dec.width;
+                let blocks = (0..m.depth)
+                    .map(|i| t.push_block(&format!("blocks.{i}"), d, None))
+                    .collect();
+                let norm_w = t.push("norm.weight", &[d], Init::Ones, false);
+                let norm_b = t.push("norm.bias", &[d], Init::Zeros, false);
+                let embed_w = t.push("decoder_embed.weight", &[dd, d], xavier(dd, d), true);
+                let embed_b = t.push("decoder_embed.bias", &[dd], Init::Zeros, false);
+                let mask_token = t.push("mask_token", &[1, 1, dd], Init::Normal(0.02), false);
+                let dec_blocks = (0..dec.depth)
+                    .map(|i| t.push_block(&format!("decoder_blocks.{i}"), dd, None))
+                    .collect();
+                let dec_norm_w = t.push("decoder_norm.weight", &[dd], Init::Ones, false);
+                let dec_norm_b = t.push("decoder_norm.bias", &[dd], Init::Zeros, false);
+                let head_w = t.push("decoder_pred.weight", &[pd, dd], xavier(pd, dd), true);
+                let head_b = t.push("decoder_pred.bias", &[pd], Init::Zeros, false);
+                ModelRanges {
+                    patch_w,
+                    patch_b,
+                    cls_token,
+                    mask_token,
+                    blocks,
+                    norm_w,
+                    norm_b,
+                    decoder: Some(DecoderRanges {
+                        embed_w,
+                        embed_b,
+                        blocks: dec_blocks,
+                        norm_w: dec_norm_w,
+                        norm_b: dec_norm_b,
+                    }),
+                    head_w,
+                    head_b,
+                }
+            }
+        };
         let by_name = t
             .entries
             .iter()
@@ -174,17 +281,7 @@ impl ParamLayout {
             entries: t.entries,
             by_name,
             total: t.total,
-            ranges: ModelRanges {
-                patch_w,
-                patch_b,
-                cls_token,
-                mask_token,
-                blocks,
-                norm_w,
-                norm_b,
-                head_w,
-                head_b,
-            },
+            ranges,
         }
     }
 
@@ -281,6 +378,36 @@ mod tests {
             "{}",
             layout.total()
         );
+    }
+
+    #[test]
+    fn mae_base_has_the_official_names_and_count() {
+        let layout = ParamLayout::new(&preset("mae_base").unwrap());
+        // The official mae_vit_base_patch16 holds 111,907,840 values, of which its two
+        // fixed position embeddings are 197·768 + 197·512 = 252,160.
+        assert_eq!(layout.total(), 111_907_840 - 252_160);
+        for (name, shape) in [
+            ("patch_embed.proj.weight", &[768, 3, 16, 16][..]),
+            ("cls_token", &[1, 1, 768]),
+            ("blocks.11.attn.qkv.weight", &[2304, 768]),
+            ("norm.bias", &[768]),
+            ("decoder_embed.weight", &[512, 768]),
+            ("mask_token", &[1, 1, 512]),
+            ("decoder_blocks.7.mlp.fc2.weight", &[512, 2048]),
+            ("decoder_norm.weight", &[512]),
+            ("decoder_pred.weight", &[768, 512]),
+            ("decoder_pred.bias", &[768]),
+        ] {
+            assert_eq!(layout.get(name).unwrap().shape, shape, "{name}");
+        }
+        assert!(layout.entries().iter().all(|e| !e.name.contains("relative")
+            && !e.name.starts_with("head")
+            && !e.name.contains("pos_embed")));
+        let r = layout.ranges();
+        assert!(r.blocks.iter().all(|b| b.rel_bias.is_empty()));
+        let dec = r.decoder.as_ref().unwrap();
+        assert_eq!(dec.blocks.len(), 8);
+        assert_eq!(r.head_w, layout.get("decoder_pred.weight").unwrap().range());
     }
 
     #[test]

@@ -9,7 +9,6 @@ mod attention_reference;
 mod common;
 
 use anyhow::{Context, Result};
-use cudarc::driver::sys::CUevent_flags;
 use cudarc::driver::CudaSlice;
 use half::bf16;
 use rand::{Rng, SeedableRng};
@@ -381,7 +380,6 @@ fn vit_base_benchmark() -> Result<()> {
         return Ok(());
     };
     let sh = shape(7, 64, 12, 1024);
-    let st = gpu.0.stream();
     let (t, width) = (sh.tokens(), sh.width());
     let mut rng = ChaCha8Rng::seed_from_u64(7);
     let mut random = |n: usize| -> Vec<bf16> {
@@ -394,29 +392,7 @@ fn vit_base_benchmark() -> Result<()> {
     let zeros = vec![0.0f32; sh.table_rows() * sh.heads];
     let bufs = Buffers::new(&gpu.0, sh, &qkv, &zeros, &dout, &zeros)?;
     let (reps, timings) = (20, 7);
-    // Median µs per call of `f`, after one untimed call.
-    let timed = |f: &mut dyn FnMut() -> Result<()>| -> Result<f64> {
-        f()?;
-        let mut samples = Vec::new();
-        for _ in 0..timings {
-            let start = gpu
-                .0
-                .ctx()
-                .new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
-            let end = gpu
-                .0
-                .ctx()
-                .new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
-            start.record(st)?;
-            for _ in 0..reps {
-                f()?;
-            }
-            end.record(st)?;
-            samples.push(start.elapsed_ms(&end)? as f64 * 1e3 / reps as f64);
-        }
-        samples.sort_by(f64::total_cmp);
-        Ok(samples[timings / 2])
-    };
+    let timed = |f: &mut dyn FnMut() -> Result<()>| common::median_us(&gpu.0, reps, timings, f);
     let e = 2.0;
     let rows = (sh.seqs * t) as f64;
     let lse_bytes = rows * sh.heads as f64 * 4.0;

@@ -8,7 +8,7 @@ mod common;
 
 use common::{gpu_or_skip, rng, sample_batch, Report};
 use lomar::backend::{AdamWStep, Backend, Precision};
-use lomar::config::ModelConfig;
+use lomar::config::{Method, ModelConfig};
 use lomar::cpu::CpuBackend;
 use lomar::cuda::CudaBackend;
 use lomar::data::BatchSource;
@@ -76,6 +76,8 @@ fn models() -> Vec<(&'static str, ModelConfig)> {
         width: 128,
         heads: 2,
         norm_pix: true,
+        method: Method::Lomar,
+        decoder: None,
     };
     vec![("tiny d32", tiny()), ("p16 d64", p16)]
 }

@@ -9,8 +9,11 @@
 //! launches `lomar::cuda::attention::plan` picks for an H100, on small shapes covering the
 //! fast and the general kernels, and are compared with the CPU op: bf16 within 2e-2, f32
 //! within 1e-5 (max-abs difference over max-abs value), as tests/cuda_attention.rs does on
-//! a GPU. Mutants of the kernel source (a barrier removed, a fragment index swapped, a
-//! cp.async wait removed) must fail: the test proves it can.
+//! a GPU. The global attention kernels (MAE's) run forward and backward with the launches
+//! `lomar::cuda::global_attention::plan` picks, for T from 1 to 197, against
+//! `cpu::ops::global_attention` with the same tolerances. Mutants of the kernel sources (a
+//! barrier removed, a fragment index swapped, a cp.async wait removed, a mask or the online
+//! softmax's rescale dropped) must fail: the tests prove they can.
 
 mod attention_reference;
 
@@ -20,7 +23,11 @@ use std::process::{Command, Output};
 use std::sync::OnceLock;
 
 use half::bf16;
+use lomar::cpu::ops::global_attention::{global_attention_backward, global_attention_forward};
 use lomar::cuda::attention::{plan, plan_finish, AttnShape, AttnTuning, DeviceLimits, Pass};
+use lomar::cuda::global_attention::{plan as global_plan, GlobalAttnShape};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
 
 use attention_reference::{Errors, Inputs, Outputs};
 
@@ -374,6 +381,30 @@ fn general_attention_kernels_match_the_cpu_op() {
     }
 }
 
+/// Asserts that the mutant `name` was caught, and says how: its driver failed (a race
+/// ThreadSanitizer saw, or one of the shim's own checks), or `judge` (within tolerance?,
+/// the errors shown) finds its outputs out of tolerance.
+fn expect_caught<R>(
+    name: &str,
+    outcome: Result<R, String>,
+    judge: impl FnOnce(&R) -> (bool, String),
+) {
+    match outcome {
+        Err(failure) => {
+            let first = failure
+                .lines()
+                .find(|l| l.contains("WARNING: ThreadSanitizer") || l.starts_with("emu:"))
+                .unwrap_or("the driver failed");
+            println!("{name}: caught: {first}");
+        }
+        Ok(result) => {
+            let (within, shown) = judge(&result);
+            assert!(!within, "{name}: the mutant passed ({shown})");
+            println!("{name}: caught: {shown}");
+        }
+    }
+}
+
 /// A copy of `kernels/` with `find` (which must occur exactly once in `file`) replaced.
 fn mutant(name: &str, file: &str, find: &str, replace: &str) -> PathBuf {
     let dir = scratch().join(format!("mutant-{name}"));
@@ -430,23 +461,237 @@ fn planted_bugs_are_caught() {
         let kernels = mutant(name, file, find, replace);
         let exe = compile(&kernels, kernels.parent().unwrap(), "attention_driver");
         let dir = kernels.parent().unwrap().join("case");
-        match vit_like().run::<Bf16>(&exe, &dir) {
-            Err(failure) => {
-                let first = failure
-                    .lines()
-                    .find(|l| l.contains("WARNING: ThreadSanitizer") || l.starts_with("emu:"))
-                    .unwrap_or("the driver failed");
-                println!("{name}: caught: {first}");
-            }
-            Ok((_, errors)) => {
-                assert!(
-                    !within::<Bf16>(&errors),
-                    "{name}: the mutant passed ({})",
-                    show(&errors)
-                );
-                println!("{name}: caught: {}", show(&errors));
+        expect_caught(name, vit_like().run::<Bf16>(&exe, &dir), |(_, errors)| {
+            (within::<Bf16>(errors), show(errors))
+        });
+    }
+}
+
+/// Each output tensor's error against the CPU op.
+type GlobalErrors = Vec<(&'static str, f64)>;
+
+/// One global attention case (kernels/global_attention.cu): shape and input seed.
+struct GlobalCase {
+    shape: GlobalAttnShape,
+    seed: u64,
+}
+
+impl GlobalCase {
+    fn new(tokens: usize, head_dim: usize, heads: usize, seqs: usize, seed: u64) -> GlobalCase {
+        GlobalCase {
+            shape: GlobalAttnShape {
+                seqs,
+                tokens,
+                heads,
+                head_dim,
+            },
+            seed,
+        }
+    }
+
+    /// Runs forward and backward with `driver` in `dir` with the launches `plan` picks for
+    /// an H100, and compares out, lse and dqkv with the CPU op in f64 on the same (rounded)
+    /// inputs: Ok(errors) when the driver exited cleanly, Err(its output) when it failed.
+    fn run<E: Elem>(&self, driver: &Path, dir: &Path) -> Result<(String, GlobalErrors), String> {
+        fs::create_dir_all(dir).unwrap();
+        let sh = self.shape;
+        let mut rng = ChaCha8Rng::seed_from_u64(self.seed);
+        let mut draw = |n: usize, scale: f64| -> Vec<f64> {
+            (0..n)
+                .map(|_| E::round(rng.gen_range(-scale..scale)))
+                .collect()
+        };
+        let rows = sh.seqs * sh.tokens;
+        // Logits of a few units: the softmax is far from uniform.
+        let qkv = draw(rows * 3 * sh.width(), 2.0);
+        let dout = draw(rows * sh.width(), 1.0);
+        let device = DeviceLimits::HOPPER;
+        let mut launch = format!(
+            "{} {} {} {} {}\n",
+            sh.seqs,
+            sh.tokens,
+            sh.heads,
+            sh.head_dim,
+            E::NAME
+        );
+        let mut names = Vec::new();
+        for pass in [Pass::Forward, Pass::Backward] {
+            for l in global_plan(pass, &sh, E::NAME, &device).unwrap() {
+                let (x, y, b, s) = (l.grid.0, l.grid.1, l.block, l.smem);
+                launch += &format!("{} {x} {y} 1 {b} {s}\n", l.kernel);
+                names.push(format!("{} (grid {:?})", l.kernel, l.grid));
             }
         }
+        fs::write(dir.join("launch.txt"), launch).unwrap();
+        fs::write(dir.join("qkv.bin"), E::bytes(&qkv)).unwrap();
+        fs::write(dir.join("dout.bin"), E::bytes(&dout)).unwrap();
+        let label = format!(
+            "{} T={} d={} h={} S={}: {}",
+            E::NAME,
+            sh.tokens,
+            sh.head_dim,
+            sh.heads,
+            sh.seqs,
+            names.join(" + ")
+        );
+
+        let (mut out, mut lse) = (vec![0.0; rows * sh.width()], vec![0.0; rows * sh.heads]);
+        global_attention_forward(&mut out, &mut lse, &qkv, sh.tokens, sh.heads);
+        let mut dqkv = vec![0.0; qkv.len()];
+        global_attention_backward(&mut dqkv, &dout, &qkv, &lse, sh.tokens, sh.heads);
+
+        let result = run(driver, &[dir]);
+        if !result.status.success() {
+            return Err(format!("{label}\n{}", describe(&result)));
+        }
+        let read = |name: &str| fs::read(dir.join(name)).unwrap();
+        let got_dqkv = E::values(&read("dqkv.bin"));
+        let mut errors = vec![
+            ("out", max_relative(&E::values(&read("out.bin")), &out)),
+            ("lse", max_relative(&F32::values(&read("lse.bin")), &lse)),
+        ];
+        // dq, dk and dv apart: each third of every row.
+        let width = sh.width();
+        for (part, name) in ["dq", "dk", "dv"].into_iter().enumerate() {
+            let third = |v: &[f64]| -> Vec<f64> {
+                v.chunks(3 * width)
+                    .flat_map(|row| row[part * width..][..width].to_vec())
+                    .collect()
+            };
+            errors.push((name, max_relative(&third(&got_dqkv), &third(&dqkv))));
+        }
+        Ok((label, errors))
+    }
+}
+
+/// max|got - want| / max|want| (the absolute error where `want` is all zero, as dq and dk
+/// are for T = 1); infinite when a value is not finite.
+fn max_relative(got: &[f64], want: &[f64]) -> f64 {
+    assert_eq!(got.len(), want.len());
+    let scale = want.iter().fold(0.0f64, |m, w| m.max(w.abs()));
+    let err = got.iter().zip(want).fold(0.0f64, |m, (g, w)| {
+        if g.is_finite() {
+            m.max((g - w).abs())
+        } else {
+            f64::INFINITY
+        }
+    });
+    if scale > 0.0 {
+        err / scale
+    } else {
+        err
+    }
+}
+
+fn global_within(errors: &[(&str, f64)], tolerance: f64) -> bool {
+    errors.iter().all(|&(_, e)| e <= tolerance)
+}
+
+fn show_global(errors: &[(&str, f64)]) -> String {
+    errors
+        .iter()
+        .map(|(name, e)| format!("{name} {e:.2e}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The global attention driver built from the repository's kernels, once per test binary.
+fn global_driver() -> &'static Path {
+    static DRIVER: OnceLock<PathBuf> = OnceLock::new();
+    DRIVER.get_or_init(|| {
+        let dir = scratch();
+        fs::create_dir_all(&dir).unwrap();
+        compile(&repo().join("kernels"), &dir, "global_attention_driver")
+    })
+}
+
+/// Every T of MAE's that the emulation runs in reasonable time (T = 785 takes minutes under
+/// ThreadSanitizer): one token, ragged and whole tiles of 64, the encoder's 50 at 224 and the
+/// decoder's 197; head dims 32 and 64, and 80 and 128 once.
+#[test]
+fn global_attention_kernels_match_the_cpu_op() {
+    let bf16_cases = [
+        GlobalCase::new(1, 32, 2, 2, 11),
+        GlobalCase::new(17, 64, 2, 2, 12),
+        GlobalCase::new(50, 64, 1, 2, 13),
+        GlobalCase::new(64, 32, 2, 1, 14),
+        GlobalCase::new(65, 64, 1, 1, 15),
+        GlobalCase::new(65, 80, 1, 1, 16),
+        GlobalCase::new(17, 128, 1, 1, 17),
+        GlobalCase::new(197, 32, 1, 1, 18),
+    ];
+    let f32_cases = [
+        GlobalCase::new(1, 64, 1, 2, 21),
+        GlobalCase::new(50, 32, 2, 1, 22),
+        GlobalCase::new(130, 64, 1, 1, 23),
+        GlobalCase::new(197, 32, 1, 1, 24),
+    ];
+    let mut failures = Vec::new();
+    for (i, case) in bf16_cases.iter().enumerate() {
+        let dir = scratch().join(format!("global-bf16-{i}"));
+        let (label, errors) = case
+            .run::<Bf16>(global_driver(), &dir)
+            .unwrap_or_else(|e| panic!("{e}"));
+        println!("{label}: {}", show_global(&errors));
+        if !global_within(&errors, Bf16::TOLERANCE) {
+            failures.push(label);
+        }
+    }
+    for (i, case) in f32_cases.iter().enumerate() {
+        let dir = scratch().join(format!("global-f32-{i}"));
+        let (label, errors) = case
+            .run::<F32>(global_driver(), &dir)
+            .unwrap_or_else(|e| panic!("{e}"));
+        println!("{label}: {}", show_global(&errors));
+        if !global_within(&errors, F32::TOLERANCE) {
+            failures.push(label);
+        }
+    }
+    assert!(failures.is_empty(), "off: {failures:#?}");
+}
+
+#[test]
+fn planted_bugs_in_the_global_attention_are_caught() {
+    let mutations = [
+        (
+            "stage-barrier-removed",
+            "        cp_async_wait<0>();\n        // Tile t has landed for every thread, and every thread is done with tile t-1,\n        // whose stage the copies of tile t+1 now overwrite.\n        __syncthreads();",
+            "        cp_async_wait<0>();",
+        ),
+        (
+            "cp-async-wait-removed",
+            "        cp_async_wait<0>();\n        // Tile t has landed",
+            "        // Tile t has landed",
+        ),
+        (
+            "ragged-keys-unmasked",
+            "return key < tokens ? s * scale : -INFINITY;",
+            "return s * scale;",
+        ),
+        (
+            "online-rescale-dropped",
+            "for (int i = 0; i < 4; ++i) o[nt][i] *= rescale[i / 2];",
+            "for (int i = 0; i < 4; ++i) o[nt][i] *= 1.0f;",
+        ),
+    ];
+    // Two tiles of keys, the second ragged.
+    let case = GlobalCase::new(100, 32, 1, 1, 31);
+    for (name, find, replace) in mutations {
+        let kernels = mutant(
+            &format!("global-{name}"),
+            "global_attention.cu",
+            find,
+            replace,
+        );
+        let exe = compile(
+            &kernels,
+            kernels.parent().unwrap(),
+            "global_attention_driver",
+        );
+        let dir = kernels.parent().unwrap().join("case");
+        expect_caught(name, case.run::<Bf16>(&exe, &dir), |(_, errors)| {
+            (global_within(errors, Bf16::TOLERANCE), show_global(errors))
+        });
     }
 }
 

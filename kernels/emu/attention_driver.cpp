@@ -10,11 +10,7 @@
 //   finish   NAME grid.x block.x producers
 // and DIR/{qkv,table,dout,dtable}.bin the inputs (elem or f32, little-endian). Writes
 // DIR/{out,lse,dqkv,dtable_out}.bin. Outputs start as NaN so anything unwritten shows.
-#include <dlfcn.h>
-
-#include <fstream>
-#include <string>
-
+#include "driver_files.h"
 #include "attention.cu"
 
 namespace {
@@ -23,33 +19,6 @@ struct Launch {
     std::string name;
     unsigned gx = 1, gy = 1, block = 1, smem = 0;
 };
-
-[[noreturn]] void die(const std::string& what) {
-    std::fprintf(stderr, "attention_driver: %s\n", what.c_str());
-    std::exit(2);
-}
-
-template <typename T>
-std::vector<T> read(const std::string& path, size_t count) {
-    std::vector<T> v(count);
-    std::ifstream f(path, std::ios::binary);
-    if (!f.read(reinterpret_cast<char*>(v.data()), count * sizeof(T)) || f.peek() != EOF)
-        die(path + ": not " + std::to_string(count) + " values");
-    return v;
-}
-
-template <typename T>
-void write(const std::string& path, const std::vector<T>& v) {
-    std::ofstream f(path, std::ios::binary);
-    if (!f.write(reinterpret_cast<const char*>(v.data()), v.size() * sizeof(T))) die("writing " + path);
-}
-
-template <typename Fn>
-Fn* kernel(const std::string& name) {
-    void* f = dlsym(RTLD_DEFAULT, name.c_str());
-    if (f == nullptr) die("no kernel " + name + " (built with -rdynamic?)");
-    return reinterpret_cast<Fn*>(f);
-}
 
 template <typename E>
 void run(const std::string& dir, int seqs, int window, int heads, int head_dim, const Launch& fwd,

@@ -23,6 +23,7 @@ use crate::data::loader::{self, LoaderSpeed};
 use crate::data::prefetch::Batches;
 use crate::data::shards::Part;
 use crate::data::{open_dataset, BatchSource, DataArgs, DEFAULT_SHUFFLE_BUFFER};
+use crate::dist::Collective;
 
 /// What to time.
 #[derive(Clone, Debug)]
@@ -82,6 +83,10 @@ pub struct PhaseMedians {
     pub forward_backward_ms: f64,
     pub grad_norm_ms: f64,
     pub optimizer_ms: f64,
+    /// The gradient average over the ranks, when the step had one (data parallel, or
+    /// `--nccl` on one GPU).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub all_reduce_ms: Option<f64>,
 }
 
 /// Everything `lomar bench` reports; `--json` writes it as is.
@@ -112,14 +117,19 @@ pub struct BenchReport {
     /// steady state.
     pub loader: Option<LoaderSpeed>,
     pub peak_memory_bytes: Option<u64>,
+    /// Trainable scalars, each with an fp32 gradient.
+    pub gradients: usize,
 }
 
 /// Runs the plan on `backend` with the settings of `config`, on the images `data` names.
+/// With `comm`, every step averages its gradients over `comm`'s ranks after the backward,
+/// as a data-parallel step does, and that average is timed on its own.
 pub fn run(
     backend: &mut dyn Backend,
     config: &Config,
     plan: &BenchPlan,
     data: &DataArgs,
+    mut comm: Option<&mut dyn Collective>,
 ) -> Result<BenchReport> {
     plan.validate()?;
     let (m, t) = (&config.model, &config.train);
@@ -138,6 +148,7 @@ pub fn run(
     let mut fb_ms = Vec::new();
     let mut norm_ms = Vec::new();
     let mut opt_ms = Vec::new();
+    let mut reduce_ms = Vec::new();
     let mut step_ms = Vec::new();
     let mut end_to_end_ms = Vec::new();
     let mut device_ms = Vec::new();
@@ -150,6 +161,11 @@ pub fn run(
         let loss = backend.forward_backward(&batch, 1.0)?;
         backend.synchronize()?;
         let t1 = Instant::now();
+        if let Some(c) = comm.as_deref_mut() {
+            backend.average_grads(c)?;
+            backend.synchronize()?;
+        }
+        let reduced = Instant::now();
         let norm = backend.grad_norm()?;
         let t2 = Instant::now();
         backend.adamw_step(&AdamWStep {
@@ -169,7 +185,8 @@ pub fn run(
         if i >= plan.warmup_steps {
             let ms = |a: Instant, b: Instant| (b - a).as_secs_f64() * 1e3;
             fb_ms.push(ms(t0, t1));
-            norm_ms.push(ms(t1, t2));
+            reduce_ms.push(ms(t1, reduced));
+            norm_ms.push(ms(reduced, t2));
             opt_ms.push(ms(t2, t3));
             step_ms.push(ms(t0, t3));
             end_to_end_ms.push(ms(asked, t3));
@@ -210,6 +227,10 @@ pub fn run(
             forward_backward_ms: Spread::of(&fb_ms)?.median,
             grad_norm_ms: Spread::of(&norm_ms)?.median,
             optimizer_ms: Spread::of(&opt_ms)?.median,
+            all_reduce_ms: match comm {
+                Some(_) => Some(Spread::of(&reduce_ms)?.median),
+                None => None,
+            },
         },
         step_ms: step,
         end_to_end_ms: Spread::of(&end_to_end_ms)?,
@@ -220,6 +241,7 @@ pub fn run(
         input_images_per_s,
         loader,
         peak_memory_bytes: backend.peak_memory_bytes(),
+        gradients: backend.layout().total(),
     })
 }
 
@@ -290,6 +312,15 @@ pub fn summary(r: &BenchReport) -> String {
         r.phases.optimizer_ms,
         r.input_images_per_s,
     );
+    if let Some(ms) = r.phases.all_reduce_ms {
+        let bytes = 4.0 * r.gradients as f64;
+        out += &format!(
+            "all-reduce {ms:.2} ms per step: {:.1} MB of fp32 gradients averaged over {} rank(s), {:.1} GB/s of gradient\n",
+            bytes / 1e6,
+            r.config.train.world,
+            bytes / (ms * 1e-3) / 1e9
+        );
+    }
     if let Some(l) = &r.loader {
         out += &format!(
             "loader    {:.1} images/s alone ({} images, {} threads decoding and augmenting, {} files skipped)\n",

@@ -2,14 +2,17 @@
 
 use std::fs;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::Args;
 
+use super::dist::connect;
 use super::RunArgs;
 use crate::bench;
 use crate::config;
-use crate::device::open_backend;
+use crate::device::{open_backend, Device};
+use crate::dist::{launch, Collective, Fingerprint, Launch};
 use crate::params::ParamLayout;
 
 #[derive(Args, Debug)]
@@ -28,10 +31,22 @@ pub struct BenchArgs {
     /// Also write the whole report as JSON (with the commit and the settings).
     #[arg(long, value_name = "FILE.json")]
     pub json: Option<PathBuf>,
+    /// Average every step's gradients through NCCL even on one GPU, and time it (under a
+    /// launcher with several ranks every step averages anyway).
+    #[arg(long)]
+    pub nccl: bool,
+    /// Data-parallel runs: seconds a rank waits for the others.
+    #[arg(long, default_value_t = 300, value_name = "SECONDS")]
+    pub dist_timeout: u64,
 }
 
 pub(super) fn bench(a: BenchArgs) -> Result<()> {
-    let config = config::resolve(&a.run.model, &a.run.train, None)?;
+    let launch = Launch::from_env()?;
+    if launch.is_distributed() && a.run.device.device != Device::Cpu {
+        launch::bind_gpu(launch.local_rank)?;
+    }
+    let mut config = config::resolve(&a.run.model, &a.run.train, None)?;
+    config.train.world = launch.world;
     let plan = bench::BenchPlan {
         warmup_steps: a.warmup,
         timed_steps: a.timed_steps,
@@ -45,7 +60,27 @@ pub(super) fn bench(a: BenchArgs) -> Result<()> {
         params,
         a.run.device.precision,
     )?;
-    let report = bench::run(backend.as_mut(), &config, &plan, &a.run.data)?;
+    let averaging = launch.is_distributed() || a.nccl;
+    let mut comm = match averaging {
+        true => Some(connect(
+            &launch,
+            Fingerprint::new(&config).map_err(|e| format!("{e:#}")),
+            !backend.computes_on_host(),
+            a.nccl,
+            Duration::from_secs(a.dist_timeout.max(1)),
+        )?),
+        false => None,
+    };
+    let report = bench::run(
+        backend.as_mut(),
+        &config,
+        &plan,
+        &a.run.data,
+        comm.as_mut().map(|c| c.as_mut() as &mut dyn Collective),
+    )?;
+    if launch.rank > 0 {
+        return Ok(());
+    }
     print!("{}", bench::summary(&report));
     if let Some(path) = &a.json {
         let json = serde_json::json!({

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Result};
 use clap::{Args, ValueEnum};
 
+use crate::config::{same_method, Method};
 use crate::cpu::encoder::{Encoder, Pool, View};
 use crate::eval::export::{self as encoder_export, ExportOptions};
 use crate::eval::features::{open_source, Features, Provenance};
@@ -19,7 +20,8 @@ pub struct ExportArgs {
     /// Checkpoint or parameter file to export.
     #[arg(long, value_name = "CKPT")]
     pub checkpoint: PathBuf,
-    /// Output: the encoder's tensors under timm's BEiT names.
+    /// Output: the encoder's tensors under timm's names (BEiT's, or VisionTransformer's for
+    /// MAE).
     #[arg(long, value_name = "ENCODER.safetensors")]
     pub out: PathBuf,
     /// Image side the timm model is built for; the relative bias tables are resized to
@@ -30,6 +32,10 @@ pub struct ExportArgs {
     /// its state dict.
     #[arg(long)]
     pub position_index: bool,
+    /// Refuse the checkpoint unless it holds this method's model (LoMaR exports for
+    /// timm's BEiT, MAE for its VisionTransformer) [default: the checkpoint's]
+    #[arg(long, value_enum)]
+    pub method: Option<Method>,
 }
 
 /// Which images the frozen encoder runs on, and how.
@@ -57,6 +63,10 @@ pub struct EncodeArgs {
     /// Image side in pixels [default: the model's image]
     #[arg(long)]
     pub image: Option<usize>,
+    /// Refuse the checkpoint unless it holds this method's model [default: the
+    /// checkpoint's]
+    #[arg(long, value_enum)]
+    pub method: Option<Method>,
 }
 
 #[derive(Args, Debug)]
@@ -152,6 +162,11 @@ pub struct PlotArgs {
 pub(super) fn export(a: ExportArgs) -> Result<()> {
     let model = Pretrained::open(&a.checkpoint)?;
     let m = &model.config.model;
+    same_method(
+        m.method,
+        a.method,
+        &format!("checkpoint {}", a.checkpoint.display()),
+    )?;
     let image = a.image.unwrap_or(m.image);
     let opts = ExportOptions {
         image,
@@ -159,9 +174,10 @@ pub(super) fn export(a: ExportArgs) -> Result<()> {
     };
     let written = encoder_export::write_encoder(&a.out, m, &model.params, &opts)?;
     println!(
-        "{written} encoder tensors (step {}) written to {} for timm.models.beit.Beit(**{})",
+        "{written} encoder tensors (step {}) written to {} for {}(**{})",
         model.step,
         a.out.display(),
+        encoder_export::timm_class(m).0,
         encoder_export::timm_kwargs(m, image)
     );
     Ok(())
@@ -176,6 +192,11 @@ pub(super) fn flag_value(v: impl ValueEnum) -> String {
 /// The features of `checkpoint`'s encoder on the images `e` names.
 pub(super) fn encode(checkpoint: &Path, e: &EncodeArgs) -> Result<(Features, Provenance)> {
     let model = Pretrained::open(checkpoint)?;
+    same_method(
+        model.config.model.method,
+        e.method,
+        &format!("checkpoint {}", checkpoint.display()),
+    )?;
     let image = e.image.unwrap_or(model.config.model.image);
     let encoder = Encoder::new(&model.config.model, &model.params, image, e.mode, e.pool)?;
     let source = open_source(&e.data, image, e.images, e.data_seed)?;

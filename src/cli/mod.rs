@@ -2,6 +2,7 @@
 //! and its command. The config a command runs with is resolved by `config::resolve`.
 
 mod bench;
+mod dist;
 mod eval;
 mod files;
 mod pretrain;

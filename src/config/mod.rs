@@ -6,11 +6,50 @@
 mod overrides;
 mod presets;
 
-pub use overrides::{resolve, ModelOverrides, TrainOverrides};
-pub use presets::{preset, train_defaults, PRESETS};
+pub use overrides::{resolve, same_method, ModelOverrides, TrainOverrides};
+pub use presets::{mae_recipe, preset, train_defaults, PRESETS};
 
 use anyhow::{bail, Result};
+use clap::ValueEnum;
 use serde::{Deserialize, Serialize};
+
+/// Which pretraining method the network implements (`--method`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Method {
+    /// Local masked reconstruction: small windows of the grid (docs/DESIGN.md §1).
+    #[default]
+    Lomar,
+    /// Masked autoencoder: masking over the whole grid and a decoder (docs/DESIGN.md §7).
+    Mae,
+}
+
+impl Method {
+    /// The name `--method` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            Method::Lomar => "lomar",
+            Method::Mae => "mae",
+        }
+    }
+}
+
+/// MAE's decoder: its own width, depth and heads; the MLP ratio is the encoder's.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DecoderConfig {
+    pub width: usize,
+    pub depth: usize,
+    pub heads: usize,
+}
+
+impl DecoderConfig {
+    pub fn head_dim(&self) -> usize {
+        self.width / self.heads
+    }
+    pub fn hidden(&self) -> usize {
+        self.width * MLP_RATIO
+    }
+}
 
 /// What the network computes (docs/DESIGN.md §1). Everything the kernels and the sampler need
 /// derives from these fields.
@@ -34,6 +73,12 @@ pub struct ModelConfig {
     pub heads: usize,
     /// Normalise each target patch by its own mean and unbiased variance.
     pub norm_pix: bool,
+    /// LoMaR or MAE; a file written before the field existed is LoMaR.
+    #[serde(default)]
+    pub method: Method,
+    /// MAE's decoder; `None` for LoMaR.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decoder: Option<DecoderConfig>,
 }
 
 /// The MLP hidden width is always four times the token width.
@@ -56,10 +101,17 @@ impl ModelConfig {
     pub fn seq_len(&self) -> usize {
         1 + self.window_area()
     }
-    /// Masked positions per window, `M = floor(K² r)`.
+    /// Masked positions per window: LoMaR's `M = floor(K² r)`; MAE keeps
+    /// `floor(N (1 - r))` of the `N = G²` patches (its one window is the whole grid) and
+    /// masks the rest.
     pub fn masked_per_window(&self) -> usize {
         // The small epsilon keeps e.g. 0.7 * 10 from flooring to 6.
-        (self.window_area() as f64 * self.mask_ratio + 1e-9).floor() as usize
+        let floor = |v: f64| (v + 1e-9).floor() as usize;
+        let area = self.window_area();
+        match self.method {
+            Method::Lomar => floor(area as f64 * self.mask_ratio),
+            Method::Mae => area - floor(area as f64 * (1.0 - self.mask_ratio)),
+        }
     }
     /// Visible positions per window, `V = K² - M`.
     pub fn visible_per_window(&self) -> usize {
@@ -95,24 +147,9 @@ impl ModelConfig {
                 self.patch
             );
         }
-        if self.window < 2 || self.window > 32 {
-            bail!("window = {}: must be in 2..=32", self.window);
-        }
-        if self.grid() < self.window {
-            bail!(
-                "image = {}: the patch grid ({}x{}) must be at least window ({}) patches wide; use image >= {}",
-                self.image,
-                self.grid(),
-                self.grid(),
-                self.window,
-                self.window * self.patch
-            );
-        }
-        if self.windows_per_image == 0 || self.windows_per_image > 1024 {
-            bail!(
-                "windows_per_image = {}: must be in 1..=1024",
-                self.windows_per_image
-            );
+        match self.method {
+            Method::Lomar => self.validate_windows()?,
+            Method::Mae => self.validate_mae()?,
         }
         if !(self.mask_ratio > 0.0 && self.mask_ratio < 1.0) {
             bail!("mask_ratio = {}: must be in (0, 1)", self.mask_ratio);
@@ -143,6 +180,80 @@ impl ModelConfig {
         Ok(())
     }
 
+    /// LoMaR's windows must fit the grid; it has no decoder.
+    fn validate_windows(&self) -> Result<()> {
+        if self.window < 2 || self.window > 32 {
+            bail!("window = {}: must be in 2..=32", self.window);
+        }
+        if self.grid() < self.window {
+            bail!(
+                "image = {}: the patch grid ({}x{}) must be at least window ({}) patches wide; use image >= {}",
+                self.image,
+                self.grid(),
+                self.grid(),
+                self.window,
+                self.window * self.patch
+            );
+        }
+        if self.windows_per_image == 0 || self.windows_per_image > 1024 {
+            bail!(
+                "windows_per_image = {}: must be in 1..=1024",
+                self.windows_per_image
+            );
+        }
+        if self.decoder.is_some() {
+            bail!("decoder: LoMaR has no decoder (only --method mae has one)");
+        }
+        Ok(())
+    }
+
+    /// MAE's one window is the whole grid, and it needs a decoder.
+    fn validate_mae(&self) -> Result<()> {
+        if self.window != self.grid() || self.windows_per_image != 1 {
+            bail!(
+                "window = {}, windows_per_image = {}: MAE masks the whole {}x{} grid, so its one window is the grid (window = {}, windows_per_image = 1)",
+                self.window,
+                self.windows_per_image,
+                self.grid(),
+                self.grid(),
+                self.grid()
+            );
+        }
+        if self.grid() > 64 {
+            bail!(
+                "image = {}: MAE's decoder attends over all {} patches of the grid; the grid may be at most 64 patches wide (image <= {})",
+                self.image,
+                self.grid() * self.grid(),
+                64 * self.patch
+            );
+        }
+        let Some(dec) = self.decoder else {
+            bail!("decoder: --method mae needs a decoder (width, depth, heads)");
+        };
+        // The sin-cos position embedding splits the width into four equal parts.
+        if !self.width.is_multiple_of(4) {
+            bail!("width = {}: MAE needs a multiple of 4", self.width);
+        }
+        if dec.depth == 0 || dec.depth > 256 {
+            bail!("decoder_depth = {}: must be in 1..=256", dec.depth);
+        }
+        if dec.heads == 0 {
+            bail!("decoder_heads = {}: must be at least 1", dec.heads);
+        }
+        if dec.width == 0
+            || dec.width > 8192
+            || !dec.width.is_multiple_of(dec.heads)
+            || !dec.width.is_multiple_of(4)
+        {
+            bail!(
+                "decoder_width = {}: must be a multiple of 4 and of decoder_heads ({}) in 1..=8192",
+                dec.width,
+                dec.heads
+            );
+        }
+        Ok(())
+    }
+
     /// Number of trainable scalars.
     pub fn param_count(&self) -> usize {
         crate::params::ParamLayout::new(self).total()
@@ -160,7 +271,7 @@ pub struct TrainConfig {
     pub steps: u64,
     /// Linear warm-up steps.
     pub warmup_steps: u64,
-    /// Base learning rate; the peak is `blr * batch * accum / 256`.
+    /// Base learning rate; the peak is `blr * batch * accum * world / 256`.
     pub blr: f64,
     /// Learning rate at the end of the cosine.
     pub min_lr: f64,
@@ -172,12 +283,24 @@ pub struct TrainConfig {
     pub clip_grad: Option<f64>,
     /// Seed of the parameters, the sampler and the synthetic data.
     pub seed: u64,
+    /// Data-parallel ranks, each training `batch` images per micro-batch. Set from the
+    /// launcher, not a flag; absent from single-process configs.
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    pub world: usize,
+}
+
+fn one() -> usize {
+    1
+}
+
+fn is_one(n: &usize) -> bool {
+    *n == 1
 }
 
 impl TrainConfig {
-    /// Images per optimiser step.
+    /// Images per optimiser step, over all ranks.
     pub fn effective_batch(&self) -> usize {
-        self.batch * self.accum
+        self.batch * self.accum * self.world
     }
     /// Peak learning rate, scaled linearly with the effective batch.
     pub fn peak_lr(&self) -> f64 {
@@ -190,6 +313,9 @@ impl TrainConfig {
         }
         if self.accum == 0 {
             bail!("accum = 0: must be at least 1");
+        }
+        if self.world == 0 || self.world > 65536 {
+            bail!("world = {}: must be in 1..=65536", self.world);
         }
         if self.steps == 0 {
             bail!("steps = 0: must be at least 1");
@@ -212,7 +338,7 @@ impl TrainConfig {
         finite_nonneg("weight_decay", self.weight_decay)?;
         if self.min_lr > self.peak_lr() {
             bail!(
-                "min_lr = {}: must not exceed the peak learning rate blr*batch*accum/256 = {}",
+                "min_lr = {}: must not exceed the peak learning rate blr*batch*accum*world/256 = {}",
                 self.min_lr,
                 self.peak_lr()
             );
@@ -249,6 +375,7 @@ impl Default for TrainConfig {
             eps: 1e-8,
             clip_grad: None,
             seed: 0,
+            world: 1,
         }
     }
 }
@@ -287,6 +414,116 @@ mod tests {
         assert_eq!(m.visible_per_window(), 10);
         assert_eq!(m.rel_bias_rows(), 172);
         assert_eq!(m.head_dim(), 64);
+    }
+
+    #[test]
+    fn mae_base_is_the_official_recipe() {
+        let m = preset("mae_base").unwrap();
+        assert_eq!(m.method, Method::Mae);
+        assert_eq!((m.width, m.depth, m.heads), (768, 12, 12));
+        assert_eq!(
+            m.decoder,
+            Some(DecoderConfig {
+                width: 512,
+                depth: 8,
+                heads: 16
+            })
+        );
+        // 196 patches, floor(196 * 0.25) = 49 kept, 147 masked, one window at the grid.
+        assert_eq!(
+            (m.window, m.windows_per_image, m.window_area()),
+            (14, 1, 196)
+        );
+        assert_eq!(m.visible_per_window(), 49);
+        assert_eq!(m.masked_per_window(), 147);
+        // floor(N (1 - r)) kept: 64 patches at r = 0.7 keep floor(19.2) = 19, mask 45,
+        // where LoMaR's rule would mask floor(44.8) = 44.
+        let odd = ModelConfig {
+            image: 32,
+            patch: 4,
+            window: 8,
+            mask_ratio: 0.7,
+            ..m.clone()
+        };
+        assert_eq!(odd.masked_per_window(), 45);
+        let narrow = |name: &str| mae_recipe(preset(name).unwrap()).decoder.unwrap();
+        assert_eq!(
+            narrow("vit_small"),
+            DecoderConfig {
+                width: 256,
+                depth: 8,
+                heads: 8
+            }
+        );
+        assert_eq!(narrow("vit_tiny").width, 128);
+        assert_eq!(preset("mae_huge").unwrap().decoder, m.decoder);
+    }
+
+    #[test]
+    fn method_is_recorded_and_old_configs_read_as_lomar() {
+        let m = preset("mae_base").unwrap();
+        let json = serde_json::to_value(&m).unwrap();
+        assert_eq!(json["method"], "mae");
+        assert_eq!(json["decoder"]["width"], 512);
+        let mut old = serde_json::to_value(preset("vit_base").unwrap()).unwrap();
+        assert_eq!(old["method"], "lomar");
+        assert!(old.get("decoder").is_none());
+        old.as_object_mut().unwrap().remove("method");
+        let read: ModelConfig = serde_json::from_value(old).unwrap();
+        assert_eq!(read, preset("vit_base").unwrap());
+    }
+
+    #[test]
+    fn mae_models_refuse_windows_and_a_missing_decoder() {
+        let m = mae_recipe(preset("tiny").unwrap());
+        m.validate().unwrap();
+        refused(
+            ModelConfig {
+                window: 4,
+                ..m.clone()
+            },
+            "window",
+        );
+        refused(
+            ModelConfig {
+                decoder: None,
+                ..m.clone()
+            },
+            "decoder",
+        );
+        refused(
+            ModelConfig {
+                decoder: Some(DecoderConfig {
+                    width: 30,
+                    depth: 1,
+                    heads: 4,
+                }),
+                ..m.clone()
+            },
+            "decoder_width",
+        );
+        refused(
+            ModelConfig {
+                mask_ratio: 0.99,
+                ..m.clone()
+            },
+            "mask_ratio",
+        );
+        refused(
+            ModelConfig {
+                image: 2048,
+                window: 512,
+                ..m.clone()
+            },
+            "image",
+        );
+        refused(
+            ModelConfig {
+                decoder: m.decoder,
+                ..preset("tiny").unwrap()
+            },
+            "decoder",
+        );
     }
 
     fn refused(m: ModelConfig, field: &str) {

@@ -1,5 +1,6 @@
 //! The frozen encoder without masking, for features: every patch is embedded and every
-//! token attends to all tokens of its sequence. A sequence is either a whole image
+//! token attends to all tokens of its sequence. An MAE encoder sees the whole image, its
+//! sin-cos position embedding computed for the image's grid, attention without a bias. A sequence is either a whole image
 //! (`G×G` patches, each block's relative bias table resized to the image grid, the model
 //! timm's BEiT builds from an export) or one of the `K×K` windows tiling the image (the
 //! geometry of pretraining, tables as trained). The blocks are the training forward's.
@@ -12,10 +13,11 @@ use anyhow::{bail, Result};
 use clap::ValueEnum;
 use rayon::prelude::*;
 
-use super::model::{block_forward, BlockActs};
+use super::mae::pos_embed::sincos_pos_embed;
+use super::model::{block_forward, BlockActs, Tokens};
 use super::ops::attention::RelativeIndex;
 use super::ops::{layernorm, linear, tokens};
-use crate::config::ModelConfig;
+use crate::config::{Method, ModelConfig};
 use crate::eval::rel_bias::resize_table;
 use crate::params::{ModelRanges, ParamLayout};
 
@@ -51,9 +53,12 @@ pub struct Encoder<'a> {
     side: usize,
     /// Top-left patch (row, col) of each sequence inside an image.
     origins: Vec<(usize, usize)>,
-    rel: RelativeIndex,
-    /// Per block, `[rel.table_rows, h]`.
+    /// LoMaR's relative layout; `None` for MAE, whose attention has no bias.
+    rel: Option<RelativeIndex>,
+    /// Per block, `[rel.table_rows, h]` (empty for MAE).
     tables: Vec<Vec<f32>>,
+    /// MAE's sin-cos position embedding of the image grid, `[1 + G², D]`; empty for LoMaR.
+    pos: Vec<f32>,
     pool: Pool,
 }
 
@@ -89,6 +94,9 @@ impl<'a> Encoder<'a> {
         let r = layout.ranges().clone();
         let (side, origins) = match view {
             View::Image => (grid, vec![(0, 0)]),
+            View::Windows if m.method == Method::Mae => {
+                bail!("--mode windows: an MAE encoder has no windows; use --mode image")
+            }
             View::Windows => {
                 if grid < m.window {
                     bail!(
@@ -105,11 +113,22 @@ impl<'a> Encoder<'a> {
                 (m.window, origins)
             }
         };
-        let tables = r
-            .blocks
-            .iter()
-            .map(|b| resize_table(&params[b.rel_bias.clone()], m.heads, m.window, side))
-            .collect();
+        let (rel, tables, pos) = match m.method {
+            Method::Lomar => {
+                let tables = r
+                    .blocks
+                    .iter()
+                    .map(|b| resize_table(&params[b.rel_bias.clone()], m.heads, m.window, side))
+                    .collect();
+                (Some(RelativeIndex::new(side)), tables, Vec::new())
+            }
+            // The sin-cos table is defined for any grid, so any image size works.
+            Method::Mae => {
+                let pos = sincos_pos_embed(m.width, side);
+                let tables = r.blocks.iter().map(|_| Vec::new()).collect();
+                (None, tables, pos.into_iter().map(|v| v as f32).collect())
+            }
+        };
         Ok(Encoder {
             m: m.clone(),
             params,
@@ -117,8 +136,9 @@ impl<'a> Encoder<'a> {
             image,
             side,
             origins,
-            rel: RelativeIndex::new(side),
+            rel,
             tables,
+            pos,
             pool,
         })
     }
@@ -136,7 +156,7 @@ impl<'a> Encoder<'a> {
     /// Images per call of [`Encoder::features`] that keep the attention probabilities
     /// of one block within a fixed memory budget.
     pub fn images_per_chunk(&self) -> usize {
-        let t = self.rel.tokens;
+        let t = 1 + self.side * self.side;
         (PROBS_BUDGET / (self.origins.len() * self.m.heads * t * t)).max(1)
     }
 
@@ -192,23 +212,24 @@ impl<'a> Encoder<'a> {
             &p[r.patch_w.clone()],
             &p[r.patch_b.clone()],
         );
-        // Every position is visible, so the mask token is never placed.
-        let slots: Vec<Option<u32>> = (0..seqs).flat_map(|_| (0..area as u32).map(Some)).collect();
+        // Every position is visible: cls, then every patch in order.
         let mut x = vec![0.0f32; seqs * (1 + area) * d];
-        tokens::assemble_tokens_forward(
-            &mut x,
-            &p[r.cls_token.clone()],
-            &p[r.mask_token.clone()],
-            &embedded,
-            &slots,
-            area,
-        );
+        tokens::prepend_cls_forward(&mut x, &p[r.cls_token.clone()], &embedded);
+        if !self.pos.is_empty() {
+            for seq in x.chunks_exact_mut((1 + area) * d) {
+                seq.iter_mut().zip(&self.pos).for_each(|(v, &q)| *v += q);
+            }
+        }
+        let layout = match &self.rel {
+            Some(rel) => Tokens::Windows(rel),
+            None => Tokens::Global(1 + area),
+        };
         // One set of buffers serves every block: the encoder keeps nothing for a backward.
         let mut acts = BlockActs::default();
         *acts.input() = x;
         let (mut act, mut x) = (Vec::new(), Vec::new());
         for (b, table) in r.blocks.iter().zip(&self.tables) {
-            block_forward(p, b, table, &self.rel, m.heads, &mut acts, &mut act, &mut x);
+            block_forward(p, b, table, layout, m.heads, &mut acts, &mut act, &mut x);
             std::mem::swap(acts.input(), &mut x);
         }
         let x = std::mem::take(acts.input());

@@ -6,6 +6,7 @@ pub mod encoder;
 mod erf;
 mod exp;
 pub mod gemm;
+pub mod mae;
 pub mod model;
 pub mod ops;
 pub mod real;
@@ -14,8 +15,9 @@ mod simd;
 use anyhow::Result;
 
 use crate::backend::{AdamWStep, Backend, Moments};
-use crate::config::ModelConfig;
+use crate::config::{Method, ModelConfig};
 use crate::data::batch::Batch;
+use crate::dist::Collective;
 use crate::params::ParamLayout;
 use crate::train::optim::adamw_update;
 
@@ -27,7 +29,13 @@ pub struct CpuBackend {
     grads: Vec<f32>,
     moments: Moments,
     /// Tables and activation buffers, kept across micro-batches.
-    workspace: model::Workspace<f32>,
+    network: Network,
+}
+
+/// The network a backend trains, with its workspace (boxed: one is made per backend).
+enum Network {
+    Lomar(Box<model::Workspace<f32>>),
+    Mae(Box<mae::Workspace<f32>>),
 }
 
 impl CpuBackend {
@@ -46,7 +54,10 @@ impl CpuBackend {
                 m: vec![0.0; n],
                 v: vec![0.0; n],
             },
-            workspace: model::Workspace::new(model)?,
+            network: match model.method {
+                Method::Lomar => Network::Lomar(Box::new(model::Workspace::new(model)?)),
+                Method::Mae => Network::Mae(Box::new(mae::Workspace::new(model)?)),
+            },
         })
     }
 }
@@ -66,13 +77,20 @@ impl Backend for CpuBackend {
 
     /// The model validates the batch before any work, so a bad batch is an error.
     fn forward_backward(&mut self, batch: &Batch, grad_scale: f32) -> Result<f32> {
-        self.workspace
-            .loss_and_grad(&self.params, batch, &mut self.grads, grad_scale)
+        let (p, g) = (&self.params, &mut self.grads);
+        match &mut self.network {
+            Network::Lomar(ws) => ws.loss_and_grad(p, batch, g, grad_scale),
+            Network::Mae(ws) => ws.loss_and_grad(p, batch, g, grad_scale),
+        }
     }
 
     fn zero_grads(&mut self) -> Result<()> {
         self.grads.fill(0.0);
         Ok(())
+    }
+
+    fn average_grads(&mut self, comm: &mut dyn Collective) -> Result<()> {
+        comm.all_reduce_mean(&mut self.grads)
     }
 
     fn grad_norm(&mut self) -> Result<f32> {

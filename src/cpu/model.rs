@@ -10,6 +10,7 @@ use std::ops::Range;
 use anyhow::{bail, Result};
 
 use super::ops::attention::{self, RelativeIndex};
+use super::ops::global_attention;
 use super::ops::layernorm::{self, Stats};
 use super::ops::window_gather::{self, Patches};
 use super::ops::{gelu, linear, loss, tokens};
@@ -81,8 +82,9 @@ pub(crate) struct BlockActs<T> {
     ln1_stats: Stats<T>,
     /// `[S·T, 3D]`.
     qkv: Vec<T>,
-    /// `[S, h, T, T]` softmax probabilities.
-    probs: Vec<T>,
+    /// What the attention keeps of its softmax: the windowed op's probabilities
+    /// `[S, h, T, T]`, or the global op's row log-sum-exps `[S, h, T]`.
+    softmax: Vec<T>,
     /// `[S·T, D]` heads concatenated, before proj.
     attn: Vec<T>,
     /// `[S·T, D]` residual stream after the attention branch.
@@ -101,37 +103,64 @@ impl<T> BlockActs<T> {
     }
 }
 
+/// How a block's sequences are laid out, which decides its attention.
+#[derive(Clone, Copy)]
+pub(crate) enum Tokens<'a> {
+    /// Window sequences as `rel` says; attention adds a relative bias table.
+    Windows(&'a RelativeIndex),
+    /// Whole sequences of this many tokens; attention has no bias (MAE).
+    Global(usize),
+}
+
+impl Tokens<'_> {
+    /// Tokens per sequence.
+    fn len(self) -> usize {
+        match self {
+            Tokens::Windows(rel) => rel.tokens,
+            Tokens::Global(t) => t,
+        }
+    }
+
+    /// Values the attention keeps of its softmax for `seqs` sequences.
+    fn softmax_len(self, seqs: usize, heads: usize) -> usize {
+        match self {
+            Tokens::Windows(rel) => seqs * heads * rel.tokens * rel.tokens,
+            Tokens::Global(t) => seqs * heads * t,
+        }
+    }
+}
+
 /// Buffers a pass uses and drops: GELU's output, and the input gradients.
 #[derive(Default)]
-struct Scratch<T> {
+pub(crate) struct Scratch<T> {
     /// `[S·T, 4D]`, GELU's output.
-    act: Vec<T>,
+    pub(crate) act: Vec<T>,
     /// `[S·T, 4D]`, gradient at fc2's input, then at fc1's output.
-    hidden: Vec<T>,
+    pub(crate) hidden: Vec<T>,
     /// `[S·T, D]`, gradient at a LayerNorm output.
-    normed: Vec<T>,
+    pub(crate) normed: Vec<T>,
     /// `[S·T, D]`, gradient at the attention output.
-    attn: Vec<T>,
+    pub(crate) attn: Vec<T>,
     /// `[S·T, 3D]`.
-    qkv: Vec<T>,
+    pub(crate) qkv: Vec<T>,
     /// `[S·T, D]`, gradient of the residual stream.
-    dx: Vec<T>,
+    pub(crate) dx: Vec<T>,
     /// `[S·M, D]`, gradients at the head's input and at the final norm's input.
-    dnormed: Vec<T>,
-    dpicked: Vec<T>,
+    pub(crate) dnormed: Vec<T>,
+    pub(crate) dpicked: Vec<T>,
     /// `[S·V, D]`, gradient at the embedded patches.
-    dembedded: Vec<T>,
+    pub(crate) dembedded: Vec<T>,
 }
 
 /// `v` resized to `len` values, keeping its memory. Values already there stay, so only a
 /// buffer that the next op overwrites may be taken this way.
-fn sized<T: Real>(v: &mut Vec<T>, len: usize) -> &mut [T] {
+pub(crate) fn sized<T: Real>(v: &mut Vec<T>, len: usize) -> &mut [T] {
     v.resize(len, T::zero());
     v
 }
 
 /// Two disjoint tensors of the gradient buffer at once, e.g. a weight and its bias.
-fn pair_mut<'g, T>(
+pub(crate) fn pair_mut<'g, T>(
     g: &'g mut [T],
     a: &Range<usize>,
     b: &Range<usize>,
@@ -142,15 +171,16 @@ fn pair_mut<'g, T>(
 }
 
 /// One pre-norm block on the residual stream `a.x_in` `[S·T, D]` of sequences laid out as
-/// `rel` says, with `table` `[rel.table_rows, h]` as its relative bias: the block's own
-/// table for window sequences, a resized one for a larger grid. Fills the rest of `a` for
-/// the backward, and `x_out` with the block's output; `act` is scratch.
+/// `tokens` says; window sequences take `table` `[rel.table_rows, h]` as their relative
+/// bias (the block's own table, or one resized to a larger grid), global ones an empty
+/// table. Fills the rest of `a` for the backward, and `x_out` with the block's output;
+/// `act` is scratch.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn block_forward<T: Real>(
     p: &[T],
     br: &BlockRanges,
     table: &[T],
-    rel: &RelativeIndex,
+    tokens: Tokens,
     heads: usize,
     a: &mut BlockActs<T>,
     act: &mut Vec<T>,
@@ -159,7 +189,7 @@ pub(crate) fn block_forward<T: Real>(
     let w = |r: &Range<usize>| &p[r.clone()];
     let (d, hidden) = (br.norm1_w.len(), br.fc1_b.len());
     let rows = a.x_in.len() / d;
-    let seqs = rows / rel.tokens;
+    let seqs = rows / tokens.len();
 
     // x_mid = x_in + proj(attn(LN1(x_in)))
     let ln1 = sized(&mut a.ln1, rows * d);
@@ -167,8 +197,13 @@ pub(crate) fn block_forward<T: Real>(
     let qkv = sized(&mut a.qkv, rows * 3 * d);
     linear::linear_forward(qkv, ln1, w(&br.qkv_w), w(&br.qkv_b));
     let attn = sized(&mut a.attn, rows * d);
-    let probs = sized(&mut a.probs, seqs * heads * rel.tokens * rel.tokens);
-    attention::attention_forward(attn, probs, qkv, table, rel, heads);
+    let softmax = sized(&mut a.softmax, tokens.softmax_len(seqs, heads));
+    match tokens {
+        Tokens::Windows(rel) => attention::attention_forward(attn, softmax, qkv, table, rel, heads),
+        Tokens::Global(t) => {
+            global_attention::global_attention_forward(attn, softmax, qkv, t, heads)
+        }
+    }
     let x_mid = sized(&mut a.x_mid, rows * d);
     x_mid.copy_from_slice(&a.x_in);
     linear::linear_forward_add(x_mid, attn, w(&br.proj_w), w(&br.proj_b));
@@ -267,24 +302,15 @@ impl<T: Real> Workspace<T> {
             m.window_area(),
         );
 
-        for (i, br) in r.blocks.iter().enumerate() {
-            let (done, rest) = self.blocks.split_at_mut(i + 1);
-            let x_out = match rest.first_mut() {
-                Some(next) => next.input(),
-                None => &mut self.x_last,
-            };
-            let table = w(&br.rel_bias);
-            block_forward(
-                p,
-                br,
-                table,
-                rel,
-                m.heads,
-                &mut done[i],
-                &mut scratch.act,
-                x_out,
-            );
-        }
+        blocks_forward(
+            p,
+            &r.blocks,
+            Tokens::Windows(rel),
+            m.heads,
+            &mut self.blocks,
+            &mut scratch.act,
+            &mut self.x_last,
+        );
 
         // LayerNorm works per token, so norming only the masked tokens the head reads
         // equals picking them from the normed sequence.
@@ -337,9 +363,16 @@ impl<T: Real> Workspace<T> {
         sized(&mut dx, rows * d).fill(T::zero());
         tokens::scatter_masked_tokens(&mut dx, dpicked, &batch.mask_index, m.seq_len());
 
-        for (br, acts) in r.blocks.iter().zip(&self.blocks).rev() {
-            block_backward(p, br, rel, m.heads, acts, &mut dx, g, s);
-        }
+        blocks_backward(
+            p,
+            &r.blocks,
+            Tokens::Windows(rel),
+            m.heads,
+            &self.blocks,
+            &mut dx,
+            g,
+            s,
+        );
 
         let dembedded = sized(&mut s.dembedded, self.embedded.len());
         let (dcls, dmask) = pair_mut(g, &r.cls_token, &r.mask_token);
@@ -357,12 +390,53 @@ impl<T: Real> Workspace<T> {
     }
 }
 
+/// The blocks `ranges` in order, from `acts[0]`'s input (filled by the caller) to
+/// `x_last`; each block's table is its own `rel_bias` range (empty for global attention).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn blocks_forward<T: Real>(
+    p: &[T],
+    ranges: &[BlockRanges],
+    tokens: Tokens,
+    heads: usize,
+    acts: &mut [BlockActs<T>],
+    act: &mut Vec<T>,
+    x_last: &mut Vec<T>,
+) {
+    for (i, br) in ranges.iter().enumerate() {
+        let (done, rest) = acts.split_at_mut(i + 1);
+        let x_out = match rest.first_mut() {
+            Some(next) => next.input(),
+            None => &mut *x_last,
+        };
+        let table = &p[br.rel_bias.clone()];
+        block_forward(p, br, table, tokens, heads, &mut done[i], act, x_out);
+    }
+}
+
+/// [`blocks_forward`] in reverse: `dx` holds dL/dx_last on entry and dL/d(first input)
+/// on return.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn blocks_backward<T: Real>(
+    p: &[T],
+    ranges: &[BlockRanges],
+    tokens: Tokens,
+    heads: usize,
+    acts: &[BlockActs<T>],
+    dx: &mut [T],
+    g: &mut [T],
+    s: &mut Scratch<T>,
+) {
+    for (br, a) in ranges.iter().zip(acts).rev() {
+        block_backward(p, br, tokens, heads, a, dx, g, s);
+    }
+}
+
 /// One block in reverse: `dx` holds dL/dx_out on entry and dL/dx_in on return.
 #[allow(clippy::too_many_arguments)]
 fn block_backward<T: Real>(
     p: &[T],
     br: &BlockRanges,
-    rel: &RelativeIndex,
+    tokens: Tokens,
     heads: usize,
     a: &BlockActs<T>,
     dx: &mut [T],
@@ -391,15 +465,20 @@ fn block_backward<T: Real>(
     // x_mid = x_in + proj(attn(LN1(x_in))): dx becomes dL/dx_in.
     let (dw, db) = pair_mut(g, &br.proj_w, &br.proj_b);
     linear::linear_backward(Some(&mut *dattn), dw, db, dx, &a.attn, w(&br.proj_w));
-    attention::attention_backward(
-        dqkv,
-        &mut g[br.rel_bias.clone()],
-        dattn,
-        &a.qkv,
-        &a.probs,
-        rel,
-        heads,
-    );
+    match tokens {
+        Tokens::Windows(rel) => attention::attention_backward(
+            dqkv,
+            &mut g[br.rel_bias.clone()],
+            dattn,
+            &a.qkv,
+            &a.softmax,
+            rel,
+            heads,
+        ),
+        Tokens::Global(t) => {
+            global_attention::global_attention_backward(dqkv, dattn, &a.qkv, &a.softmax, t, heads)
+        }
+    }
     let (dw, db) = pair_mut(g, &br.qkv_w, &br.qkv_b);
     linear::linear_backward(Some(&mut *dnormed), dw, db, dqkv, &a.ln1, w(&br.qkv_w));
     let (dw, db) = pair_mut(g, &br.norm1_w, &br.norm1_b);

@@ -19,11 +19,11 @@
 //! after call, as their stream orders the calls.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use anyhow::{bail, Context, Result};
 use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
-use cudarc::driver::{CudaFunction, CudaSlice, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaFunction, CudaModule, CudaSlice, LaunchConfig, PushKernelArg};
 
 use super::device::{DevPtr, Gpu};
 use super::kernels::{load_module, Kernels, ATTENTION};
@@ -156,7 +156,7 @@ impl Launch {
         self.kernel.starts_with("attention_fast_")
     }
 
-    fn config(&self) -> LaunchConfig {
+    pub(super) fn config(&self) -> LaunchConfig {
         LaunchConfig {
             grid_dim: (self.grid.0, self.grid.1, 1),
             block_dim: (self.block, 1, 1),
@@ -293,6 +293,49 @@ pub fn plan_finish(shape: &AttnShape, backward: &Launch) -> (Launch, usize) {
     (launch, backward.grid.0 as usize)
 }
 
+/// The functions `names` of `module`, each allowed the device's whole opt-in shared
+/// memory, and what [`plan`] needs to know of the device.
+pub(super) fn load_functions(
+    gpu: &Gpu,
+    module: &Arc<CudaModule>,
+    names: Vec<String>,
+) -> Result<(HashMap<String, CudaFunction>, DeviceLimits)> {
+    let ctx = gpu.ctx();
+    let attribute = |a| {
+        ctx.attribute(a)
+            .with_context(|| format!("querying {a:?}"))
+            .map(|v| v as usize)
+    };
+    let device = DeviceLimits {
+        max_smem_per_block: attribute(
+            CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN,
+        )?,
+        smem_per_sm: attribute(
+            CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_MULTIPROCESSOR,
+        )?,
+        sms: attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?,
+    };
+    ctx.bind_to_thread()?;
+    let mut functions = HashMap::new();
+    for name in names {
+        let func = module
+            .load_function(&name)
+            .with_context(|| format!("the kernel module has no {name}"))?;
+        func.set_attribute(
+            CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            device.max_smem_per_block as i32,
+        )
+        .with_context(|| {
+            format!(
+                "allowing {name} {} bytes of shared memory",
+                device.max_smem_per_block
+            )
+        })?;
+        functions.insert(name, func);
+    }
+    Ok((functions, device))
+}
+
 /// Every attention kernel for one element type, by name, allowed the device's whole opt-in
 /// shared memory, and the scratch buffer of the backward's partial table gradients. Part of
 /// [`Kernels`], which launches them.
@@ -329,39 +372,7 @@ impl AttentionKernels {
     /// Loads the `elem` kernels of kernels/attention.cu on `gpu`.
     pub(super) fn load(gpu: &Gpu, elem: &str) -> Result<Self> {
         let module = load_module(gpu, ATTENTION, "attention")?;
-        let ctx = gpu.ctx();
-        let attribute = |a| {
-            ctx.attribute(a)
-                .with_context(|| format!("querying {a:?}"))
-                .map(|v| v as usize)
-        };
-        let device = DeviceLimits {
-            max_smem_per_block: attribute(
-                CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN,
-            )?,
-            smem_per_sm: attribute(
-                CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_MULTIPROCESSOR,
-            )?,
-            sms: attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?,
-        };
-        ctx.bind_to_thread()?;
-        let mut functions = HashMap::new();
-        for name in kernel_names(elem) {
-            let func = module
-                .load_function(&name)
-                .with_context(|| format!("the attention module has no {name}"))?;
-            func.set_attribute(
-                CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                device.max_smem_per_block as i32,
-            )
-            .with_context(|| {
-                format!(
-                    "allowing {name} {} bytes of shared memory",
-                    device.max_smem_per_block
-                )
-            })?;
-            functions.insert(name, func);
-        }
+        let (functions, device) = load_functions(gpu, &module, kernel_names(elem))?;
         Ok(AttentionKernels {
             functions,
             device,
@@ -377,7 +388,7 @@ impl AttentionKernels {
 }
 
 /// Errors unless `p` holds exactly `want` values.
-fn check_len<T>(what: &str, p: &DevPtr<T>, want: usize) -> Result<()> {
+pub(super) fn check_len<T>(what: &str, p: &DevPtr<T>, want: usize) -> Result<()> {
     if p.len() != want {
         bail!(
             "attention: {what} has {} elements, the shape needs {want}",
@@ -388,7 +399,7 @@ fn check_len<T>(what: &str, p: &DevPtr<T>, want: usize) -> Result<()> {
 }
 
 /// The kernels move E rows in 16-byte pieces.
-fn check_aligned<T>(what: &str, p: &DevPtr<T>) -> Result<()> {
+pub(super) fn check_aligned<T>(what: &str, p: &DevPtr<T>) -> Result<()> {
     if !p.addr().is_multiple_of(16) {
         bail!(
             "attention: {what} starts at {:#x}, which is not 16-byte aligned",

@@ -18,6 +18,7 @@ use super::storage::Storage;
 use crate::backend::{AdamWStep, Backend, Moments, Precision};
 use crate::config::ModelConfig;
 use crate::data::batch::Batch;
+use crate::dist::Collective;
 use crate::params::{ModelRanges, ParamLayout};
 
 /// The GPU backend. Runs on CUDA device 0.
@@ -67,6 +68,9 @@ impl Backend for CudaBackend {
     }
     fn zero_grads(&mut self) -> Result<()> {
         self.engine.zero_grads()
+    }
+    fn average_grads(&mut self, comm: &mut dyn Collective) -> Result<()> {
+        self.engine.average_grads(comm)
     }
     fn grad_norm(&mut self) -> Result<f32> {
         let _range = nvtx::range("gradient norm");
@@ -259,6 +263,10 @@ impl<T: Storage> Backend for Engine<T> {
 
     fn zero_grads(&mut self) -> Result<()> {
         self.gpu.memset_zero(self.gpu.ptr(&self.grads)?)
+    }
+
+    fn average_grads(&mut self, comm: &mut dyn Collective) -> Result<()> {
+        super::nccl::average(self.gpu.stream(), &mut self.grads, comm)
     }
 
     fn grad_norm(&mut self) -> Result<f32> {

@@ -10,6 +10,7 @@ use cudarc::nvrtc::Ptx;
 
 use super::attention::AttentionKernels;
 use super::device::Gpu;
+use super::global_attention::GlobalAttentionKernels;
 use super::storage::Storage;
 
 mod fatbins {
@@ -33,7 +34,8 @@ fn function(module: &Arc<CudaModule>, name: &str) -> Result<CudaFunction> {
 
 /// Every kernel of ours, instantiated for storage type `T` (plus the fp32-only ones), and
 /// the stream they are launched on. The attention kernels come in many instances (per head
-/// dim and path), chosen per call by `attention::plan`, so they are kept by name.
+/// dim and path), chosen per call by `attention::plan` (and `global_attention::plan`), so
+/// they are kept by name.
 pub struct Kernels<T> {
     pub(super) stream: Arc<CudaStream>,
     sync_launches: bool,
@@ -58,6 +60,7 @@ pub struct Kernels<T> {
     pub(super) residual_add_bias: CudaFunction,
     pub(super) cast_from_f32: CudaFunction,
     pub(super) attention: AttentionKernels,
+    pub(super) global_attention: GlobalAttentionKernels,
     _storage: PhantomData<T>,
 }
 
@@ -95,6 +98,7 @@ impl<T: Storage> Kernels<T> {
             residual_add_bias: function(&elementwise, &typed("residual_add_bias"))?,
             cast_from_f32: function(&elementwise, &typed("cast_from_f32"))?,
             attention: AttentionKernels::load(gpu, T::SUFFIX)?,
+            global_attention: GlobalAttentionKernels::load(gpu, T::SUFFIX)?,
             _storage: PhantomData,
         })
     }

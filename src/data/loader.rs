@@ -133,6 +133,41 @@ pub struct LoaderOptions {
     pub prefetch: usize,
 }
 
+/// Which stream positions a loader reads. A data-parallel run cuts the one global stream
+/// into blocks of `world * block` positions (one global micro-batch each), and rank `rank`
+/// reads the `rank`-th `block` positions of every one: together the ranks read exactly
+/// the positions a single process would, each once.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Blocks {
+    pub rank: usize,
+    pub world: usize,
+    pub block: usize,
+}
+
+impl Blocks {
+    /// Every position: a single process.
+    pub fn whole() -> Self {
+        Blocks {
+            rank: 0,
+            world: 1,
+            block: 1,
+        }
+    }
+
+    /// The global stream position of this reader's `j`-th read, from global `start`.
+    fn global(&self, start: u64, j: u64) -> u64 {
+        let (world, block) = (self.world as u64, self.block as u64);
+        start + (j / block) * world * block + self.rank as u64 * block + j % block
+    }
+
+    /// Where the global stream stands after this reader's first `j` reads: the same on
+    /// every rank when all have read whole blocks.
+    fn position(&self, start: u64, j: u64) -> u64 {
+        let (world, block) = (self.world as u64, self.block as u64);
+        start + (j / block) * world * block + j % block
+    }
+}
+
 /// The source's per-epoch orders, the latest two kept (workers straddle at most one
 /// epoch boundary, since the queue is far shorter than an epoch or the orders are cheap
 /// to redo).
@@ -181,6 +216,9 @@ struct Queue {
 struct Shared {
     source: Arc<dyn Source>,
     order: EpochOrder,
+    /// This reader's positions: its read `j` is global position `blocks.global(start, j)`.
+    blocks: Blocks,
+    start: u64,
     augment: Augment,
     queue: Mutex<Queue>,
     /// Image buffers the consumer is done with, for workers to fill again.
@@ -198,7 +236,9 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Shared {
-    fn locate(&self, pos: u64) -> (u64, u64) {
+    /// (epoch, item) of this reader's `j`-th read.
+    fn locate(&self, j: u64) -> (u64, u64) {
+        let pos = self.blocks.global(self.start, j);
         self.order.locate(self.source.as_ref(), pos)
     }
 
@@ -241,7 +281,7 @@ impl Shared {
 pub struct Loader {
     shared: Arc<Shared>,
     workers: Vec<JoinHandle<()>>,
-    /// The next stream position to hand out.
+    /// This reader's reads handed out so far (see [`Blocks`]).
     next: u64,
     /// Items found unusable.
     skipped: BTreeSet<u64>,
@@ -257,6 +297,20 @@ impl Loader {
         next: u64,
         skipped: &[String],
     ) -> Result<Loader> {
+        Self::open_blocks(source, opts, next, skipped, Blocks::whole())
+    }
+
+    /// [`Loader::open`] for one rank's `blocks` of the stream, from global position `next`.
+    pub fn open_blocks(
+        source: Arc<dyn Source>,
+        opts: LoaderOptions,
+        next: u64,
+        skipped: &[String],
+        blocks: Blocks,
+    ) -> Result<Loader> {
+        if blocks.world == 0 || blocks.block == 0 || blocks.rank >= blocks.world {
+            bail!("internal: loader blocks {blocks:?} are empty or the rank is outside the world");
+        }
         if opts.threads == 0 {
             bail!("--loader-threads must be at least 1");
         }
@@ -271,14 +325,16 @@ impl Loader {
                 cache: Mutex::new(Vec::new()),
             },
             source,
+            blocks,
+            start: next,
             augment: Augment {
                 seed: opts.seed,
                 side: opts.side,
             },
             spare: Mutex::new(Vec::new()),
             queue: Mutex::new(Queue {
-                next_job: next,
-                consumed: next,
+                next_job: 0,
+                consumed: 0,
                 done: BTreeMap::new(),
                 capacity: opts.prefetch.max(1) as u64,
                 stop: false,
@@ -289,7 +345,7 @@ impl Loader {
         let mut loader = Loader {
             shared,
             workers: Vec::new(),
-            next,
+            next: 0,
             skipped: known,
         };
         loader.check_usable()?;
@@ -366,9 +422,9 @@ impl Loader {
         self.workers.len()
     }
 
-    /// The stream position of the next image.
+    /// The global stream position of the next image.
     pub fn position(&self) -> u64 {
-        self.next
+        self.shared.blocks.position(self.shared.start, self.next)
     }
 
     /// The next usable image of the stream, augmented, into `out` as 8-bit colours

@@ -25,7 +25,7 @@ use crate::config::ModelConfig;
 use crate::data::batch::{Batch, Pixels};
 use crate::data::sampler::{Sampler, SamplerState};
 use folder::ImageFolder;
-use loader::{Loader, LoaderOptions, Source};
+use loader::{Blocks, Loader, LoaderOptions, Source};
 use shards::{Part, ShardIndex, ShardSet, ShardStream};
 use synthetic::SyntheticImages;
 
@@ -171,10 +171,17 @@ enum Images {
 
 /// Images plus sampled windows: the whole input pipeline of a run. Its state is the
 /// sampler's and the data's, both restorable exactly.
+///
+/// In a data-parallel run (`share.world > 1`) the windows, the synthetic images and an
+/// image folder's order are the global ones: a micro-batch of `B` on rank `r` is images
+/// `r·B .. (r+1)·B` of the `world·B` that one process would draw, and the state after it
+/// is the global state, the same on every rank. A folder of shards is read as `share`'s
+/// shards instead (each rank its own stream).
 pub struct BatchSource {
     model: ModelConfig,
     images: Images,
     sampler: Sampler,
+    share: Part,
 }
 
 impl BatchSource {
@@ -187,6 +194,7 @@ impl BatchSource {
                 next: 0,
             },
             sampler: Sampler::new(seed),
+            share: Part::default(),
         }
     }
 
@@ -199,6 +207,19 @@ impl BatchSource {
         batch: usize,
         data: &DataArgs,
         resumed: Option<(SamplerState, DataState)>,
+    ) -> Result<Self> {
+        Self::open_share(model, seed, batch, data, resumed, Part::default())
+    }
+
+    /// [`BatchSource::open`] for rank `share.rank` of a data-parallel run of `share.world`
+    /// ranks, each drawing micro-batches of `batch`.
+    pub fn open_share(
+        model: &ModelConfig,
+        seed: u64,
+        batch: usize,
+        data: &DataArgs,
+        resumed: Option<(SamplerState, DataState)>,
+        share: Part,
     ) -> Result<Self> {
         let resuming = resumed.is_some();
         let (sampler, state) = match resumed {
@@ -227,9 +248,14 @@ impl BatchSource {
                     prefetch: (2 * batch).max(2 * threads),
                 };
                 if ShardIndex::is_in(&path) {
-                    open_shards(&path, opts, data, &state)?
+                    open_shards(&path, opts, data, &state, share)?
                 } else {
-                    open_folder(&path, opts, &state)?
+                    let blocks = Blocks {
+                        rank: share.rank,
+                        world: share.world,
+                        block: batch,
+                    };
+                    open_folder(&path, opts, &state, blocks)?
                 }
             }
         };
@@ -237,6 +263,7 @@ impl BatchSource {
             model: model.clone(),
             images,
             sampler,
+            share,
         })
     }
 
@@ -298,22 +325,25 @@ impl BatchSource {
         }
     }
 
-    /// The next `images` images with their windows and masks.
+    /// The next `images` images with their windows and masks: this rank's share of the
+    /// next `world · images`.
     pub fn next_batch(&mut self, images: usize) -> Result<Batch> {
         let side = self.model.image;
         let size = 3 * side * side;
         let mut pixels = vec![0u8; images * size];
+        let mine = self.share.rank * images;
+        let global = self.share.world * images;
         match &mut self.images {
             Images::Synthetic {
                 images: synth,
                 next,
             } => {
-                let first = *next;
+                let first = *next + mine as u64;
                 pixels
                     .par_chunks_mut(size)
                     .enumerate()
                     .for_each(|(i, out)| synth.render_bytes(first + i as u64, out));
-                *next += images as u64;
+                *next += global as u64;
             }
             Images::Folder { loader, .. } | Images::Shards { loader, .. } => {
                 for out in pixels.chunks_exact_mut(size) {
@@ -321,18 +351,28 @@ impl BatchSource {
                 }
             }
         }
-        let windows = self.sampler.sample(&self.model, images);
+        let windows = self.sampler.sample(&self.model, global);
+        let per_image = |len: usize| len / global;
+        let (o, m) = (
+            per_image(windows.origin.len()),
+            per_image(windows.mask.len()),
+        );
         Ok(Batch {
             images_len: images,
             images: Pixels::Bytes(pixels),
-            window_origin: windows.origin,
-            mask_index: windows.mask,
+            window_origin: windows.origin[mine * o..(mine + images) * o].to_vec(),
+            mask_index: windows.mask[mine * m..(mine + images) * m].to_vec(),
         })
     }
 }
 
 /// The image folder at `path`, at the position `state` records.
-fn open_folder(path: &Path, opts: LoaderOptions, state: &DataState) -> Result<Images> {
+fn open_folder(
+    path: &Path,
+    opts: LoaderOptions,
+    state: &DataState,
+    blocks: Blocks,
+) -> Result<Images> {
     if let Some(s) = &state.shards {
         bail!(
             "--data {}: the checkpoint's run read the shards in {}; a resumed run keeps its data (give that folder of shards)",
@@ -353,20 +393,21 @@ fn open_folder(path: &Path, opts: LoaderOptions, state: &DataState) -> Result<Im
         }
         skipped = &f.skipped;
     }
-    let loader = Loader::open(Arc::new(folder), opts, state.next_image, skipped)?;
+    let loader = Loader::open_blocks(Arc::new(folder), opts, state.next_image, skipped, blocks)?;
     Ok(Images::Folder {
         loader,
         path: path.to_string_lossy().into_owned(),
     })
 }
 
-/// The folder of shards at `path`, at the position `state` records: a resumed run keeps
-/// the recorded share and shuffle buffer.
+/// The folder of shards at `path`, at the position `state` records, read as `share`: a
+/// resumed run keeps the recorded world size and shuffle buffer.
 fn open_shards(
     path: &Path,
     opts: LoaderOptions,
     data: &DataArgs,
     state: &DataState,
+    share: Part,
 ) -> Result<Images> {
     if let Some(f) = &state.folder {
         bail!(
@@ -396,14 +437,17 @@ fn open_shards(
                     s.samples
                 );
             }
-            let part = Part {
-                rank: s.rank as usize,
-                world: s.world as usize,
-            };
-            (part, s.shuffle_buffer as usize, s.skipped.as_slice())
+            if s.world != share.world as u64 {
+                bail!(
+                    "the checkpoint's run read its shards as {} ranks, this run has {}: a run on shards resumes on the same number of ranks (each rank's stream is its own shards)",
+                    s.world,
+                    share.world
+                );
+            }
+            (share, s.shuffle_buffer as usize, s.skipped.as_slice())
         }
         None => (
-            Part::default(),
+            share,
             data.shuffle_buffer.unwrap_or(DEFAULT_SHUFFLE_BUFFER),
             &[][..],
         ),

@@ -1,4 +1,5 @@
-//! Window and mask sampling (docs/DESIGN.md §1.1), shared by every backend.
+//! Window and mask sampling (docs/DESIGN.md §1.1, and MAE's whole-grid masking, §7.1),
+//! shared by every backend.
 //!
 //! ChaCha8 is specified bit for bit, so a seed gives the same windows and masks on every
 //! machine. The whole state is the seed plus the position in the ChaCha stream, which is
@@ -8,7 +9,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use crate::config::ModelConfig;
+use crate::config::{Method, ModelConfig};
 
 /// Keeps the sampler's stream apart from the parameter and data streams of the same seed.
 const SAMPLER_SALT: u64 = 0x51a3_c0de_6b2f_9e41;
@@ -61,8 +62,48 @@ impl Sampler {
     }
 
     /// Draws windows and masks for `images` images: for each image, for each window, the
-    /// origin row, the origin column, then the masked positions.
+    /// origin row, the origin column, then the masked positions. MAE's one window per
+    /// image is the whole grid at (0, 0); only its kept patches are drawn.
     pub fn sample(&mut self, m: &ModelConfig, images: usize) -> Windows {
+        match m.method {
+            Method::Lomar => self.sample_windows(m, images),
+            Method::Mae => self.sample_grids(m, images),
+        }
+    }
+
+    /// The first `n` slots of a fresh partial Fisher–Yates shuffle of `0..area`: a
+    /// uniform subset, in draw order.
+    fn draw_subset(&mut self, area: u32, n: usize) -> &mut [u32] {
+        self.positions.clear();
+        self.positions.extend(0..area);
+        for i in 0..n {
+            let j = self.rng.gen_range(i as u32..area) as usize;
+            self.positions.swap(i, j);
+        }
+        &mut self.positions[..n]
+    }
+
+    /// MAE: per image, `floor(N (1 - r))` of the `N` patches kept uniformly at random;
+    /// the rest, ascending, are the mask (so the kept ones are ascending too).
+    fn sample_grids(&mut self, m: &ModelConfig, images: usize) -> Windows {
+        let (area, keep) = (m.window_area() as u32, m.visible_per_window());
+        let mut out = Windows {
+            origin: vec![0; images * 2],
+            mask: Vec::with_capacity(images * m.masked_per_window()),
+        };
+        let mut kept = vec![false; area as usize];
+        for _ in 0..images {
+            kept.fill(false);
+            for &i in self.draw_subset(area, keep).iter() {
+                kept[i as usize] = true;
+            }
+            out.mask.extend((0..area).filter(|&i| !kept[i as usize]));
+        }
+        out
+    }
+
+    /// LoMaR: per window, its origin and `M` masked positions.
+    fn sample_windows(&mut self, m: &ModelConfig, images: usize) -> Windows {
         let windows = images * m.windows_per_image;
         let (area, masked) = (m.window_area() as u32, m.masked_per_window());
         // Every origin in 0..=G-K; u32 ranges keep the draws identical on 32- and 64-bit.
@@ -74,14 +115,7 @@ impl Sampler {
         for _ in 0..windows {
             out.origin.push(self.rng.gen_range(0..origins));
             out.origin.push(self.rng.gen_range(0..origins));
-            // Partial Fisher–Yates: the first `masked` slots become a uniform subset.
-            self.positions.clear();
-            self.positions.extend(0..area);
-            for i in 0..masked {
-                let j = self.rng.gen_range(i as u32..area) as usize;
-                self.positions.swap(i, j);
-            }
-            let chosen = &mut self.positions[..masked];
+            let chosen = self.draw_subset(area, masked);
             chosen.sort_unstable();
             out.mask.extend_from_slice(chosen);
         }
@@ -118,6 +152,53 @@ mod tests {
             assert!(row.windows(2).all(|p| p[0] < p[1]), "{row:?}");
             assert!(row.iter().all(|&i| i < k * k));
         }
+    }
+
+    #[test]
+    fn mae_keeps_a_quarter_of_the_grid_uniformly() {
+        let m = crate::config::mae_recipe(preset("tiny").unwrap());
+        let (n, mk) = (m.window_area(), m.masked_per_window());
+        assert_eq!((n, mk), (64, 48));
+        let images = 3000;
+        let w = Sampler::new(3).sample(&m, images);
+        assert_eq!(w.origin, vec![0; images * 2]);
+        assert_eq!(w.mask.len(), images * mk);
+        let mut masked = vec![0usize; n];
+        for row in w.mask.chunks(mk) {
+            assert!(row.windows(2).all(|p| p[0] < p[1]), "{row:?}");
+            assert!(row.iter().all(|&i| (i as usize) < n));
+            row.iter().for_each(|&i| masked[i as usize] += 1);
+        }
+        let expect = (images * mk) as f64 / n as f64;
+        for (i, &c) in masked.iter().enumerate() {
+            assert!(
+                (c as f64 - expect).abs() < 0.03 * expect,
+                "patch {i}: {c} vs {expect}"
+            );
+        }
+        // Images differ, the seed decides, and a restored state continues the stream.
+        assert_ne!(w.mask[..mk], w.mask[mk..2 * mk]);
+        let mut s = Sampler::new(3);
+        assert_eq!(s.sample(&m, 5).mask, w.mask[..5 * mk]);
+        let saved = s.state();
+        assert_eq!(
+            Sampler::restore(saved).sample(&m, 2).mask,
+            w.mask[5 * mk..7 * mk]
+        );
+    }
+
+    #[test]
+    fn lomar_draws_are_unchanged() {
+        // The first image of seed 0 on the test model, as drawn before MAE existed.
+        let w = Sampler::new(0).sample(&model(), 1);
+        assert_eq!(w.origin, [0, 5, 1, 2, 0, 4]);
+        assert_eq!(
+            w.mask,
+            [
+                0, 2, 3, 4, 6, 7, 8, 9, 10, 13, 14, 0, 1, 2, 3, 4, 6, 7, 8, 12, 13, 14, 2, 3, 4, 5,
+                6, 9, 11, 12, 13, 14, 15
+            ]
+        );
     }
 
     #[test]

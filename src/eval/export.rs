@@ -13,6 +13,11 @@
 //!   the whole image;
 //! - optionally the `attn.relative_position_index` buffers, which timm before 0.9 keeps in
 //!   the state dict (later versions rebuild them and would report them as unexpected).
+//!
+//! An MAE encoder goes to timm's plain `VisionTransformer(img_size=H, patch_size=p,
+//! embed_dim=D, depth=L, num_heads=h, mlp_ratio=4, qkv_bias=True, global_pool="token",
+//! num_classes=0)` instead, the keys of MAE's own encoder (qkv bias whole, no tables) plus
+//! `pos_embed`, the fixed sin-cos table computed for the target grid.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -20,7 +25,8 @@ use std::path::Path;
 use anyhow::{bail, Context, Result};
 use serde_json::json;
 
-use crate::config::ModelConfig;
+use crate::config::{Method, ModelConfig};
+use crate::cpu::mae::pos_embed::sincos_pos_embed;
 use crate::cpu::ops::attention::RelativeIndex;
 use crate::eval::rel_bias::resize_table;
 use crate::io::tensor_file::{write_atomic, OutTensor};
@@ -46,8 +52,33 @@ pub struct ExportOptions {
     pub position_index: bool,
 }
 
-/// The keyword arguments of the `timm.models.beit.Beit` the export loads into.
+/// The timm class the export of `m` loads into, and the metadata key of its arguments.
+pub fn timm_class(m: &ModelConfig) -> (&'static str, &'static str) {
+    match m.method {
+        Method::Lomar => ("timm.models.beit.Beit", "timm_beit_kwargs"),
+        Method::Mae => (
+            "timm.models.vision_transformer.VisionTransformer",
+            "timm_vit_kwargs",
+        ),
+    }
+}
+
+/// The keyword arguments of the timm model the export loads into ([`timm_class`]).
 pub fn timm_kwargs(m: &ModelConfig, image: usize) -> serde_json::Value {
+    if m.method == Method::Mae {
+        return json!({
+            "img_size": image,
+            "patch_size": m.patch,
+            "embed_dim": m.width,
+            "depth": m.depth,
+            "num_heads": m.heads,
+            "mlp_ratio": crate::config::MLP_RATIO as f64,
+            "qkv_bias": true,
+            "class_token": true,
+            "global_pool": "token",
+            "num_classes": 0,
+        });
+    }
     json!({
         "img_size": image,
         "patch_size": m.patch,
@@ -88,36 +119,52 @@ pub fn encoder_tensors(m: &ModelConfig, params: &[f32], image: usize) -> Result<
         shape: shape.to_vec(),
         values: params[range.clone()].to_vec(),
     };
-    let mut out = vec![
-        copy("cls_token".into(), &[1, 1, d], &r.cls_token),
-        copy(
-            "patch_embed.proj.weight".into(),
-            &[d, 3, m.patch, m.patch],
-            &r.patch_w,
-        ),
-        copy("patch_embed.proj.bias".into(), &[d], &r.patch_b),
-    ];
+    let mut out = vec![copy("cls_token".into(), &[1, 1, d], &r.cls_token)];
+    if m.method == Method::Mae {
+        out.push(Exported {
+            name: "pos_embed".into(),
+            shape: vec![1, 1 + grid * grid, d],
+            values: sincos_pos_embed(d, grid)
+                .into_iter()
+                .map(|v| v as f32)
+                .collect(),
+        });
+    }
+    out.push(copy(
+        "patch_embed.proj.weight".into(),
+        &[d, 3, m.patch, m.patch],
+        &r.patch_w,
+    ));
+    out.push(copy("patch_embed.proj.bias".into(), &[d], &r.patch_b));
     for (i, b) in r.blocks.iter().enumerate() {
         let n = |s: &str| format!("blocks.{i}.{s}");
-        let qkv_b = &params[b.qkv_b.clone()];
         out.push(copy(n("norm1.weight"), &[d], &b.norm1_w));
         out.push(copy(n("norm1.bias"), &[d], &b.norm1_b));
-        out.push(Exported {
-            name: n("attn.q_bias"),
-            shape: vec![d],
-            values: qkv_b[..d].to_vec(),
-        });
-        out.push(Exported {
-            name: n("attn.v_bias"),
-            shape: vec![d],
-            values: qkv_b[2 * d..].to_vec(),
-        });
-        out.push(Exported {
-            name: n("attn.relative_position_bias_table"),
-            shape: vec![span * span + 3, m.heads],
-            values: resize_table(&params[b.rel_bias.clone()], m.heads, m.window, grid),
-        });
-        out.push(copy(n("attn.qkv.weight"), &[3 * d, d], &b.qkv_w));
+        match m.method {
+            Method::Lomar => {
+                let qkv_b = &params[b.qkv_b.clone()];
+                out.push(Exported {
+                    name: n("attn.q_bias"),
+                    shape: vec![d],
+                    values: qkv_b[..d].to_vec(),
+                });
+                out.push(Exported {
+                    name: n("attn.v_bias"),
+                    shape: vec![d],
+                    values: qkv_b[2 * d..].to_vec(),
+                });
+                out.push(Exported {
+                    name: n("attn.relative_position_bias_table"),
+                    shape: vec![span * span + 3, m.heads],
+                    values: resize_table(&params[b.rel_bias.clone()], m.heads, m.window, grid),
+                });
+                out.push(copy(n("attn.qkv.weight"), &[3 * d, d], &b.qkv_w));
+            }
+            Method::Mae => {
+                out.push(copy(n("attn.qkv.weight"), &[3 * d, d], &b.qkv_w));
+                out.push(copy(n("attn.qkv.bias"), &[3 * d], &b.qkv_b));
+            }
+        }
         out.push(copy(n("attn.proj.weight"), &[d, d], &b.proj_w));
         out.push(copy(n("attn.proj.bias"), &[d], &b.proj_b));
         out.push(copy(n("norm2.weight"), &[d], &b.norm2_w));
@@ -133,13 +180,17 @@ pub fn encoder_tensors(m: &ModelConfig, params: &[f32], image: usize) -> Result<
 }
 
 /// Writes the encoder of `params` (a model `m`) for timm, with the constructor's keyword
-/// arguments as `timm_beit_kwargs` in the metadata. Returns the number of tensors.
+/// arguments in the metadata (`timm_beit_kwargs`, or `timm_vit_kwargs` for MAE). Returns
+/// the number of tensors.
 pub fn write_encoder(
     path: &Path,
     m: &ModelConfig,
     params: &[f32],
     opts: &ExportOptions,
 ) -> Result<usize> {
+    if opts.position_index && m.method == Method::Mae {
+        bail!("--position-index: an MAE encoder has no relative position index");
+    }
     let tensors = encoder_tensors(m, params, opts.image)?;
     let mut out: Vec<OutTensor> = tensors
         .iter()
@@ -170,7 +221,7 @@ pub fn write_encoder(
             env!("CARGO_PKG_VERSION").to_string(),
         ),
         (
-            "timm_beit_kwargs".to_string(),
+            timm_class(m).1.to_string(),
             timm_kwargs(m, opts.image).to_string(),
         ),
         ("model".to_string(), serde_json::to_string(m)?),

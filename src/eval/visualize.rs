@@ -318,7 +318,7 @@ pub fn visualize(checkpoint: &Path, images: &Images, seed: u64, out: &Path) -> R
     if matches!(images, Images::Folder(_, 0) | Images::Synthetic(0)) {
         bail!("--images 0: nothing to draw; give --images N with N at least 1");
     }
-    let Pretrained { config, params, .. } = Pretrained::open(checkpoint)?;
+    let Pretrained { config, params, .. } = Pretrained::open_lomar(checkpoint, "visualize")?;
     let m = &config.model;
     let pictures = gather_images(images, m, seed)?;
     let windows = Sampler::new(seed).sample(m, pictures.len());

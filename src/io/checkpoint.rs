@@ -100,6 +100,7 @@ pub fn check_same_model(found: &ModelConfig, requested: &ModelConfig, what: &str
     if found == requested {
         return Ok(());
     }
+    crate::config::same_method(found.method, Some(requested.method), what)?;
     let (a, b) = (
         serde_json::to_value(found)?,
         serde_json::to_value(requested)?,

@@ -6,6 +6,7 @@ use anyhow::{bail, Result};
 use crate::backend::{Backend, Precision};
 use crate::config::Config;
 use crate::data::prefetch::Prepared;
+use crate::data::shards::Part;
 use crate::data::{BatchSource, DataArgs};
 use crate::device::{open_backend, Device};
 use crate::io::checkpoint::{Checkpoint, CheckpointFile};
@@ -23,13 +24,15 @@ pub struct Start {
 /// A fresh run of `config` (parameters initialised from its seed), or the continuation of
 /// `resumed`, bit-identical to a run that never stopped. `config` must be the checkpoint's
 /// own config with any overrides applied; a resumed run keeps its seed, since the sampler
-/// and data order it continues were drawn from it.
+/// and data order it continues were drawn from it. `rank` is this process's rank among
+/// `config.train.world` (0 alone): the data source draws its share.
 pub fn start(
     config: &Config,
     resumed: Option<CheckpointFile>,
     device: Device,
     precision: Option<Precision>,
     data: &DataArgs,
+    rank: usize,
 ) -> Result<Start> {
     let (backend, step, states) = match resumed {
         Some(file) => {
@@ -54,12 +57,17 @@ pub fn start(
             )
         }
     };
-    let source = BatchSource::open(
+    let share = Part {
+        rank,
+        world: config.train.world,
+    };
+    let source = BatchSource::open_share(
         &config.model,
         config.train.seed,
         config.train.batch,
         data,
         states,
+        share,
     )?;
     Ok(Start {
         backend,

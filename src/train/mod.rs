@@ -6,10 +6,17 @@
 //! gradient norm stops the run before the update, so no bad state reaches a checkpoint.
 //! On a GPU the next micro-batch is prepared on a worker thread while the current one runs
 //! (`data::prefetch`).
+//!
+//! In a data-parallel run (`train_ranks`) every rank runs this same loop on its share of
+//! each global micro-batch; after the last micro-batch the gradients and the loss are
+//! averaged over the ranks (`ranks.rs`), so the norm, the clipping, the divergence check
+//! and the update are the same on every rank. Rank 0 alone writes checkpoints, metrics and
+//! the progress line.
 
 mod checkpointing;
 pub mod metrics;
 pub mod optim;
+mod ranks;
 
 pub use checkpointing::{start, Start};
 
@@ -22,6 +29,7 @@ use crate::backend::{AdamWStep, Backend};
 use crate::config::Config;
 use crate::data::prefetch::{Batches, Prepared};
 use crate::data::BatchSource;
+use crate::dist::{Collective, Solo};
 use crate::train::metrics::{progress_line, MetricsLog, StepRecord};
 use crate::train::optim::learning_rate;
 
@@ -65,11 +73,26 @@ pub struct Outcome {
 pub fn train(
     backend: &mut dyn Backend,
     config: &Config,
-    mut step: u64,
+    step: u64,
     source: BatchSource,
     opts: &TrainOptions,
 ) -> Result<Outcome> {
+    train_ranks(backend, config, step, source, opts, &mut Solo)
+}
+
+/// [`train`] as rank `comm.rank()` of a data-parallel run of `comm.world()` ranks:
+/// `source` draws this rank's share of every global micro-batch.
+pub fn train_ranks(
+    backend: &mut dyn Backend,
+    config: &Config,
+    mut step: u64,
+    source: BatchSource,
+    opts: &TrainOptions,
+    comm: &mut dyn Collective,
+) -> Result<Outcome> {
     let t = &config.train;
+    ranks::check_world(config, comm)?;
+    let lead = comm.rank() == 0;
     let end = opts.stop_after.map_or(t.steps, |s| s.min(t.steps));
     if step >= end {
         bail!(
@@ -77,7 +100,13 @@ pub fn train(
         );
     }
     let checkpoint = checkpoint_path(&opts.out_dir);
-    let mut metrics = MetricsLog::open(&metrics_path(&opts.out_dir), (step > 0).then_some(step))?;
+    let mut metrics = match lead {
+        true => Some(MetricsLog::open(
+            &metrics_path(&opts.out_dir),
+            (step > 0).then_some(step),
+        )?),
+        false => None,
+    };
     let first_step = step;
     let started = Instant::now();
     let images_per_step = t.effective_batch() as f64;
@@ -102,7 +131,7 @@ pub fn train(
         let Some(drawn) = last else {
             bail!("accum = 0: a step needs at least one micro-batch");
         };
-        let loss = loss_sum / t.accum as f64;
+        let loss = ranks::average(backend, comm, loss_sum / t.accum as f64)?;
         let grad_norm = backend.grad_norm()? as f64;
         let lr = learning_rate(t, step);
         let timed = |step_secs: f64| StepRecord {
@@ -116,7 +145,9 @@ pub fn train(
         };
         if !(loss.is_finite() && grad_norm.is_finite()) {
             let record = timed(step_started.elapsed().as_secs_f64());
-            metrics.write(&record)?;
+            if let Some(m) = &mut metrics {
+                m.write(&record)?;
+            }
             bail!(
                 "training diverged at step {}: loss {loss}, gradient norm {grad_norm}; stopped before the update. {}",
                 step + 1,
@@ -139,31 +170,35 @@ pub fn train(
         let step_secs = step_started.elapsed().as_secs_f64();
         let record = timed(step_secs);
         step += 1;
-        metrics.write(&record)?;
+        if let Some(m) = &mut metrics {
+            m.write(&record)?;
+        }
         if step == first_step + 1 {
             first_loss = loss;
         }
         last_loss = loss;
 
         logged.add(&record, step_secs, images_per_step);
-        if step == first_step + 1 || step.is_multiple_of(opts.log_every.max(1)) || step == end {
+        let log_now = step == first_step + 1 || step.is_multiple_of(opts.log_every.max(1));
+        if lead && (log_now || step == end) {
             let per_step = started.elapsed().as_secs_f64() / (step - first_step) as f64;
             let eta = Duration::from_secs_f64(per_step * (end - step) as f64);
-            println!("{}", progress_line(&logged.take(&record), t.steps, eta));
+            let line = progress_line(&logged.take(&record), t.steps, eta);
+            println!("{line}{}", ranks::suffix(t.world));
         }
         let every = opts.checkpoint_every;
-        if step == end || (every > 0 && step.is_multiple_of(every)) {
+        if lead && (step == end || (every > 0 && step.is_multiple_of(every))) {
             checkpointing::save(backend, config, step, &drawn, &checkpoint)?;
             last_saved = Some(step);
         }
     }
-    if step < t.steps {
+    if lead && step < t.steps {
         println!(
             "stopped after step {step} of {}; continue with --resume {}",
             t.steps,
             checkpoint.display()
         );
-    } else {
+    } else if lead {
         println!("done: checkpoint {} (step {step})", checkpoint.display());
     }
     Ok(Outcome {

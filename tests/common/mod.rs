@@ -4,6 +4,9 @@
 // Each test binary uses its own subset of these helpers.
 #![allow(dead_code)]
 
+pub mod fd;
+
+use cudarc::driver::sys::CUevent_flags;
 use lomar::config::ModelConfig;
 use lomar::cuda::Gpu;
 use lomar::data::batch::{Batch, Pixels};
@@ -115,6 +118,30 @@ pub fn random_params(m: &ModelConfig, seed: u64, std: impl Fn(&str) -> f64) -> V
     params
 }
 
+/// Median µs per call of `f` on `gpu`'s stream over `timings` timings of `reps` calls
+/// each, after one untimed call.
+pub fn median_us(
+    gpu: &Gpu,
+    reps: usize,
+    timings: usize,
+    f: &mut dyn FnMut() -> anyhow::Result<()>,
+) -> anyhow::Result<f64> {
+    f()?;
+    let mut samples = Vec::new();
+    for _ in 0..timings {
+        let start = gpu.ctx().new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
+        let end = gpu.ctx().new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
+        start.record(gpu.stream())?;
+        for _ in 0..reps {
+            f()?;
+        }
+        end.record(gpu.stream())?;
+        samples.push(start.elapsed_ms(&end)? as f64 * 1e3 / reps as f64);
+    }
+    samples.sort_by(f64::total_cmp);
+    Ok(samples[timings / 2])
+}
+
 pub fn rng(seed: u64) -> ChaCha8Rng {
     ChaCha8Rng::seed_from_u64(seed)
 }
@@ -218,4 +245,40 @@ impl Report {
             self.failures.join("\n  ")
         );
     }
+}
+
+/// How far the parameters `a` of a data-parallel run are from `b`, the single process's
+/// with the same global batch, both trained from `init`: the largest difference in units
+/// of the peak learning rate, and RMS(a - b) / RMS(b - init).
+///
+/// The two compute the same sums in another order. A parameter whose gradient is only
+/// rounding noise can move by up to about the learning rate per step either way under
+/// AdamW, so the largest difference is bounded by a fraction of the learning rate, not by
+/// f32 epsilon; over all parameters, the difference is a small fraction of what training
+/// moved them (a rank training on other images than its share moves them by as much).
+pub fn parallel_gap(a: &[f32], b: &[f32], init: &[f32], peak_lr: f64) -> (f64, f64) {
+    assert_eq!(a.len(), b.len());
+    let rms = |x: &mut dyn Iterator<Item = f64>| {
+        let (sum, n) = x.fold((0.0, 0usize), |(s, n), v| (s + v * v, n + 1));
+        (sum / n as f64).sqrt()
+    };
+    let max = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs() as f64)
+        .fold(0.0, f64::max);
+    let gap = rms(&mut a.iter().zip(b).map(|(x, y)| (x - y) as f64));
+    let moved = rms(&mut b.iter().zip(init).map(|(x, y)| (x - y) as f64));
+    (max / peak_lr, gap / moved)
+}
+
+/// Requires [`parallel_gap`] within what reordered sums explain: at most half the peak
+/// learning rate anywhere, and 1e-3 of the distance trained over all parameters.
+pub fn assert_same_training(a: &[f32], b: &[f32], init: &[f32], peak_lr: f64, what: &str) {
+    let (max_in_lr, rms_ratio) = parallel_gap(a, b, init, peak_lr);
+    eprintln!("{what}: largest difference {max_in_lr:.2e} x lr, RMS ratio {rms_ratio:.2e}");
+    assert!(
+        max_in_lr <= 0.5 && rms_ratio <= 1e-3,
+        "{what}: largest difference {max_in_lr:.2e} x lr, RMS of the difference {rms_ratio:.2e} of the distance trained"
+    );
 }

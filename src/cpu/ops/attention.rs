@@ -7,7 +7,8 @@ use rayon::prelude::*;
 
 use super::super::gemm::Mat;
 use super::super::real::Real;
-use super::super::simd::{sum, wide};
+use super::super::simd::wide;
+use super::head::{head_backward, head_probs, head_views, logit_scale, softmax_in_place};
 
 /// For every (query, key) token pair of a window sequence, its row of the bias table.
 #[derive(Clone, Debug)]
@@ -102,38 +103,16 @@ fn sequence_forward<T: Real>(
 ) {
     let (t, width) = (rel.tokens, out.len() / rel.tokens);
     let d = width / heads;
-    let scale = T::one() / T::of(d as f64).sqrt();
+    let scale = logit_scale::<T>(d);
     for (h, p) in probs.chunks_exact_mut(t * t).enumerate() {
         let [q, k, v] = head_views(qkv, width, h * d, d);
-        T::product(p, t, q, k.t(), false);
-        for (z, idx) in p.chunks_exact_mut(t).zip(rel.index.chunks_exact(t)) {
-            for (z, &i) in z.iter_mut().zip(idx) {
-                *z = *z * scale + table[i as usize * heads + h];
+        head_probs(p, t, q, k, |i, z| {
+            for (z, &r) in z.iter_mut().zip(&rel.index[i * t..][..t]) {
+                *z = *z * scale + table[r as usize * heads + h];
             }
             softmax_in_place(z);
-        }
+        });
         T::product(&mut out[h * d..], width, Mat::new(p, t, t), v, false);
-    }
-}
-
-/// Head `h`'s q, k and v `[T, d]` (columns `col..col + d` of each third) inside a
-/// sequence's qkv rows `[T, 3·width]`.
-fn head_views<T>(qkv: &[T], width: usize, col: usize, d: usize) -> [Mat<'_, T>; 3] {
-    let t = qkv.len() / (3 * width);
-    std::array::from_fn(|part| Mat::strided(&qkv[part * width + col..], t, d, 3 * width))
-}
-
-#[inline(always)]
-fn softmax_in_place<T: Real>(row: &mut [T]) {
-    let max = row.iter().copied().fold(T::neg_infinity(), T::max);
-    let mut sum = T::zero();
-    for v in row.iter_mut() {
-        *v = (*v - max).exp_vectorised();
-        sum += *v;
-    }
-    let inv = T::one() / sum;
-    for v in row.iter_mut() {
-        *v *= inv;
     }
 }
 
@@ -188,38 +167,27 @@ fn sequence_backward<T: Real>(
 ) {
     let (t, width) = (rel.tokens, dout.len() / rel.tokens);
     let d = width / heads;
-    let scale = T::one() / T::of(d as f64).sqrt();
+    let scale = logit_scale::<T>(d);
     let mut dz = vec![T::zero(); t * t];
     for (h, p) in probs.chunks_exact(t * t).enumerate() {
-        let [q, k, v] = head_views(qkv, width, h * d, d);
+        let views = head_views(qkv, width, h * d, d);
         let dout = Mat::strided(&dout[h * d..], t, d, width);
-        let p_mat = Mat::new(p, t, t);
-        // dv = pᵀ·dout, dp = dout·vᵀ.
-        T::product(
-            &mut dqkv[2 * width + h * d..],
-            3 * width,
-            p_mat.t(),
+        // The table takes the logit gradient at each pair's row.
+        head_backward(
+            dqkv,
+            width,
+            h * d,
+            &mut dz,
             dout,
-            false,
+            views,
+            p,
+            scale,
+            |i, dz| {
+                for (&dz, &r) in dz.iter().zip(&rel.index[i * t..][..t]) {
+                    dtable[r as usize * heads + h] += dz;
+                }
+            },
         );
-        T::product(&mut dz, t, dout, v.t(), false);
-        // Softmax backward per query row: dz = p ⊙ (dp - Σ_j p dp); the table takes dz,
-        // q and k take dz/√d.
-        for ((dz, p), idx) in dz
-            .chunks_exact_mut(t)
-            .zip(p.chunks_exact(t))
-            .zip(rel.index.chunks_exact(t))
-        {
-            let dot = sum(t, |j| p[j] * dz[j]);
-            for ((dz, &p), &i) in dz.iter_mut().zip(p).zip(idx) {
-                *dz = p * (*dz - dot);
-                dtable[i as usize * heads + h] += *dz;
-                *dz *= scale;
-            }
-        }
-        let dz = Mat::new(&dz, t, t);
-        T::product(&mut dqkv[h * d..], 3 * width, dz, k, false);
-        T::product(&mut dqkv[width + h * d..], 3 * width, dz.t(), q, false);
     }
 }
 

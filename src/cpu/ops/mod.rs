@@ -7,6 +7,8 @@
 
 pub mod attention;
 pub mod gelu;
+pub mod global_attention;
+mod head;
 pub mod layernorm;
 pub mod linear;
 pub mod loss;
