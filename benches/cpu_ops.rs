@@ -13,7 +13,7 @@ use lomar::cpu::ops::attention::{self, RelativeIndex};
 use lomar::cpu::ops::global_attention;
 use lomar::cpu::ops::{gelu, layernorm, linear};
 use lomar::cpu::CpuBackend;
-use lomar::data::batch::Batch;
+use lomar::data::batch::{Batch, Pixels};
 use lomar::params::ParamLayout;
 
 const SEQS: usize = 128;
@@ -141,7 +141,7 @@ fn tiny_step(c: &mut Criterion) {
     // Windows along the diagonal, the first M positions of each masked.
     let batch = Batch {
         images_len: 32,
-        images: filled(32 * 3 * m.image * m.image),
+        images: Pixels::Normalised(filled(32 * 3 * m.image * m.image)),
         window_origin: (0..2 * seqs)
             .map(|i| (i / 2 % (m.grid() - m.window + 1)) as u32)
             .collect(),

@@ -12,8 +12,9 @@ use lomar::config::{preset, ModelConfig};
 use lomar::cpu::ops::{gelu, layernorm, linear, loss, tokens, window_gather};
 use lomar::cuda::blaslt::Linear;
 use lomar::cuda::launch::{scratch_len, REDUCE_CHUNKS};
-use lomar::cuda::pixels::{window_crops, PixelSource};
+use lomar::cuda::pixels::{PixelSource, PixelUpload, PixelValue};
 use lomar::cuda::{Blas, BlasLt, CudaBackend, DevPtr, Gpu, Kernels, Storage};
+use lomar::data::batch::{Batch, Pixels};
 use lomar::params::ParamLayout;
 
 /// Relative tolerance of a kernel whose outputs are stored as T.
@@ -68,22 +69,42 @@ fn window_gather_case<T: Storage>(
     k: &Kernels<T>,
     m: &ModelConfig,
     source: PixelSource,
+    bytes: bool,
     report: &mut Report,
 ) {
-    let batch = sample_batch(m, 3, 11);
+    let mut batch = sample_batch(m, 3, 11);
+    if bytes {
+        batch.images = Pixels::Bytes((0..batch.images.len()).map(|i| (i * 7919) as u8).collect());
+    }
+    match &batch.images {
+        Pixels::Bytes(v) => gather_on_gpu(gpu, k, m, source, &batch, v, report),
+        Pixels::Normalised(v) => gather_on_gpu(gpu, k, m, source, &batch, v, report),
+    }
+}
+
+/// The GPU's gather of `images` (the pixels of `batch`, as they travel) against the CPU op.
+fn gather_on_gpu<T: Storage, P: PixelValue>(
+    gpu: &Gpu,
+    k: &Kernels<T>,
+    m: &ModelConfig,
+    source: PixelSource,
+    batch: &Batch,
+    images: &[P],
+    report: &mut Report,
+) {
     let seqs = batch.sequences(m);
-    let want = window_gather::window_gather::<f32>(m, &batch);
-    let (pixels, origins) = if source.crops {
-        let mut crops = vec![0.0; source.len(seqs)];
-        window_crops(&batch, m, &mut crops);
-        (crops, vec![0; 2 * seqs])
+    let want = window_gather::window_gather::<f32>(m, batch);
+    let mut pixels = vec![P::default(); source.len(seqs)];
+    source.fill(images, batch, m, &mut pixels);
+    let origins = if source.crops {
+        vec![0; 2 * seqs]
     } else {
-        (batch.images.clone(), batch.window_origin.clone())
+        batch.window_origin.clone()
     };
     let pixels = gpu.upload(&pixels, "pixels").unwrap();
     let origin = gpu.upload(&origins, "origins").unwrap();
     let slots = gpu
-        .upload(&lomar::cuda::pos_slots(&batch, m), "slots")
+        .upload(&lomar::cuda::pos_slots(batch, m), "slots")
         .unwrap();
     let vis: CudaSlice<T> = gpu.zeros(want.visible.len(), "visible").unwrap();
     let tgt: CudaSlice<f32> = gpu.zeros(want.targets.len(), "targets").unwrap();
@@ -99,14 +120,15 @@ fn window_gather_case<T: Storage>(
     )
     .unwrap();
     let tag = format!(
-        "p{} norm_pix {}, {}",
+        "p{} norm_pix {}, {} of {}",
         m.patch,
         m.norm_pix,
         if source.crops {
             "window squares"
         } else {
             "images"
-        }
+        },
+        std::any::type_name::<P>()
     );
     report.close(
         &format!("visible patches ({tag})"),
@@ -138,12 +160,14 @@ fn window_gather_matches_cpu() {
         };
         for (name, m) in [("tiny", &tiny), ("p16", &wide), ("raw pixels", &raw)] {
             for source in [PixelSource::images(m), PixelSource::crops(m)] {
-                let mut r = Report::new(format!("{test} f32 {name}"));
-                window_gather_case(gpu, k32, m, source, &mut r);
-                r.finish();
-                let mut r = Report::new(format!("{test} bf16 {name}"));
-                window_gather_case(gpu, k16, m, source, &mut r);
-                r.finish();
+                for bytes in [true, false] {
+                    let mut r = Report::new(format!("{test} f32 {name}"));
+                    window_gather_case(gpu, k32, m, source, bytes, &mut r);
+                    r.finish();
+                    let mut r = Report::new(format!("{test} bf16 {name}"));
+                    window_gather_case(gpu, k16, m, source, bytes, &mut r);
+                    r.finish();
+                }
             }
         }
     });
@@ -964,30 +988,32 @@ fn blaslt_gemms_match_cpu() {
     assert!(format!("{err:#}").contains("GEMM B"), "{err:#}");
 }
 
-/// Uploads through one pinned buffer in a row: each refill waits for the previous copy, so
-/// the device ends with the last values and a wrong length is an error.
+/// Batches through the two pinned upload buffers in turn: the compute stream, made to wait
+/// for each copy, reads back each round's own values, although the copies run on their own
+/// stream and every refill of a buffer waits for its previous copy and reader.
 #[test]
-fn pinned_uploads_refill_after_their_copy() {
-    let Some(gpu) = gpu_or_skip("pinned_uploads_refill_after_their_copy") else {
+fn pixel_uploads_alternate_and_wait_for_their_copies() {
+    let Some(gpu) = gpu_or_skip("pixel_uploads_alternate_and_wait_for_their_copies") else {
         return;
     };
     let n = 1 << 22;
-    let mut staging = gpu.pinned(n, "staging").unwrap();
-    let mut dst: CudaSlice<f32> = gpu.zeros(n, "dst").unwrap();
-    for round in 0..4 {
-        gpu.write_pinned(&mut staging, &mut dst, "round", |out| {
-            out.iter_mut()
-                .enumerate()
-                .for_each(|(i, v)| *v = (i + round) as f32)
-        })
-        .unwrap();
+    let mut upload = PixelUpload::<u8>::new(&gpu, n, "test pixels").unwrap();
+    assert_eq!(upload.len(), n);
+    for round in 0..5usize {
+        upload
+            .stage(&gpu, "test pixels", |out| {
+                out.iter_mut()
+                    .enumerate()
+                    .for_each(|(i, v)| *v = (i + round) as u8)
+            })
+            .unwrap();
+        let got = gpu.read(upload.device(), n, "test pixels").unwrap();
+        assert!(
+            got.iter().enumerate().all(|(i, &v)| v == (i + round) as u8),
+            "round {round}: the compute stream read another round's pixels"
+        );
+        upload.mark_read(&gpu).unwrap();
     }
-    let got = gpu.read(&dst, n, "dst").unwrap();
-    assert!(got.iter().enumerate().all(|(i, &v)| v == (i + 3) as f32));
-    let mut short: CudaSlice<f32> = gpu.zeros(n - 1, "short").unwrap();
-    assert!(gpu
-        .write_pinned(&mut staging, &mut short, "short", |_| ())
-        .is_err());
 }
 
 /// The device's time of a step is there once a step has finished, and within the host's.

@@ -11,6 +11,7 @@ use lomar::backend::{AdamWStep, Backend, Precision};
 use lomar::config::{Method, ModelConfig};
 use lomar::cpu::CpuBackend;
 use lomar::cuda::CudaBackend;
+use lomar::data::BatchSource;
 use lomar::params::{standard_normal, ParamLayout};
 
 /// Gradient tolerance of each mode (docs/DESIGN.md §5).
@@ -121,8 +122,9 @@ fn gradients_match_cpu_bf16() {
     gradient_parity(Precision::Bf16);
 }
 
-/// Twenty optimiser steps of two micro-batches each, with global-norm clipping, on both
-/// backends from the same start; the weights must end close. The tolerance is looser than
+/// Twenty optimiser steps of two micro-batches each (one of normalised values, one of
+/// 8-bit images, so the GPU's pixel uploads switch kind and alternate buffers), with
+/// global-norm clipping, on both backends from the same start; the weights must end close. The tolerance is looser than
 /// one gradient's: Adam divides by the gradient's own size, so tiny gradient components
 /// can take differently rounded steps, and the differences compound over the steps.
 fn training_parity(precision: Precision, tol: f64) {
@@ -143,7 +145,12 @@ fn training_parity(precision: Precision, tol: f64) {
         for (i, backend) in backends.into_iter().enumerate() {
             backend.zero_grads().unwrap();
             for micro in 0..2 {
-                let batch = sample_batch(&m, 2, 1000 * step + micro);
+                // Normalised values, then 8-bit images (which the GPU normalises itself).
+                let batch = if micro == 0 {
+                    sample_batch(&m, 2, 1000 * step)
+                } else {
+                    BatchSource::new(&m, step).next_batch(2).unwrap()
+                };
                 losses[i] += backend.forward_backward(&batch, 0.5).unwrap() as f64 / 2.0;
             }
             let norm = backend.grad_norm().unwrap();

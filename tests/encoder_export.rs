@@ -11,7 +11,7 @@ use lomar::cpu::model;
 use lomar::cpu::ops::attention::RelativeIndex;
 use lomar::cpu::ops::linear;
 use lomar::cpu::CpuBackend;
-use lomar::data::batch::Batch;
+use lomar::data::batch::{Batch, Pixels};
 use lomar::eval::export::{encoder_tensors, write_encoder, ExportOptions};
 use lomar::eval::rel_bias::resize_table;
 use lomar::io::tensor_file::TensorFile;
@@ -83,7 +83,7 @@ fn encoder_matches_training_forward(m: &ModelConfig, view: View, seed: u64) {
     }
     let batch = Batch {
         images_len,
-        images,
+        images: Pixels::Normalised(images),
         window_origin,
         mask_index,
     };
@@ -102,7 +102,7 @@ fn encoder_matches_training_forward(m: &ModelConfig, view: View, seed: u64) {
 
     // The mask token is not part of the encoder: its original value is kept there.
     let encoder = Encoder::new(m, &encoder_params, m.image, view, Pool::Cls).unwrap();
-    let tokens = encoder.tokens(&batch.images);
+    let tokens = encoder.tokens(&batch.images.normalised(m.image * m.image));
     let t = 1 + m.window_area();
     let d = m.width;
     assert_eq!(tokens.len(), batch.sequences(m) * t * d);

@@ -8,7 +8,7 @@ use lomar::cpu::model;
 use lomar::cpu::ops::attention::{self, RelativeIndex};
 use lomar::cpu::ops::{gelu, layernorm, linear, loss, tokens, window_gather};
 use lomar::cpu::CpuBackend;
-use lomar::data::batch::Batch;
+use lomar::data::batch::{Batch, Pixels};
 use lomar::params::{standard_normal, ParamLayout};
 use rand::seq::index::sample;
 use rand::SeedableRng;
@@ -307,7 +307,9 @@ fn naive_loss(m: &ModelConfig, params: &[f64], batch: &Batch) -> f64 {
         let masked = &batch.mask_index[s * mk..][..mk];
         let pixel = |i: usize, c: usize, y: usize, x: usize| {
             let (top, left) = ((row0 + i / k) * p, (col0 + i % k) * p);
-            batch.images[((image * 3 + c) * img + top + y) * img + left + x] as f64
+            batch
+                .images
+                .value(c, ((image * 3 + c) * img + top + y) * img + left + x) as f64
         };
         let mut x: Vec<Vec<f64>> = vec![get("cls_token").to_vec()];
         for i in 0..k * k {
@@ -460,7 +462,10 @@ fn masked_pixels_reach_only_the_targets() {
     }
     let mut changed = batch.clone();
     let mut rng = ChaCha8Rng::seed_from_u64(43);
-    for (i, v) in changed.images.iter_mut().enumerate() {
+    let Pixels::Normalised(images) = &mut changed.images else {
+        panic!("sample_batch makes normalised pixels");
+    };
+    for (i, v) in images.iter_mut().enumerate() {
         let (b, y, x) = (
             i / (3 * m.image * m.image),
             i / m.image % m.image,
@@ -499,7 +504,7 @@ fn backend_refuses_bad_input_with_errors() {
     let err = backend.forward_backward(&bad, 1.0).unwrap_err().to_string();
     assert!(err.contains("mask_index"), "{err}");
     let mut bad = good.clone();
-    bad.images.pop();
+    bad.images = Pixels::Bytes(vec![0; good.images.len() - 1]);
     assert!(backend.forward_backward(&bad, 1.0).is_err());
     assert!(backend.grads().unwrap().iter().all(|&g| g == 0.0));
 }

@@ -25,10 +25,10 @@ fn loader(root: &Path, threads: usize, next: u64, skipped: &[String]) -> Loader 
     Loader::open(Arc::new(folder), opts, next, skipped).unwrap()
 }
 
-fn take(loader: &mut Loader, n: usize) -> Vec<Vec<f32>> {
+fn take(loader: &mut Loader, n: usize) -> Vec<Vec<u8>> {
     (0..n)
         .map(|_| {
-            let mut image = vec![0.0; 3 * 16 * 16];
+            let mut image = vec![0; 3 * 16 * 16];
             loader.next_into(&mut image).unwrap();
             image
         })
@@ -52,7 +52,6 @@ fn the_stream_depends_on_the_seed_alone_and_resumes_exactly() {
         "the thread count changed the stream"
     );
     for (i, image) in stream.iter().enumerate() {
-        assert!(image.iter().all(|v| v.is_finite() && v.abs() < 3.0));
         // Each epoch crops and flips afresh: no image repeats.
         assert!(!stream[..i].contains(image), "image {i} repeats");
     }

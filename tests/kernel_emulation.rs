@@ -694,3 +694,112 @@ fn planted_bugs_in_the_global_attention_are_caught() {
         });
     }
 }
+
+/// Writes a batch of 8-bit images and the CPU op's gather of it into `dir`, the case of
+/// kernels/emu/window_gather_driver.cpp.
+fn window_gather_case(dir: &Path, m: &lomar::config::ModelConfig, seed: u64) {
+    use lomar::cpu::ops::window_gather::window_gather;
+    use lomar::data::batch::{Batch, Pixels};
+    use lomar::data::sampler::Sampler;
+
+    fs::create_dir_all(dir).unwrap();
+    let images_len = 2;
+    let windows = Sampler::new(seed).sample(m, images_len);
+    // Every byte value, in a scrambled order.
+    let bytes: Vec<u8> = (0..images_len * 3 * m.image * m.image)
+        .map(|i| (i as u64 * 7919 + seed) as u8)
+        .collect();
+    let batch = Batch {
+        images_len,
+        images: Pixels::Bytes(bytes.clone()),
+        window_origin: windows.origin,
+        mask_index: windows.mask,
+    };
+    batch.validate(m).unwrap();
+    let want = window_gather::<f32>(m, &batch);
+    let seqs = batch.sequences(m);
+    // 128 threads: ROW_THREADS of src/cuda/launch.rs.
+    let case = format!(
+        "{seqs} {} {} {} {} {} {} {} 128\n",
+        m.windows_per_image,
+        m.image,
+        m.patch,
+        m.window,
+        i32::from(m.norm_pix),
+        seqs * m.visible_per_window(),
+        seqs * m.masked_per_window()
+    );
+    fs::write(dir.join("case.txt"), case).unwrap();
+    fs::write(dir.join("images.bin"), &bytes).unwrap();
+    let origin: Vec<u8> = batch
+        .window_origin
+        .iter()
+        .flat_map(|v| v.to_le_bytes())
+        .collect();
+    fs::write(dir.join("origin.bin"), origin).unwrap();
+    let slots: Vec<u8> = lomar::cuda::pos_slots(&batch, m)
+        .iter()
+        .flat_map(|v| v.to_le_bytes())
+        .collect();
+    fs::write(dir.join("slots.bin"), slots).unwrap();
+    fs::write(dir.join("patches.bin"), f32_bytes(&want.visible)).unwrap();
+    fs::write(dir.join("targets.bin"), f32_bytes(&want.targets)).unwrap();
+}
+
+/// The gather's cases: tiny (3p² = 48 values, under one pass of the block), p = 8 (192,
+/// two passes), each with and without norm-pix.
+fn window_gather_cases() -> Vec<lomar::config::ModelConfig> {
+    let tiny = lomar::config::preset("tiny").unwrap();
+    let p8 = lomar::config::ModelConfig {
+        image: 48,
+        patch: 8,
+        window: 3,
+        ..tiny.clone()
+    };
+    [tiny, p8]
+        .into_iter()
+        .flat_map(|m| {
+            [true, false].map(|norm_pix| lomar::config::ModelConfig {
+                norm_pix,
+                ..m.clone()
+            })
+        })
+        .collect()
+}
+
+/// The gather of 8-bit images normalises them on the device exactly as the CPU op does,
+/// bit for bit, and a planted wrong channel mean is caught.
+#[test]
+fn window_gather_normalises_bytes_like_the_cpu_op() {
+    let dir = tempfile::tempdir().unwrap();
+    let exe = compile(&repo().join("kernels"), dir.path(), "window_gather_driver");
+    for (i, m) in window_gather_cases().iter().enumerate() {
+        let case = dir.path().join(format!("case{i}"));
+        window_gather_case(&case, m, i as u64);
+        let out = run(&exe, &[&case]);
+        println!("{}", String::from_utf8_lossy(&out.stdout));
+        assert!(out.status.success(), "{}", describe(&out));
+    }
+    let kernels = mutant(
+        "channel-means-swapped",
+        "window_gather.cu",
+        "(c == 1 ? 0.456f : 0.406f)",
+        "(c == 1 ? 0.406f : 0.456f)",
+    );
+    let exe = compile(&kernels, kernels.parent().unwrap(), "window_gather_driver");
+    let case = kernels.parent().unwrap().join("case");
+    window_gather_case(&case, &window_gather_cases()[1], 5);
+    let out = run(&exe, &[&case]);
+    assert!(
+        !out.status.success(),
+        "the mutant passed:\n{}",
+        describe(&out)
+    );
+    println!(
+        "channel-means-swapped: caught: {}",
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .find(|l| l.starts_with("FAIL"))
+            .unwrap_or("the driver failed")
+    );
+}

@@ -141,14 +141,15 @@ fn naive_loss(m: &ModelConfig, params: &[f64], batch: &Batch) -> f64 {
     let n = g * g;
     let mk = m.masked_per_window();
     let (mut total, mut count) = (0.0, 0usize);
+    let pixels = batch.images.normalised(img * img);
     for b in 0..batch.images_len {
         let masked = &batch.mask_index[b * mk..][..mk];
         let pixel = |patch: usize, c: usize, y: usize, x: usize| {
             let (top, left) = (patch / g * p, patch % g * p);
-            batch.images[((b * 3 + c) * img + top + y) * img + left + x] as f64
+            pixels[((b * 3 + c) * img + top + y) * img + left + x] as f64
         };
         let kept: Vec<usize> = (0..n).filter(|i| !masked.contains(&(*i as u32))).collect();
-        let image = &batch.images[b * 3 * img * img..][..3 * img * img];
+        let image = &pixels[b * 3 * img * img..][..3 * img * img];
         let y: Vec<Vec<f64>> = naive_encoder(m, params, image, &kept)
             .iter()
             .map(|r| dense(&get("decoder_embed.weight"), &get("decoder_embed.bias"), r))
@@ -211,11 +212,11 @@ fn the_frozen_mae_encoder_sees_every_patch_as_defined() {
     let exact: Vec<f64> = params32.iter().map(|&v| v as f64).collect();
     let batch = sample_batch(&m, 2, 18);
     let encoder = Encoder::new(&m, &params32, m.image, View::Image, Pool::Mean).unwrap();
-    let got = encoder.tokens(&batch.images);
+    let pixels = batch.images.normalised(m.image * m.image);
+    let got = encoder.tokens(&pixels);
     let all: Vec<usize> = (0..m.window_area()).collect();
     let per_image = 3 * m.image * m.image;
-    let want: Vec<f64> = batch
-        .images
+    let want: Vec<f64> = pixels
         .chunks(per_image)
         .flat_map(|image| naive_encoder(&m, &exact, image, &all).concat())
         .collect();

@@ -270,7 +270,7 @@ fn the_stream_is_seeded_split_by_rank_and_independent_of_the_thread_count() {
         .unwrap();
         (0..n)
             .map(|_| {
-                let mut image = vec![0.0f32; 3 * 16 * 16];
+                let mut image = vec![0u8; 3 * 16 * 16];
                 loader.next_into(&mut image).unwrap();
                 image
             })

@@ -4,14 +4,15 @@
 //! Shapes use S sequences (images × windows), T = 1 + K² tokens, N = S·T token rows,
 //! V / M visible / masked positions per window, Nv = S·V, Nm = S·M, D width, H = 4D, P = 3p².
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use cudarc::driver::CudaSlice;
 
-use super::device::{Gpu, Staging};
-use super::pixels::PixelSource;
+use super::device::Gpu;
+use super::kernels::Kernels;
+use super::pixels::{PixelSource, PixelUpload, PixelValue, StagedPixels};
 use super::storage::Storage;
 use crate::config::ModelConfig;
-use crate::data::batch::Batch;
+use crate::data::batch::{Batch, Pixels};
 
 /// What one transformer block saves for its backward.
 pub(super) struct BlockActivations<T> {
@@ -38,10 +39,9 @@ pub(super) struct Activations<T> {
     pub images_len: usize,
     /// What `pixels` holds: the images or each window's square of them.
     pub source: PixelSource,
-    /// [B, 3, H, W] or [S, 3, K·p, K·p]
-    pub pixels: CudaSlice<f32>,
-    /// `pixels` in pinned host memory, where the batch is copied first.
-    pixels_staging: Staging,
+    /// [B, 3, H, W] or [S, 3, K·p, K·p], bytes or normalised values as the batches bring
+    /// them; made by the first upload.
+    pixels: Option<StagedPixels>,
     /// [S, 2] window origins in `pixels`: the batch's, or 0 for squares.
     pub window_origin: CudaSlice<u32>,
     /// [S, M]
@@ -106,13 +106,11 @@ impl<T: Storage> Activations<T> {
         let block_t = n * (6 * d + 2 * h);
         let block_f32 = 4 * n + s * m.heads * m.seq_len();
         let storage = l * block_t + nv * (p + 2 * d) + n * (6 * d + h) + nm * (2 * d + 2 * p);
-        let fp32 = l * block_f32
-            + PixelSource::smaller(m).len(s)
-            + (2 * l + 2) * n * d
-            + nm * (p + 2 * d + 3)
-            + 1;
+        let fp32 = l * block_f32 + (2 * l + 2) * n * d + nm * (p + 2 * d + 3) + 1;
         let index = 2 * s + nm + s * m.window_area();
-        storage * std::mem::size_of::<T>() + 4 * (fp32 + index)
+        // Two device buffers of the pixels, as bytes.
+        let pixels = 2 * PixelSource::smaller(m).len(s);
+        storage * std::mem::size_of::<T>() + 4 * (fp32 + index) + pixels
     }
 
     fn allocate(gpu: &Gpu, m: &ModelConfig, images_len: usize) -> Result<Self> {
@@ -145,8 +143,7 @@ impl<T: Storage> Activations<T> {
         Ok(Activations {
             images_len,
             source,
-            pixels: gpu.zeros(source.len(s), "images")?,
-            pixels_staging: gpu.pinned(source.len(s), "images")?,
+            pixels: None,
             window_origin: gpu.zeros(s * 2, "window origins")?,
             mask_index: gpu.zeros(nm, "mask indices")?,
             pos_slot: gpu.zeros(s * m.window_area(), "position slots")?,
@@ -175,15 +172,14 @@ impl<T: Storage> Activations<T> {
         })
     }
 
-    /// Copies a validated batch into the input buffers.
+    /// Copies a validated batch into the input buffers: the pixels through the pinned
+    /// double buffer on its copy stream, the small index tensors directly.
     pub fn upload(&mut self, gpu: &Gpu, m: &ModelConfig, batch: &Batch) -> Result<()> {
+        match &batch.images {
+            Pixels::Bytes(v) => self.stage_pixels(gpu, m, batch, v)?,
+            Pixels::Normalised(v) => self.stage_pixels(gpu, m, batch, v)?,
+        }
         let source = self.source;
-        gpu.write_pinned(
-            &mut self.pixels_staging,
-            &mut self.pixels,
-            "images",
-            |out| source.fill(batch, m, out),
-        )?;
         // Squares keep the zero origins they were allocated with.
         if !source.crops {
             gpu.write(
@@ -194,6 +190,65 @@ impl<T: Storage> Activations<T> {
         }
         gpu.write(&batch.mask_index, &mut self.mask_index, "mask indices")?;
         gpu.write(&pos_slots(batch, m), &mut self.pos_slot, "position slots")
+    }
+
+    /// Queues the copy of `images`, the batch's pixels, into the next upload buffer (made
+    /// first when the batches bring the other kind of pixels).
+    fn stage_pixels<P: PixelValue>(
+        &mut self,
+        gpu: &Gpu,
+        m: &ModelConfig,
+        batch: &Batch,
+        images: &[P],
+    ) -> Result<()> {
+        let len = self.source.len(batch.sequences(m));
+        if self.pixels.as_mut().and_then(P::upload).is_none() {
+            // Free the other kind's buffers before allocating these.
+            self.pixels = None;
+            self.pixels = Some(P::staged(PixelUpload::new(gpu, len, "images")?));
+        }
+        let Some(upload) = self.pixels.as_mut().and_then(P::upload) else {
+            bail!("the upload buffers of the images are missing");
+        };
+        let source = self.source;
+        upload.stage(gpu, "images", |out| source.fill(images, batch, m, out))
+    }
+
+    /// The window gather of the last uploaded batch (`seqs` sequences) into `patches` and
+    /// `targets`; the upload buffer it read is free for the copy after next once it ran.
+    pub fn gather_windows(
+        &self,
+        gpu: &Gpu,
+        kernels: &Kernels<T>,
+        m: &ModelConfig,
+        seqs: usize,
+    ) -> Result<()> {
+        match &self.pixels {
+            Some(StagedPixels::Bytes(u)) => self.gather_from(u, gpu, kernels, m, seqs),
+            Some(StagedPixels::Normalised(u)) => self.gather_from(u, gpu, kernels, m, seqs),
+            None => bail!("window gather: no batch has been uploaded"),
+        }
+    }
+
+    fn gather_from<P: PixelValue>(
+        &self,
+        upload: &PixelUpload<P>,
+        gpu: &Gpu,
+        kernels: &Kernels<T>,
+        m: &ModelConfig,
+        seqs: usize,
+    ) -> Result<()> {
+        kernels.window_gather(
+            gpu.ptr(upload.device())?,
+            gpu.ptr(&self.window_origin)?,
+            gpu.ptr(&self.pos_slot)?,
+            gpu.ptr(&self.patches)?,
+            gpu.ptr(&self.targets)?,
+            m,
+            self.source,
+            seqs,
+        )?;
+        upload.mark_read(gpu)
     }
 }
 
@@ -246,7 +301,7 @@ mod tests {
         m.windows_per_image = 2;
         let batch = Batch {
             images_len: 1,
-            images: vec![0.0; 3 * m.image * m.image],
+            images: Pixels::Bytes(vec![0; 3 * m.image * m.image]),
             window_origin: vec![0, 0, 1, 1],
             // Window 0 masks positions 1 and 2, window 1 masks 0 and 3.
             mask_index: vec![1, 2, 0, 3],

@@ -1,18 +1,16 @@
 //! Opening the GPU without ever panicking, typed device addresses, and checked copies.
 //!
 //! cudarc loads libcuda and libcublas lazily and panics when one is missing, so every
-//! library is probed before its first use. One stream carries all the work, so cudarc's
-//! cross-stream event tracking is switched off.
+//! library is probed before its first use. One stream carries all the compute; the pixel
+//! upload's copy stream (`pixels::PixelUpload`) is ordered against it with events of its
+//! own, so cudarc's cross-stream event tracking is switched off.
 
 use std::ops::Range;
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use cudarc::driver::sys::cudaError_enum;
-use cudarc::driver::{
-    CudaContext, CudaEvent, CudaSlice, CudaStream, DevicePtr, DeviceRepr, PinnedHostSlice,
-    ValidAsZeroBits,
-};
+use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DevicePtr, DeviceRepr, ValidAsZeroBits};
 
 use super::kernels::KERNELS_BUILT;
 
@@ -39,7 +37,7 @@ pub fn unavailable() -> Option<String> {
     }
 }
 
-/// The device, its one stream, and the launch policy.
+/// The device, its compute stream, and the launch policy.
 pub struct Gpu {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
@@ -65,7 +63,8 @@ impl Gpu {
         }
         let ctx =
             CudaContext::new(ordinal).with_context(|| format!("opening CUDA device {ordinal}"))?;
-        // SAFETY: every buffer is used on the one stream below, in issue order.
+        // SAFETY: every buffer is used on the one stream below, in issue order, except the
+        // pixel upload buffers, whose copy stream waits on and records events of its own.
         unsafe { ctx.disable_event_tracking() };
         let name = ctx.name().context("reading the device name")?;
         let (major, minor) = ctx
@@ -156,61 +155,6 @@ impl Gpu {
             .with_context(|| format!("copying {what} to the GPU"))
     }
 
-    /// Page-locked host memory for `len` values, zero-filled: the copy engine reads it
-    /// directly, where a copy from ordinary memory goes through the driver's bounce buffer
-    /// (about 3 GB/s on an H200 machine, a third of the vit_base step at 224).
-    pub fn pinned(&self, len: usize, what: &str) -> Result<Staging> {
-        let ctx = self.stream.context();
-        // Plain page-locked memory (not write-combined): the host fills it with ordinary
-        // cached stores. SAFETY: it is zero-filled below, before any slice of it is made.
-        let mut host = unsafe { ctx.alloc_pinned_with_flags::<f32>(len, 0) }
-            .with_context(|| format!("allocating {len} pinned host values for {what}"))?;
-        let ptr = host.as_mut_ptr().context("waiting for pinned memory")?;
-        // SAFETY: `ptr` holds `len` f32 values and nothing else refers to them yet.
-        unsafe { std::ptr::write_bytes(ptr, 0, len) };
-        let copied = ctx
-            .new_event(None)
-            .with_context(|| format!("creating the copy event of {what}"))?;
-        Ok(Staging { host, copied })
-    }
-
-    /// Fills `staging` (`dst`'s length) on the host with `fill`, then queues its copy into
-    /// `dst`. Waits first for the previous copy out of `staging` to finish, so the host
-    /// never overwrites values the copy engine has yet to read.
-    pub fn write_pinned(
-        &self,
-        staging: &mut Staging,
-        dst: &mut CudaSlice<f32>,
-        what: &str,
-        fill: impl FnOnce(&mut [f32]),
-    ) -> Result<()> {
-        if staging.host.len() != dst.len() {
-            bail!(
-                "{what}: the pinned buffer holds {} values, the device buffer {}",
-                staging.host.len(),
-                dst.len()
-            );
-        }
-        self.check_stream(dst, what)?;
-        staging
-            .copied
-            .synchronize()
-            .with_context(|| format!("waiting for the last copy of {what}"))?;
-        fill(
-            staging
-                .host
-                .as_mut_slice()
-                .with_context(|| format!("reaching the pinned buffer of {what}"))?,
-        );
-        self.stream
-            .memcpy_htod(&staging.host, dst)
-            .with_context(|| format!("copying {what} to the GPU"))?;
-        staging
-            .copied
-            .record(&self.stream)
-            .with_context(|| format!("recording the copy of {what}"))
-    }
-
     /// Device memory in use, by every context on the device, in bytes.
     pub fn memory_in_use(&self) -> Result<u64> {
         let (free, total) = self.stream.context().mem_get_info()?;
@@ -288,14 +232,6 @@ impl Gpu {
         }
         .context("clearing a device buffer")
     }
-}
-
-/// Pinned host memory that uploads go through, and the event of its last copy. cudarc's
-/// own record of that copy is made only with event tracking on (it is off), so without
-/// this event nothing would keep the host from refilling the buffer mid-copy.
-pub struct Staging {
-    host: PinnedHostSlice<f32>,
-    copied: CudaEvent,
 }
 
 /// A typed device address and the number of elements behind it: a sub-range of a device

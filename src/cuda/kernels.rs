@@ -39,7 +39,9 @@ fn function(module: &Arc<CudaModule>, name: &str) -> Result<CudaFunction> {
 pub struct Kernels<T> {
     pub(super) stream: Arc<CudaStream>,
     sync_launches: bool,
+    /// The gathers of f32 images and of 8-bit ones (which normalise them).
     pub(super) window_gather: CudaFunction,
+    pub(super) window_gather_bytes: CudaFunction,
     pub(super) assemble_tokens_forward: CudaFunction,
     pub(super) assemble_tokens_backward: CudaFunction,
     pub(super) gather_masked_tokens: CudaFunction,
@@ -77,6 +79,7 @@ impl<T: Storage> Kernels<T> {
             stream: gpu.stream().clone(),
             sync_launches: gpu.sync_launches(),
             window_gather: function(&gather, &typed("window_gather"))?,
+            window_gather_bytes: function(&gather, &typed("window_gather_bytes"))?,
             assemble_tokens_forward: function(&tokens, &typed("assemble_tokens_forward"))?,
             assemble_tokens_backward: function(&tokens, &typed("assemble_tokens_backward"))?,
             gather_masked_tokens: function(&tokens, "gather_masked_tokens")?,

@@ -7,7 +7,7 @@ use cudarc::driver::{CudaFunction, LaunchConfig, PushKernelArg};
 
 use super::device::DevPtr;
 use super::kernels::Kernels;
-use super::pixels::PixelSource;
+use super::pixels::{PixelSource, PixelValue};
 use super::storage::Storage;
 use crate::backend::AdamWStep;
 use crate::config::ModelConfig;
@@ -137,13 +137,14 @@ fn check_scratch(scratch: &DevPtr<f32>, need: usize, what: &str) -> Result<()> {
 }
 
 impl<T: Storage> Kernels<T> {
-    /// pixels [S/wpi, 3, side, side] f32 (as `source` says: the images, or one square per
-    /// window), window_origin [S,2] into them, pos_slot [S,K²]
+    /// pixels [S/wpi, 3, side, side] u8 or f32 (as `source` says: the images, or one square
+    /// per window; bytes are normalised on the way), window_origin [S,2] into them,
+    /// pos_slot [S,K²]
     ///   -> patches [S*V, 3p²] T (c,y,x), targets [S*M, 3p²] f32 (y,x,c; norm-pix if set).
     #[allow(clippy::too_many_arguments)]
-    pub fn window_gather(
+    pub fn window_gather<P: PixelValue>(
         &self,
-        pixels: DevPtr<f32>,
+        pixels: DevPtr<P>,
         window_origin: DevPtr<u32>,
         pos_slot: DevPtr<i32>,
         patches: DevPtr<T>,
@@ -168,7 +169,7 @@ impl<T: Storage> Kernels<T> {
         pos_slot.check(seqs * area, "window_gather pos_slot")?;
         patches.check(seqs * m.visible_per_window() * pd, "window_gather patches")?;
         targets.check(seqs * m.masked_per_window() * pd, "window_gather targets")?;
-        let mut b = self.stream.launch_builder(&self.window_gather);
+        let mut b = self.stream.launch_builder(P::gather(self));
         let windows = int(source.windows_per_image, "windows_per_image")?;
         let image = int(source.side, "image")?;
         let patch = int(m.patch, "patch")?;

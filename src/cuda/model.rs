@@ -87,16 +87,7 @@ impl<'a, T: Storage> Pass<'a, T> {
     fn embed_forward(&self) -> Result<()> {
         let (a, m, r) = (self.acts, self.model, self.ranges);
         let nv = self.seqs() * m.visible_per_window();
-        self.kernels.window_gather(
-            self.ptr(&a.pixels)?,
-            self.ptr(&a.window_origin)?,
-            self.ptr(&a.pos_slot)?,
-            self.ptr(&a.patches)?,
-            self.ptr(&a.targets)?,
-            m,
-            a.source,
-            self.seqs(),
-        )?;
+        a.gather_windows(self.gpu, self.kernels, m, self.seqs())?;
         self.blas.linear_forward(
             self.ptr(&a.patches)?,
             self.w(&r.patch_w)?,

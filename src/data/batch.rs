@@ -1,16 +1,79 @@
 //! One sampled micro-batch, as every backend receives it (backends never sample).
 
+use std::borrow::Cow;
+
 use anyhow::{bail, Result};
 
 use crate::config::ModelConfig;
+use crate::data::normalise_pixel;
+
+/// A batch's pixels, `[B, 3, H, W]`.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Pixels {
+    /// 8-bit colours, as the data sources make them. The model sees [`normalise_pixel`] of
+    /// each, which the backend computes where it reads them (the GPU inside its window
+    /// gather), so a quarter of the bytes cross to the device.
+    Bytes(Vec<u8>),
+    /// Values already normalised: a batch file's, or a figure's.
+    Normalised(Vec<f32>),
+}
+
+impl From<Vec<u8>> for Pixels {
+    fn from(v: Vec<u8>) -> Pixels {
+        Pixels::Bytes(v)
+    }
+}
+
+impl From<Vec<f32>> for Pixels {
+    fn from(v: Vec<f32>) -> Pixels {
+        Pixels::Normalised(v)
+    }
+}
+
+impl Pixels {
+    /// Values, `B * 3 * H * W`.
+    pub fn len(&self) -> usize {
+        match self {
+            Pixels::Bytes(v) => v.len(),
+            Pixels::Normalised(v) => v.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Value `i`, which lies in channel `c`, as the model sees it.
+    #[inline]
+    pub fn value(&self, c: usize, i: usize) -> f32 {
+        match self {
+            Pixels::Bytes(v) => normalise_pixel(c, v[i]),
+            Pixels::Normalised(v) => v[i],
+        }
+    }
+
+    /// Every value as the model sees it, `[B, 3, H, W]` with `plane = H * W`: a copy of
+    /// the bytes normalised, or the values themselves.
+    pub fn normalised(&self, plane: usize) -> Cow<'_, [f32]> {
+        match self {
+            Pixels::Bytes(v) => Cow::Owned(
+                v.iter()
+                    .enumerate()
+                    .map(|(i, &b)| normalise_pixel(i / plane % 3, b))
+                    .collect(),
+            ),
+            Pixels::Normalised(v) => Cow::Borrowed(v),
+        }
+    }
+}
 
 /// Images plus the windows and masks the sampler drew for them.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Batch {
     /// Images in the batch, `B`.
     pub images_len: usize,
-    /// `[B, 3, H, W]`, already normalised.
-    pub images: Vec<f32>,
+    /// `[B, 3, H, W]`.
+    pub images: Pixels,
     /// `[B, n_win, 2]`: (row, col) of each window's top-left patch.
     pub window_origin: Vec<u32>,
     /// `[B, n_win, M]`: masked window positions `ky*K + kx`, distinct, ascending.

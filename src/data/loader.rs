@@ -23,7 +23,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 
-use super::augment::{normalise_into, Augment};
+use super::augment::{planar_into, Augment};
 use super::decode::Decoder;
 use super::folder::ImageFolder;
 
@@ -427,9 +427,9 @@ impl Loader {
         self.shared.blocks.position(self.shared.start, self.next)
     }
 
-    /// The next usable image of the stream, augmented and normalised into `out`
+    /// The next usable image of the stream, augmented, into `out` as 8-bit colours
     /// (`[3, side, side]`).
-    pub fn next_into(&mut self, out: &mut [f32]) -> Result<()> {
+    pub fn next_into(&mut self, out: &mut [u8]) -> Result<()> {
         let items = self.epoch_len() as u64;
         let mut failures = 0u64;
         loop {
@@ -452,7 +452,7 @@ impl Loader {
             self.next += 1;
             match item {
                 Ok(rgb) => {
-                    normalise_into(&rgb, out);
+                    planar_into(&rgb, out);
                     lock(&self.shared.spare).push(rgb);
                     return Ok(());
                 }
@@ -511,7 +511,7 @@ fn process_cpu_seconds() -> Option<f64> {
 }
 
 /// Loads `images` images of `side × side` from `source` with `threads` decoding
-/// threads, as fast as the consumer can take and normalise them, and times it from the
+/// threads, as fast as the consumer can take them, and times it from the
 /// start of the threads to the last image (opening the source and the usability check
 /// excluded).
 pub fn measure(
@@ -532,7 +532,7 @@ pub fn measure(
     };
     let mut loader = Loader::open(source, opts, 0, &[])?;
     let (started, cpu_started) = (std::time::Instant::now(), process_cpu_seconds());
-    let mut tensor = vec![0.0f32; 3 * side * side];
+    let mut tensor = vec![0u8; 3 * side * side];
     for _ in 0..images {
         loader.next_into(&mut tensor)?;
     }

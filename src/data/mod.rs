@@ -22,7 +22,7 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::config::ModelConfig;
-use crate::data::batch::Batch;
+use crate::data::batch::{Batch, Pixels};
 use crate::data::sampler::{Sampler, SamplerState};
 use folder::ImageFolder;
 use loader::{Blocks, Loader, LoaderOptions, Source};
@@ -36,9 +36,12 @@ pub const IMAGENET_STD: [f32; 3] = [0.229, 0.224, 0.225];
 /// Samples in a shard stream's shuffle buffer unless `--shuffle-buffer` says otherwise.
 pub const DEFAULT_SHUFFLE_BUFFER: usize = 4096;
 
-/// A colour value in [0, 1] of channel `c`, normalised.
-pub fn normalise_pixel(c: usize, value: f32) -> f32 {
-    (value - IMAGENET_MEAN[c]) / IMAGENET_STD[c]
+/// An 8-bit colour value of channel `c` as the model sees it: torchvision's `ToTensor`
+/// then `Normalize`, in the same f32 operations (divide by 255, subtract the mean, divide
+/// by the std). The GPU's window gather computes the same function of the same name.
+#[inline]
+pub fn normalise_pixel(c: usize, byte: u8) -> f32 {
+    (byte as f32 / 255.0 - IMAGENET_MEAN[c]) / IMAGENET_STD[c]
 }
 
 /// Where the data stream stands.
@@ -327,7 +330,7 @@ impl BatchSource {
     pub fn next_batch(&mut self, images: usize) -> Result<Batch> {
         let side = self.model.image;
         let size = 3 * side * side;
-        let mut pixels = vec![0.0f32; images * size];
+        let mut pixels = vec![0u8; images * size];
         let mine = self.share.rank * images;
         let global = self.share.world * images;
         match &mut self.images {
@@ -339,7 +342,7 @@ impl BatchSource {
                 pixels
                     .par_chunks_mut(size)
                     .enumerate()
-                    .for_each(|(i, out)| synth.render(first + i as u64, out));
+                    .for_each(|(i, out)| synth.render_bytes(first + i as u64, out));
                 *next += global as u64;
             }
             Images::Folder { loader, .. } | Images::Shards { loader, .. } => {
@@ -356,7 +359,7 @@ impl BatchSource {
         );
         Ok(Batch {
             images_len: images,
-            images: pixels,
+            images: Pixels::Bytes(pixels),
             window_origin: windows.origin[mine * o..(mine + images) * o].to_vec(),
             mask_index: windows.mask[mine * m..(mine + images) * m].to_vec(),
         })
@@ -479,9 +482,14 @@ mod tests {
         assert_eq!(a.data_state(), DataState::synthetic(3));
         let (next_a, next_b) = (a.next_batch(2).unwrap(), b.next_batch(2).unwrap());
         assert_eq!(next_a, next_b);
-        assert_ne!(next_a.images[..], first.images[..next_a.images.len()]);
+        let bytes = |b: &Batch| match &b.images {
+            Pixels::Bytes(v) => v.clone(),
+            Pixels::Normalised(_) => panic!("the data sources make bytes"),
+        };
+        let (first, next_a) = (bytes(&first), bytes(&next_a));
+        assert_ne!(next_a[..], first[..next_a.len()]);
         // One batch of 5 holds the same images as batches of 3 and 2.
-        let whole = BatchSource::new(&m, 5).next_batch(5).unwrap();
-        assert_eq!(whole.images[first.images.len()..], next_a.images[..]);
+        let whole = bytes(&BatchSource::new(&m, 5).next_batch(5).unwrap());
+        assert_eq!(whole[first.len()..], next_a[..]);
     }
 }

@@ -210,9 +210,20 @@ impl SyntheticImages {
         Recipe::draw(&mut self.rng(index), self.side).family
     }
 
-    /// Writes image `index` into `out` (`[3, side, side]`), normalised with the ImageNet
-    /// mean and std like a real image.
+    /// Writes image `index` into `out` (`[3, side, side]`) as the model sees it: the
+    /// bytes of [`Self::render_bytes`], normalised.
     pub fn render(&self, index: u64, out: &mut [f32]) {
+        let mut bytes = vec![0u8; out.len()];
+        self.render_bytes(index, &mut bytes);
+        let plane = self.side * self.side;
+        for (i, (o, &b)) in out.iter_mut().zip(&bytes).enumerate() {
+            *o = normalise_pixel(i / plane, b);
+        }
+    }
+
+    /// Writes image `index` into `out` (`[3, side, side]`) as 8-bit colours, like a
+    /// decoded photo.
+    pub fn render_bytes(&self, index: u64, out: &mut [u8]) {
         let n = self.side;
         assert_eq!(out.len(), 3 * n * n, "render: output buffer size");
         let recipe = Recipe::draw(&mut self.rng(index), n);
@@ -223,7 +234,7 @@ impl SyntheticImages {
                 let v = (y as f64 + 0.5) / n as f64;
                 let rgb = recipe.colour_at(u, v);
                 for (c, value) in rgb.iter().enumerate() {
-                    out[c * n * n + y * n + x] = normalise_pixel(c, *value as f32);
+                    out[c * n * n + y * n + x] = (value.clamp(0.0, 1.0) * 255.0).round() as u8;
                 }
             }
         }

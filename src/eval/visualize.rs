@@ -19,7 +19,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use crate::config::{ModelConfig, NORM_PIX_EPS};
 use crate::cpu::model::predict;
 use crate::data::augment::load_centred;
-use crate::data::batch::Batch;
+use crate::data::batch::{Batch, Pixels};
 use crate::data::folder::ImageFolder;
 use crate::data::sampler::Sampler;
 use crate::data::shards::{ShardIndex, ShardSet};
@@ -118,7 +118,8 @@ enum Patch {
 fn panels(m: &ModelConfig, batch: &Batch, pred: &[f32], b: usize) -> [Vec<u8>; 4] {
     let (h, p, k, g) = (m.image, m.patch, m.window, m.grid());
     let (n_win, mk, pd) = (m.windows_per_image, m.masked_per_window(), m.patch_dim());
-    let image = &batch.images[b * 3 * h * h..][..3 * h * h];
+    let images = batch.images.normalised(h * h);
+    let image = &images[b * 3 * h * h..][..3 * h * h];
     let mut patch = vec![Patch::Outside; g * g];
     for w in 0..n_win {
         let s = b * n_win + w;
@@ -323,7 +324,7 @@ pub fn visualize(checkpoint: &Path, images: &Images, seed: u64, out: &Path) -> R
     let windows = Sampler::new(seed).sample(m, pictures.len());
     let batch = Batch {
         images_len: pictures.len(),
-        images: pictures.concat(),
+        images: Pixels::Normalised(pictures.concat()),
         window_origin: windows.origin,
         mask_index: windows.mask,
     };

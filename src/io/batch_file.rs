@@ -10,7 +10,7 @@ use std::path::Path;
 use anyhow::{bail, Context, Result};
 
 use crate::config::{Config, ModelConfig};
-use crate::data::batch::Batch;
+use crate::data::batch::{Batch, Pixels};
 use crate::io::tensor_file::{write_atomic, OutTensor, TensorFile};
 
 /// Writes a batch, integers as I64 (what PyTorch indexes with).
@@ -19,8 +19,9 @@ pub fn write(path: &Path, config: &Config, batch: &Batch) -> Result<()> {
     let (b, n_win) = (batch.images_len, m.windows_per_image);
     let origin: Vec<i64> = batch.window_origin.iter().map(|&v| v as i64).collect();
     let mask: Vec<i64> = batch.mask_index.iter().map(|&v| v as i64).collect();
+    let images = batch.images.normalised(m.image * m.image);
     let tensors = [
-        OutTensor::f32("images", &[b, 3, m.image, m.image], &batch.images),
+        OutTensor::f32("images", &[b, 3, m.image, m.image], &images),
         OutTensor::i64("window_origin", &[b, n_win, 2], &origin),
         OutTensor::i64("mask_index", &[b, n_win, m.masked_per_window()], &mask),
     ];
@@ -62,7 +63,7 @@ pub fn read(path: &Path, model: &ModelConfig) -> Result<Batch> {
     }
     let batch = Batch {
         images_len: b,
-        images,
+        images: Pixels::Normalised(images),
         window_origin,
         mask_index,
     };
@@ -89,7 +90,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("b.safetensors");
         write(&path, &config, &batch).unwrap();
-        assert_eq!(read(&path, &config.model).unwrap(), batch);
+        // The file holds the values the model sees: the bytes, normalised.
+        let plane = config.model.image * config.model.image;
+        let seen = Batch {
+            images: Pixels::Normalised(batch.images.normalised(plane).into_owned()),
+            ..batch.clone()
+        };
+        assert_eq!(read(&path, &config.model).unwrap(), seen);
         let other = ModelConfig {
             windows_per_image: 3,
             ..config.model

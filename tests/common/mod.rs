@@ -10,7 +10,7 @@ pub mod naive;
 use cudarc::driver::sys::CUevent_flags;
 use lomar::config::ModelConfig;
 use lomar::cuda::Gpu;
-use lomar::data::batch::Batch;
+use lomar::data::batch::{Batch, Pixels};
 use lomar::params::{standard_normal, Init, ParamLayout};
 use rand::seq::index::sample;
 use rand::{Rng, SeedableRng};
@@ -73,7 +73,7 @@ pub fn sample_batch(m: &ModelConfig, images_len: usize, seed: u64) -> Batch {
     }
     let batch = Batch {
         images_len,
-        images,
+        images: Pixels::Normalised(images),
         window_origin,
         mask_index,
     };

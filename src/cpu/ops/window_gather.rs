@@ -43,7 +43,7 @@ pub fn window_gather_into<T: Real>(patches: &mut Patches<T>, m: &ModelConfig, ba
         .zip(targets.par_chunks_mut(mk * pd))
         .enumerate()
         .for_each(|(s, (vis, tgt))| {
-            let image = &batch.images[(s / m.windows_per_image) * 3 * img * img..][..3 * img * img];
+            let image = (s / m.windows_per_image) * 3 * img * img;
             let (row0, col0) = (
                 batch.window_origin[2 * s] as usize,
                 batch.window_origin[2 * s + 1] as usize,
@@ -55,7 +55,11 @@ pub fn window_gather_into<T: Real>(patches: &mut Patches<T>, m: &ModelConfig, ba
                 let top = (row0 + i / k) * p;
                 let left = (col0 + i % k) * p;
                 let pixel = |c: usize, y: usize, x: usize| {
-                    T::of_f32(image[(c * img + top + y) * img + left + x])
+                    T::of_f32(
+                        batch
+                            .images
+                            .value(c, image + (c * img + top + y) * img + left + x),
+                    )
                 };
                 if next_mask < mk && masked[next_mask] as usize == i {
                     let row = &mut tgt[next_mask * pd..][..pd];
@@ -100,6 +104,7 @@ fn normalise<T: Real>(row: &mut [T]) {
 mod tests {
     use super::*;
     use crate::config::preset;
+    use crate::data::batch::Pixels;
 
     /// Every pixel holds a code of its (image, channel, row, column).
     fn coded_batch(m: &ModelConfig) -> Batch {
@@ -121,7 +126,7 @@ mod tests {
         }
         let batch = Batch {
             images_len: 2,
-            images,
+            images: Pixels::Normalised(images),
             window_origin: vec![0, 0, 1, 3, 4, 2, 3, 4],
             mask_index,
         };
