@@ -1031,17 +1031,7 @@ fn device_step_time_follows_a_step() {
     backend.zero_grads().unwrap();
     backend.forward_backward(&batch, 1.0).unwrap();
     backend.grad_norm().unwrap();
-    backend
-        .adamw_step(&AdamWStep {
-            t: 1,
-            lr: 1e-4,
-            beta1: 0.9,
-            beta2: 0.95,
-            eps: 1e-8,
-            weight_decay: 0.05,
-            grad_scale: 1.0,
-        })
-        .unwrap();
+    backend.adamw_step(&common::adamw(1, 1e-4)).unwrap();
     backend.synchronize().unwrap();
     let host_ms = started.elapsed().as_secs_f64() * 1e3;
     let device_ms = backend.device_step_ms().unwrap().expect("a finished step");

@@ -7,7 +7,7 @@ mod common;
 
 use std::time::Duration;
 
-use lomar::backend::{AdamWStep, Backend, Precision};
+use lomar::backend::{Backend, Precision};
 use lomar::config::preset;
 use lomar::cuda::nccl::{unique_id, NcclCollective};
 use lomar::cuda::CudaBackend;
@@ -45,15 +45,7 @@ fn nccl_on_one_gpu_averages_to_the_same_bits() {
         assert_eq!(plain.grads().unwrap(), through.grads().unwrap(), "step {t}");
         let ms = comm.last_all_reduce_ms().unwrap().unwrap();
         assert!(ms >= 0.0);
-        let step = AdamWStep {
-            t,
-            lr: 1e-3,
-            beta1: 0.9,
-            beta2: 0.95,
-            eps: 1e-8,
-            weight_decay: 0.05,
-            grad_scale: 1.0,
-        };
+        let step = common::adamw(t, 1e-3);
         plain.adamw_step(&step).unwrap();
         through.adamw_step(&step).unwrap();
     }

@@ -4,7 +4,7 @@
 mod common;
 
 use common::sample_batch;
-use lomar::backend::{AdamWStep, Backend};
+use lomar::backend::Backend;
 use lomar::config::{preset, ModelConfig};
 use lomar::cpu::encoder::{Encoder, Pool, View};
 use lomar::cpu::model;
@@ -370,17 +370,7 @@ fn training_moves_the_key_bias_without_effect() {
                 "step {t}: key bias gradient {gk:e}, query {gq:e}"
             );
         }
-        backend
-            .adamw_step(&AdamWStep {
-                t,
-                lr: 1e-3,
-                beta1: 0.9,
-                beta2: 0.95,
-                eps: 1e-8,
-                weight_decay: 0.05,
-                grad_scale: 1.0,
-            })
-            .unwrap();
+        backend.adamw_step(&common::adamw(t, 1e-3)).unwrap();
     }
     let trained: Vec<f64> = backend
         .params()

@@ -2,7 +2,7 @@
 //! the whole model's gradient against central finite differences in f64, the forward
 //! against a loop-by-loop transcription of docs/DESIGN.md, and the f32 backend against f64.
 
-use lomar::backend::{AdamWStep, Backend};
+use lomar::backend::Backend;
 use lomar::config::{preset, ModelConfig};
 use lomar::cpu::model;
 use lomar::cpu::ops::attention::{self, RelativeIndex};
@@ -513,24 +513,7 @@ fn backend_refuses_bad_input_with_errors() {
 fn backend_training_steps_lower_the_loss() {
     let m = preset("tiny").unwrap();
     let layout = ParamLayout::new(&m);
-    let mut backend = CpuBackend::new(&m, layout.init(61)).unwrap();
-    let batch = sample_batch(&m, 4, 62);
-    let mut losses = Vec::new();
-    for t in 1..=30 {
-        backend.zero_grads().unwrap();
-        losses.push(backend.forward_backward(&batch, 1.0).unwrap());
-        assert!(backend.grad_norm().unwrap() > 0.0);
-        let step = AdamWStep {
-            t,
-            lr: 1e-3,
-            beta1: 0.9,
-            beta2: 0.95,
-            eps: 1e-8,
-            weight_decay: 0.05,
-            grad_scale: 1.0,
-        };
-        backend.adamw_step(&step).unwrap();
-    }
+    let losses = common::overfit_losses(&m, layout.init(61), &sample_batch(&m, 4, 62));
     assert!(losses[29] < 0.8 * losses[0], "{losses:?}");
 }
 

@@ -3,7 +3,7 @@
 //! gradient against central finite differences in f64, the token moves MAE adds, and the
 //! f32 backend against the f64 model.
 
-use lomar::backend::{AdamWStep, Backend};
+use lomar::backend::Backend;
 use lomar::config::{mae_recipe, preset, DecoderConfig, ModelConfig};
 use lomar::cpu::encoder::{Encoder, Pool, View};
 use lomar::cpu::mae;
@@ -339,23 +339,7 @@ fn mae_f32_backend_agrees_with_the_f64_model_and_learns() {
         .unwrap();
     common::assert_f32_matches_f64(&layout, (loss32, &grads32), (loss64, &grads64));
 
-    let mut backend = CpuBackend::new(&m, layout.init(61)).unwrap();
-    let batch = sample_batch(&m, 4, 62);
-    let mut losses = Vec::new();
-    for t in 1..=30 {
-        backend.zero_grads().unwrap();
-        losses.push(backend.forward_backward(&batch, 1.0).unwrap());
-        let step = AdamWStep {
-            t,
-            lr: 1e-3,
-            beta1: 0.9,
-            beta2: 0.95,
-            eps: 1e-8,
-            weight_decay: 0.05,
-            grad_scale: 1.0,
-        };
-        backend.adamw_step(&step).unwrap();
-    }
+    let losses = common::overfit_losses(&m, layout.init(61), &sample_batch(&m, 4, 62));
     assert!(losses[29] < 0.8 * losses[0], "{losses:?}");
 }
 

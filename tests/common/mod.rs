@@ -8,7 +8,9 @@ pub mod fd;
 pub mod naive;
 
 use cudarc::driver::sys::CUevent_flags;
+use lomar::backend::{AdamWStep, Backend};
 use lomar::config::ModelConfig;
+use lomar::cpu::CpuBackend;
 use lomar::cuda::Gpu;
 use lomar::data::batch::{Batch, Pixels};
 use lomar::params::{standard_normal, Init, ParamLayout};
@@ -310,4 +312,36 @@ pub fn assert_f32_matches_f64(
             e.name
         );
     }
+}
+
+/// AdamW step `t` at learning rate `lr` with the settings the tests train with: betas 0.9
+/// and 0.95, ε 1e-8, weight decay 0.05, no clipping.
+pub fn adamw(t: u64, lr: f32) -> AdamWStep {
+    AdamWStep {
+        t,
+        lr,
+        beta1: 0.9,
+        beta2: 0.95,
+        eps: 1e-8,
+        weight_decay: 0.05,
+        grad_scale: 1.0,
+    }
+}
+
+/// The losses of 30 AdamW steps (lr 1e-3) of an f32 CPU backend from `params` on the one
+/// `batch`, each step's gradient checked to be non-zero.
+pub fn overfit_losses(m: &ModelConfig, params: Vec<f32>, batch: &Batch) -> Vec<f32> {
+    let mut backend = CpuBackend::new(m, params).unwrap();
+    (1..=30)
+        .map(|t| {
+            backend.zero_grads().unwrap();
+            let loss = backend.forward_backward(batch, 1.0).unwrap();
+            assert!(
+                backend.grad_norm().unwrap() > 0.0,
+                "step {t}: zero gradient"
+            );
+            backend.adamw_step(&adamw(t, 1e-3)).unwrap();
+            loss
+        })
+        .collect()
 }
