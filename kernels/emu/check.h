@@ -6,7 +6,6 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
-#include <fstream>
 #include <random>
 #include <string>
 #include <vector>
@@ -91,17 +90,6 @@ inline std::vector<float> add_chunks(const std::vector<float>& start, const std:
     for (int k = 0; k < chunks; ++k)
         for (int c = 0; c < cols; ++c) out[c] += partial[((size_t)plane * chunks + k) * cols + c];
     return out;
-}
-
-// Exactly `count` little-endian values of T from `path`; exits 2 naming the file otherwise.
-template <typename T> std::vector<T> read_file(const std::string& path, size_t count) {
-    std::vector<T> v(count);
-    std::ifstream f(path, std::ios::binary);
-    if (!f.read(reinterpret_cast<char*>(v.data()), count * sizeof(T)) || f.peek() != EOF) {
-        std::fprintf(stderr, "%s: not %zu values\n", path.c_str(), count);
-        std::exit(2);
-    }
-    return v;
 }
 
 inline int finish(const char* driver) {

@@ -9,6 +9,7 @@
 // operations on both sides): the patches in f32, and rounded once in bf16; so must raw
 // targets; norm-pix targets sum in another order, so they match within 1e-5.
 #include "check.h"
+#include "driver_files.h"
 #include "window_gather.cu"
 
 namespace {
@@ -22,12 +23,12 @@ template <typename T>
 void run(const std::string& dir, const Case& c, void (*kernel)(const unsigned char*, const unsigned*, const int*, T*,
                                                                float*, int, int, int, int, int)) {
     const int dim = 3 * c.patch * c.patch, area = c.window * c.window;
-    const auto images = check::read_file<unsigned char>(
+    const auto images = read<unsigned char>(
         dir + "/images.bin", (size_t)c.seqs / c.windows_per_image * 3 * c.image * c.image);
-    const auto origin = check::read_file<unsigned>(dir + "/origin.bin", (size_t)c.seqs * 2);
-    const auto slots = check::read_file<int>(dir + "/slots.bin", (size_t)c.seqs * area);
-    const auto want_patches = check::read_file<float>(dir + "/patches.bin", (size_t)c.visible_rows * dim);
-    const auto want_targets = check::read_file<float>(dir + "/targets.bin", (size_t)c.masked_rows * dim);
+    const auto origin = read<unsigned>(dir + "/origin.bin", (size_t)c.seqs * 2);
+    const auto slots = read<int>(dir + "/slots.bin", (size_t)c.seqs * area);
+    const auto want_patches = read<float>(dir + "/patches.bin", (size_t)c.visible_rows * dim);
+    const auto want_targets = read<float>(dir + "/targets.bin", (size_t)c.masked_rows * dim);
     std::vector<T> patches((size_t)c.visible_rows * dim);
     std::vector<float> targets((size_t)c.masked_rows * dim, NAN);
     emu::launch(dim3(c.seqs * area), dim3(c.threads), 0, kernel, images.data(), origin.data(), slots.data(),
