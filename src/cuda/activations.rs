@@ -58,8 +58,6 @@ pub(super) struct Activations<T> {
     /// attention) and 2l+2 (after the MLP).
     pub resid: Vec<CudaSlice<f32>>,
     pub blocks: Vec<BlockActivations<T>>,
-    /// [N, D] a branch's output projection before the residual add.
-    pub branch: CudaSlice<T>,
     /// [Nm, D] masked tokens of the last residual snapshot.
     pub xm: CudaSlice<f32>,
     /// [Nm, D] final LayerNorm of the masked tokens.
@@ -105,7 +103,7 @@ impl<T: Storage> Activations<T> {
         let (d, h, p, l) = (m.width, m.hidden(), m.patch_dim(), m.depth);
         let block_t = n * (6 * d + 2 * h);
         let block_f32 = 4 * n + s * m.heads * m.seq_len();
-        let storage = l * block_t + nv * (p + 2 * d) + n * (6 * d + h) + nm * (2 * d + 2 * p);
+        let storage = l * block_t + nv * (p + 2 * d) + n * (5 * d + h) + nm * (2 * d + 2 * p);
         let fp32 = l * block_f32 + (2 * l + 2) * n * d + nm * (p + 2 * d + 3) + 1;
         let index = 2 * s + nm + s * m.window_area();
         // Two device buffers of the pixels, as bytes.
@@ -152,7 +150,6 @@ impl<T: Storage> Activations<T> {
             emb: gpu.zeros(nv * d, "patch embeddings")?,
             resid,
             blocks,
-            branch: gpu.zeros(n * d, "branch output")?,
             xm: gpu.zeros(nm * d, "masked tokens")?,
             lnm: gpu.zeros(nm * d, "final norm output")?,
             lnm_mean: gpu.zeros(nm, "final norm mean")?,

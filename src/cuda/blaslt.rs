@@ -251,6 +251,11 @@ pub fn alignment(addr: u64) -> u32 {
     }
 }
 
+/// Bytes an epilogue vector (bias, bias gradient) must be aligned to: cuBLASLt's
+/// alignment preferences cover A, B, C and D only, and its epilogues may use 16-byte
+/// accesses on the vector, which fault on a less aligned address.
+pub const VECTOR_ALIGN: u32 = 16;
+
 /// A description and the alignments of its A, B, C, D addresses: what a plan is for.
 type PlanKey = (GemmDesc, [u32; 4]);
 
@@ -413,14 +418,8 @@ impl Drop for BlasLt {
 }
 
 impl BlasLt {
+    /// The handle on the GPU's stream ([`Gpu::open`] checked that the library loads).
     pub fn new(gpu: &Gpu) -> Result<BlasLt> {
-        // SAFETY: only tries to dlopen the library.
-        if !unsafe { cudarc::cublaslt::sys::is_culib_present() } {
-            bail!(
-                "cuBLASLt 13 not found: libcublasLt.so.13 could not be loaded; install it \
-                 (pip install nvidia-cublas) and put its nvidia/cu13/lib directory on LD_LIBRARY_PATH"
-            );
-        }
         gpu.ctx()
             .bind_to_thread()
             .context("binding the CUDA context")?;
@@ -540,6 +539,12 @@ impl BlasLt {
             (_, None) => bail!("GEMM epilogue {:?} needs its vector", g.epilogue),
             (_, Some(v)) => {
                 v.check(g.bias_len(), "GEMM epilogue vector")?;
+                if alignment(*v.addr()) < VECTOR_ALIGN {
+                    bail!(
+                        "GEMM epilogue vector at {:#x} is not {VECTOR_ALIGN}-byte aligned",
+                        v.addr()
+                    );
+                }
                 Some(*v.addr())
             }
         };
@@ -601,14 +606,14 @@ impl BlasLt {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use crate::cpu::ops::linear;
 
     /// cuBLASLt's contract, read literally from a [`GemmDesc`]: column-major operands at
     /// their leading dimensions, the transposes, β, and the epilogue. Returns D's buffer
     /// (starting from `d`) and the BGRADB vector.
-    fn interpret(
+    pub(in crate::cuda) fn interpret(
         g: &GemmDesc,
         a: &[f64],
         b: &[f64],

@@ -55,9 +55,9 @@ impl Gpu {
             bail!("this build of lomar has no CUDA kernels (nvcc was not found when it was compiled); {NVCC_HINT}");
         }
         // SAFETY: only tries to dlopen the library.
-        if !unsafe { cudarc::cublas::sys::is_culib_present() } {
+        if !unsafe { cudarc::cublaslt::sys::is_culib_present() } {
             bail!(
-                "cuBLAS 13 not found: libcublas.so.13 could not be loaded; install it \
+                "cuBLASLt 13 not found: libcublasLt.so.13 could not be loaded; install it \
                  (pip install nvidia-cublas) and put its nvidia/cu13/lib directory on LD_LIBRARY_PATH"
             );
         }

@@ -4,16 +4,19 @@
 //! D width, H = 4D hidden, P = 3p². The residual stream and its gradient are fp32; GEMM
 //! operands are the storage type. Every gradient is added (never written) into the fp32
 //! gradient buffer, already multiplied by the caller's grad_scale, which enters once, at
-//! the loss gradient.
+//! the loss gradient. The linear layers run on cuBLASLt ([`LinearLayers`]): the qkv and fc1
+//! biases in the GEMM's epilogue, proj and fc2 adding their branch and bias straight into
+//! the fp32 residual stream, the qkv and head bias gradients from BGRADB.
 
 use anyhow::{Context, Result};
 use cudarc::driver::CudaSlice;
 
 use super::activations::Activations;
 use super::attention::{AttnShape, AttnTuning};
+use super::blaslt::BlasLt;
 use super::device::{DevPtr, Gpu};
-use super::gemm::Blas;
 use super::kernels::Kernels;
+use super::linear::{LayerShapes, LinearLayers};
 use super::nvtx;
 use super::storage::Storage;
 use crate::config::ModelConfig;
@@ -24,7 +27,7 @@ use crate::params::ModelRanges;
 pub(super) struct Pass<'a, T: Storage> {
     pub gpu: &'a Gpu,
     pub kernels: &'a Kernels<T>,
-    pub blas: &'a Blas,
+    pub blas: &'a BlasLt,
     pub model: &'a ModelConfig,
     pub ranges: &'a ModelRanges,
     /// fp32 master weights: LayerNorm, biases, tokens, bias tables.
@@ -57,6 +60,18 @@ impl<'a, T: Storage> Pass<'a, T> {
         self.grads.range(r.clone())
     }
 
+    fn linear(&self) -> LinearLayers<'a, T> {
+        LinearLayers {
+            lt: self.blas,
+            kernels: self.kernels,
+            scratch: self.scratch,
+        }
+    }
+
+    fn shapes(&self) -> LayerShapes {
+        LayerShapes::new(self.model, self.seqs())
+    }
+
     fn attention_shape(&self) -> AttnShape {
         AttnShape {
             seqs: self.seqs(),
@@ -86,15 +101,14 @@ impl<'a, T: Storage> Pass<'a, T> {
 
     fn embed_forward(&self) -> Result<()> {
         let (a, m, r) = (self.acts, self.model, self.ranges);
-        let nv = self.seqs() * m.visible_per_window();
         a.gather_windows(self.gpu, self.kernels, m, self.seqs())?;
-        self.blas.linear_forward(
+        // The patch bias is added with the tokens, where its gradient is summed too.
+        self.linear().linear_forward(
+            self.ptr(&a.emb)?,
             self.ptr(&a.patches)?,
             self.w(&r.patch_w)?,
-            self.ptr(&a.emb)?,
-            nv,
-            m.patch_dim(),
-            m.width,
+            None,
+            self.shapes().patch,
         )?;
         self.kernels.assemble_tokens_forward(
             self.ptr(&a.emb)?,
@@ -110,7 +124,13 @@ impl<'a, T: Storage> Pass<'a, T> {
 
     /// x_mid = x_in + proj(attn(LN1(x_in))); x_out = x_mid + fc2(gelu(fc1(LN2(x_mid)))).
     fn block_forward(&self, l: usize) -> Result<()> {
-        let (a, m, k) = (self.acts, self.model, self.kernels);
+        let (a, m, k, lin, sh) = (
+            self.acts,
+            self.model,
+            self.kernels,
+            self.linear(),
+            self.shapes(),
+        );
         let (r, ba) = (&self.ranges.blocks[l], &a.blocks[l]);
         let (n, d, h) = (self.seqs() * m.seq_len(), m.width, m.hidden());
         let (x_in, x_mid, x_out) = (
@@ -118,7 +138,6 @@ impl<'a, T: Storage> Pass<'a, T> {
             self.ptr(&a.resid[2 * l + 1])?,
             self.ptr(&a.resid[2 * l + 2])?,
         );
-        let branch = self.ptr(&a.branch)?;
 
         k.layernorm_forward(
             x_in,
@@ -130,15 +149,13 @@ impl<'a, T: Storage> Pass<'a, T> {
             n,
             d,
         )?;
-        self.blas.linear_forward(
+        lin.linear_forward(
+            self.ptr(&ba.qkv)?,
             self.ptr(&ba.ln1)?,
             self.w(&r.qkv_w)?,
-            self.ptr(&ba.qkv)?,
-            n,
-            d,
-            3 * d,
+            Some(self.p(&r.qkv_b)?),
+            sh.qkv,
         )?;
-        k.add_bias(self.ptr(&ba.qkv)?, self.p(&r.qkv_b)?, n, 3 * d)?;
         k.attention_forward(
             self.ptr(&ba.qkv)?,
             self.p(&r.rel_bias)?,
@@ -147,9 +164,14 @@ impl<'a, T: Storage> Pass<'a, T> {
             self.attention_shape(),
             AttnTuning::default(),
         )?;
-        self.blas
-            .linear_forward(self.ptr(&ba.attn)?, self.w(&r.proj_w)?, branch, n, d, d)?;
-        k.residual_add_bias(x_in, branch, self.p(&r.proj_b)?, x_mid, n, d)?;
+        lin.linear_forward_add(
+            x_mid,
+            x_in,
+            self.ptr(&ba.attn)?,
+            self.w(&r.proj_w)?,
+            self.p(&r.proj_b)?,
+            sh.proj,
+        )?;
 
         k.layernorm_forward(
             x_mid,
@@ -161,24 +183,25 @@ impl<'a, T: Storage> Pass<'a, T> {
             n,
             d,
         )?;
-        self.blas.linear_forward(
+        // fc1's bias in the epilogue rather than in the GELU kernel: the kernel then reads
+        // `pre` and writes `act` (2 N·H values) instead of also writing `pre` back with the
+        // bias (3), and `pre` is rounded to storage once instead of twice.
+        lin.linear_forward(
+            self.ptr(&ba.pre)?,
             self.ptr(&ba.ln2)?,
             self.w(&r.fc1_w)?,
-            self.ptr(&ba.pre)?,
-            n,
-            d,
-            h,
+            Some(self.p(&r.fc1_b)?),
+            sh.fc1,
         )?;
-        k.bias_gelu_forward(
-            self.ptr(&ba.pre)?,
-            self.p(&r.fc1_b)?,
+        k.gelu_forward(self.ptr(&ba.pre)?, self.ptr(&ba.act)?, n, h)?;
+        lin.linear_forward_add(
+            x_out,
+            x_mid,
             self.ptr(&ba.act)?,
-            n,
-            h,
-        )?;
-        self.blas
-            .linear_forward(self.ptr(&ba.act)?, self.w(&r.fc2_w)?, branch, n, h, d)?;
-        k.residual_add_bias(x_mid, branch, self.p(&r.fc2_b)?, x_out, n, d)
+            self.w(&r.fc2_w)?,
+            self.p(&r.fc2_b)?,
+            sh.fc2,
+        )
     }
 
     /// Final norm and head on the masked tokens, the loss with its gradient, and the
@@ -204,13 +227,13 @@ impl<'a, T: Storage> Pass<'a, T> {
             nm,
             d,
         )?;
-        self.blas.linear_forward(
+        // The head bias is added in the loss kernel, which reads pred anyway.
+        self.linear().linear_forward(
+            self.ptr(&a.pred)?,
             self.ptr(&a.lnm)?,
             self.w(&r.head_w)?,
-            self.ptr(&a.pred)?,
-            nm,
-            d,
-            p,
+            None,
+            self.shapes().head,
         )?;
         k.masked_mse(
             self.ptr(&a.pred)?,
@@ -224,22 +247,14 @@ impl<'a, T: Storage> Pass<'a, T> {
             grad_scale,
         )?;
 
-        k.column_sum(self.ptr(&a.dpred)?, nm, p, self.scratch, self.g(&r.head_b)?)?;
-        self.blas.linear_backward_weight(
+        self.linear().linear_backward(
+            Some(self.ptr(&a.dlnm)?),
+            self.g(&r.head_w)?,
+            Some(self.g(&r.head_b)?),
             self.ptr(&a.dpred)?,
             self.ptr(&a.lnm)?,
-            self.g(&r.head_w)?,
-            nm,
-            d,
-            p,
-        )?;
-        self.blas.linear_backward_input(
-            self.ptr(&a.dpred)?,
             self.w(&r.head_w)?,
-            self.ptr(&a.dlnm)?,
-            nm,
-            d,
-            p,
+            self.shapes().head,
         )?;
         // The last block's fc2 bias gradient is the column sum of d x_out, which is zero
         // outside the masked rows: the column sum of dxm, from the LayerNorm backward.
@@ -276,7 +291,13 @@ impl<'a, T: Storage> Pass<'a, T> {
     /// On entry `dy` holds d x_out in storage type and the fc2 bias gradient is already
     /// added; on leaving, the same holds for block `l - 1`.
     fn block_backward(&self, l: usize) -> Result<()> {
-        let (a, m, k) = (self.acts, self.model, self.kernels);
+        let (a, m, k, lin, sh) = (
+            self.acts,
+            self.model,
+            self.kernels,
+            self.linear(),
+            self.shapes(),
+        );
         let (r, ba) = (&self.ranges.blocks[l], &a.blocks[l]);
         let (n, d, h) = (self.seqs() * m.seq_len(), m.width, m.hidden());
         let (dx, dy, dsmall) = (self.ptr(&a.dx)?, self.ptr(&a.dy)?, self.ptr(&a.dsmall)?);
@@ -284,11 +305,19 @@ impl<'a, T: Storage> Pass<'a, T> {
         // The block below, whose fc2 bias and operand the last LayerNorm backward feeds.
         let below = l.checked_sub(1).map(|b| &self.ranges.blocks[b]);
 
-        // MLP branch: dx holds d x_out, which is also the gradient of fc2's output.
-        self.blas
-            .linear_backward_weight(dy, self.ptr(&ba.act)?, self.g(&r.fc2_w)?, n, h, d)?;
-        self.blas
-            .linear_backward_input(dy, self.w(&r.fc2_w)?, dhidden, n, h, d)?;
+        // MLP branch: dx holds d x_out, which is also the gradient of fc2's output. The
+        // proj and fc2 bias gradients are not BGRADB's: that would sum dy, rounded to
+        // storage, while the LayerNorm backward that makes dx sums it in fp32 on its way.
+        lin.linear_backward(
+            Some(dhidden),
+            self.g(&r.fc2_w)?,
+            None,
+            dy,
+            self.ptr(&ba.act)?,
+            self.w(&r.fc2_w)?,
+            sh.fc2,
+        )?;
+        // fc1's bias gradient stays in the GELU backward, which reads d pre anyway.
         k.gelu_backward(
             self.ptr(&ba.pre)?,
             dhidden,
@@ -297,16 +326,15 @@ impl<'a, T: Storage> Pass<'a, T> {
             self.scratch,
             self.g(&r.fc1_b)?,
         )?;
-        self.blas.linear_backward_weight(
+        lin.linear_backward(
+            Some(dsmall),
+            self.g(&r.fc1_w)?,
+            None,
             dhidden,
             self.ptr(&ba.ln2)?,
-            self.g(&r.fc1_w)?,
-            n,
-            d,
-            h,
+            self.w(&r.fc1_w)?,
+            sh.fc1,
         )?;
-        self.blas
-            .linear_backward_input(dhidden, self.w(&r.fc1_w)?, dsmall, n, d, h)?;
         k.layernorm_backward(
             self.ptr(&a.resid[2 * l + 1])?,
             dsmall,
@@ -324,10 +352,15 @@ impl<'a, T: Storage> Pass<'a, T> {
         )?;
 
         // Attention branch: dx now holds d x_mid, dy its storage copy.
-        self.blas
-            .linear_backward_weight(dy, self.ptr(&ba.attn)?, self.g(&r.proj_w)?, n, d, d)?;
-        self.blas
-            .linear_backward_input(dy, self.w(&r.proj_w)?, dsmall, n, d, d)?;
+        lin.linear_backward(
+            Some(dsmall),
+            self.g(&r.proj_w)?,
+            None,
+            dy,
+            self.ptr(&ba.attn)?,
+            self.w(&r.proj_w)?,
+            sh.proj,
+        )?;
         k.attention_backward(
             self.ptr(&ba.qkv)?,
             self.p(&r.rel_bias)?,
@@ -339,17 +372,15 @@ impl<'a, T: Storage> Pass<'a, T> {
             self.attention_shape(),
             AttnTuning::default(),
         )?;
-        k.column_sum(dqkv, n, 3 * d, self.scratch, self.g(&r.qkv_b)?)?;
-        self.blas.linear_backward_weight(
+        lin.linear_backward(
+            Some(dsmall),
+            self.g(&r.qkv_w)?,
+            Some(self.g(&r.qkv_b)?),
             dqkv,
             self.ptr(&ba.ln1)?,
-            self.g(&r.qkv_w)?,
-            n,
-            d,
-            3 * d,
+            self.w(&r.qkv_w)?,
+            sh.qkv,
         )?;
-        self.blas
-            .linear_backward_input(dqkv, self.w(&r.qkv_w)?, dsmall, n, d, 3 * d)?;
         k.layernorm_backward(
             self.ptr(&a.resid[2 * l])?,
             dsmall,
@@ -370,7 +401,6 @@ impl<'a, T: Storage> Pass<'a, T> {
     /// d cls, d mask_token, d patch bias and d W_pe from the residual gradient at the input.
     fn embed_backward(&self) -> Result<()> {
         let (a, m, r) = (self.acts, self.model, self.ranges);
-        let nv = self.seqs() * m.visible_per_window();
         self.kernels.assemble_tokens_backward(
             self.ptr(&a.dx)?,
             self.ptr(&a.pos_slot)?,
@@ -382,13 +412,14 @@ impl<'a, T: Storage> Pass<'a, T> {
             m,
             self.seqs(),
         )?;
-        self.blas.linear_backward_weight(
+        self.linear().linear_backward(
+            None,
+            self.g(&r.patch_w)?,
+            None,
             self.ptr(&a.demb)?,
             self.ptr(&a.patches)?,
-            self.g(&r.patch_w)?,
-            nv,
-            m.patch_dim(),
-            m.width,
+            self.w(&r.patch_w)?,
+            self.shapes().patch,
         )
     }
 }
