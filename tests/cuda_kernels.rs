@@ -8,11 +8,11 @@ use common::{gpu_or_skip, rng, round_to, sample_batch, uniform, Report};
 use cudarc::driver::CudaSlice;
 use half::bf16;
 use lomar::backend::{AdamWStep, Backend, Precision};
-use lomar::config::{preset, ModelConfig};
+use lomar::config::{preset, ModelConfig, PRESETS};
 use lomar::cpu::ops::{gelu, layernorm, linear, loss, tokens, window_gather};
-use lomar::cuda::blaslt::Linear;
+use lomar::cuda::blaslt::{Dtype, GemmDesc, Layout, Linear};
 use lomar::cuda::launch::{scratch_len, REDUCE_CHUNKS};
-use lomar::cuda::linear::LinearLayers;
+use lomar::cuda::linear::{LayerShapes, LinearLayers};
 use lomar::cuda::pixels::{PixelSource, PixelUpload, PixelValue};
 use lomar::cuda::{BlasLt, CudaBackend, DevPtr, Gpu, Kernels, Storage};
 use lomar::data::batch::{Batch, Pixels};
@@ -855,6 +855,36 @@ fn blaslt_case<T: Storage>(gpu: &Gpu, lt: &BlasLt, k: &Kernels<T>, title: String
         .unwrap_err();
     assert!(format!("{err:#}").contains("aligned"), "{err:#}");
     report.finish();
+}
+
+/// cuBLASLt has an algorithm (one heuristic query each) for every product of every layer
+/// of every LoMaR preset at batch 256, in both storage types, with operands aligned to
+/// 256 bytes and to only their element size, as tensors inside the flat buffers may be.
+#[test]
+fn blaslt_plans_every_preset_layer() {
+    let Some(gpu) = gpu_or_skip("blaslt_plans_every_preset_layer") else {
+        return;
+    };
+    let lt = BlasLt::new(&gpu).expect("cuBLASLt handle");
+    let bytes = |l: &Layout| match l.dtype {
+        Dtype::F32 => 4,
+        Dtype::Bf16 => 2,
+    };
+    for name in PRESETS.iter().filter(|n| !n.starts_with("mae_")) {
+        let m = preset(name).unwrap();
+        for (layer, s) in LayerShapes::new(&m, 256 * m.windows_per_image).all() {
+            for elem in [Dtype::F32, Dtype::Bf16] {
+                for g in GemmDesc::every_product(s, elem) {
+                    let least = [&g.a, &g.b, &g.c, &g.d].map(bytes);
+                    for align in [[256; 4], least] {
+                        lt.prepare(&g, align).unwrap_or_else(|e| {
+                            panic!("{name} {layer} {elem:?} at alignments {align:?}: {e:#}")
+                        });
+                    }
+                }
+            }
+        }
+    }
 }
 
 #[test]

@@ -158,6 +158,18 @@ impl LayerShapes {
             head: layer(seqs * m.masked_per_window(), d, m.patch_dim()),
         }
     }
+
+    /// Each layer with its name.
+    pub fn all(&self) -> [(&'static str, Linear); 6] {
+        [
+            ("patch", self.patch),
+            ("qkv", self.qkv),
+            ("proj", self.proj),
+            ("fc1", self.fc1),
+            ("fc2", self.fc2),
+            ("head", self.head),
+        ]
+    }
 }
 
 #[cfg(test)]
@@ -168,39 +180,15 @@ mod tests {
     use crate::cuda::blaslt::tests::interpret;
     use crate::cuda::blaslt::{Dtype, GemmDesc};
 
-    fn all(sh: LayerShapes) -> [(&'static str, Linear); 6] {
-        [
-            ("patch", sh.patch),
-            ("qkv", sh.qkv),
-            ("proj", sh.proj),
-            ("fc1", sh.fc1),
-            ("fc2", sh.fc2),
-            ("head", sh.head),
-        ]
-    }
-
-    /// What the layer API asks cuBLASLt for: the forward with and without its bias, the
-    /// residual forward, and both backward products with and without BGRADB.
-    fn descriptors(s: Linear, elem: Dtype) -> Vec<GemmDesc> {
-        vec![
-            GemmDesc::forward(s, elem, false),
-            GemmDesc::forward(s, elem, true),
-            GemmDesc::forward_residual(s, elem),
-            GemmDesc::backward_input(s, elem),
-            GemmDesc::backward_weight(s, elem, false),
-            GemmDesc::backward_weight(s, elem, true),
-        ]
-    }
-
     #[test]
     fn every_preset_layer_has_valid_descriptors() {
         for name in PRESETS.iter().filter(|n| !n.starts_with("mae_")) {
             let m = preset(name).unwrap();
             // One image, and a batch of 256.
             for seqs in [m.windows_per_image, 256 * m.windows_per_image] {
-                for (layer, s) in all(LayerShapes::new(&m, seqs)) {
+                for (layer, s) in LayerShapes::new(&m, seqs).all() {
                     for elem in [Dtype::F32, Dtype::Bf16] {
-                        for g in descriptors(s, elem) {
+                        for g in GemmDesc::every_product(s, elem) {
                             g.validate()
                                 .unwrap_or_else(|e| panic!("{name} {layer} {s:?}: {e:#}"));
                         }
@@ -250,7 +238,7 @@ mod tests {
     #[test]
     fn layers_through_the_descriptors_equal_the_cpu_op_over_micro_batches() {
         let m = preset("tiny").unwrap();
-        for (layer, s) in all(LayerShapes::new(&m, 2)) {
+        for (layer, s) in LayerShapes::new(&m, 2).all() {
             let w = values(s.out * s.inp, 1.3);
             let b = values(s.out, 2.1);
             let nan = |n: usize| vec![f64::NAN; n];
