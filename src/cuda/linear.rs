@@ -49,7 +49,7 @@ impl<'a, T: Storage> LinearLayers<'a, T> {
 
     /// x_in [rows, out] f32, x [rows, in] T, w [out, in] T, b [out] f32
     ///   -> x_out [rows, out] f32 = x_in + x·wᵀ + b: a residual branch's last layer, the
-    /// branch never rounded to T. `x_out` must not be `x_in`.
+    /// branch never rounded to T.
     pub fn linear_forward_add(
         &self,
         x_out: DevPtr<'_, f32>,
