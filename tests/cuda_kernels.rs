@@ -11,7 +11,7 @@ use lomar::backend::{AdamWStep, Backend, Precision};
 use lomar::config::{preset, ModelConfig, PRESETS};
 use lomar::cpu::ops::{gelu, layernorm, linear, loss, tokens, window_gather};
 use lomar::cuda::blaslt::{Dtype, GemmDesc, Layout, Linear};
-use lomar::cuda::launch::{scratch_len, REDUCE_CHUNKS};
+use lomar::cuda::launch::{scratch_len, MaskedRows, REDUCE_CHUNKS};
 use lomar::cuda::linear::{LayerShapes, LinearLayers};
 use lomar::cuda::pixels::{PixelSource, PixelUpload, PixelValue};
 use lomar::cuda::{BlasLt, CudaBackend, DevPtr, Gpu, Kernels, Storage};
@@ -298,6 +298,7 @@ fn masked_token_gather_and_scatter_match_cpu() {
         let batch = sample_batch(&m, 4, 14);
         let (seqs, d, t) = (batch.sequences(&m), m.width, m.seq_len());
         let nm = seqs * m.masked_per_window();
+        let rows = MaskedRows::new(&m, seqs, d);
         let mut r = rng(15);
         let x = uniform(&mut r, seqs * t * d, 1.0);
         let mut want = vec![0.0; nm * d];
@@ -307,7 +308,7 @@ fn masked_token_gather_and_scatter_match_cpu() {
             gpu.upload(&batch.mask_index, "mask").unwrap(),
         );
         let xm: CudaSlice<f32> = gpu.zeros(nm * d, "xm").unwrap();
-        k32.gather_masked_tokens(dev(gpu, &x_d), dev(gpu, &idx), dev(gpu, &xm), &m, seqs)
+        k32.gather_masked_tokens(dev(gpu, &x_d), dev(gpu, &idx), dev(gpu, &xm), rows)
             .unwrap();
         let mut report = Report::new(test);
         report.close("gathered masked tokens", &down(gpu, &xm), &want, 0.0);
@@ -317,7 +318,7 @@ fn masked_token_gather_and_scatter_match_cpu() {
         let dx_d = up::<f32>(gpu, &want_dx);
         tokens::scatter_masked_tokens(&mut want_dx, &dxm, &batch.mask_index, t);
         let dxm_d = up::<f32>(gpu, &dxm);
-        k32.scatter_masked_tokens(dev(gpu, &dxm_d), dev(gpu, &idx), dev(gpu, &dx_d), &m, seqs)
+        k32.scatter_masked_tokens(dev(gpu, &dxm_d), dev(gpu, &idx), dev(gpu, &dx_d), rows)
             .unwrap();
         report.close(
             "scattered gradient (accumulated)",

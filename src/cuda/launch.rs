@@ -35,6 +35,29 @@ pub const SUM_BLOCKS: usize = 1024;
 /// Grid-stride kernels never launch more blocks than this.
 const MAX_BLOCKS: usize = 1 << 16;
 
+/// The masked token rows of `seqs` sequences of `tokens` rows of `width` values each,
+/// `masked` of them per sequence: what the masked-token gather and scatter move.
+#[derive(Clone, Copy, Debug)]
+pub struct MaskedRows {
+    pub seqs: usize,
+    pub tokens: usize,
+    pub masked: usize,
+    pub width: usize,
+}
+
+impl MaskedRows {
+    /// The masked positions of model `m`'s windows (`T = 1 + K²`, `M` per window) in
+    /// `seqs` sequences of `width`-wide tokens: LoMaR's encoder stream, MAE's decoder one.
+    pub fn new(m: &ModelConfig, seqs: usize, width: usize) -> MaskedRows {
+        MaskedRows {
+            seqs,
+            tokens: m.seq_len(),
+            masked: m.masked_per_window(),
+            width,
+        }
+    }
+}
+
 /// Floats of reduction scratch a model needs (see [`Kernels::gelu_backward`] and friends).
 pub fn scratch_len(m: &ModelConfig) -> usize {
     let widest = (m.hidden()).max(3 * m.width).max(m.patch_dim());
@@ -270,14 +293,13 @@ impl<T: Storage> Kernels<T> {
         self.partials_finish(scratch, &[d_cls, d_mask_token, d_patch_bias], chunks, d)
     }
 
-    /// x [S, 1+K², D] f32, mask_index [S, M] -> xm [S*M, D] f32.
+    /// x [S, T, D] f32, mask_index [S, M] -> xm [S*M, D] f32.
     pub fn gather_masked_tokens(
         &self,
         x: DevPtr<f32>,
         mask_index: DevPtr<u32>,
         xm: DevPtr<f32>,
-        m: &ModelConfig,
-        seqs: usize,
+        rows: MaskedRows,
     ) -> Result<()> {
         self.masked_rows(
             &self.gather_masked_tokens,
@@ -285,20 +307,18 @@ impl<T: Storage> Kernels<T> {
             x,
             mask_index,
             xm,
-            m,
-            seqs,
+            rows,
             true,
         )
     }
 
-    /// dxm [S*M, D] f32, mask_index [S, M] -> dx [S, 1+K², D] f32 (+= on the masked rows).
+    /// dxm [S*M, D] f32, mask_index [S, M] -> dx [S, T, D] f32 (+= on the masked rows).
     pub fn scatter_masked_tokens(
         &self,
         dxm: DevPtr<f32>,
         mask_index: DevPtr<u32>,
         dx: DevPtr<f32>,
-        m: &ModelConfig,
-        seqs: usize,
+        rows: MaskedRows,
     ) -> Result<()> {
         self.masked_rows(
             &self.scatter_masked_tokens,
@@ -306,8 +326,7 @@ impl<T: Storage> Kernels<T> {
             dxm,
             mask_index,
             dx,
-            m,
-            seqs,
+            rows,
             false,
         )
     }
@@ -321,11 +340,15 @@ impl<T: Storage> Kernels<T> {
         src: DevPtr<f32>,
         mask_index: DevPtr<u32>,
         dst: DevPtr<f32>,
-        m: &ModelConfig,
-        seqs: usize,
+        rows: MaskedRows,
         gather: bool,
     ) -> Result<()> {
-        let (d, t, mk) = (m.width, m.seq_len(), m.masked_per_window());
+        let MaskedRows {
+            seqs,
+            tokens: t,
+            masked: mk,
+            width: d,
+        } = rows;
         let (tokens, rows) = if gather { (src, dst) } else { (dst, src) };
         tokens.check(seqs * t * d, &format!("{name} tokens"))?;
         rows.check(seqs * mk * d, &format!("{name} masked rows"))?;

@@ -20,7 +20,7 @@ use super::blaslt::{alignment, BlasLt, Linear, VECTOR_ALIGN};
 use super::device::DevPtr;
 use super::kernels::Kernels;
 use super::storage::Storage;
-use crate::config::ModelConfig;
+use crate::config::{ModelConfig, MLP_RATIO};
 
 /// The linear-layer products of one pass, borrowed from the engine that owns the handle,
 /// the kernels and the scratch.
@@ -130,32 +130,47 @@ fn copy<T: Storage>(
     .context("copying a bias to an aligned buffer")
 }
 
-/// The row-major shapes of the network's linear layers for `seqs` sequences: what the
-/// pass hands to [`LinearLayers`].
+/// The row-major shapes of a transformer block's linear layers over `rows` token rows of
+/// `width` values (hidden width `MLP_RATIO · width`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct LayerShapes {
-    /// Visible patches -> embeddings.
-    pub patch: Linear,
+pub struct BlockShapes {
     pub qkv: Linear,
     pub proj: Linear,
     pub fc1: Linear,
     pub fc2: Linear,
+}
+
+impl BlockShapes {
+    pub fn new(rows: usize, width: usize) -> BlockShapes {
+        let (d, h) = (width, MLP_RATIO * width);
+        let layer = |inp, out| Linear { rows, inp, out };
+        BlockShapes {
+            qkv: layer(d, 3 * d),
+            proj: layer(d, d),
+            fc1: layer(d, h),
+            fc2: layer(h, d),
+        }
+    }
+}
+
+/// The row-major shapes of LoMaR's linear layers for `seqs` sequences: what its pass hands
+/// to [`LinearLayers`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LayerShapes {
+    /// Visible patches -> embeddings.
+    pub patch: Linear,
+    pub block: BlockShapes,
     /// Masked tokens -> predicted pixels.
     pub head: Linear,
 }
 
 impl LayerShapes {
     pub fn new(m: &ModelConfig, seqs: usize) -> LayerShapes {
-        let n = seqs * m.seq_len();
-        let (d, h) = (m.width, m.hidden());
         let layer = |rows, inp, out| Linear { rows, inp, out };
         LayerShapes {
-            patch: layer(seqs * m.visible_per_window(), m.patch_dim(), d),
-            qkv: layer(n, d, 3 * d),
-            proj: layer(n, d, d),
-            fc1: layer(n, d, h),
-            fc2: layer(n, h, d),
-            head: layer(seqs * m.masked_per_window(), d, m.patch_dim()),
+            patch: layer(seqs * m.visible_per_window(), m.patch_dim(), m.width),
+            block: BlockShapes::new(seqs * m.seq_len(), m.width),
+            head: layer(seqs * m.masked_per_window(), m.width, m.patch_dim()),
         }
     }
 
@@ -163,10 +178,10 @@ impl LayerShapes {
     pub fn all(&self) -> [(&'static str, Linear); 6] {
         [
             ("patch", self.patch),
-            ("qkv", self.qkv),
-            ("proj", self.proj),
-            ("fc1", self.fc1),
-            ("fc2", self.fc2),
+            ("qkv", self.block.qkv),
+            ("proj", self.block.proj),
+            ("fc1", self.block.fc1),
+            ("fc2", self.block.fc2),
             ("head", self.head),
         ]
     }
@@ -203,13 +218,13 @@ mod tests {
         let m = preset("vit_base").unwrap();
         let seqs = 2 * m.windows_per_image;
         let sh = LayerShapes::new(&m, seqs);
-        let n = seqs * m.seq_len();
-        assert_eq!((sh.qkv.rows, sh.qkv.inp, sh.qkv.out), (n, 768, 3 * 768));
+        let (n, b) = (seqs * m.seq_len(), sh.block);
+        assert_eq!((b.qkv.rows, b.qkv.inp, b.qkv.out), (n, 768, 3 * 768));
         assert_eq!(
-            (sh.fc1.inp, sh.fc1.out, sh.fc2.inp, sh.fc2.out),
+            (b.fc1.inp, b.fc1.out, b.fc2.inp, b.fc2.out),
             (768, 3072, 3072, 768)
         );
-        assert_eq!((sh.proj.rows, sh.proj.inp, sh.proj.out), (n, 768, 768));
+        assert_eq!((b.proj.rows, b.proj.inp, b.proj.out), (n, 768, 768));
         assert_eq!(
             (sh.patch.rows, sh.patch.inp),
             (seqs * m.visible_per_window(), 768)

@@ -10,6 +10,7 @@ mod activations;
 pub mod attention;
 mod backend;
 pub mod blaslt;
+mod block;
 pub mod device;
 pub mod global_attention;
 pub mod kernels;
