@@ -20,7 +20,7 @@ pub const NVCC_HINT: &str = "rebuild with nvcc 13.0 available: pip install --tar
     NVCC=DIR/nvidia/cu13/bin/nvcc and run cargo build again";
 
 /// Why this machine has no usable GPU (no driver, or no device), or `None` when it has
-/// one. A missing cuBLAS or a build without kernels is not reported here: on a GPU
+/// one. A missing cuBLASLt or a build without kernels is not reported here: on a GPU
 /// machine those are errors for [`Gpu::open`] to name.
 pub fn unavailable() -> Option<String> {
     // SAFETY: only tries to dlopen the driver library.
