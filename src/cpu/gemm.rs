@@ -344,7 +344,9 @@ mod tests {
                 c
             };
             let want = naive(a_ref, b_ref);
-            let starts: [(Start<f32>, &dyn Fn(usize) -> f64); 4] = [
+            // Each start beside the value it puts under element `i` of the product.
+            type StartValue<'a> = &'a dyn Fn(usize) -> f64;
+            let starts: [(Start<f32>, StartValue); 4] = [
                 (Start::Zero, &|_| 0.0),
                 (Start::Dst, &|i| c64[i]),
                 (Start::Bias(&bias32), &|i| bias64[i % n]),

@@ -35,8 +35,36 @@ pub(super) struct BlockActivations<T> {
     pub act: CudaSlice<T>,
 }
 
-pub(super) struct Activations<T> {
-    pub images_len: usize,
+impl<T: Storage> BlockActivations<T> {
+    /// The buffers of a block over `rows` tokens of width `d`, hidden width `h` and `lse`
+    /// log-sum-exp values (`S·h·T`); `name` labels them in an allocation error.
+    pub fn new(gpu: &Gpu, name: &str, rows: usize, d: usize, h: usize, lse: usize) -> Result<Self> {
+        let z = |len: usize, what: &str| gpu.zeros::<T>(len, &format!("{name} {what}"));
+        let f = |len: usize, what: &str| gpu.zeros::<f32>(len, &format!("{name} {what}"));
+        Ok(BlockActivations {
+            ln1: z(rows * d, "ln1")?,
+            ln1_mean: f(rows, "ln1 mean")?,
+            ln1_rstd: f(rows, "ln1 rstd")?,
+            qkv: z(rows * 3 * d, "qkv")?,
+            attn: z(rows * d, "attention output")?,
+            lse: f(lse, "attention lse")?,
+            ln2: z(rows * d, "ln2")?,
+            ln2_mean: f(rows, "ln2 mean")?,
+            ln2_rstd: f(rows, "ln2 rstd")?,
+            pre: z(rows * h, "fc1 output")?,
+            act: z(rows * h, "GELU output")?,
+        })
+    }
+
+    /// Values of storage type and of f32 that [`BlockActivations::new`] allocates.
+    pub fn sizes(rows: usize, d: usize, h: usize, lse: usize) -> (usize, usize) {
+        (rows * (6 * d + 2 * h), 4 * rows + lse)
+    }
+}
+
+/// The batch as the pass reads it: the uploaded pixels and index tensors, and the patches
+/// and targets the window gather makes of them.
+pub(super) struct Inputs<T> {
     /// What `pixels` holds: the images or each window's square of them.
     pub source: PixelSource,
     /// [B, 3, H, W] or [S, 3, K·p, K·p], bytes or normalised values as the batches bring
@@ -52,14 +80,10 @@ pub(super) struct Activations<T> {
     pub patches: CudaSlice<T>,
     /// [Nm, P] loss targets, (y, x, c).
     pub targets: CudaSlice<f32>,
-    /// [Nv, D] patch embeddings without bias.
-    pub emb: CudaSlice<T>,
-    /// 2L + 1 residual-stream snapshots [N, D]: block l reads 2l, writes 2l+1 (after
-    /// attention) and 2l+2 (after the MLP).
-    pub resid: Vec<CudaSlice<f32>>,
-    pub blocks: Vec<BlockActivations<T>>,
-    /// [N, D] a branch's output projection before the residual add.
-    pub branch: CudaSlice<T>,
+}
+
+/// The final LayerNorm and prediction head on the masked tokens, and their backward.
+pub(super) struct HeadActivations<T> {
     /// [Nm, D] masked tokens of the last residual snapshot.
     pub xm: CudaSlice<f32>,
     /// [Nm, D] final LayerNorm of the masked tokens.
@@ -69,8 +93,46 @@ pub(super) struct Activations<T> {
     /// [Nm, P] head output without bias, and its gradient.
     pub pred: CudaSlice<T>,
     pub dpred: CudaSlice<T>,
-    /// [Nm] squared error per masked token, then [1] the mean loss.
+    /// [Nm] squared error per masked token.
     pub row_loss: CudaSlice<f32>,
+    /// [Nm, D] gradients of the final LayerNorm's output and input.
+    pub dlnm: CudaSlice<T>,
+    pub dxm: CudaSlice<f32>,
+}
+
+impl<T: Storage> HeadActivations<T> {
+    /// The head's buffers for `nm` masked tokens of width `d` and patches of `p` values.
+    pub fn new(gpu: &Gpu, nm: usize, d: usize, p: usize) -> Result<Self> {
+        Ok(HeadActivations {
+            xm: gpu.zeros(nm * d, "masked tokens")?,
+            lnm: gpu.zeros(nm * d, "final norm output")?,
+            lnm_mean: gpu.zeros(nm, "final norm mean")?,
+            lnm_rstd: gpu.zeros(nm, "final norm rstd")?,
+            pred: gpu.zeros(nm * p, "predictions")?,
+            dpred: gpu.zeros(nm * p, "prediction gradient")?,
+            row_loss: gpu.zeros(nm, "row losses")?,
+            dlnm: gpu.zeros(nm * d, "final norm output gradient")?,
+            dxm: gpu.zeros(nm * d, "masked token gradient")?,
+        })
+    }
+
+    /// Values of storage type and of f32 that [`HeadActivations::new`] allocates.
+    pub fn sizes(nm: usize, d: usize, p: usize) -> (usize, usize) {
+        (nm * (2 * d + 2 * p), nm * (2 * d + 3))
+    }
+}
+
+pub(super) struct Activations<T> {
+    pub images_len: usize,
+    pub input: Inputs<T>,
+    /// [Nv, D] patch embeddings without bias.
+    pub emb: CudaSlice<T>,
+    /// 2L + 1 residual-stream snapshots [N, D]: block l reads 2l, writes 2l+1 (after
+    /// attention) and 2l+2 (after the MLP).
+    pub resid: Vec<CudaSlice<f32>>,
+    pub blocks: Vec<BlockActivations<T>>,
+    pub head: HeadActivations<T>,
+    /// [1] the mean loss.
     pub loss: CudaSlice<f32>,
     /// [N, D] residual-stream gradient.
     pub dx: CudaSlice<f32>,
@@ -82,9 +144,6 @@ pub(super) struct Activations<T> {
     pub dhidden: CudaSlice<T>,
     /// [N, 3D]
     pub dqkv: CudaSlice<T>,
-    /// [Nm, D] gradients of the final LayerNorm's output and input.
-    pub dlnm: CudaSlice<T>,
-    pub dxm: CudaSlice<f32>,
     /// [Nv, D] gradient of the patch embeddings.
     pub demb: CudaSlice<T>,
 }
@@ -103,38 +162,20 @@ impl<T: Storage> Activations<T> {
     pub fn bytes(m: &ModelConfig, images_len: usize) -> usize {
         let (s, n, nm, nv) = dims(m, images_len);
         let (d, h, p, l) = (m.width, m.hidden(), m.patch_dim(), m.depth);
-        let block_t = n * (6 * d + 2 * h);
-        let block_f32 = 4 * n + s * m.heads * m.seq_len();
-        let storage = l * block_t + nv * (p + 2 * d) + n * (6 * d + h) + nm * (2 * d + 2 * p);
-        let fp32 = l * block_f32 + (2 * l + 2) * n * d + nm * (p + 2 * d + 3) + 1;
-        let index = 2 * s + nm + s * m.window_area();
-        // Two device buffers of the pixels, as bytes.
-        let pixels = 2 * PixelSource::smaller(m).len(s);
-        storage * std::mem::size_of::<T>() + 4 * (fp32 + index) + pixels
+        let block = BlockActivations::<T>::sizes(n, d, h, s * m.heads * m.seq_len());
+        let head = HeadActivations::<T>::sizes(nm, d, p);
+        let storage = l * block.0 + nv * 2 * d + n * (5 * d + h) + head.0;
+        let fp32 = l * block.1 + (2 * l + 2) * n * d + head.1 + 1;
+        storage * std::mem::size_of::<T>() + 4 * fp32 + Inputs::<T>::bytes(m, images_len)
     }
 
     fn allocate(gpu: &Gpu, m: &ModelConfig, images_len: usize) -> Result<Self> {
         let (s, n, nm, nv) = dims(m, images_len);
-        let source = PixelSource::smaller(m);
         let (d, h, p) = (m.width, m.hidden(), m.patch_dim());
         let blocks = (0..m.depth)
             .map(|l| {
-                let z = |len: usize, what: &str| gpu.zeros::<T>(len, &format!("block {l} {what}"));
-                let f =
-                    |len: usize, what: &str| gpu.zeros::<f32>(len, &format!("block {l} {what}"));
-                Ok(BlockActivations {
-                    ln1: z(n * d, "ln1")?,
-                    ln1_mean: f(n, "ln1 mean")?,
-                    ln1_rstd: f(n, "ln1 rstd")?,
-                    qkv: z(n * 3 * d, "qkv")?,
-                    attn: z(n * d, "attention output")?,
-                    lse: f(s * m.heads * m.seq_len(), "attention lse")?,
-                    ln2: z(n * d, "ln2")?,
-                    ln2_mean: f(n, "ln2 mean")?,
-                    ln2_rstd: f(n, "ln2 rstd")?,
-                    pre: z(n * h, "fc1 output")?,
-                    act: z(n * h, "GELU output")?,
-                })
+                let lse = s * m.heads * m.seq_len();
+                BlockActivations::new(gpu, &format!("block {l}"), n, d, h, lse)
             })
             .collect::<Result<Vec<_>>>()?;
         let resid = (0..2 * m.depth + 1)
@@ -142,34 +183,51 @@ impl<T: Storage> Activations<T> {
             .collect::<Result<Vec<_>>>()?;
         Ok(Activations {
             images_len,
-            source,
-            pixels: None,
-            window_origin: gpu.zeros(s * 2, "window origins")?,
-            mask_index: gpu.zeros(nm, "mask indices")?,
-            pos_slot: gpu.zeros(s * m.window_area(), "position slots")?,
-            patches: gpu.zeros(nv * p, "visible patches")?,
-            targets: gpu.zeros(nm * p, "targets")?,
+            input: Inputs::new(gpu, m, images_len)?,
             emb: gpu.zeros(nv * d, "patch embeddings")?,
             resid,
             blocks,
-            branch: gpu.zeros(n * d, "branch output")?,
-            xm: gpu.zeros(nm * d, "masked tokens")?,
-            lnm: gpu.zeros(nm * d, "final norm output")?,
-            lnm_mean: gpu.zeros(nm, "final norm mean")?,
-            lnm_rstd: gpu.zeros(nm, "final norm rstd")?,
-            pred: gpu.zeros(nm * p, "predictions")?,
-            dpred: gpu.zeros(nm * p, "prediction gradient")?,
-            row_loss: gpu.zeros(nm, "row losses")?,
+            head: HeadActivations::new(gpu, nm, d, p)?,
             loss: gpu.zeros(1, "loss")?,
             dx: gpu.zeros(n * d, "residual gradient")?,
             dy: gpu.zeros(n * d, "residual gradient copy")?,
             dsmall: gpu.zeros(n * d, "branch gradient")?,
             dhidden: gpu.zeros(n * h, "MLP hidden gradient")?,
             dqkv: gpu.zeros(n * 3 * d, "qkv gradient")?,
-            dlnm: gpu.zeros(nm * d, "final norm output gradient")?,
-            dxm: gpu.zeros(nm * d, "masked token gradient")?,
             demb: gpu.zeros(nv * d, "patch embedding gradient")?,
         })
+    }
+
+    /// Copies a validated batch into the input buffers.
+    pub fn upload(&mut self, gpu: &Gpu, m: &ModelConfig, batch: &Batch) -> Result<()> {
+        self.input.upload(gpu, m, batch)
+    }
+}
+
+impl<T: Storage> Inputs<T> {
+    pub fn new(gpu: &Gpu, m: &ModelConfig, images_len: usize) -> Result<Self> {
+        let (s, _, nm, nv) = dims(m, images_len);
+        let p = m.patch_dim();
+        Ok(Inputs {
+            source: PixelSource::smaller(m),
+            pixels: None,
+            window_origin: gpu.zeros(s * 2, "window origins")?,
+            mask_index: gpu.zeros(nm, "mask indices")?,
+            pos_slot: gpu.zeros(s * m.window_area(), "position slots")?,
+            patches: gpu.zeros(nv * p, "visible patches")?,
+            targets: gpu.zeros(nm * p, "targets")?,
+        })
+    }
+
+    /// Device memory of the inputs of batch `images_len`: the index tensors, patches,
+    /// targets and the two upload buffers of the pixels, as bytes.
+    pub fn bytes(m: &ModelConfig, images_len: usize) -> usize {
+        let (s, _, nm, nv) = dims(m, images_len);
+        let p = m.patch_dim();
+        let index = 2 * s + nm + s * m.window_area();
+        nv * p * std::mem::size_of::<T>()
+            + 4 * (nm * p + index)
+            + 2 * PixelSource::smaller(m).len(s)
     }
 
     /// Copies a validated batch into the input buffers: the pixels through the pinned

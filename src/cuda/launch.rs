@@ -35,7 +35,30 @@ pub const SUM_BLOCKS: usize = 1024;
 /// Grid-stride kernels never launch more blocks than this.
 const MAX_BLOCKS: usize = 1 << 16;
 
-/// Floats of reduction scratch a model needs (see [`Kernels::column_sum`] and friends).
+/// The masked token rows of `seqs` sequences of `tokens` rows of `width` values each,
+/// `masked` of them per sequence: what the masked-token gather and scatter move.
+#[derive(Clone, Copy, Debug)]
+pub struct MaskedRows {
+    pub seqs: usize,
+    pub tokens: usize,
+    pub masked: usize,
+    pub width: usize,
+}
+
+impl MaskedRows {
+    /// The masked positions of model `m`'s windows (`T = 1 + K²`, `M` per window) in
+    /// `seqs` sequences of `width`-wide tokens: LoMaR's encoder stream, MAE's decoder one.
+    pub fn new(m: &ModelConfig, seqs: usize, width: usize) -> MaskedRows {
+        MaskedRows {
+            seqs,
+            tokens: m.seq_len(),
+            masked: m.masked_per_window(),
+            width,
+        }
+    }
+}
+
+/// Floats of reduction scratch a model needs (see [`Kernels::gelu_backward`] and friends).
 pub fn scratch_len(m: &ModelConfig) -> usize {
     let widest = (m.hidden()).max(3 * m.width).max(m.patch_dim());
     (REDUCE_CHUNKS * widest).max(SUM_BLOCKS)
@@ -270,14 +293,13 @@ impl<T: Storage> Kernels<T> {
         self.partials_finish(scratch, &[d_cls, d_mask_token, d_patch_bias], chunks, d)
     }
 
-    /// x [S, 1+K², D] f32, mask_index [S, M] -> xm [S*M, D] f32.
+    /// x [S, T, D] f32, mask_index [S, M] -> xm [S*M, D] f32.
     pub fn gather_masked_tokens(
         &self,
         x: DevPtr<f32>,
         mask_index: DevPtr<u32>,
         xm: DevPtr<f32>,
-        m: &ModelConfig,
-        seqs: usize,
+        rows: MaskedRows,
     ) -> Result<()> {
         self.masked_rows(
             &self.gather_masked_tokens,
@@ -285,20 +307,18 @@ impl<T: Storage> Kernels<T> {
             x,
             mask_index,
             xm,
-            m,
-            seqs,
+            rows,
             true,
         )
     }
 
-    /// dxm [S*M, D] f32, mask_index [S, M] -> dx [S, 1+K², D] f32 (+= on the masked rows).
+    /// dxm [S*M, D] f32, mask_index [S, M] -> dx [S, T, D] f32 (+= on the masked rows).
     pub fn scatter_masked_tokens(
         &self,
         dxm: DevPtr<f32>,
         mask_index: DevPtr<u32>,
         dx: DevPtr<f32>,
-        m: &ModelConfig,
-        seqs: usize,
+        rows: MaskedRows,
     ) -> Result<()> {
         self.masked_rows(
             &self.scatter_masked_tokens,
@@ -306,8 +326,7 @@ impl<T: Storage> Kernels<T> {
             dxm,
             mask_index,
             dx,
-            m,
-            seqs,
+            rows,
             false,
         )
     }
@@ -321,11 +340,15 @@ impl<T: Storage> Kernels<T> {
         src: DevPtr<f32>,
         mask_index: DevPtr<u32>,
         dst: DevPtr<f32>,
-        m: &ModelConfig,
-        seqs: usize,
+        rows: MaskedRows,
         gather: bool,
     ) -> Result<()> {
-        let (d, t, mk) = (m.width, m.seq_len(), m.masked_per_window());
+        let MaskedRows {
+            seqs,
+            tokens: t,
+            masked: mk,
+            width: d,
+        } = rows;
         let (tokens, rows) = if gather { (src, dst) } else { (dst, src) };
         tokens.check(seqs * t * d, &format!("{name} tokens"))?;
         rows.check(seqs * mk * d, &format!("{name} masked rows"))?;
@@ -436,27 +459,21 @@ impl<T: Storage> Kernels<T> {
         self.partials_finish(scratch, &outputs, chunks, width)
     }
 
-    /// pre [N, C] T (+= bias in place), bias [C] f32 -> act [N, C] T = gelu(pre).
-    pub fn bias_gelu_forward(
+    /// pre [N, C] T -> act [N, C] T = gelu(pre).
+    pub fn gelu_forward(
         &self,
         pre: DevPtr<T>,
-        bias: DevPtr<f32>,
         act: DevPtr<T>,
         rows: usize,
         cols: usize,
     ) -> Result<()> {
         let n = rows * cols;
-        pre.check(n, "bias_gelu_forward pre")?;
-        bias.check(cols, "bias_gelu_forward bias")?;
-        act.check(n, "bias_gelu_forward act")?;
+        pre.check(n, "gelu_forward pre")?;
+        act.check(n, "gelu_forward act")?;
         let (rows_i, cols_i) = (int(rows, "rows")?, int(cols, "cols")?);
-        let mut b = self.stream.launch_builder(&self.bias_gelu_forward);
-        b.arg(pre.addr())
-            .arg(bias.addr())
-            .arg(act.addr())
-            .arg(&rows_i)
-            .arg(&cols_i);
-        self.run(b, pack_tile(cols).over_rows(rows), "bias_gelu_forward")
+        let mut b = self.stream.launch_builder(&self.gelu_forward);
+        b.arg(pre.addr()).arg(act.addr()).arg(&rows_i).arg(&cols_i);
+        self.run(b, pack_tile(cols).over_rows(rows), "gelu_forward")
     }
 
     /// pre [N, C] T (with bias), grad [N, C] T: d act in, d pre out; bias_grad [C] f32 +=
@@ -574,33 +591,8 @@ impl<T: Storage> Kernels<T> {
         self.run(b, elementwise(n)?, "adamw")
     }
 
-    /// x [N, C] T -> out [C] f32 (+=): the column sums (a bias gradient).
-    pub fn column_sum(
-        &self,
-        x: DevPtr<T>,
-        rows: usize,
-        cols: usize,
-        scratch: DevPtr<f32>,
-        out: DevPtr<f32>,
-    ) -> Result<()> {
-        x.check(rows * cols, "column_sum x")?;
-        let (per, chunks) = chunking(rows);
-        check_scratch(&scratch, chunks * cols, "column_sum")?;
-        let rows_i = int(rows, "rows")?;
-        let cols_i = int(cols, "cols")?;
-        let per_i = int(per, "rows per chunk")?;
-        let mut b = self.stream.launch_builder(&self.column_sum);
-        b.arg(x.addr())
-            .arg(scratch.addr())
-            .arg(&rows_i)
-            .arg(&cols_i)
-            .arg(&per_i);
-        self.run(b, pack_tile(cols).config(chunks), "column_sum")?;
-        self.partials_finish(scratch, &[out], chunks, cols)
-    }
-
     /// partial [outputs.len(), chunks, C] f32 -> outputs[k] [C] f32 (+=), at most three.
-    fn partials_finish(
+    pub(super) fn partials_finish(
         &self,
         partial: DevPtr<f32>,
         outputs: &[DevPtr<f32>],
@@ -661,48 +653,6 @@ impl<T: Storage> Kernels<T> {
         let mut b = self.stream.launch_builder(&self.sum_finish);
         b.arg(x.addr()).arg(&n_i).arg(&scale).arg(out.addr());
         self.run(b, config((1, 1), 1024), "sum_finish")
-    }
-
-    /// y [N, C] T += bias [C] f32.
-    pub fn add_bias(
-        &self,
-        y: DevPtr<T>,
-        bias: DevPtr<f32>,
-        rows: usize,
-        cols: usize,
-    ) -> Result<()> {
-        y.check(rows * cols, "add_bias y")?;
-        bias.check(cols, "add_bias bias")?;
-        let (rows_i, cols_i) = (int(rows, "rows")?, int(cols, "cols")?);
-        let mut b = self.stream.launch_builder(&self.add_bias);
-        b.arg(y.addr()).arg(bias.addr()).arg(&rows_i).arg(&cols_i);
-        self.run(b, pack_tile(cols).over_rows(rows), "add_bias")
-    }
-
-    /// x_in [N, D] f32, y [N, D] T, bias [D] f32 -> x_out [N, D] f32 = x_in + y + bias.
-    pub fn residual_add_bias(
-        &self,
-        x_in: DevPtr<f32>,
-        y: DevPtr<T>,
-        bias: DevPtr<f32>,
-        x_out: DevPtr<f32>,
-        rows: usize,
-        cols: usize,
-    ) -> Result<()> {
-        let n = rows * cols;
-        x_in.check(n, "residual_add_bias x_in")?;
-        y.check(n, "residual_add_bias y")?;
-        bias.check(cols, "residual_add_bias bias")?;
-        x_out.check(n, "residual_add_bias x_out")?;
-        let (rows_i, cols_i) = (int(rows, "rows")?, int(cols, "cols")?);
-        let mut b = self.stream.launch_builder(&self.residual_add_bias);
-        b.arg(x_in.addr())
-            .arg(y.addr())
-            .arg(bias.addr())
-            .arg(x_out.addr())
-            .arg(&rows_i)
-            .arg(&cols_i);
-        self.run(b, pack_tile(cols).over_rows(rows), "residual_add_bias")
     }
 
     /// src [n] f32 -> dst [n] T.
