@@ -15,6 +15,7 @@ use super::activations::{BlockActivations, HeadActivations};
 use super::attention::{AttnShape, AttnTuning};
 use super::device::{DevPtr, Gpu};
 use super::gemm::Blas;
+use super::global_attention::GlobalAttnShape;
 use super::kernels::Kernels;
 use super::launch::MaskedRows;
 use super::storage::Storage;
@@ -59,9 +60,14 @@ impl<'a, T: Storage> Net<'a, T> {
 
 /// The attention of a block.
 #[derive(Clone, Copy)]
-pub(super) enum Mixer {
+pub(super) enum Mixer<'a> {
     /// LoMaR's windows, with the block's relative position bias table.
     Window(AttnShape),
+    /// MAE's whole sequences without a bias; `delta` `[S, h, T]` is its backward's scratch.
+    Global {
+        shape: GlobalAttnShape,
+        delta: DevPtr<'a, f32>,
+    },
 }
 
 /// The buffers the blocks of a stack share, each holding at least N rows.
@@ -86,7 +92,7 @@ pub(super) struct Block<'a, T: Storage> {
     pub r: &'a BlockRanges,
     pub acts: &'a BlockActivations<T>,
     pub shared: Shared<'a, T>,
-    pub mixer: Mixer,
+    pub mixer: Mixer<'a>,
     pub rows: usize,
     pub width: usize,
     /// [N, D] the residual stream at the block's input, after attention, at its output.
@@ -130,6 +136,12 @@ impl<T: Storage> Block<'_, T> {
                 net.ptr(&ba.lse)?,
                 shape,
                 AttnTuning::default(),
+            )?,
+            Mixer::Global { shape, .. } => k.global_attention_forward(
+                net.ptr(&ba.qkv)?,
+                net.ptr(&ba.attn)?,
+                net.ptr(&ba.lse)?,
+                shape,
             )?,
         }
         blas.linear_forward(net.ptr(&ba.attn)?, net.w(&r.proj_w)?, branch, n, d, d)?;
@@ -218,6 +230,15 @@ impl<T: Storage> Block<'_, T> {
                 net.g(&r.rel_bias)?,
                 shape,
                 AttnTuning::default(),
+            )?,
+            Mixer::Global { shape, delta } => k.global_attention_backward(
+                net.ptr(&ba.qkv)?,
+                net.ptr(&ba.attn)?,
+                dsmall,
+                net.ptr(&ba.lse)?,
+                delta,
+                dqkv,
+                shape,
             )?,
         }
         k.column_sum(dqkv, n, 3 * d, net.scratch, net.g(&r.qkv_b)?)?;

@@ -11,47 +11,23 @@ use anyhow::{Context, Result};
 use super::activations::Activations;
 use super::attention::AttnShape;
 use super::block::{Block, Head, HeadRanges, Mixer, Net, Shared};
-use super::device::{DevPtr, Gpu};
-use super::gemm::Blas;
-use super::kernels::Kernels;
 use super::launch::MaskedRows;
 use super::nvtx;
 use super::storage::Storage;
 use crate::config::ModelConfig;
 use crate::params::ModelRanges;
 
-/// Everything one pass reads, borrowed; kernels write through device addresses, so the
-/// pass needs no mutable borrows.
+/// Everything one LoMaR pass reads, borrowed.
 pub(super) struct Pass<'a, T: Storage> {
-    pub gpu: &'a Gpu,
-    pub kernels: &'a Kernels<T>,
-    pub blas: &'a Blas,
+    pub net: Net<'a, T>,
     pub model: &'a ModelConfig,
     pub ranges: &'a ModelRanges,
-    /// fp32 master weights: LayerNorm, biases, tokens, bias tables.
-    pub master: DevPtr<'a, f32>,
-    /// The storage copy of the weights: GEMM operands.
-    pub shadow: DevPtr<'a, T>,
-    pub grads: DevPtr<'a, f32>,
-    pub scratch: DevPtr<'a, f32>,
     pub acts: &'a Activations<T>,
 }
 
 impl<'a, T: Storage> Pass<'a, T> {
     fn seqs(&self) -> usize {
         self.acts.images_len * self.model.windows_per_image
-    }
-
-    fn net(&self) -> Net<'a, T> {
-        Net {
-            gpu: self.gpu,
-            kernels: self.kernels,
-            blas: self.blas,
-            master: self.master,
-            shadow: self.shadow,
-            grads: self.grads,
-            scratch: self.scratch,
-        }
     }
 
     /// Queues the whole forward and backward; the mean loss lands in `acts.loss`.
@@ -61,7 +37,7 @@ impl<'a, T: Storage> Pass<'a, T> {
             let _range = nvtx::range(name);
             run().context(name.to_string())
         };
-        let net = self.net();
+        let net = &self.net;
         let (a, m, r) = (self.acts, self.model, self.ranges);
         let shared = Shared {
             branch: net.ptr(&a.branch)?,
@@ -79,7 +55,7 @@ impl<'a, T: Storage> Pass<'a, T> {
         });
         let block = |l: usize| -> Result<Block<'_, T>> {
             Ok(Block {
-                net: &net,
+                net,
                 r: &r.blocks[l],
                 acts: &a.blocks[l],
                 shared,
@@ -92,7 +68,7 @@ impl<'a, T: Storage> Pass<'a, T> {
             })
         };
         let head = Head {
-            net: &net,
+            net,
             ranges: HeadRanges {
                 norm_w: &r.norm_w,
                 norm_b: &r.norm_b,
@@ -109,7 +85,7 @@ impl<'a, T: Storage> Pass<'a, T> {
             loss: net.ptr(&a.loss)?,
         };
 
-        phase("patch embedding forward", &|| self.embed_forward(&net))?;
+        phase("patch embedding forward", &|| self.embed_forward())?;
         for l in 0..m.depth {
             phase(&format!("block {l} forward"), &|| block(l)?.forward())?;
         }
@@ -122,15 +98,15 @@ impl<'a, T: Storage> Pass<'a, T> {
                 block(l)?.backward(below.transpose()?)
             })?;
         }
-        phase("patch embedding backward", &|| self.embed_backward(&net))
+        phase("patch embedding backward", &|| self.embed_backward())
     }
 
-    fn embed_forward(&self, net: &Net<'a, T>) -> Result<()> {
-        let (a, m, r) = (self.acts, self.model, self.ranges);
+    fn embed_forward(&self) -> Result<()> {
+        let (net, a, m, r) = (&self.net, self.acts, self.model, self.ranges);
         let nv = self.seqs() * m.visible_per_window();
         a.input
-            .gather_windows(self.gpu, self.kernels, m, self.seqs())?;
-        self.blas.linear_forward(
+            .gather_windows(net.gpu, net.kernels, m, self.seqs())?;
+        net.blas.linear_forward(
             net.ptr(&a.input.patches)?,
             net.w(&r.patch_w)?,
             net.ptr(&a.emb)?,
@@ -138,7 +114,7 @@ impl<'a, T: Storage> Pass<'a, T> {
             m.patch_dim(),
             m.width,
         )?;
-        self.kernels.assemble_tokens_forward(
+        net.kernels.assemble_tokens_forward(
             net.ptr(&a.emb)?,
             net.p(&r.patch_b)?,
             net.p(&r.cls_token)?,
@@ -151,21 +127,21 @@ impl<'a, T: Storage> Pass<'a, T> {
     }
 
     /// d cls, d mask_token, d patch bias and d W_pe from the residual gradient at the input.
-    fn embed_backward(&self, net: &Net<'a, T>) -> Result<()> {
-        let (a, m, r) = (self.acts, self.model, self.ranges);
+    fn embed_backward(&self) -> Result<()> {
+        let (net, a, m, r) = (&self.net, self.acts, self.model, self.ranges);
         let nv = self.seqs() * m.visible_per_window();
-        self.kernels.assemble_tokens_backward(
+        net.kernels.assemble_tokens_backward(
             net.ptr(&a.dx)?,
             net.ptr(&a.input.pos_slot)?,
             net.ptr(&a.demb)?,
-            self.scratch,
+            net.scratch,
             net.g(&r.cls_token)?,
             net.g(&r.mask_token)?,
             net.g(&r.patch_b)?,
             m,
             self.seqs(),
         )?;
-        self.blas.linear_backward_weight(
+        net.blas.linear_backward_weight(
             net.ptr(&a.demb)?,
             net.ptr(&a.input.patches)?,
             net.g(&r.patch_w)?,
