@@ -216,6 +216,20 @@ fn an_mae_encoder_exports_for_timm_vit_and_gives_features() {
     assert!(out.contains("40 features with labels written"), "{out}");
     let out = lomar_ok(d, &[&["probe"][..], &encode, &["--k", "3"]].concat());
     assert!(out.contains("64-d features"), "{out}");
+    // The reconstruction figure: MAE's one window is the whole image.
+    let out = lomar_ok(
+        d,
+        &[
+            "visualize",
+            "--checkpoint",
+            "p.st",
+            "--images",
+            "2",
+            "--out",
+            "v.png",
+        ],
+    );
+    assert!(out.contains("2 images drawn to v.png"), "{out}");
 
     for (args, want) in [
         (
@@ -254,8 +268,16 @@ fn an_mae_encoder_exports_for_timm_vit_and_gives_features() {
             "no windows",
         ),
         (
-            &["visualize", "--checkpoint", "p.st", "--out", "x.png"][..],
-            "--method lomar models only",
+            &[
+                "visualize",
+                "--checkpoint",
+                "p.st",
+                "--out",
+                "x.png",
+                "--method",
+                "lomar",
+            ][..],
+            "holds a --method mae model",
         ),
     ] {
         let err = lomar_err(d, args);
