@@ -65,7 +65,7 @@ impl<'a, T: Storage> MaePass<'a, T> {
         })
     }
 
-    fn encoder(&self) -> Stack<'a, T> {
+    fn encoder_stack(&self) -> Stack<'a, T> {
         let (m, a, x) = (self.model, self.acts, self.dims());
         Stack {
             ranges: &self.ranges.blocks,
@@ -123,7 +123,7 @@ impl<'a, T: Storage> MaePass<'a, T> {
     /// Queues the whole forward and backward; the mean loss lands in `acts.loss`. Each
     /// phase and block is an NVTX range, as the error context names it.
     pub fn forward_backward(&self, grad_scale: f32) -> Result<()> {
-        let (enc, dec) = (self.encoder(), self.decoder_stack()?);
+        let (enc, dec) = (self.encoder_stack(), self.decoder_stack()?);
         phase("patch embedding forward", || self.embed_forward())?;
         self.stack_forward(&enc, "encoder")?;
         phase("decoder embedding forward", || self.decoder_embed_forward())?;
