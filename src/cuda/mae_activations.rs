@@ -13,7 +13,7 @@ use super::activations::{BlockActivations, HeadActivations, Inputs};
 use super::device::Gpu;
 use super::mae_tokens::{decoder_pos_rows, MaeSlots};
 use super::storage::Storage;
-use crate::config::{DecoderConfig, ModelConfig};
+use crate::config::{DecoderConfig, ModelConfig, MLP_RATIO};
 use crate::cpu::mae::pos_embed::sincos_pos_embed;
 use crate::data::batch::Batch;
 
@@ -115,7 +115,7 @@ impl<T: Storage> MaeActivations<T> {
             + head.0
             + 2 * x.kept * d
             + x.enc_rows * (2 * d + 2 * dd)
-            + 10 * wide;
+            + (6 + MLP_RATIO) * wide;
         let fp32 = m.depth * enc.1
             + dec.depth * dcb.1
             + head.1
@@ -141,7 +141,7 @@ impl<T: Storage> MaeActivations<T> {
             (0..depth)
                 .map(|l| {
                     let label = format!("{name} block {l}");
-                    BlockActivations::new(gpu, &label, rows, width, 4 * width, lse)
+                    BlockActivations::new(gpu, &label, rows, width, MLP_RATIO * width, lse)
                 })
                 .collect::<Result<Vec<_>>>()
         };
@@ -182,7 +182,7 @@ impl<T: Storage> MaeActivations<T> {
             dx: gpu.zeros(wide, "residual gradient")?,
             dy: gpu.zeros(wide, "residual gradient copy")?,
             dsmall: gpu.zeros(wide, "branch gradient")?,
-            dhidden: gpu.zeros(4 * wide, "MLP hidden gradient")?,
+            dhidden: gpu.zeros(MLP_RATIO * wide, "MLP hidden gradient")?,
             dqkv: gpu.zeros(3 * wide, "qkv gradient")?,
             delta: gpu.zeros(enc_lse.max(dec_lse), "attention delta")?,
             denc_normed: gpu.zeros(x.enc_rows * d, "encoder norm output gradient")?,
