@@ -1,42 +1,36 @@
-// fc1's bias fused with the exact-erf GELU, gelu(x) = x * Φ(x) = 0.5 x (1 + erf(x / √2)).
-// cuBLASLt's GELU epilogue is the tanh approximation, so this stays a kernel of ours. Both
-// directions stream 8-value packs (common.cuh) over a 2-D grid of (column packs, rows).
+// The exact-erf GELU, gelu(x) = x * Φ(x) = 0.5 x (1 + erf(x / √2)), after fc1 (whose bias
+// the GEMM's epilogue adds). cuBLASLt's GELU epilogue is the tanh approximation, so this
+// stays a kernel of ours. Both directions stream 8-value packs (common.cuh) over a 2-D grid
+// of (column packs, rows).
 #include "common.cuh"
 
 #define INV_SQRT2 0.70710678118654752440f
 #define INV_SQRT_2PI 0.39894228040143267794f
 
-// forward: pre [N, C] T (fc1 output without bias; overwritten with output + bias, which the
-// backward reads), bias [C] f32 -> act [N, C] T. Grid (packs of C, rows).
+// forward: pre [N, C] T (fc1 output with bias, as stored, which the backward reads too)
+//   -> act [N, C] T. Grid (packs of C, rows).
 template <typename T>
-__device__ void bias_gelu_forward(T* __restrict__ pre, const float* __restrict__ bias,
-                                  T* __restrict__ act, int rows, int cols) {
+__device__ void gelu_forward(const T* __restrict__ pre, T* __restrict__ act, int rows,
+                             int cols) {
   const ColumnPack p = column_pack(cols);
   if (p.n <= 0) return;
   const bool vec = packable(cols, pre, act);
-  float b[PACK];
-  load_pack(bias + p.col, p.n, false, b);
   FOR_EACH_ROW(row, rows) {
     const size_t at = (size_t)row * cols + p.col;
     float x[PACK], y[PACK];
     load_pack(pre + at, p.n, vec, x);
-    for (int k = 0; k < PACK; ++k) {
-      // Round to storage first, so forward and backward see the same x.
-      x[k] = to_float(from_float<T>(x[k] + b[k]));
-      y[k] = 0.5f * x[k] * (1.0f + erff(x[k] * INV_SQRT2));
-    }
-    store_pack(pre + at, p.n, vec, x);
+    for (int k = 0; k < PACK; ++k) y[k] = 0.5f * x[k] * (1.0f + erff(x[k] * INV_SQRT2));
     store_pack(act + at, p.n, vec, y);
   }
 }
 
-#define EXPORT_BIAS_GELU_FORWARD(T, SUFFIX)                                                  \
+#define EXPORT_GELU_FORWARD(T, SUFFIX)                                                       \
   extern "C" __global__ void __launch_bounds__(256)                                          \
-      bias_gelu_forward_##SUFFIX(T* pre, const float* bias, T* act, int rows, int cols) {    \
-    bias_gelu_forward<T>(pre, bias, act, rows, cols);                                        \
+      gelu_forward_##SUFFIX(const T* pre, T* act, int rows, int cols) {                      \
+    gelu_forward<T>(pre, act, rows, cols);                                                   \
   }
-EXPORT_BIAS_GELU_FORWARD(float, f32)
-EXPORT_BIAS_GELU_FORWARD(bf16, bf16)
+EXPORT_GELU_FORWARD(float, f32)
+EXPORT_GELU_FORWARD(bf16, bf16)
 
 // backward: pre [N, C] T (with bias), grad [N, C] T: d act in, d pre out (in place), and the
 // fc1 bias gradient's first pass: partial [chunks, C] f32, the column sums of the stored

@@ -1,43 +1,14 @@
-// Deterministic reductions: column sums (bias gradients) and sums of squares (the global
-// gradient norm). Each is two passes, partial sums in a fixed layout then a fixed-order
-// finish, so a run repeats bit for bit and never needs float atomics.
+// Deterministic reductions: the fixed-order finish of the column partials other kernels
+// leave (bias, LayerNorm parameter gradients), and sums of squares (the global gradient
+// norm). Each is two passes, partial sums in a fixed layout then a fixed-order finish, so a
+// run repeats bit for bit and never needs float atomics.
 #include "common.cuh"
-
-// First pass of a column sum: x [N, C] T -> partial [chunks, C] f32, the sum of each chunk
-// of rows_per_chunk rows. Grid (packs of C, chunks), block (packs, row groups): each thread
-// sums its 8-column pack over every blockDim.y-th row of the chunk, then the row groups
-// are added in order.
-template <typename T>
-__device__ void column_sum(const T* __restrict__ x, float* __restrict__ partial, int rows,
-                           int cols, int rows_per_chunk) {
-  const ColumnPack p = column_pack(cols);
-  const RowChunk chunk = row_chunk(rows, rows_per_chunk);
-  const bool vec = packable(cols, x);
-  float sum[PACK] = {};
-  if (p.n > 0) {
-    for (int row = chunk.begin + (int)threadIdx.y; row < chunk.end; row += (int)blockDim.y) {
-      float v[PACK];
-      load_pack(x + (size_t)row * cols + p.col, p.n, vec, v);
-      for (int k = 0; k < PACK; ++k) sum[k] += v[k];
-    }
-  }
-  store_chunk_partial(sum, partial, cols, p);
-}
-
-#define EXPORT_COLUMN_SUM(T, SUFFIX)                                                        \
-  extern "C" __global__ void __launch_bounds__(256)                                         \
-      column_sum_##SUFFIX(const T* x, float* partial, int rows, int cols,                   \
-                          int rows_per_chunk) {                                             \
-    column_sum<T>(x, partial, rows, cols, rows_per_chunk);                                  \
-  }
-EXPORT_COLUMN_SUM(float, f32)
-EXPORT_COLUMN_SUM(bf16, bf16)
 
 // Chunks summed side by side per column in partials_finish.
 #define FINISH_LANES 8
 
-// Second pass: partial [outputs, chunks, C] f32 -> out_k [C] f32 (+=, gradients accumulate)
-// for output k = blockIdx.y (out0, out1, out2; outputs <= 3). Grid (ceil(C / 32), outputs),
+// Second pass of a column sum: partial [outputs, chunks, C] f32 -> out_k [C] f32 (+=,
+// gradients accumulate) for output k = blockIdx.y (out0, out1, out2; outputs <= 3). Grid (ceil(C / 32), outputs),
 // block (32, FINISH_LANES): lane y sums chunks y, y + 8, ...; the eight sums of a column are
 // then added in lane order, so the order is fixed by the chunk count alone.
 extern "C" __global__ void __launch_bounds__(32 * FINISH_LANES)

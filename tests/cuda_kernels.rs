@@ -1,4 +1,4 @@
-//! Every CUDA kernel (and each cuBLAS product) against the matching CPU reference op, in
+//! Every CUDA kernel (and each cuBLASLt product) against the matching CPU reference op, in
 //! both storage types. fp32 must agree to rounding; bf16 to the rounding of its stored
 //! outputs (the CPU reference is fed the same bf16-rounded inputs). Skips without a GPU.
 
@@ -8,12 +8,13 @@ use common::{gpu_or_skip, rng, round_to, sample_batch, uniform, Report};
 use cudarc::driver::CudaSlice;
 use half::bf16;
 use lomar::backend::{AdamWStep, Backend, Precision};
-use lomar::config::{preset, ModelConfig};
+use lomar::config::{preset, ModelConfig, PRESETS};
 use lomar::cpu::ops::{gelu, layernorm, linear, loss, tokens, window_gather};
-use lomar::cuda::blaslt::Linear;
+use lomar::cuda::blaslt::{Dtype, GemmDesc, Layout, Linear};
 use lomar::cuda::launch::{scratch_len, MaskedRows, REDUCE_CHUNKS};
+use lomar::cuda::linear::{LayerShapes, LinearLayers};
 use lomar::cuda::pixels::{PixelSource, PixelUpload, PixelValue};
-use lomar::cuda::{Blas, BlasLt, CudaBackend, DevPtr, Gpu, Kernels, Storage};
+use lomar::cuda::{BlasLt, CudaBackend, DevPtr, Gpu, Kernels, Storage};
 use lomar::data::batch::{Batch, Pixels};
 use lomar::params::ParamLayout;
 
@@ -477,30 +478,16 @@ fn gelu_case<T: Storage>(gpu: &Gpu, k: &Kernels<T>, title: String) {
 
 fn gelu_shape<T: Storage>(gpu: &Gpu, k: &Kernels<T>, title: &str, rows: usize, cols: usize) {
     let mut r = rng(17);
-    let pre = round_to::<T>(&uniform(&mut r, rows * cols, 4.0));
-    let bias = uniform(&mut r, cols, 1.0);
-    let x: Vec<f32> = round_to::<T>(
-        &pre.iter()
-            .enumerate()
-            .map(|(i, v)| v + bias[i % cols])
-            .collect::<Vec<_>>(),
-    );
+    let x = round_to::<T>(&uniform(&mut r, rows * cols, 4.0));
     let (mut want_act, mut cdf) = (vec![0.0; x.len()], vec![0.0; x.len()]);
     gelu::gelu_forward(&mut want_act, &mut cdf, &x);
-    let (pre_d, bias_d) = (up::<T>(gpu, &pre), up::<f32>(gpu, &bias));
+    let pre_d = up::<T>(gpu, &x);
     let act: CudaSlice<T> = gpu.zeros(x.len(), "act").unwrap();
-    k.bias_gelu_forward(
-        dev(gpu, &pre_d),
-        dev(gpu, &bias_d),
-        dev(gpu, &act),
-        rows,
-        cols,
-    )
-    .unwrap();
+    k.gelu_forward(dev(gpu, &pre_d), dev(gpu, &act), rows, cols)
+        .unwrap();
     let mut report = Report::new(format!("{title} [{rows}, {cols}]"));
-    report.close("pre + bias (stored)", &down(gpu, &pre_d), &x, 1e-6);
     report.close(
-        "gelu(pre + bias)",
+        "gelu(pre)",
         &down(gpu, &act),
         &round_to::<T>(&want_act),
         tol::<T>(),
@@ -663,25 +650,7 @@ fn column_sums(x: &[f32], cols: usize, start: &[f32]) -> Vec<f32> {
 
 fn reductions_case<T: Storage>(gpu: &Gpu, k: &Kernels<T>, title: String) {
     let mut report = Report::new(title);
-    // Widths off the 8-value packs (45), across two blocks (2056), and row counts that
-    // are not a multiple of the chunks.
-    let shapes = [(5000, 256), (3, 48), (129, 64), (1001, 45), (70, 2056)];
     let s: CudaSlice<f32> = gpu.zeros(REDUCE_CHUNKS * 2056, "scratch").expect("scratch");
-    for (rows, cols) in shapes {
-        let mut r = rng(20);
-        let x = round_to::<T>(&uniform(&mut r, rows * cols, 1.0));
-        let start = uniform(&mut r, cols, 1.0);
-        let want = column_sums(&x, cols, &start);
-        let (x_t, out_t) = (up::<T>(gpu, &x), up::<f32>(gpu, &start));
-        k.column_sum(dev(gpu, &x_t), rows, cols, dev(gpu, &s), dev(gpu, &out_t))
-            .unwrap();
-        report.close(
-            &format!("column_sum [{rows}, {cols}] (accumulated)"),
-            &down(gpu, &out_t),
-            &want,
-            1e-5,
-        );
-    }
     for n in [1, 1000, 3_000_001] {
         let mut r = rng(21);
         let x = uniform(&mut r, n, 1.0);
@@ -717,39 +686,9 @@ fn elementwise_case<T: Storage>(gpu: &Gpu, k: &Kernels<T>, title: String) {
 
 fn elementwise_shape<T: Storage>(gpu: &Gpu, k: &Kernels<T>, title: &str, rows: usize, cols: usize) {
     let n = rows * cols;
-    let mut r = rng(22);
-    let (y, bias, x) = (
-        round_to::<T>(&uniform(&mut r, n, 1.0)),
-        uniform(&mut r, cols, 1.0),
-        uniform(&mut r, n, 1.0),
-    );
-    let with_bias: Vec<f32> = y
-        .iter()
-        .enumerate()
-        .map(|(i, v)| v + bias[i % cols])
-        .collect();
-    let residual: Vec<f32> = x.iter().zip(&with_bias).map(|(a, b)| a + b).collect();
-    let (y_d, bias_d, x_d) = (up::<T>(gpu, &y), up::<f32>(gpu, &bias), up::<f32>(gpu, &x));
-    let x_out: CudaSlice<f32> = gpu.zeros(n, "x_out").unwrap();
+    let x = uniform(&mut rng(22), n, 1.0);
+    let x_d = up::<f32>(gpu, &x);
     let mut report = Report::new(format!("{title} [{rows}, {cols}]"));
-    k.residual_add_bias(
-        dev(gpu, &x_d),
-        dev(gpu, &y_d),
-        dev(gpu, &bias_d),
-        dev(gpu, &x_out),
-        rows,
-        cols,
-    )
-    .unwrap();
-    report.close("residual_add_bias", &down(gpu, &x_out), &residual, 1e-6);
-    k.add_bias(dev(gpu, &y_d), dev(gpu, &bias_d), rows, cols)
-        .unwrap();
-    report.close(
-        "add_bias",
-        &down(gpu, &y_d),
-        &round_to::<T>(&with_bias),
-        1e-6,
-    );
     let cast: CudaSlice<T> = gpu.zeros(n, "cast").unwrap();
     k.cast_from_f32(dev(gpu, &x_d), dev(gpu, &cast), n).unwrap();
     report.close("cast_from_f32", &down(gpu, &cast), &round_to::<T>(&x), 0.0);
@@ -774,79 +713,6 @@ fn gemm_tol<T: Storage>() -> f64 {
     }
 }
 
-fn gemm_case<T: Storage>(gpu: &Gpu, blas: &Blas, title: String) {
-    let mut report = Report::new(title);
-    // Odd sizes on purpose: no dimension a multiple of 8.
-    let (rows, inp, out) = (203, 45, 77);
-    let mut r = rng(23);
-    let x = round_to::<T>(&uniform(&mut r, rows * inp, 1.0));
-    let w = round_to::<T>(&uniform(&mut r, out * inp, 1.0));
-    let dy = round_to::<T>(&uniform(&mut r, rows * out, 1.0));
-    let dw_start = uniform(&mut r, out * inp, 1.0);
-    let zero_bias = vec![0.0; out];
-    let mut want_y = vec![0.0; rows * out];
-    linear::linear_forward(&mut want_y, &x, &w, &zero_bias);
-    let mut want_dx = vec![0.0; rows * inp];
-    let mut want_dw = dw_start.clone();
-    let mut db = vec![0.0; out];
-    linear::linear_backward(Some(&mut want_dx), &mut want_dw, &mut db, &dy, &x, &w);
-
-    let (x_d, w_d, dy_d) = (up::<T>(gpu, &x), up::<T>(gpu, &w), up::<T>(gpu, &dy));
-    let y: CudaSlice<T> = gpu.zeros(rows * out, "y").unwrap();
-    let dx: CudaSlice<T> = gpu.zeros(rows * inp, "dx").unwrap();
-    let dw = up::<f32>(gpu, &dw_start);
-    blas.linear_forward(dev(gpu, &x_d), dev(gpu, &w_d), dev(gpu, &y), rows, inp, out)
-        .unwrap();
-    blas.linear_backward_input(
-        dev(gpu, &dy_d),
-        dev(gpu, &w_d),
-        dev(gpu, &dx),
-        rows,
-        inp,
-        out,
-    )
-    .unwrap();
-    blas.linear_backward_weight(
-        dev(gpu, &dy_d),
-        dev(gpu, &x_d),
-        dev(gpu, &dw),
-        rows,
-        inp,
-        out,
-    )
-    .unwrap();
-    report.close(
-        "y = x·Wᵀ",
-        &down(gpu, &y),
-        &round_to::<T>(&want_y),
-        gemm_tol::<T>(),
-    );
-    report.close(
-        "dx = dy·W",
-        &down(gpu, &dx),
-        &round_to::<T>(&want_dx),
-        gemm_tol::<T>(),
-    );
-    // dW is written in fp32 whatever the operands, so it is tight in both modes.
-    report.close(
-        "dW += dyᵀ·x (fp32, accumulated)",
-        &down(gpu, &dw),
-        &want_dw,
-        1e-5,
-    );
-    report.finish();
-}
-
-#[test]
-fn linear_gemms_match_cpu() {
-    let Some(gpu) = gpu_or_skip("linear_gemms") else {
-        return;
-    };
-    let blas = Blas::new(&gpu).expect("cuBLAS handle");
-    gemm_case::<f32>(&gpu, &blas, "linear_gemms f32".into());
-    gemm_case::<bf16>(&gpu, &blas, "linear_gemms bf16".into());
-}
-
 /// A buffer of another stream has a free that is not ordered after lomar's launches, so
 /// it is refused, by the launchers' address and by the copies alike.
 #[test]
@@ -863,10 +729,12 @@ fn buffers_of_another_stream_are_refused() {
     assert!(gpu.ptr(&own).is_ok());
 }
 
-/// The cuBLASLt layer's four products against the CPU linear op, with every operand at an
-/// odd offset inside its buffer (so the plans are made for 2- or 4-byte alignment, as
-/// tensors inside the flat parameter buffer are), and each plan made once.
-fn blaslt_case<T: Storage>(gpu: &Gpu, lt: &BlasLt, title: String) {
+/// The linear layers' products (cuBLASLt through [`LinearLayers`]) against the CPU linear
+/// op, with every operand and the bias at an odd offset inside its buffer (so the plans
+/// are made for 2- or 4-byte alignment, as tensors inside the flat parameter buffer are,
+/// and the bias takes the aligned copy), two micro-batches accumulating dW and db, and
+/// each plan made once.
+fn blaslt_case<T: Storage>(gpu: &Gpu, lt: &BlasLt, k: &Kernels<T>, title: String) {
     let mut report = Report::new(title);
     let s = Linear {
         rows: 203,
@@ -876,66 +744,72 @@ fn blaslt_case<T: Storage>(gpu: &Gpu, lt: &BlasLt, title: String) {
     let mut r = rng(29);
     let x = round_to::<T>(&uniform(&mut r, s.rows * s.inp, 1.0));
     let w = round_to::<T>(&uniform(&mut r, s.out * s.inp, 1.0));
-    let dy = round_to::<T>(&uniform(&mut r, s.rows * s.out, 1.0));
+    let dys = [0, 1].map(|_| round_to::<T>(&uniform(&mut r, s.rows * s.out, 1.0)));
     let bias = uniform(&mut r, s.out, 1.0);
     let x_in = uniform(&mut r, s.rows * s.out, 1.0);
     let dw_start = uniform(&mut r, s.out * s.inp, 1.0);
+    let db_start = uniform(&mut r, s.out, 1.0);
     let mut want_y = vec![0.0; s.rows * s.out];
     linear::linear_forward(&mut want_y, &x, &w, &bias);
     let mut want_resid = x_in.clone();
     linear::linear_forward_add(&mut want_resid, &x, &w, &bias);
     let mut want_dx = vec![0.0; s.rows * s.inp];
-    let mut want_dw = dw_start.clone();
-    let mut want_db = vec![0.0; s.out];
-    linear::linear_backward(Some(&mut want_dx), &mut want_dw, &mut want_db, &dy, &x, &w);
+    let (mut want_dw, mut want_db) = (dw_start.clone(), db_start.clone());
+    for dy in &dys {
+        linear::linear_backward(Some(&mut want_dx), &mut want_dw, &mut want_db, dy, &x, &w);
+    }
 
     // Each buffer holds one value before the operand, which starts at element 1.
     let pad = |v: &[f32]| [&[0.0][..], v].concat();
-    let (x_d, w_d, dy_d) = (
-        up::<T>(gpu, &pad(&x)),
-        up::<T>(gpu, &pad(&w)),
-        up::<T>(gpu, &pad(&dy)),
-    );
-    let (bias_d, x_in_d, dw) = (
-        up::<f32>(gpu, &pad(&bias)),
-        up::<f32>(gpu, &pad(&x_in)),
+    let (x_d, w_d) = (up::<T>(gpu, &pad(&x)), up::<T>(gpu, &pad(&w)));
+    let dys_d = dys.each_ref().map(|dy| up::<T>(gpu, &pad(dy)));
+    let (bias_d, x_in_d) = (up::<f32>(gpu, &pad(&bias)), up::<f32>(gpu, &pad(&x_in)));
+    let (dw, db) = (
         up::<f32>(gpu, &pad(&dw_start)),
+        up::<f32>(gpu, &pad(&db_start)),
     );
     let y: CudaSlice<T> = gpu.zeros(1 + s.rows * s.out, "y").unwrap();
     let resid: CudaSlice<f32> = gpu.zeros(1 + s.rows * s.out, "x_out").unwrap();
     let dx: CudaSlice<T> = gpu.zeros(1 + s.rows * s.inp, "dx").unwrap();
-    let db: CudaSlice<f32> = gpu.zeros(1 + s.out, "db").unwrap();
+    let scratch: CudaSlice<f32> = gpu.zeros(s.out, "scratch").unwrap();
+    let lin = LinearLayers {
+        lt,
+        kernels: k,
+        scratch: dev(gpu, &scratch),
+    };
     let before = lt.plans();
     let forward = || {
-        lt.linear_forward(
+        lin.linear_forward(
+            off(gpu, &y),
             off(gpu, &x_d),
             off(gpu, &w_d),
             Some(off(gpu, &bias_d)),
-            off(gpu, &y),
             s,
         )
         .unwrap()
     };
     forward();
-    lt.linear_forward_residual(
+    lin.linear_forward_add(
+        off(gpu, &resid),
+        off(gpu, &x_in_d),
         off(gpu, &x_d),
         off(gpu, &w_d),
         off(gpu, &bias_d),
-        off(gpu, &x_in_d),
-        off(gpu, &resid),
         s,
     )
     .unwrap();
-    lt.linear_backward_input(off(gpu, &dy_d), off(gpu, &w_d), off(gpu, &dx), s)
+    for dy in &dys_d {
+        lin.linear_backward(
+            Some(off(gpu, &dx)),
+            off(gpu, &dw),
+            Some(off(gpu, &db)),
+            off(gpu, dy),
+            off(gpu, &x_d),
+            off(gpu, &w_d),
+            s,
+        )
         .unwrap();
-    lt.linear_backward_weight(
-        off(gpu, &dy_d),
-        off(gpu, &x_d),
-        off(gpu, &dw),
-        Some(off(gpu, &db)),
-        s,
-    )
-    .unwrap();
+    }
     assert_eq!(lt.plans(), before + 4, "one plan per product");
     forward();
     assert_eq!(lt.plans(), before + 4, "the forward's plan was made again");
@@ -959,34 +833,79 @@ fn blaslt_case<T: Storage>(gpu: &Gpu, lt: &BlasLt, title: String) {
         gemm_tol::<T>(),
     );
     report.close(
-        "dW += dyᵀ·x (fp32, accumulated)",
+        "dW += dyᵀ·x (fp32, two micro-batches)",
         &skip(down(gpu, &dw)),
         &want_dw,
         1e-5,
     );
-    report.close("db = Σ dy (BGRADB)", &skip(down(gpu, &db)), &want_db, 1e-5);
+    report.close(
+        "db += Σ dy (BGRADB, then the ordered add; two micro-batches)",
+        &skip(down(gpu, &db)),
+        &want_db,
+        1e-5,
+    );
+    // cuBLASLt itself is never handed a vector under 16-byte alignment.
+    let err = lt
+        .linear_forward(
+            off(gpu, &x_d),
+            off(gpu, &w_d),
+            Some(off(gpu, &bias_d)),
+            off(gpu, &y),
+            s,
+        )
+        .unwrap_err();
+    assert!(format!("{err:#}").contains("aligned"), "{err:#}");
     report.finish();
+}
+
+/// cuBLASLt has an algorithm (one heuristic query each) for every product of every layer
+/// of every LoMaR preset at batch 256, in both storage types, with operands aligned to
+/// 256 bytes and to only their element size, as tensors inside the flat buffers may be.
+#[test]
+fn blaslt_plans_every_preset_layer() {
+    let Some(gpu) = gpu_or_skip("blaslt_plans_every_preset_layer") else {
+        return;
+    };
+    let lt = BlasLt::new(&gpu).expect("cuBLASLt handle");
+    let bytes = |l: &Layout| match l.dtype {
+        Dtype::F32 => 4,
+        Dtype::Bf16 => 2,
+    };
+    for name in PRESETS.iter().filter(|n| !n.starts_with("mae_")) {
+        let m = preset(name).unwrap();
+        for (layer, s) in LayerShapes::new(&m, 256 * m.windows_per_image).all() {
+            for elem in [Dtype::F32, Dtype::Bf16] {
+                for g in GemmDesc::every_product(s, elem) {
+                    let least = [&g.a, &g.b, &g.c, &g.d].map(bytes);
+                    for align in [[256; 4], least] {
+                        lt.prepare(&g, align).unwrap_or_else(|e| {
+                            panic!("{name} {layer} {elem:?} at alignments {align:?}: {e:#}")
+                        });
+                    }
+                }
+            }
+        }
+    }
 }
 
 #[test]
 fn blaslt_gemms_match_cpu() {
-    let Some(gpu) = gpu_or_skip("blaslt_gemms") else {
-        return;
-    };
-    let lt = BlasLt::new(&gpu).expect("cuBLASLt handle");
-    blaslt_case::<f32>(&gpu, &lt, "blaslt_gemms f32".into());
-    blaslt_case::<bf16>(&gpu, &lt, "blaslt_gemms bf16".into());
-    // A shape mistake is an error naming the operand, not a fault.
-    let s = Linear {
-        rows: 4,
-        inp: 3,
-        out: 2,
-    };
-    let small: CudaSlice<f32> = gpu.zeros(5, "small").unwrap();
-    let err = lt
-        .linear_backward_input(dev(&gpu, &small), dev(&gpu, &small), dev(&gpu, &small), s)
-        .unwrap_err();
-    assert!(format!("{err:#}").contains("GEMM B"), "{err:#}");
+    both("blaslt_gemms", |gpu, test, k32, k16| {
+        let lt = BlasLt::new(gpu).expect("cuBLASLt handle");
+        blaslt_case(gpu, &lt, k32, format!("{test} f32"));
+        blaslt_case(gpu, &lt, k16, format!("{test} bf16"));
+        // A shape mistake is an error naming the operand, not a fault.
+        let s = Linear {
+            rows: 4,
+            inp: 3,
+            out: 2,
+        };
+        let small: CudaSlice<f32> = gpu.zeros(5, "small").unwrap();
+        let err = lt
+            .linear_backward_input(dev(gpu, &small), dev(gpu, &small), dev(gpu, &small), s)
+            .unwrap_err();
+        assert!(format!("{err:#}").contains("GEMM B"), "{err:#}");
+    });
 }
 
 /// Batches through the two pinned upload buffers in turn: the compute stream, made to wait

@@ -1,5 +1,6 @@
-//! The whole model on the GPU against the CPU reference: same parameters, same batch.
-//! Loss and every parameter gradient must agree (relative error = max-abs error / max-abs
+//! The whole model on the GPU against the CPU reference: same parameters, same batches.
+//! Loss and every parameter gradient, after one micro-batch and after a second one added
+//! to it, must agree (relative error = max-abs error / max-abs
 //! value per tensor) within 1e-4 in fp32 mode (TF32 off) and 3e-2 in bf16 mode, and twenty
 //! AdamW steps (two accumulated micro-batches each, clipped) must end with close weights.
 //! Skips without a GPU, except the check that asking for one then fails cleanly.
@@ -89,26 +90,33 @@ fn gradient_parity(precision: Precision) {
     }
     for (name, m) in models() {
         let params = test_params(&m, 5);
-        let batch = sample_batch(&m, 3, 6);
         let grad_scale = 0.5;
         let mut cpu = CpuBackend::new(&m, params.clone()).unwrap();
         let mut gpu = CudaBackend::new(&m, params, precision).expect("opening the CUDA backend");
-        let want_loss = cpu.forward_backward(&batch, grad_scale).unwrap();
-        let got_loss = gpu.forward_backward(&batch, grad_scale).unwrap();
-        let (want, got) = (cpu.grads().unwrap(), gpu.grads().unwrap());
-        let mut report = Report::new(format!("{test} {name} on {}", gpu.device_name()));
-        let tol = grad_tol(precision);
-        report.scalar("loss", got_loss as f64, want_loss as f64, tol);
-        compare_tensors(&mut report, cpu.layout(), "grad", &got, &want, |name| {
-            tensor_grad_tol(precision, name)
-        });
-        report.scalar(
-            "grad norm",
-            gpu.grad_norm().unwrap() as f64,
-            cpu.grad_norm().unwrap() as f64,
-            tol,
-        );
-        report.finish();
+        // The second micro-batch adds to the first one's gradients (the bias gradients
+        // the GEMM epilogue writes included).
+        for (micro, seed) in [6, 7].into_iter().enumerate() {
+            let batch = sample_batch(&m, 3, seed);
+            let want_loss = cpu.forward_backward(&batch, grad_scale).unwrap();
+            let got_loss = gpu.forward_backward(&batch, grad_scale).unwrap();
+            let (want, got) = (cpu.grads().unwrap(), gpu.grads().unwrap());
+            let mut report = Report::new(format!(
+                "{test} {name}, after micro-batch {micro}, on {}",
+                gpu.device_name()
+            ));
+            let tol = grad_tol(precision);
+            report.scalar("loss", got_loss as f64, want_loss as f64, tol);
+            compare_tensors(&mut report, cpu.layout(), "grad", &got, &want, |name| {
+                tensor_grad_tol(precision, name)
+            });
+            report.scalar(
+                "grad norm",
+                gpu.grad_norm().unwrap() as f64,
+                cpu.grad_norm().unwrap() as f64,
+                tol,
+            );
+            report.finish();
+        }
     }
 }
 

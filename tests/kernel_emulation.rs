@@ -128,7 +128,7 @@ fn run_driver(name: &str) {
 }
 
 #[test]
-fn bias_adds_casts_and_adamw_match_the_reference() {
+fn casts_and_adamw_match_the_reference() {
     run_driver("elementwise_driver");
 }
 
@@ -143,7 +143,7 @@ fn layernorm_and_its_fused_backward_match_the_reference() {
 }
 
 #[test]
-fn column_sums_match_the_reference() {
+fn partials_finish_matches_the_reference() {
     run_driver("reduce_driver");
 }
 

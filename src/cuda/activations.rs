@@ -131,8 +131,6 @@ pub(super) struct Activations<T> {
     /// attention) and 2l+2 (after the MLP).
     pub resid: Vec<CudaSlice<f32>>,
     pub blocks: Vec<BlockActivations<T>>,
-    /// [N, D] a branch's output projection before the residual add.
-    pub branch: CudaSlice<T>,
     pub head: HeadActivations<T>,
     /// [1] the mean loss.
     pub loss: CudaSlice<f32>,
@@ -166,7 +164,7 @@ impl<T: Storage> Activations<T> {
         let (d, h, p, l) = (m.width, m.hidden(), m.patch_dim(), m.depth);
         let block = BlockActivations::<T>::sizes(n, d, h, s * m.heads * m.seq_len());
         let head = HeadActivations::<T>::sizes(nm, d, p);
-        let storage = l * block.0 + nv * 2 * d + n * (6 * d + h) + head.0;
+        let storage = l * block.0 + nv * 2 * d + n * (5 * d + h) + head.0;
         let fp32 = l * block.1 + (2 * l + 2) * n * d + head.1 + 1;
         storage * std::mem::size_of::<T>() + 4 * fp32 + Inputs::<T>::bytes(m, images_len)
     }
@@ -189,7 +187,6 @@ impl<T: Storage> Activations<T> {
             emb: gpu.zeros(nv * d, "patch embeddings")?,
             resid,
             blocks,
-            branch: gpu.zeros(n * d, "branch output")?,
             head: HeadActivations::new(gpu, nm, d, p)?,
             loss: gpu.zeros(1, "loss")?,
             dx: gpu.zeros(n * d, "residual gradient")?,

@@ -7,9 +7,9 @@ use cudarc::driver::{CudaEvent, CudaSlice};
 use half::bf16;
 
 use super::attention::HEAD_DIMS;
+use super::blaslt::BlasLt;
 use super::block::Net;
 use super::device::Gpu;
-use super::gemm::Blas;
 use super::kernels::Kernels;
 use super::launch::scratch_len;
 use super::method::MethodActs;
@@ -28,7 +28,7 @@ pub struct CudaBackend {
 
 impl CudaBackend {
     /// Uploads `params` (the flat buffer of [`ParamLayout`]) to the first GPU. Fails with
-    /// a message, never a panic, when there is no driver, no GPU, no cuBLAS, or no kernels
+    /// a message, never a panic, when there is no driver, no GPU, no cuBLASLt, or no kernels
     /// in this build.
     pub fn new(model: &ModelConfig, params: Vec<f32>, precision: Precision) -> Result<CudaBackend> {
         model.validate()?;
@@ -110,7 +110,7 @@ impl Backend for CudaBackend {
 struct Engine<T: Storage> {
     gpu: Gpu,
     kernels: Kernels<T>,
-    blas: Blas,
+    blas: BlasLt,
     precision: Precision,
     model: ModelConfig,
     layout: ParamLayout,
@@ -172,7 +172,7 @@ impl<T: Storage> Engine<T> {
     ) -> Result<Self> {
         let total = layout.total();
         let kernels = Kernels::load(&gpu)?;
-        let blas = Blas::new(&gpu)?;
+        let blas = BlasLt::new(&gpu)?;
         let decay: Vec<u8> = layout
             .decay_mask()
             .iter()

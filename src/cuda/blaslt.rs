@@ -12,7 +12,7 @@
 //! Every product accumulates in fp32 (`CUBLAS_COMPUTE_32F`): with f32 operands that keeps
 //! TF32 off (the reference mode), with bf16 operands it runs on the tensor cores.
 
-use std::cell::RefCell;
+use std::cell::{RefCell, RefMut};
 use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use std::ffi::c_void;
@@ -195,6 +195,20 @@ impl GemmDesc {
         }
     }
 
+    /// Every product the linear-layer methods below may run for a layer of shape `s`: the
+    /// forward without and with its bias, the residual forward, the input gradient, and
+    /// the weight gradient without and with BGRADB.
+    pub fn every_product(s: Linear, elem: Dtype) -> [GemmDesc; 6] {
+        [
+            GemmDesc::forward(s, elem, false),
+            GemmDesc::forward(s, elem, true),
+            GemmDesc::forward_residual(s, elem),
+            GemmDesc::backward_input(s, elem),
+            GemmDesc::backward_weight(s, elem, false),
+            GemmDesc::backward_weight(s, elem, true),
+        ]
+    }
+
     /// Errors unless the layouts agree with `m, n, k` and the transposes, every size fits
     /// cuBLASLt's integers, and the epilogue's types are ones we pass.
     pub fn validate(&self) -> Result<()> {
@@ -250,6 +264,11 @@ pub fn alignment(addr: u64) -> u32 {
         1u32 << addr.trailing_zeros().min(8)
     }
 }
+
+/// Bytes an epilogue vector (bias, bias gradient) must be aligned to: cuBLASLt's
+/// alignment preferences cover A, B, C and D only, and its epilogues may use 16-byte
+/// accesses on the vector, which fault on a less aligned address.
+pub const VECTOR_ALIGN: u32 = 16;
 
 /// A description and the alignments of its A, B, C, D addresses: what a plan is for.
 type PlanKey = (GemmDesc, [u32; 4]);
@@ -413,14 +432,8 @@ impl Drop for BlasLt {
 }
 
 impl BlasLt {
+    /// The handle on the GPU's stream ([`Gpu::open`] checked that the library loads).
     pub fn new(gpu: &Gpu) -> Result<BlasLt> {
-        // SAFETY: only tries to dlopen the library.
-        if !unsafe { cudarc::cublaslt::sys::is_culib_present() } {
-            bail!(
-                "cuBLASLt 13 not found: libcublasLt.so.13 could not be loaded; install it \
-                 (pip install nvidia-cublas) and put its nvidia/cu13/lib directory on LD_LIBRARY_PATH"
-            );
-        }
         gpu.ctx()
             .bind_to_thread()
             .context("binding the CUDA context")?;
@@ -510,6 +523,26 @@ impl BlasLt {
             .context("linear_backward_weight GEMM")
     }
 
+    /// Makes the plan of `g` for A, B, C, D at these alignments (bytes) unless it is made
+    /// already; errors as the first such GEMM would when cuBLASLt has no algorithm for it.
+    pub fn prepare(&self, g: &GemmDesc, align: [u32; 4]) -> Result<()> {
+        self.plan((*g, align)).map(|_| ())
+    }
+
+    /// The plan of `key`, made on first use.
+    fn plan(&self, key: PlanKey) -> Result<RefMut<'_, Plan>> {
+        self.stream
+            .context()
+            .bind_to_thread()
+            .context("binding the CUDA context")?;
+        let mut plans = self.plans.borrow_mut();
+        if let Entry::Vacant(e) = plans.entry(key) {
+            e.insert(Plan::new(self.handle, &key)?);
+        }
+        RefMut::filter_map(plans, |p| p.get_mut(&key))
+            .map_err(|_| anyhow::anyhow!("the cuBLASLt plan cache lost a plan"))
+    }
+
     /// Runs `g` on A and B at `ab` (holding `ab_len` elements), C at `c`, D at `d`, with
     /// the epilogue's vector.
     fn matmul<C, D>(
@@ -540,19 +573,16 @@ impl BlasLt {
             (_, None) => bail!("GEMM epilogue {:?} needs its vector", g.epilogue),
             (_, Some(v)) => {
                 v.check(g.bias_len(), "GEMM epilogue vector")?;
+                if alignment(*v.addr()) < VECTOR_ALIGN {
+                    bail!(
+                        "GEMM epilogue vector at {:#x} is not {VECTOR_ALIGN}-byte aligned",
+                        v.addr()
+                    );
+                }
                 Some(*v.addr())
             }
         };
-        let key = (*g, [ab[0], ab[1], *c.addr(), *d.addr()].map(alignment));
-        self.stream
-            .context()
-            .bind_to_thread()
-            .context("binding the CUDA context")?;
-        let mut plans = self.plans.borrow_mut();
-        let plan = match plans.entry(key) {
-            Entry::Occupied(e) => e.into_mut(),
-            Entry::Vacant(e) => e.insert(Plan::new(self.handle, &key)?),
-        };
+        let plan = self.plan((*g, [ab[0], ab[1], *c.addr(), *d.addr()].map(alignment)))?;
         if let Some(v) = vector {
             // SAFETY: the descriptor is live and the bias pointer attribute is a device
             // address; cuBLASLt reads it when the matmul is enqueued below.
@@ -601,14 +631,14 @@ impl BlasLt {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use crate::cpu::ops::linear;
 
     /// cuBLASLt's contract, read literally from a [`GemmDesc`]: column-major operands at
     /// their leading dimensions, the transposes, β, and the epilogue. Returns D's buffer
     /// (starting from `d`) and the BGRADB vector.
-    fn interpret(
+    pub(in crate::cuda) fn interpret(
         g: &GemmDesc,
         a: &[f64],
         b: &[f64],

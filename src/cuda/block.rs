@@ -4,7 +4,10 @@
 //!
 //! Shapes: N token rows, D width, H = 4D hidden, Nm masked rows, P = 3p². The residual
 //! stream and its gradient are fp32; GEMM operands are the storage type. Every gradient is
-//! added (never written) into the fp32 gradient buffer.
+//! added (never written) into the fp32 gradient buffer. The linear layers run on cuBLASLt
+//! ([`LinearLayers`]): the qkv and fc1 biases in the GEMM's epilogue, proj and fc2 adding
+//! their branch and bias straight into the fp32 residual stream, the qkv and head bias
+//! gradients from BGRADB.
 
 use std::ops::Range;
 
@@ -13,13 +16,13 @@ use cudarc::driver::CudaSlice;
 
 use super::activations::{BlockActivations, HeadActivations};
 use super::attention::{AttnShape, AttnTuning};
+use super::blaslt::{BlasLt, Linear};
 use super::device::{DevPtr, Gpu};
-use super::gemm::Blas;
 use super::global_attention::GlobalAttnShape;
 use super::kernels::Kernels;
 use super::launch::MaskedRows;
+use super::linear::{BlockShapes, LinearLayers};
 use super::storage::Storage;
-use crate::config::MLP_RATIO;
 use crate::params::BlockRanges;
 
 /// What every op of a pass computes with: the kernels, and the flat parameter buffers
@@ -28,7 +31,7 @@ use crate::params::BlockRanges;
 pub(super) struct Net<'a, T: Storage> {
     pub gpu: &'a Gpu,
     pub kernels: &'a Kernels<T>,
-    pub blas: &'a Blas,
+    pub blas: &'a BlasLt,
     /// fp32 master weights: LayerNorm, biases, tokens, bias tables.
     pub master: DevPtr<'a, f32>,
     /// The storage copy of the weights: GEMM operands.
@@ -56,6 +59,15 @@ impl<'a, T: Storage> Net<'a, T> {
     pub fn g(&self, r: &Range<usize>) -> Result<DevPtr<'a, f32>> {
         self.grads.range(r.clone())
     }
+
+    /// The linear layers' products, with the scratch their epilogues need.
+    pub fn linear(&self) -> LinearLayers<'a, T> {
+        LinearLayers {
+            lt: self.blas,
+            kernels: self.kernels,
+            scratch: self.scratch,
+        }
+    }
 }
 
 /// The attention of a block.
@@ -73,8 +85,6 @@ pub(super) enum Mixer<'a> {
 /// The buffers the blocks of a stack share, each holding at least N rows.
 #[derive(Clone, Copy)]
 pub(super) struct Shared<'a, T> {
-    /// [N, D] a branch's output projection before the residual add.
-    pub branch: DevPtr<'a, T>,
     /// [N, D] the residual-stream gradient, and its storage copy (a GEMM operand).
     pub dx: DevPtr<'a, f32>,
     pub dy: DevPtr<'a, T>,
@@ -105,9 +115,10 @@ impl<T: Storage> Block<'_, T> {
     /// x_mid = x_in + proj(attn(LN1(x_in))); x_out = x_mid + fc2(gelu(fc1(LN2(x_mid)))).
     pub fn forward(&self) -> Result<()> {
         let (net, r, ba) = (self.net, self.r, self.acts);
-        let (k, blas) = (net.kernels, net.blas);
-        let (n, d, h) = (self.rows, self.width, MLP_RATIO * self.width);
-        let (x_in, x_mid, x_out, branch) = (self.x_in, self.x_mid, self.x_out, self.shared.branch);
+        let (k, lin) = (net.kernels, net.linear());
+        let sh = BlockShapes::new(self.rows, self.width);
+        let (n, d) = (self.rows, self.width);
+        let (x_in, x_mid, x_out) = (self.x_in, self.x_mid, self.x_out);
 
         k.layernorm_forward(
             x_in,
@@ -119,15 +130,13 @@ impl<T: Storage> Block<'_, T> {
             n,
             d,
         )?;
-        blas.linear_forward(
+        lin.linear_forward(
+            net.ptr(&ba.qkv)?,
             net.ptr(&ba.ln1)?,
             net.w(&r.qkv_w)?,
-            net.ptr(&ba.qkv)?,
-            n,
-            d,
-            3 * d,
+            Some(net.p(&r.qkv_b)?),
+            sh.qkv,
         )?;
-        k.add_bias(net.ptr(&ba.qkv)?, net.p(&r.qkv_b)?, n, 3 * d)?;
         match self.mixer {
             Mixer::Window(shape) => k.attention_forward(
                 net.ptr(&ba.qkv)?,
@@ -144,8 +153,14 @@ impl<T: Storage> Block<'_, T> {
                 shape,
             )?,
         }
-        blas.linear_forward(net.ptr(&ba.attn)?, net.w(&r.proj_w)?, branch, n, d, d)?;
-        k.residual_add_bias(x_in, branch, net.p(&r.proj_b)?, x_mid, n, d)?;
+        lin.linear_forward_add(
+            x_mid,
+            x_in,
+            net.ptr(&ba.attn)?,
+            net.w(&r.proj_w)?,
+            net.p(&r.proj_b)?,
+            sh.proj,
+        )?;
 
         k.layernorm_forward(
             x_mid,
@@ -157,17 +172,25 @@ impl<T: Storage> Block<'_, T> {
             n,
             d,
         )?;
-        blas.linear_forward(
+        // fc1's bias in the epilogue rather than in the GELU kernel: the kernel then reads
+        // `pre` and writes `act` (2 N·H values) instead of also writing `pre` back with the
+        // bias (3), and `pre` is rounded to storage once instead of twice.
+        lin.linear_forward(
+            net.ptr(&ba.pre)?,
             net.ptr(&ba.ln2)?,
             net.w(&r.fc1_w)?,
-            net.ptr(&ba.pre)?,
-            n,
-            d,
-            h,
+            Some(net.p(&r.fc1_b)?),
+            sh.fc1,
         )?;
-        k.bias_gelu_forward(net.ptr(&ba.pre)?, net.p(&r.fc1_b)?, net.ptr(&ba.act)?, n, h)?;
-        blas.linear_forward(net.ptr(&ba.act)?, net.w(&r.fc2_w)?, branch, n, h, d)?;
-        k.residual_add_bias(x_mid, branch, net.p(&r.fc2_b)?, x_out, n, d)
+        k.gelu_forward(net.ptr(&ba.pre)?, net.ptr(&ba.act)?, n, sh.fc1.out)?;
+        lin.linear_forward_add(
+            x_out,
+            x_mid,
+            net.ptr(&ba.act)?,
+            net.w(&r.fc2_w)?,
+            net.p(&r.fc2_b)?,
+            sh.fc2,
+        )
     }
 
     /// Takes `dx` = d x_out to d x_in, adding every parameter gradient of the block.
@@ -176,20 +199,30 @@ impl<T: Storage> Block<'_, T> {
     /// `dy` and that gradient are made for it the same way; else `dy` is left stale.
     pub fn backward(&self, below_fc2_b: Option<DevPtr<f32>>) -> Result<()> {
         let (net, r, ba) = (self.net, self.r, self.acts);
-        let (k, blas) = (net.kernels, net.blas);
-        let (n, d, h) = (self.rows, self.width, MLP_RATIO * self.width);
+        let (k, lin) = (net.kernels, net.linear());
+        let sh = BlockShapes::new(self.rows, self.width);
+        let (n, d, h) = (self.rows, self.width, sh.fc1.out);
         let Shared {
             dx,
             dy,
             dsmall,
             dhidden,
             dqkv,
-            ..
         } = self.shared;
 
-        // MLP branch: dx holds d x_out, which is also the gradient of fc2's output.
-        blas.linear_backward_weight(dy, net.ptr(&ba.act)?, net.g(&r.fc2_w)?, n, h, d)?;
-        blas.linear_backward_input(dy, net.w(&r.fc2_w)?, dhidden, n, h, d)?;
+        // MLP branch: dx holds d x_out, which is also the gradient of fc2's output. The
+        // proj and fc2 bias gradients are not BGRADB's: that would sum dy, rounded to
+        // storage, while the LayerNorm backward that makes dx sums it in fp32 on its way.
+        lin.linear_backward(
+            Some(dhidden),
+            net.g(&r.fc2_w)?,
+            None,
+            dy,
+            net.ptr(&ba.act)?,
+            net.w(&r.fc2_w)?,
+            sh.fc2,
+        )?;
+        // fc1's bias gradient stays in the GELU backward, which reads d pre anyway.
         k.gelu_backward(
             net.ptr(&ba.pre)?,
             dhidden,
@@ -198,8 +231,15 @@ impl<T: Storage> Block<'_, T> {
             net.scratch,
             net.g(&r.fc1_b)?,
         )?;
-        blas.linear_backward_weight(dhidden, net.ptr(&ba.ln2)?, net.g(&r.fc1_w)?, n, d, h)?;
-        blas.linear_backward_input(dhidden, net.w(&r.fc1_w)?, dsmall, n, d, h)?;
+        lin.linear_backward(
+            Some(dsmall),
+            net.g(&r.fc1_w)?,
+            None,
+            dhidden,
+            net.ptr(&ba.ln2)?,
+            net.w(&r.fc1_w)?,
+            sh.fc1,
+        )?;
         k.layernorm_backward(
             self.x_mid,
             dsmall,
@@ -217,8 +257,15 @@ impl<T: Storage> Block<'_, T> {
         )?;
 
         // Attention branch: dx now holds d x_mid, dy its storage copy.
-        blas.linear_backward_weight(dy, net.ptr(&ba.attn)?, net.g(&r.proj_w)?, n, d, d)?;
-        blas.linear_backward_input(dy, net.w(&r.proj_w)?, dsmall, n, d, d)?;
+        lin.linear_backward(
+            Some(dsmall),
+            net.g(&r.proj_w)?,
+            None,
+            dy,
+            net.ptr(&ba.attn)?,
+            net.w(&r.proj_w)?,
+            sh.proj,
+        )?;
         match self.mixer {
             Mixer::Window(shape) => k.attention_backward(
                 net.ptr(&ba.qkv)?,
@@ -241,9 +288,15 @@ impl<T: Storage> Block<'_, T> {
                 shape,
             )?,
         }
-        k.column_sum(dqkv, n, 3 * d, net.scratch, net.g(&r.qkv_b)?)?;
-        blas.linear_backward_weight(dqkv, net.ptr(&ba.ln1)?, net.g(&r.qkv_w)?, n, d, 3 * d)?;
-        blas.linear_backward_input(dqkv, net.w(&r.qkv_w)?, dsmall, n, d, 3 * d)?;
+        lin.linear_backward(
+            Some(dsmall),
+            net.g(&r.qkv_w)?,
+            Some(net.g(&r.qkv_b)?),
+            dqkv,
+            net.ptr(&ba.ln1)?,
+            net.w(&r.qkv_w)?,
+            sh.qkv,
+        )?;
         k.layernorm_backward(
             self.x_in,
             dsmall,
@@ -312,13 +365,18 @@ impl<T: Storage> Head<'_, T> {
             nm,
             d,
         )?;
-        net.blas.linear_forward(
+        let layer = Linear {
+            rows: nm,
+            inp: d,
+            out: p,
+        };
+        // The head bias is added in the loss kernel, which reads pred anyway.
+        net.linear().linear_forward(
+            net.ptr(&a.pred)?,
             net.ptr(&a.lnm)?,
             net.w(r.head_w)?,
-            net.ptr(&a.pred)?,
-            nm,
-            d,
-            p,
+            None,
+            layer,
         )?;
         k.masked_mse(
             net.ptr(&a.pred)?,
@@ -332,22 +390,14 @@ impl<T: Storage> Head<'_, T> {
             grad_scale,
         )?;
 
-        k.column_sum(net.ptr(&a.dpred)?, nm, p, net.scratch, net.g(r.head_b)?)?;
-        net.blas.linear_backward_weight(
+        net.linear().linear_backward(
+            Some(net.ptr(&a.dlnm)?),
+            net.g(r.head_w)?,
+            Some(net.g(r.head_b)?),
             net.ptr(&a.dpred)?,
             net.ptr(&a.lnm)?,
-            net.g(r.head_w)?,
-            nm,
-            d,
-            p,
-        )?;
-        net.blas.linear_backward_input(
-            net.ptr(&a.dpred)?,
             net.w(r.head_w)?,
-            net.ptr(&a.dlnm)?,
-            nm,
-            d,
-            p,
+            layer,
         )?;
         // The last block's fc2 bias gradient is the column sum of d x_out, which is zero
         // outside the masked rows: the column sum of dxm, from the LayerNorm backward.

@@ -20,7 +20,7 @@ pub const NVCC_HINT: &str = "rebuild with nvcc 13.0 available: pip install --tar
     NVCC=DIR/nvidia/cu13/bin/nvcc and run cargo build again";
 
 /// Why this machine has no usable GPU (no driver, or no device), or `None` when it has
-/// one. A missing cuBLAS or a build without kernels is not reported here: on a GPU
+/// one. A missing cuBLASLt or a build without kernels is not reported here: on a GPU
 /// machine those are errors for [`Gpu::open`] to name.
 pub fn unavailable() -> Option<String> {
     // SAFETY: only tries to dlopen the driver library.
@@ -55,9 +55,9 @@ impl Gpu {
             bail!("this build of lomar has no CUDA kernels (nvcc was not found when it was compiled); {NVCC_HINT}");
         }
         // SAFETY: only tries to dlopen the library.
-        if !unsafe { cudarc::cublas::sys::is_culib_present() } {
+        if !unsafe { cudarc::cublaslt::sys::is_culib_present() } {
             bail!(
-                "cuBLAS 13 not found: libcublas.so.13 could not be loaded; install it \
+                "cuBLASLt 13 not found: libcublasLt.so.13 could not be loaded; install it \
                  (pip install nvidia-cublas) and put its nvidia/cu13/lib directory on LD_LIBRARY_PATH"
             );
         }

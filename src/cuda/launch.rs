@@ -58,7 +58,7 @@ impl MaskedRows {
     }
 }
 
-/// Floats of reduction scratch a model needs (see [`Kernels::column_sum`] and friends).
+/// Floats of reduction scratch a model needs (see [`Kernels::gelu_backward`] and friends).
 pub fn scratch_len(m: &ModelConfig) -> usize {
     // MAE's decoder blocks reduce over their own widths.
     let decoder = m.decoder.map_or(0, |dec| dec.hidden());
@@ -461,27 +461,21 @@ impl<T: Storage> Kernels<T> {
         self.partials_finish(scratch, &outputs, chunks, width)
     }
 
-    /// pre [N, C] T (+= bias in place), bias [C] f32 -> act [N, C] T = gelu(pre).
-    pub fn bias_gelu_forward(
+    /// pre [N, C] T -> act [N, C] T = gelu(pre).
+    pub fn gelu_forward(
         &self,
         pre: DevPtr<T>,
-        bias: DevPtr<f32>,
         act: DevPtr<T>,
         rows: usize,
         cols: usize,
     ) -> Result<()> {
         let n = rows * cols;
-        pre.check(n, "bias_gelu_forward pre")?;
-        bias.check(cols, "bias_gelu_forward bias")?;
-        act.check(n, "bias_gelu_forward act")?;
+        pre.check(n, "gelu_forward pre")?;
+        act.check(n, "gelu_forward act")?;
         let (rows_i, cols_i) = (int(rows, "rows")?, int(cols, "cols")?);
-        let mut b = self.stream.launch_builder(&self.bias_gelu_forward);
-        b.arg(pre.addr())
-            .arg(bias.addr())
-            .arg(act.addr())
-            .arg(&rows_i)
-            .arg(&cols_i);
-        self.run(b, pack_tile(cols).over_rows(rows), "bias_gelu_forward")
+        let mut b = self.stream.launch_builder(&self.gelu_forward);
+        b.arg(pre.addr()).arg(act.addr()).arg(&rows_i).arg(&cols_i);
+        self.run(b, pack_tile(cols).over_rows(rows), "gelu_forward")
     }
 
     /// pre [N, C] T (with bias), grad [N, C] T: d act in, d pre out; bias_grad [C] f32 +=
@@ -599,31 +593,6 @@ impl<T: Storage> Kernels<T> {
         self.run(b, elementwise(n)?, "adamw")
     }
 
-    /// x [N, C] T -> out [C] f32 (+=): the column sums (a bias gradient).
-    pub fn column_sum(
-        &self,
-        x: DevPtr<T>,
-        rows: usize,
-        cols: usize,
-        scratch: DevPtr<f32>,
-        out: DevPtr<f32>,
-    ) -> Result<()> {
-        x.check(rows * cols, "column_sum x")?;
-        let (per, chunks) = chunking(rows);
-        check_scratch(&scratch, chunks * cols, "column_sum")?;
-        let rows_i = int(rows, "rows")?;
-        let cols_i = int(cols, "cols")?;
-        let per_i = int(per, "rows per chunk")?;
-        let mut b = self.stream.launch_builder(&self.column_sum);
-        b.arg(x.addr())
-            .arg(scratch.addr())
-            .arg(&rows_i)
-            .arg(&cols_i)
-            .arg(&per_i);
-        self.run(b, pack_tile(cols).config(chunks), "column_sum")?;
-        self.partials_finish(scratch, &[out], chunks, cols)
-    }
-
     /// partial [outputs.len(), chunks, C] f32 -> outputs[k] [C] f32 (+=), at most three.
     pub(super) fn partials_finish(
         &self,
@@ -686,48 +655,6 @@ impl<T: Storage> Kernels<T> {
         let mut b = self.stream.launch_builder(&self.sum_finish);
         b.arg(x.addr()).arg(&n_i).arg(&scale).arg(out.addr());
         self.run(b, config((1, 1), 1024), "sum_finish")
-    }
-
-    /// y [N, C] T += bias [C] f32.
-    pub fn add_bias(
-        &self,
-        y: DevPtr<T>,
-        bias: DevPtr<f32>,
-        rows: usize,
-        cols: usize,
-    ) -> Result<()> {
-        y.check(rows * cols, "add_bias y")?;
-        bias.check(cols, "add_bias bias")?;
-        let (rows_i, cols_i) = (int(rows, "rows")?, int(cols, "cols")?);
-        let mut b = self.stream.launch_builder(&self.add_bias);
-        b.arg(y.addr()).arg(bias.addr()).arg(&rows_i).arg(&cols_i);
-        self.run(b, pack_tile(cols).over_rows(rows), "add_bias")
-    }
-
-    /// x_in [N, D] f32, y [N, D] T, bias [D] f32 -> x_out [N, D] f32 = x_in + y + bias.
-    pub fn residual_add_bias(
-        &self,
-        x_in: DevPtr<f32>,
-        y: DevPtr<T>,
-        bias: DevPtr<f32>,
-        x_out: DevPtr<f32>,
-        rows: usize,
-        cols: usize,
-    ) -> Result<()> {
-        let n = rows * cols;
-        x_in.check(n, "residual_add_bias x_in")?;
-        y.check(n, "residual_add_bias y")?;
-        bias.check(cols, "residual_add_bias bias")?;
-        x_out.check(n, "residual_add_bias x_out")?;
-        let (rows_i, cols_i) = (int(rows, "rows")?, int(cols, "cols")?);
-        let mut b = self.stream.launch_builder(&self.residual_add_bias);
-        b.arg(x_in.addr())
-            .arg(y.addr())
-            .arg(bias.addr())
-            .arg(x_out.addr())
-            .arg(&rows_i)
-            .arg(&cols_i);
-        self.run(b, pack_tile(cols).over_rows(rows), "residual_add_bias")
     }
 
     /// src [n] f32 -> dst [n] T.

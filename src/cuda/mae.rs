@@ -11,6 +11,7 @@ use anyhow::{Context, Result};
 use cudarc::driver::CudaSlice;
 
 use super::activations::BlockActivations;
+use super::blaslt::Linear;
 use super::block::{Block, Head, HeadRanges, Mixer, Net, Shared};
 use super::global_attention::GlobalAttnShape;
 use super::launch::MaskedRows;
@@ -56,7 +57,6 @@ impl<'a, T: Storage> MaePass<'a, T> {
     fn shared(&self) -> Result<Shared<'a, T>> {
         let (net, a) = (&self.net, self.acts);
         Ok(Shared {
-            branch: net.ptr(&a.branch)?,
             dx: net.ptr(&a.dx)?,
             dy: net.ptr(&a.dy)?,
             dsmall: net.ptr(&a.dsmall)?,
@@ -162,13 +162,13 @@ impl<'a, T: Storage> MaePass<'a, T> {
     fn embed_forward(&self) -> Result<()> {
         let (net, a, m, r, x) = (&self.net, self.acts, self.model, self.ranges, self.dims());
         a.input.gather_windows(net.gpu, net.kernels, m, x.images)?;
-        net.blas.linear_forward(
+        // The patch bias is added with the tokens, where its gradient is summed too.
+        net.linear().linear_forward(
+            net.ptr(&a.emb)?,
             net.ptr(&a.input.patches)?,
             net.w(&r.patch_w)?,
-            net.ptr(&a.emb)?,
-            x.kept,
-            m.patch_dim(),
-            m.width,
+            None,
+            self.patch_layer(),
         )?;
         net.kernels.place_tokens_forward(
             net.ptr(&a.emb)?,
@@ -218,13 +218,17 @@ impl<'a, T: Storage> MaePass<'a, T> {
             x.enc_rows,
             d,
         )?;
-        net.blas.linear_forward(
+        // decoder_embed's bias is added with the tokens, as the patch bias.
+        net.linear().linear_forward(
+            net.ptr(&a.dec_emb)?,
             net.ptr(&a.enc_normed)?,
             net.w(&dr.embed_w)?,
-            net.ptr(&a.dec_emb)?,
-            x.enc_rows,
-            d,
-            dec.width,
+            None,
+            Linear {
+                rows: x.enc_rows,
+                inp: d,
+                out: dec.width,
+            },
         )?;
         net.kernels.place_tokens_forward(
             net.ptr(&a.dec_emb)?,
@@ -281,21 +285,18 @@ impl<'a, T: Storage> MaePass<'a, T> {
             net.g(&dr.embed_b)?,
             self.decoder_placement()?,
         )?;
-        net.blas.linear_backward_weight(
+        net.linear().linear_backward(
+            Some(net.ptr(&a.denc_normed)?),
+            net.g(&dr.embed_w)?,
+            None,
             net.ptr(&a.ddec_emb)?,
             net.ptr(&a.enc_normed)?,
-            net.g(&dr.embed_w)?,
-            x.enc_rows,
-            d,
-            dec.width,
-        )?;
-        net.blas.linear_backward_input(
-            net.ptr(&a.ddec_emb)?,
             net.w(&dr.embed_w)?,
-            net.ptr(&a.denc_normed)?,
-            x.enc_rows,
-            d,
-            dec.width,
+            Linear {
+                rows: x.enc_rows,
+                inp: d,
+                out: dec.width,
+            },
         )?;
         let dx = shared.dx.range(0..x.enc_rows * d)?;
         net.gpu.memset_zero(dx)?;
@@ -318,7 +319,7 @@ impl<'a, T: Storage> MaePass<'a, T> {
 
     /// d cls, d patch bias and d W_pe from d x_in of the encoder's first block.
     fn embed_backward(&self) -> Result<()> {
-        let (net, a, m, r, x) = (&self.net, self.acts, self.model, self.ranges, self.dims());
+        let (net, a, r) = (&self.net, self.acts, self.ranges);
         net.kernels.place_tokens_backward(
             net.ptr(&a.dx)?,
             net.ptr(&a.enc_slot)?,
@@ -328,14 +329,24 @@ impl<'a, T: Storage> MaePass<'a, T> {
             net.g(&r.patch_b)?,
             self.encoder_placement(),
         )?;
-        net.blas.linear_backward_weight(
+        net.linear().linear_backward(
+            None,
+            net.g(&r.patch_w)?,
+            None,
             net.ptr(&a.demb)?,
             net.ptr(&a.input.patches)?,
-            net.g(&r.patch_w)?,
-            x.kept,
-            m.patch_dim(),
-            m.width,
+            net.w(&r.patch_w)?,
+            self.patch_layer(),
         )
+    }
+
+    /// `patch_embed` on the kept patches.
+    fn patch_layer(&self) -> Linear {
+        Linear {
+            rows: self.dims().kept,
+            inp: self.model.patch_dim(),
+            out: self.model.width,
+        }
     }
 }
 

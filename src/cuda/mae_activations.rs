@@ -76,7 +76,6 @@ pub(super) struct MaeActivations<T> {
     /// `[1]` the mean loss.
     pub loss: CudaSlice<f32>,
     /// The blocks' shared buffers (`block::Shared`), each the larger stack's size.
-    pub branch: CudaSlice<T>,
     pub dx: CudaSlice<f32>,
     pub dy: CudaSlice<T>,
     pub dsmall: CudaSlice<T>,
@@ -115,7 +114,7 @@ impl<T: Storage> MaeActivations<T> {
             + head.0
             + 2 * x.kept * d
             + x.enc_rows * (2 * d + 2 * dd)
-            + (6 + MLP_RATIO) * wide;
+            + (5 + MLP_RATIO) * wide;
         let fp32 = m.depth * enc.1
             + dec.depth * dcb.1
             + head.1
@@ -178,7 +177,6 @@ impl<T: Storage> MaeActivations<T> {
             dec_blocks: stack("decoder", dec.depth, x.dec_rows, dd, dec_lse)?,
             head: HeadActivations::new(gpu, x.masked, dd, m.patch_dim())?,
             loss: gpu.zeros(1, "loss")?,
-            branch: gpu.zeros(wide, "branch output")?,
             dx: gpu.zeros(wide, "residual gradient")?,
             dy: gpu.zeros(wide, "residual gradient copy")?,
             dsmall: gpu.zeros(wide, "branch gradient")?,

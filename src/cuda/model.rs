@@ -5,6 +5,7 @@
 //! D width, P = 3p². The residual stream and its gradient are fp32; GEMM operands are the
 //! storage type. Every gradient is added (never written) into the fp32 gradient buffer,
 //! already multiplied by the caller's grad_scale, which enters once, at the loss gradient.
+//! The linear layers run on cuBLASLt ([`super::linear::LinearLayers`], see `block.rs`).
 
 use anyhow::{Context, Result};
 
@@ -12,6 +13,7 @@ use super::activations::Activations;
 use super::attention::AttnShape;
 use super::block::{Block, Head, HeadRanges, Mixer, Net, Shared};
 use super::launch::MaskedRows;
+use super::linear::LayerShapes;
 use super::nvtx;
 use super::storage::Storage;
 use crate::config::ModelConfig;
@@ -40,7 +42,6 @@ impl<'a, T: Storage> Pass<'a, T> {
         let net = &self.net;
         let (a, m, r) = (self.acts, self.model, self.ranges);
         let shared = Shared {
-            branch: net.ptr(&a.branch)?,
             dx: net.ptr(&a.dx)?,
             dy: net.ptr(&a.dy)?,
             dsmall: net.ptr(&a.dsmall)?,
@@ -103,16 +104,15 @@ impl<'a, T: Storage> Pass<'a, T> {
 
     fn embed_forward(&self) -> Result<()> {
         let (net, a, m, r) = (&self.net, self.acts, self.model, self.ranges);
-        let nv = self.seqs() * m.visible_per_window();
         a.input
             .gather_windows(net.gpu, net.kernels, m, self.seqs())?;
-        net.blas.linear_forward(
+        // The patch bias is added with the tokens, where its gradient is summed too.
+        net.linear().linear_forward(
+            net.ptr(&a.emb)?,
             net.ptr(&a.input.patches)?,
             net.w(&r.patch_w)?,
-            net.ptr(&a.emb)?,
-            nv,
-            m.patch_dim(),
-            m.width,
+            None,
+            LayerShapes::new(m, self.seqs()).patch,
         )?;
         net.kernels.assemble_tokens_forward(
             net.ptr(&a.emb)?,
@@ -129,7 +129,6 @@ impl<'a, T: Storage> Pass<'a, T> {
     /// d cls, d mask_token, d patch bias and d W_pe from the residual gradient at the input.
     fn embed_backward(&self) -> Result<()> {
         let (net, a, m, r) = (&self.net, self.acts, self.model, self.ranges);
-        let nv = self.seqs() * m.visible_per_window();
         net.kernels.assemble_tokens_backward(
             net.ptr(&a.dx)?,
             net.ptr(&a.input.pos_slot)?,
@@ -141,13 +140,14 @@ impl<'a, T: Storage> Pass<'a, T> {
             m,
             self.seqs(),
         )?;
-        net.blas.linear_backward_weight(
+        net.linear().linear_backward(
+            None,
+            net.g(&r.patch_w)?,
+            None,
             net.ptr(&a.demb)?,
             net.ptr(&a.input.patches)?,
-            net.g(&r.patch_w)?,
-            nv,
-            m.patch_dim(),
-            m.width,
+            net.w(&r.patch_w)?,
+            LayerShapes::new(m, self.seqs()).patch,
         )
     }
 }

@@ -4,7 +4,6 @@
 
 use std::fmt::Debug;
 
-use cudarc::cublas::sys::cudaDataType;
 use cudarc::driver::{DeviceRepr, ValidAsZeroBits};
 use half::bf16;
 
@@ -13,8 +12,6 @@ pub trait Storage:
 {
     /// Suffix of the kernel instantiations, `f32` or `bf16`.
     const SUFFIX: &'static str;
-    /// The element type as cuBLAS names it.
-    const BLAS_TYPE: cudaDataType;
     /// Round to nearest even, as the kernels' `from_float`.
     fn from_f32(v: f32) -> Self;
     fn to_f32(self) -> f32;
@@ -22,7 +19,6 @@ pub trait Storage:
 
 impl Storage for f32 {
     const SUFFIX: &'static str = "f32";
-    const BLAS_TYPE: cudaDataType = cudaDataType::CUDA_R_32F;
     fn from_f32(v: f32) -> Self {
         v
     }
@@ -33,7 +29,6 @@ impl Storage for f32 {
 
 impl Storage for bf16 {
     const SUFFIX: &'static str = "bf16";
-    const BLAS_TYPE: cudaDataType = cudaDataType::CUDA_R_16BF;
     fn from_f32(v: f32) -> Self {
         bf16::from_f32(v)
     }
