@@ -274,8 +274,8 @@ mod tests {
                 let (y, _) = interpret(&g, &w, &x, &unset, &b, &unset);
                 close(&what("y = x·wᵀ + b"), &y, &want);
 
-                let mut want = x_in.clone();
-                linear::linear_forward_add(&mut want, &x, &w, &b);
+                let mut want = nan(s.rows * s.out);
+                linear::linear_forward_residual(&mut want, &x_in, &x, &w, &b);
                 let g = GemmDesc::forward_residual(s, Dtype::F32);
                 let (x_out, _) = interpret(&g, &w, &x, &x_in, &b, &nan(s.rows * s.out));
                 close(&what("x_out = x_in + x·wᵀ + b"), &x_out, &want);
