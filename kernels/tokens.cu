@@ -106,3 +106,70 @@ extern "C" __global__ void scatter_masked_tokens(const float* dxm, const unsigne
   float* out = dx + ((size_t)s * seq_len + token) * width;
   for (int c = threadIdx.x; c < width; c += blockDim.x) out[c] += in[c];
 }
+
+// MAE's token placement (docs/DESIGN.md §7.2), the encoder's input and the decoder's: row r of
+// x [R, D] f32 is source row slot[r] of src [R_src, D] T plus bias, or the row `fill` where
+// slot[r] < 0, and then plus the position row pos[pos_row[r]] of pos [*, D] f32.
+// Encoder: src the embedded kept patches, fill cls. Decoder: src decoder_embed's output (cls
+// row included), fill mask_token. One block per row.
+template <typename T>
+__device__ void place_tokens_forward(const T* src, const float* bias, const float* fill, const float* pos,
+                                     const int* slot, const int* pos_row, float* x, int width) {
+  const int row = blockIdx.x;
+  const int from = slot[row];
+  const float* p = pos + (size_t)pos_row[row] * width;
+  float* out = x + (size_t)row * width;
+  if (from < 0) {
+    for (int c = threadIdx.x; c < width; c += blockDim.x) out[c] = fill[c] + p[c];
+    return;
+  }
+  const T* in = src + (size_t)from * width;
+  for (int c = threadIdx.x; c < width; c += blockDim.x) out[c] = (to_float(in[c]) + bias[c]) + p[c];
+}
+
+#define EXPORT_PLACE_TOKENS_FORWARD(T, SUFFIX)                                                     \
+  extern "C" __global__ void place_tokens_forward_##SUFFIX(const T* src, const float* bias,       \
+                                                           const float* fill, const float* pos,  \
+                                                           const int* slot, const int* pos_row,  \
+                                                           float* x, int width) {                \
+    place_tokens_forward<T>(src, bias, fill, pos, slot, pos_row, x, width);                       \
+  }
+EXPORT_PLACE_TOKENS_FORWARD(float, f32)
+EXPORT_PLACE_TOKENS_FORWARD(bf16, bf16)
+
+// backward: dx [R, D] f32 -> dsrc [R_src, D] T (written: every source row is some row's slot,
+// exactly once), and per chunk of rows the partial sums partial [2, chunks, D] f32: d fill (rows
+// with slot < 0), d bias (the others). The positions are fixed: no gradient. A second pass
+// (partials_finish) adds the chunks in a fixed order. Grid (ceil(D / blockDim.x), chunks): one
+// thread per column and chunk.
+template <typename T>
+__device__ void place_tokens_backward(const float* dx, const int* slot, T* dsrc, float* partial, int rows,
+                                      int width, int rows_per_chunk) {
+  const int c = blockIdx.x * blockDim.x + threadIdx.x;
+  if (c >= width) return;
+  const int chunk = blockIdx.y;
+  const int chunks = gridDim.y;
+  const int r_end = min(rows, (chunk + 1) * rows_per_chunk);
+  float d_fill = 0.0f, d_bias = 0.0f;
+  for (int r = chunk * rows_per_chunk; r < r_end; ++r) {
+    const float g = dx[(size_t)r * width + c];
+    const int from = slot[r];
+    if (from < 0) {
+      d_fill += g;
+    } else {
+      dsrc[(size_t)from * width + c] = from_float<T>(g);
+      d_bias += g;
+    }
+  }
+  partial[(size_t)(0 * chunks + chunk) * width + c] = d_fill;
+  partial[(size_t)(1 * chunks + chunk) * width + c] = d_bias;
+}
+
+#define EXPORT_PLACE_TOKENS_BACKWARD(T, SUFFIX)                                                    \
+  extern "C" __global__ void place_tokens_backward_##SUFFIX(const float* dx, const int* slot,     \
+                                                            T* dsrc, float* partial, int rows,    \
+                                                            int width, int rows_per_chunk) {      \
+    place_tokens_backward<T>(dx, slot, dsrc, partial, rows, width, rows_per_chunk);               \
+  }
+EXPORT_PLACE_TOKENS_BACKWARD(float, f32)
+EXPORT_PLACE_TOKENS_BACKWARD(bf16, bf16)

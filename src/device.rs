@@ -4,7 +4,7 @@ use anyhow::{bail, Result};
 use clap::ValueEnum;
 
 use crate::backend::{Backend, Precision};
-use crate::config::{Method, ModelConfig};
+use crate::config::ModelConfig;
 use crate::cpu::CpuBackend;
 use crate::cuda::{self, CudaBackend};
 
@@ -18,10 +18,6 @@ pub enum Device {
     /// The CUDA backend on the first GPU.
     Cuda,
 }
-
-/// Why `--method mae` computes on the CPU.
-const MAE_ON_CPU_ONLY: &str =
-    "--method mae runs on the CPU backend only for now: the CUDA backend has no MAE path yet (use --device cpu)";
 
 /// Opens a backend holding `params`. `precision` is `None` when the user did not ask for
 /// one.
@@ -39,12 +35,7 @@ pub fn open_backend(
     };
     let use_cuda = match device {
         Device::Cpu => false,
-        Device::Cuda if model.method == Method::Mae => bail!(MAE_ON_CPU_ONLY),
         Device::Cuda => true,
-        Device::Auto if model.method == Method::Mae => {
-            println!("device: cpu ({MAE_ON_CPU_ONLY})");
-            false
-        }
         Device::Auto => match cuda_unusable() {
             Some(reason) => {
                 println!("device: cpu ({reason})");

@@ -803,3 +803,44 @@ fn window_gather_normalises_bytes_like_the_cpu_op() {
             .unwrap_or("the driver failed")
     );
 }
+
+/// MAE's token placement (the encoder's and the decoder's input, kernels/tokens.cu) matches
+/// its definition, and planted bugs are caught: the position row not added, the bias
+/// gradient's partials written into the fill's plane, two chunks writing one source row.
+#[test]
+fn mae_token_placement_matches_the_reference() {
+    run_driver("tokens_driver");
+    let mutations = [
+        (
+            "position-not-added",
+            "out[c] = (to_float(in[c]) + bias[c]) + p[c];",
+            "out[c] = to_float(in[c]) + bias[c];",
+        ),
+        (
+            "bias-partials-in-the-fill-plane",
+            "partial[(size_t)(1 * chunks + chunk) * width + c] = d_bias;",
+            "partial[(size_t)(0 * chunks + chunk) * width + c] = d_bias;",
+        ),
+        (
+            "chunk-overruns-its-rows",
+            "const int r_end = min(rows, (chunk + 1) * rows_per_chunk);",
+            "const int r_end = min(rows, (chunk + 2) * rows_per_chunk);",
+        ),
+    ];
+    for (name, find, replace) in mutations {
+        let kernels = mutant(name, "tokens.cu", find, replace);
+        let exe = compile(&kernels, kernels.parent().unwrap(), "tokens_driver");
+        let out = run(&exe, &[]);
+        assert!(
+            !out.status.success(),
+            "{name}: the mutant passed:\n{}",
+            describe(&out)
+        );
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let first = stdout
+            .lines()
+            .find(|l| l.starts_with("FAIL"))
+            .unwrap_or("the driver failed (a race ThreadSanitizer saw)");
+        println!("{name}: caught: {first}");
+    }
+}

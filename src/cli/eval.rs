@@ -140,6 +140,10 @@ pub struct VisualizeArgs {
     /// The PNG to write.
     #[arg(long, value_name = "FILE.png")]
     pub out: PathBuf,
+    /// Refuse the checkpoint unless it holds this method's model [default: the
+    /// checkpoint's]
+    #[arg(long, value_enum)]
+    pub method: Option<Method>,
 }
 
 #[derive(Args, Debug)]
@@ -314,7 +318,7 @@ pub(super) fn visualize(a: VisualizeArgs) -> Result<()> {
         (None, false) => Images::Files(a.image.clone()),
         (None, true) => Images::Synthetic(a.images),
     };
-    let rows = visualize::visualize(&a.checkpoint, &images, a.seed, &a.out)?;
+    let rows = visualize::visualize(&a.checkpoint, a.method, &images, a.seed, &a.out)?;
     println!("{rows} images drawn to {}", a.out.display());
     Ok(())
 }

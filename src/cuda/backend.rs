@@ -6,13 +6,13 @@ use cudarc::driver::sys::CUevent_flags;
 use cudarc::driver::{CudaEvent, CudaSlice};
 use half::bf16;
 
-use super::activations::Activations;
 use super::attention::HEAD_DIMS;
 use super::blaslt::BlasLt;
+use super::block::Net;
 use super::device::Gpu;
 use super::kernels::Kernels;
 use super::launch::scratch_len;
-use super::model::Pass;
+use super::method::MethodActs;
 use super::nvtx;
 use super::storage::Storage;
 use crate::backend::{AdamWStep, Backend, Moments, Precision};
@@ -34,14 +34,15 @@ impl CudaBackend {
         model.validate()?;
         let layout = ParamLayout::new(model);
         layout.check_len("params", params.len())?;
-        if !HEAD_DIMS.contains(&model.head_dim()) {
-            bail!(
-                "head dim {} (width {} / heads {}) has no CUDA attention kernel; the GPU \
-                 backend supports head dims {HEAD_DIMS:?}",
-                model.head_dim(),
-                model.width,
-                model.heads
-            );
+        let decoder = model.decoder.map(|d| ("decoder ", d.width, d.heads));
+        for (what, width, heads) in [("", model.width, model.heads)].into_iter().chain(decoder) {
+            if !HEAD_DIMS.contains(&(width / heads)) {
+                bail!(
+                    "{what}head dim {} (width {width} / heads {heads}) has no CUDA attention \
+                     kernel; the GPU backend supports head dims {HEAD_DIMS:?}",
+                    width / heads
+                );
+            }
         }
         let gpu = Gpu::open(0)?;
         let engine: Box<dyn Backend> = match precision {
@@ -130,7 +131,7 @@ struct Engine<T: Storage> {
     /// [1] a reduction's result.
     scalar: CudaSlice<f32>,
     /// Buffers of the last batch size, reused while it holds.
-    acts: Option<Activations<T>>,
+    acts: Option<MethodActs<T>>,
     timer: StepTimer,
 }
 
@@ -222,10 +223,10 @@ impl<T: Storage> Backend for Engine<T> {
         if !grad_scale.is_finite() {
             bail!("grad_scale = {grad_scale}: must be finite");
         }
-        if self.acts.as_ref().map(|a| a.images_len) != Some(batch.images_len) {
+        if self.acts.as_ref().map(|a| a.images_len()) != Some(batch.images_len) {
             // Free the old shape's buffers before allocating the new ones.
             self.acts = None;
-            self.acts = Some(Activations::new(&self.gpu, &self.model, batch.images_len)?);
+            self.acts = Some(MethodActs::new(&self.gpu, &self.model, batch.images_len)?);
         }
         let Some(acts) = self.acts.as_mut() else {
             bail!(
@@ -241,22 +242,19 @@ impl<T: Storage> Backend for Engine<T> {
             self.timer.start.record(self.gpu.stream())?;
             self.timer.started = true;
         }
-        let pass = Pass {
+        let net = Net {
             gpu: &self.gpu,
             kernels: &self.kernels,
             blas: &self.blas,
-            model: &self.model,
-            ranges: &self.ranges,
             master: self.gpu.ptr(&self.master)?,
             shadow: self.gpu.ptr(&self.shadow)?,
             grads: self.gpu.ptr(&self.grads)?,
             scratch: self.gpu.ptr(&self.scratch)?,
-            acts,
         };
-        pass.forward_backward(grad_scale)?;
+        acts.forward_backward(net, &self.model, &self.ranges, grad_scale)?;
         let loss = self
             .gpu
-            .read(&pass.acts.loss, 1, "loss")
+            .read(acts.loss(), 1, "loss")
             .context("running the forward and backward on the GPU")?;
         Ok(loss[0])
     }

@@ -18,6 +18,7 @@ use super::activations::{BlockActivations, HeadActivations};
 use super::attention::{AttnShape, AttnTuning};
 use super::blaslt::{BlasLt, Linear};
 use super::device::{DevPtr, Gpu};
+use super::global_attention::GlobalAttnShape;
 use super::kernels::Kernels;
 use super::launch::MaskedRows;
 use super::linear::{BlockShapes, LinearLayers};
@@ -71,9 +72,14 @@ impl<'a, T: Storage> Net<'a, T> {
 
 /// The attention of a block.
 #[derive(Clone, Copy)]
-pub(super) enum Mixer {
+pub(super) enum Mixer<'a> {
     /// LoMaR's windows, with the block's relative position bias table.
     Window(AttnShape),
+    /// MAE's whole sequences without a bias; `delta` `[S, h, T]` is its backward's scratch.
+    Global {
+        shape: GlobalAttnShape,
+        delta: DevPtr<'a, f32>,
+    },
 }
 
 /// The buffers the blocks of a stack share, each holding at least N rows.
@@ -96,7 +102,7 @@ pub(super) struct Block<'a, T: Storage> {
     pub r: &'a BlockRanges,
     pub acts: &'a BlockActivations<T>,
     pub shared: Shared<'a, T>,
-    pub mixer: Mixer,
+    pub mixer: Mixer<'a>,
     pub rows: usize,
     pub width: usize,
     /// [N, D] the residual stream at the block's input, after attention, at its output.
@@ -139,6 +145,12 @@ impl<T: Storage> Block<'_, T> {
                 net.ptr(&ba.lse)?,
                 shape,
                 AttnTuning::default(),
+            )?,
+            Mixer::Global { shape, .. } => k.global_attention_forward(
+                net.ptr(&ba.qkv)?,
+                net.ptr(&ba.attn)?,
+                net.ptr(&ba.lse)?,
+                shape,
             )?,
         }
         lin.linear_forward_residual(
@@ -265,6 +277,15 @@ impl<T: Storage> Block<'_, T> {
                 net.g(&r.rel_bias)?,
                 shape,
                 AttnTuning::default(),
+            )?,
+            Mixer::Global { shape, delta } => k.global_attention_backward(
+                net.ptr(&ba.qkv)?,
+                net.ptr(&ba.attn)?,
+                dsmall,
+                net.ptr(&ba.lse)?,
+                delta,
+                dqkv,
+                shape,
             )?,
         }
         lin.linear_backward(

@@ -46,6 +46,9 @@ pub struct Kernels<T> {
     pub(super) assemble_tokens_backward: CudaFunction,
     pub(super) gather_masked_tokens: CudaFunction,
     pub(super) scatter_masked_tokens: CudaFunction,
+    /// MAE's encoder and decoder inputs (`mae_tokens.rs`).
+    pub(super) place_tokens_forward: CudaFunction,
+    pub(super) place_tokens_backward: CudaFunction,
     pub(super) layernorm_forward: CudaFunction,
     pub(super) layernorm_backward: CudaFunction,
     pub(super) gelu_forward: CudaFunction,
@@ -81,6 +84,8 @@ impl<T: Storage> Kernels<T> {
             assemble_tokens_backward: function(&tokens, &typed("assemble_tokens_backward"))?,
             gather_masked_tokens: function(&tokens, "gather_masked_tokens")?,
             scatter_masked_tokens: function(&tokens, "scatter_masked_tokens")?,
+            place_tokens_forward: function(&tokens, &typed("place_tokens_forward"))?,
+            place_tokens_backward: function(&tokens, &typed("place_tokens_backward"))?,
             layernorm_forward: function(&layernorm, &typed("layernorm_forward"))?,
             layernorm_backward: function(&layernorm, &typed("layernorm_backward"))?,
             gelu_forward: function(&gelu, &typed("gelu_forward"))?,

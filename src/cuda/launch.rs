@@ -12,9 +12,9 @@ use super::storage::Storage;
 use crate::backend::AdamWStep;
 use crate::config::ModelConfig;
 
-const THREADS: u32 = 256;
+pub(super) const THREADS: u32 = 256;
 /// Threads of the one-block-per-row kernels (rows are 3p² or D values).
-const ROW_THREADS: u32 = 128;
+pub(super) const ROW_THREADS: u32 = 128;
 /// Values each thread of the streaming kernels moves at once (`PACK` in kernels/common.cuh).
 const PACK: usize = 8;
 /// Most threads in a block of the pack kernels (`sum_row_groups` in kernels/common.cuh
@@ -60,17 +60,19 @@ impl MaskedRows {
 
 /// Floats of reduction scratch a model needs (see [`Kernels::gelu_backward`] and friends).
 pub fn scratch_len(m: &ModelConfig) -> usize {
-    let widest = (m.hidden()).max(3 * m.width).max(m.patch_dim());
+    // MAE's decoder blocks reduce over their own widths.
+    let decoder = m.decoder.map_or(0, |dec| dec.hidden());
+    let widest = m.hidden().max(3 * m.width).max(m.patch_dim()).max(decoder);
     (REDUCE_CHUNKS * widest).max(SUM_BLOCKS)
 }
 
 /// Rows per chunk and the chunk count of a two-pass column reduction over `rows`.
-fn chunking(rows: usize) -> (usize, usize) {
+pub(super) fn chunking(rows: usize) -> (usize, usize) {
     let per = rows.div_ceil(REDUCE_CHUNKS).max(1);
     (per, rows.div_ceil(per))
 }
 
-fn int(v: usize, what: &str) -> Result<i32> {
+pub(super) fn int(v: usize, what: &str) -> Result<i32> {
     i32::try_from(v)
         .map_err(|_| anyhow::anyhow!("{what} = {v} does not fit the kernels' 32-bit indices"))
 }
@@ -79,11 +81,11 @@ fn long(v: usize) -> i64 {
     v as i64
 }
 
-fn blocks(n: usize, per_block: u32) -> Result<u32> {
+pub(super) fn blocks(n: usize, per_block: u32) -> Result<u32> {
     Ok(int(n.div_ceil(per_block as usize), "grid size")? as u32)
 }
 
-fn config(grid: (u32, u32), block: u32) -> LaunchConfig {
+pub(super) fn config(grid: (u32, u32), block: u32) -> LaunchConfig {
     LaunchConfig {
         grid_dim: (grid.0, grid.1, 1),
         block_dim: (block, 1, 1),
@@ -149,7 +151,7 @@ fn layernorm_tile(width: usize) -> Result<PackTile> {
 }
 
 /// Checks that a chunked partial buffer fits in the scratch.
-fn check_scratch(scratch: &DevPtr<f32>, need: usize, what: &str) -> Result<()> {
+pub(super) fn check_scratch(scratch: &DevPtr<f32>, need: usize, what: &str) -> Result<()> {
     if scratch.len() < need {
         bail!(
             "{what}: reduction scratch holds {} floats, needs {need}",

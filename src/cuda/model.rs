@@ -11,10 +11,7 @@ use anyhow::{Context, Result};
 
 use super::activations::Activations;
 use super::attention::AttnShape;
-use super::blaslt::BlasLt;
 use super::block::{Block, Head, HeadRanges, Mixer, Net, Shared};
-use super::device::{DevPtr, Gpu};
-use super::kernels::Kernels;
 use super::launch::MaskedRows;
 use super::linear::LayerShapes;
 use super::nvtx;
@@ -22,38 +19,17 @@ use super::storage::Storage;
 use crate::config::ModelConfig;
 use crate::params::ModelRanges;
 
-/// Everything one pass reads, borrowed; kernels write through device addresses, so the
-/// pass needs no mutable borrows.
+/// Everything one LoMaR pass reads, borrowed.
 pub(super) struct Pass<'a, T: Storage> {
-    pub gpu: &'a Gpu,
-    pub kernels: &'a Kernels<T>,
-    pub blas: &'a BlasLt,
+    pub net: Net<'a, T>,
     pub model: &'a ModelConfig,
     pub ranges: &'a ModelRanges,
-    /// fp32 master weights: LayerNorm, biases, tokens, bias tables.
-    pub master: DevPtr<'a, f32>,
-    /// The storage copy of the weights: GEMM operands.
-    pub shadow: DevPtr<'a, T>,
-    pub grads: DevPtr<'a, f32>,
-    pub scratch: DevPtr<'a, f32>,
     pub acts: &'a Activations<T>,
 }
 
 impl<'a, T: Storage> Pass<'a, T> {
     fn seqs(&self) -> usize {
         self.acts.images_len * self.model.windows_per_image
-    }
-
-    fn net(&self) -> Net<'a, T> {
-        Net {
-            gpu: self.gpu,
-            kernels: self.kernels,
-            blas: self.blas,
-            master: self.master,
-            shadow: self.shadow,
-            grads: self.grads,
-            scratch: self.scratch,
-        }
     }
 
     /// Queues the whole forward and backward; the mean loss lands in `acts.loss`.
@@ -63,7 +39,7 @@ impl<'a, T: Storage> Pass<'a, T> {
             let _range = nvtx::range(name);
             run().context(name.to_string())
         };
-        let net = self.net();
+        let net = &self.net;
         let (a, m, r) = (self.acts, self.model, self.ranges);
         let shared = Shared {
             dx: net.ptr(&a.dx)?,
@@ -80,7 +56,7 @@ impl<'a, T: Storage> Pass<'a, T> {
         });
         let block = |l: usize| -> Result<Block<'_, T>> {
             Ok(Block {
-                net: &net,
+                net,
                 r: &r.blocks[l],
                 acts: &a.blocks[l],
                 shared,
@@ -93,7 +69,7 @@ impl<'a, T: Storage> Pass<'a, T> {
             })
         };
         let head = Head {
-            net: &net,
+            net,
             ranges: HeadRanges {
                 norm_w: &r.norm_w,
                 norm_b: &r.norm_b,
@@ -110,7 +86,7 @@ impl<'a, T: Storage> Pass<'a, T> {
             loss: net.ptr(&a.loss)?,
         };
 
-        phase("patch embedding forward", &|| self.embed_forward(&net))?;
+        phase("patch embedding forward", &|| self.embed_forward())?;
         for l in 0..m.depth {
             phase(&format!("block {l} forward"), &|| block(l)?.forward())?;
         }
@@ -123,13 +99,13 @@ impl<'a, T: Storage> Pass<'a, T> {
                 block(l)?.backward(below.transpose()?)
             })?;
         }
-        phase("patch embedding backward", &|| self.embed_backward(&net))
+        phase("patch embedding backward", &|| self.embed_backward())
     }
 
-    fn embed_forward(&self, net: &Net<'a, T>) -> Result<()> {
-        let (a, m, r) = (self.acts, self.model, self.ranges);
+    fn embed_forward(&self) -> Result<()> {
+        let (net, a, m, r) = (&self.net, self.acts, self.model, self.ranges);
         a.input
-            .gather_windows(self.gpu, self.kernels, m, self.seqs())?;
+            .gather_windows(net.gpu, net.kernels, m, self.seqs())?;
         // The patch bias is added with the tokens, where its gradient is summed too.
         net.linear().linear_forward(
             net.ptr(&a.emb)?,
@@ -138,7 +114,7 @@ impl<'a, T: Storage> Pass<'a, T> {
             None,
             LayerShapes::new(m, self.seqs()).patch,
         )?;
-        self.kernels.assemble_tokens_forward(
+        net.kernels.assemble_tokens_forward(
             net.ptr(&a.emb)?,
             net.p(&r.patch_b)?,
             net.p(&r.cls_token)?,
@@ -151,13 +127,13 @@ impl<'a, T: Storage> Pass<'a, T> {
     }
 
     /// d cls, d mask_token, d patch bias and d W_pe from the residual gradient at the input.
-    fn embed_backward(&self, net: &Net<'a, T>) -> Result<()> {
-        let (a, m, r) = (self.acts, self.model, self.ranges);
-        self.kernels.assemble_tokens_backward(
+    fn embed_backward(&self) -> Result<()> {
+        let (net, a, m, r) = (&self.net, self.acts, self.model, self.ranges);
+        net.kernels.assemble_tokens_backward(
             net.ptr(&a.dx)?,
             net.ptr(&a.input.pos_slot)?,
             net.ptr(&a.demb)?,
-            self.scratch,
+            net.scratch,
             net.g(&r.cls_token)?,
             net.g(&r.mask_token)?,
             net.g(&r.patch_b)?,

@@ -16,8 +16,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context, Result};
 
-use crate::config::{ModelConfig, NORM_PIX_EPS};
-use crate::cpu::model::predict;
+use crate::config::{same_method, Method, ModelConfig, NORM_PIX_EPS};
+use crate::cpu::{mae, model};
 use crate::data::augment::load_centred;
 use crate::data::batch::{Batch, Pixels};
 use crate::data::folder::ImageFolder;
@@ -195,7 +195,10 @@ fn panels(m: &ModelConfig, batch: &Batch, pred: &[f32], b: usize) -> [Vec<u8>; 4
 /// masks), one row per image.
 pub fn render(m: &ModelConfig, params: &[f32], batch: &Batch) -> Result<Canvas> {
     batch.validate(m)?;
-    let pred = predict(m, params, batch)?;
+    let pred = match m.method {
+        Method::Lomar => model::predict(m, params, batch)?,
+        Method::Mae => mae::predict(m, params, batch)?,
+    };
     let layout = Layout::new(m.image, batch.images_len);
     let mut canvas = Canvas::new(layout.width(), layout.height(), WHITE);
     for (col, title) in PANELS.iter().enumerate() {
@@ -313,13 +316,25 @@ fn spread(
 }
 
 /// `lomar visualize`: the figure for `images` under the checkpoint's parameters, windows
-/// and masks drawn with `seed`, written to `out` as PNG. Returns the rows drawn.
-pub fn visualize(checkpoint: &Path, images: &Images, seed: u64, out: &Path) -> Result<usize> {
+/// and masks drawn with `seed` (MAE's one window is the whole image), written to `out` as
+/// PNG; a checkpoint of another method than `method` is refused. Returns the rows drawn.
+pub fn visualize(
+    checkpoint: &Path,
+    method: Option<Method>,
+    images: &Images,
+    seed: u64,
+    out: &Path,
+) -> Result<usize> {
     if matches!(images, Images::Folder(_, 0) | Images::Synthetic(0)) {
         bail!("--images 0: nothing to draw; give --images N with N at least 1");
     }
-    let Pretrained { config, params, .. } = Pretrained::open_lomar(checkpoint, "visualize")?;
+    let Pretrained { config, params, .. } = Pretrained::open(checkpoint)?;
     let m = &config.model;
+    same_method(
+        m.method,
+        method,
+        &format!("checkpoint {}", checkpoint.display()),
+    )?;
     let pictures = gather_images(images, m, seed)?;
     let windows = Sampler::new(seed).sample(m, pictures.len());
     let batch = Batch {
@@ -337,7 +352,7 @@ pub fn visualize(checkpoint: &Path, images: &Images, seed: u64, out: &Path) -> R
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::preset;
+    use crate::config::{mae_recipe, preset};
     use crate::cpu::ops::window_gather::window_gather;
     use crate::data::BatchSource;
 
@@ -346,10 +361,14 @@ mod tests {
     /// the target normalisation.
     #[test]
     fn a_perfect_prediction_reconstructs_the_image() {
-        for norm_pix in [true, false] {
+        let methods = [preset("tiny").unwrap(), mae_recipe(preset("tiny").unwrap())];
+        for (norm_pix, base) in [true, false]
+            .into_iter()
+            .flat_map(|n| methods.iter().map(move |m| (n, m)))
+        {
             let m = ModelConfig {
                 norm_pix,
-                ..preset("tiny").unwrap()
+                ..base.clone()
             };
             let batch = BatchSource::new(&m, 4).next_batch(2).unwrap();
             let targets = window_gather::<f32>(&m, &batch).targets;

@@ -4,9 +4,9 @@
 
 use std::path::Path;
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, Context, Result};
 
-use crate::config::{Config, Method};
+use crate::config::Config;
 use crate::io::checkpoint::read_named;
 use crate::io::tensor_file::TensorFile;
 use crate::params::ParamLayout;
@@ -42,19 +42,6 @@ impl Pretrained {
             params,
             step,
         })
-    }
-
-    /// [`Pretrained::open`] for `lomar {command}`, which handles LoMaR models only so far:
-    /// an MAE model is refused, naming the file.
-    pub fn open_lomar(path: &Path, command: &str) -> Result<Self> {
-        let model = Self::open(path)?;
-        if model.config.model.method == Method::Mae {
-            bail!(
-                "{} holds a --method mae model; `lomar {command}` handles --method lomar models only so far",
-                path.display()
-            );
-        }
-        Ok(model)
     }
 }
 

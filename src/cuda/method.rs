@@ -1,0 +1,80 @@
+//! The buffers of either method's pass (LoMaR's `model.rs`, MAE's `mae.rs`) behind one
+//! call per micro-batch, so the backend's engine is written once for both.
+
+use anyhow::Result;
+use cudarc::driver::CudaSlice;
+
+use super::activations::Activations;
+use super::block::Net;
+use super::device::Gpu;
+use super::mae::MaePass;
+use super::mae_activations::MaeActivations;
+use super::model::Pass;
+use super::storage::Storage;
+use crate::config::{Method, ModelConfig};
+use crate::data::batch::Batch;
+use crate::params::ModelRanges;
+
+pub(super) enum MethodActs<T> {
+    Lomar(Box<Activations<T>>),
+    Mae(Box<MaeActivations<T>>),
+}
+
+impl<T: Storage> MethodActs<T> {
+    /// The buffers of `m`'s method for batch `images_len`.
+    pub fn new(gpu: &Gpu, m: &ModelConfig, images_len: usize) -> Result<Self> {
+        Ok(match m.method {
+            Method::Lomar => MethodActs::Lomar(Box::new(Activations::new(gpu, m, images_len)?)),
+            Method::Mae => MethodActs::Mae(Box::new(MaeActivations::new(gpu, m, images_len)?)),
+        })
+    }
+
+    pub fn images_len(&self) -> usize {
+        match self {
+            MethodActs::Lomar(a) => a.images_len,
+            MethodActs::Mae(a) => a.images_len,
+        }
+    }
+
+    /// Copies a validated batch into the input buffers.
+    pub fn upload(&mut self, gpu: &Gpu, m: &ModelConfig, batch: &Batch) -> Result<()> {
+        match self {
+            MethodActs::Lomar(a) => a.upload(gpu, m, batch),
+            MethodActs::Mae(a) => a.upload(gpu, m, batch),
+        }
+    }
+
+    /// `[1]` the last pass's mean loss.
+    pub fn loss(&self) -> &CudaSlice<f32> {
+        match self {
+            MethodActs::Lomar(a) => &a.loss,
+            MethodActs::Mae(a) => &a.loss,
+        }
+    }
+
+    /// Queues the method's forward and backward of the uploaded batch.
+    pub fn forward_backward(
+        &self,
+        net: Net<'_, T>,
+        model: &ModelConfig,
+        ranges: &ModelRanges,
+        grad_scale: f32,
+    ) -> Result<()> {
+        match self {
+            MethodActs::Lomar(acts) => Pass {
+                net,
+                model,
+                ranges,
+                acts,
+            }
+            .forward_backward(grad_scale),
+            MethodActs::Mae(acts) => MaePass {
+                net,
+                model,
+                ranges,
+                acts,
+            }
+            .forward_backward(grad_scale),
+        }
+    }
+}
