@@ -148,6 +148,51 @@ fn column_sums_match_the_reference() {
 }
 
 #[test]
+fn step_finish_and_adamw_match_the_reference_and_skip_a_diverged_step() {
+    run_driver("step_driver");
+}
+
+/// The divergence guard's planted bugs: a flag that a finite step lowers again, an AdamW
+/// that updates under a raised flag, a norm that is never checked. Each must fail the
+/// step driver.
+#[test]
+fn planted_bugs_in_the_divergence_guard_are_caught() {
+    let mutations = [
+        (
+            "flag-lowered-by-a-finite-step",
+            "reduce.cu",
+            "state[STATE_DIVERGED] != 0.0f || !(isfinite(loss)",
+            "!(isfinite(loss)",
+        ),
+        (
+            "adamw-ignores-the-flag",
+            "adamw.cu",
+            "  if (state[STATE_DIVERGED] != 0.0f) return;\n",
+            "",
+        ),
+        (
+            "norm-not-checked",
+            "reduce.cu",
+            "isfinite(loss) && isfinite(norm)",
+            "isfinite(loss)",
+        ),
+    ];
+    for (name, file, find, replace) in mutations {
+        let kernels = mutant(name, file, find, replace);
+        let exe = compile(&kernels, kernels.parent().unwrap(), "step_driver");
+        let out = run(&exe, &[]);
+        let failed: Vec<_> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| l.starts_with("FAIL"))
+            .map(str::to_string)
+            .collect();
+        assert!(!out.status.success(), "{name}: the mutant passed");
+        assert!(!failed.is_empty(), "{name}: {}", describe(&out));
+        println!("{name}: caught: {}", failed[0]);
+    }
+}
+
+#[test]
 fn masked_mse_matches_the_reference() {
     run_driver("loss_driver");
 }

@@ -69,7 +69,8 @@ pub(super) struct Activations<T> {
     /// [Nm, P] head output without bias, and its gradient.
     pub pred: CudaSlice<T>,
     pub dpred: CudaSlice<T>,
-    /// [Nm] squared error per masked token, then [1] the mean loss.
+    /// [Nm] squared error per masked token, and [1] a loss sum for one micro-batch's mean
+    /// (`Backend::forward_backward` reads it back).
     pub row_loss: CudaSlice<f32>,
     pub loss: CudaSlice<f32>,
     /// [N, D] residual-stream gradient.
@@ -215,7 +216,8 @@ impl<T: Storage> Activations<T> {
     }
 
     /// The window gather of the last uploaded batch (`seqs` sequences) into `patches` and
-    /// `targets`; the upload buffer it read is free for the copy after next once it ran.
+    /// `targets`. The caller marks the upload buffer read ([`Activations::mark_pixels_read`])
+    /// once the gather is queued, outside any graph capture.
     pub fn gather_windows(
         &self,
         gpu: &Gpu,
@@ -247,8 +249,27 @@ impl<T: Storage> Activations<T> {
             m,
             self.source,
             seqs,
-        )?;
-        upload.mark_read(gpu)
+        )
+    }
+
+    /// Which upload buffer holds the last uploaded batch: (bytes, not f32 values; buffer 0
+    /// or 1). A captured gather reads that one buffer.
+    pub fn pixel_slot(&self) -> Option<(bool, usize)> {
+        match &self.pixels {
+            Some(StagedPixels::Bytes(u)) => Some((true, u.slot())),
+            Some(StagedPixels::Normalised(u)) => Some((false, u.slot())),
+            None => None,
+        }
+    }
+
+    /// Records that the gather of the last uploaded batch is queued: the copy after next
+    /// into its buffer waits for it.
+    pub fn mark_pixels_read(&self, gpu: &Gpu) -> Result<()> {
+        match &self.pixels {
+            Some(StagedPixels::Bytes(u)) => u.mark_read(gpu),
+            Some(StagedPixels::Normalised(u)) => u.mark_read(gpu),
+            None => bail!("no batch has been uploaded"),
+        }
     }
 }
 

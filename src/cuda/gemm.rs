@@ -14,13 +14,16 @@ use anyhow::{bail, Context, Result};
 use cudarc::cublas::result::{destroy_handle, gemm_ex};
 use cudarc::cublas::sys::{
     cublasComputeType_t, cublasGemmAlgo_t, cublasMath_t, cublasOperation_t, cublasSetMathMode,
-    cudaDataType,
+    cublasSetWorkspace_v2, cudaDataType,
 };
 use cudarc::cublas::CudaBlas;
-use cudarc::driver::CudaStream;
+use cudarc::driver::{CudaSlice, CudaStream};
 
 use super::device::{DevPtr, Gpu};
 use super::storage::Storage;
+
+/// cuBLAS's workspace: 32 MiB, what it takes by default on Hopper.
+const WORKSPACE_BYTES: usize = 32 << 20;
 
 const N: cublasOperation_t = cublasOperation_t::CUBLAS_OP_N;
 const T: cublasOperation_t = cublasOperation_t::CUBLAS_OP_T;
@@ -30,6 +33,8 @@ pub struct Blas {
     /// fault and would turn an error report into a panic. [`Blas`]'s Drop destroys the
     /// handle instead and ignores that failure (the wrapper's stream reference is leaked).
     blas: ManuallyDrop<CudaBlas>,
+    /// Set once on the handle, so no GEMM allocates (a captured one must not).
+    _workspace: CudaSlice<u8>,
     stream: Arc<CudaStream>,
     sync_launches: bool,
 }
@@ -57,8 +62,16 @@ impl Blas {
         unsafe { cublasSetMathMode(*blas.handle(), cublasMath_t::CUBLAS_DEFAULT_MATH) }
             .result()
             .context("setting the cuBLAS math mode")?;
+        let workspace = gpu.zeros::<u8>(WORKSPACE_BYTES, "cuBLAS workspace")?;
+        let addr = *gpu.ptr(&workspace)?.addr();
+        // SAFETY: a valid handle, and a device buffer of that many bytes that lives as long
+        // as the handle (dropped with it).
+        unsafe { cublasSetWorkspace_v2(*blas.handle(), addr as *mut c_void, WORKSPACE_BYTES) }
+            .result()
+            .context("setting the cuBLAS workspace")?;
         Ok(Blas {
             blas: ManuallyDrop::new(blas),
+            _workspace: workspace,
             stream: stream.clone(),
             sync_launches: gpu.sync_launches(),
         })

@@ -33,6 +33,8 @@ pub(super) struct Pass<'a, T: Storage> {
     pub shadow: DevPtr<'a, T>,
     pub grads: DevPtr<'a, f32>,
     pub scratch: DevPtr<'a, f32>,
+    /// [1] the loss sum the micro-batch's mean loss is added to.
+    pub loss: DevPtr<'a, f32>,
     pub acts: &'a Activations<T>,
 }
 
@@ -66,7 +68,7 @@ impl<'a, T: Storage> Pass<'a, T> {
         }
     }
 
-    /// Queues the whole forward and backward; the mean loss lands in `acts.loss`.
+    /// Queues the whole forward and backward; the mean loss is added to `loss`.
     /// Each phase and block is an NVTX range, as the error context names it.
     pub fn forward_backward(&self, grad_scale: f32) -> Result<()> {
         let phase = |name: &str, run: &dyn Fn() -> Result<()>| {
@@ -218,7 +220,7 @@ impl<'a, T: Storage> Pass<'a, T> {
             self.ptr(&a.targets)?,
             self.ptr(&a.dpred)?,
             self.ptr(&a.row_loss)?,
-            self.ptr(&a.loss)?,
+            self.loss,
             nm,
             p,
             grad_scale,
