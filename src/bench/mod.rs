@@ -155,10 +155,11 @@ pub fn run(
     }
     let input_images_per_s = (distinct * t.batch) as f64 / input_started.elapsed().as_secs_f64();
     // The phased steps, then the pipelined ones.
+    let pipelined_steps = plan.warmup_steps.max(GRAPH_WARMUP_STEPS) + plan.timed_steps;
     let mut batches = Batches::new(
         source,
         t.batch,
-        2 * steps as u64,
+        (steps + pipelined_steps) as u64,
         !backend.computes_on_host(),
     )?;
 
@@ -281,9 +282,13 @@ impl MicroBatches for OneBatch<'_> {
     }
 }
 
-/// Runs the plan's warm-up and timed steps through `train_step`, back to back, continuing
-/// the optimiser's step count after the phased steps; returns the timed steps' wall time
-/// per step, every step finished.
+/// Steps before a GPU replays every graph of a one-micro-batch step: each of the two
+/// upload buffers' pass runs once plain, then is captured (src/cuda/step.rs).
+const GRAPH_WARMUP_STEPS: usize = 4;
+
+/// Runs warm-up steps (the plan's, at least [`GRAPH_WARMUP_STEPS`]) and the timed steps
+/// through `train_step`, back to back, continuing the optimiser's step count after the
+/// phased steps; returns the timed steps' wall time per step, every step finished.
 fn pipelined<'c>(
     backend: &mut dyn Backend,
     config: &Config,
@@ -294,11 +299,12 @@ fn pipelined<'c>(
     let t = &config.train;
     let mut solo = Solo;
     let comm = comm.unwrap_or(&mut solo);
+    let warmup = plan.warmup_steps.max(GRAPH_WARMUP_STEPS) as u64;
     let first = (plan.warmup_steps + plan.timed_steps) as u64;
     let mut started = Instant::now();
     let mut reports = Vec::new();
-    for i in 0..first {
-        if i == plan.warmup_steps as u64 {
+    for i in 0..warmup + plan.timed_steps as u64 {
+        if i == warmup {
             reports.extend(backend.finish_steps()?);
             started = Instant::now();
         }
