@@ -227,9 +227,9 @@ impl<'a> Encoder<'a> {
         // One set of buffers serves every block: the encoder keeps nothing for a backward.
         let mut acts = BlockActs::default();
         *acts.input() = x;
-        let (mut act, mut x) = (Vec::new(), Vec::new());
+        let mut x = Vec::new();
         for (b, table) in r.blocks.iter().zip(&self.tables) {
-            block_forward(p, b, table, layout, m.heads, &mut acts, &mut act, &mut x);
+            block_forward(p, b, table, layout, m.heads, &mut acts, &mut x);
             std::mem::swap(acts.input(), &mut x);
         }
         let x = std::mem::take(acts.input());

@@ -250,21 +250,30 @@ mod tests {
     #[test]
     fn f32_products_match_f64_at_every_edge_for_any_thread_count() {
         // Rows past one task and not a multiple of a tile, columns not a multiple of a
-        // panel, k past one block; `a` row-major, and transposed as in a weight gradient.
-        for (m, k, n, transposed) in [
-            (203, 300, 100, false),
-            (70, 517, 64, true),
-            (5, 3, 7, false),
+        // panel, k past one block; `a` row-major, and transposed as in a weight gradient;
+        // `b` row-major (read in place), and transposed as in a forward (packed).
+        for (m, k, n, a_transposed, b_transposed) in [
+            (203, 300, 100, false, false),
+            (203, 300, 100, false, true),
+            (70, 517, 64, true, false),
+            (70, 517, 64, true, true),
+            (5, 3, 7, false, false),
+            (5, 3, 7, true, true),
         ] {
             let a64 = filled(m * k, 5.0);
             let b64 = filled(k * n, 6.0);
             let c64 = filled(m * n, 7.0);
             let f32s = |v: &[f64]| v.iter().map(|&x| x as f32).collect::<Vec<f32>>();
             let (a32, b32) = (f32s(&a64), f32s(&b64));
-            let (a, a_ref) = if transposed {
+            let (a, a_ref) = if a_transposed {
                 (Mat::new(&a32, k, m).t(), view(&a64, m, k, 1, m))
             } else {
                 (Mat::new(&a32, m, k), view(&a64, m, k, k, 1))
+            };
+            let (b, b_ref) = if b_transposed {
+                (Mat::new(&b32, n, k).t(), view(&b64, k, n, 1, k))
+            } else {
+                (Mat::new(&b32, k, n), view(&b64, k, n, n, 1))
             };
             let product = |threads: usize, accumulate: bool| {
                 let pool = rayon::ThreadPoolBuilder::new()
@@ -272,10 +281,10 @@ mod tests {
                     .build()
                     .unwrap();
                 let mut c = f32s(&c64);
-                pool.install(|| product_f32(&mut c, n, a, Mat::new(&b32, k, n), accumulate));
+                pool.install(|| product_f32(&mut c, n, a, b, accumulate));
                 c
             };
-            let want = naive(a_ref, view(&b64, k, n, n, 1));
+            let want = naive(a_ref, b_ref);
             for accumulate in [false, true] {
                 let got = product(1, accumulate);
                 assert_eq!(got, product(3, accumulate), "{m}x{k}x{n}");

@@ -166,7 +166,6 @@ impl<T: Real> Step<T> for Workspace<T> {
             Tokens::Global(1 + m.visible_per_window()),
             m.heads,
             &mut self.blocks,
-            &mut self.scratch.act,
             &mut self.enc_last,
         );
         let enc_normed = sized(&mut self.enc_normed, enc_rows * d);
@@ -189,7 +188,6 @@ impl<T: Real> Step<T> for Workspace<T> {
             Tokens::Global(1 + n),
             dec.heads,
             &mut self.dec_blocks,
-            &mut self.scratch.act,
             &mut self.dec_last,
         );
         let dec_normed = sized(&mut self.dec_normed, dec_rows * dd);

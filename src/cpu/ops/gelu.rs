@@ -49,24 +49,6 @@ pub fn gelu_backward<T: Real>(grad: &mut [T], x: &[T], cdf: &[T]) {
         });
 }
 
-/// y `[n]` = x Φ(x) from a saved Φ(x), for a backward that did not keep y.
-pub fn gelu_recompute<T: Real>(y: &mut [T], x: &[T], cdf: &[T]) {
-    assert!(y.len() == x.len() && cdf.len() == x.len());
-    y.par_chunks_mut(CHUNK)
-        .zip(x.par_chunks(CHUNK))
-        .zip(cdf.par_chunks(CHUNK))
-        .for_each(|((y, x), cdf)| {
-            wide(
-                #[inline(always)]
-                || {
-                    for ((y, &x), &cdf) in y.iter_mut().zip(x).zip(cdf) {
-                        *y = x * cdf;
-                    }
-                },
-            )
-        });
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -75,7 +57,7 @@ mod tests {
     fn matches_known_values() {
         // x Φ(x) at 1, -1 and 2, from Φ(1) = 0.841344746068543, Φ(2) = 0.977249868051821.
         let x = [0.0f64, 1.0, -1.0, 2.0];
-        let (mut y, mut cdf, mut again) = ([0.0; 4], [0.0; 4], [0.0; 4]);
+        let (mut y, mut cdf) = ([0.0; 4], [0.0; 4]);
         gelu_forward(&mut y, &mut cdf, &x);
         let want = [
             0.0,
@@ -86,7 +68,5 @@ mod tests {
         for (a, b) in y.iter().zip(want) {
             assert!((a - b).abs() < 1e-14, "{a} vs {b}");
         }
-        gelu_recompute(&mut again, &x, &cdf);
-        assert_eq!(again, y);
     }
 }
