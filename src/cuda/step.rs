@@ -162,11 +162,6 @@ impl Reports {
             .with_context(|| format!("GPU error in step {step}"))?;
         report(step, values).map(Some)
     }
-
-    /// Forgets a queued report (after an error, or when the state was reset).
-    pub fn clear(&mut self) {
-        self.pending = None;
-    }
 }
 
 /// What a captured forward and backward depends on besides fixed buffers: the batch size
