@@ -304,24 +304,29 @@ impl<T: Storage> Engine<T> {
     fn micro_batch(&mut self, batch: &Batch, grad_scale: f32) -> Result<()> {
         self.upload(batch)?;
         let acts = self.acts.as_ref().context("no batch has been uploaded")?;
-        if self.use_graphs {
-            let (bytes, pixel_slot) = acts.pixel_slot().context("no pixels were uploaded")?;
-            let key = PassKey {
-                images_len: acts.images_len,
-                bytes,
-                pixel_slot,
-                grad_scale_bits: grad_scale.to_bits(),
-            };
-            let mut graphs = std::mem::take(&mut self.graphs);
-            let replayed = graphs.pass(&self.gpu, key, || {
-                self.queue_pass(grad_scale, self.gpu.ptr(&self.step.loss_sum)?)
-            });
-            self.graphs = graphs;
-            replayed?;
-        } else {
-            self.queue_pass(grad_scale, self.gpu.ptr(&self.step.loss_sum)?)?;
+        let (bytes, pixel_slot) = acts.pixel_slot().context("no pixels were uploaded")?;
+        let key = PassKey {
+            images_len: acts.images_len,
+            bytes,
+            pixel_slot,
+            grad_scale_bits: grad_scale.to_bits(),
+        };
+        let pass = |e: &Self| e.queue_pass(grad_scale, e.gpu.ptr(&e.step.loss_sum)?);
+        match self.use_graphs {
+            true => self.with_graphs(|graphs, e| graphs.pass(&e.gpu, key, || pass(e)))?,
+            false => pass(self)?,
         }
+        let acts = self.acts.as_ref().context("no batch has been uploaded")?;
         acts.mark_pixels_read(&self.gpu)
+    }
+
+    /// Runs `f` on the graphs taken out of the engine, so that it can capture from the
+    /// rest of it.
+    fn with_graphs(&mut self, f: impl FnOnce(&mut StepGraphs, &Self) -> Result<()>) -> Result<()> {
+        let mut graphs = std::mem::take(&mut self.graphs);
+        let done = f(&mut graphs, self);
+        self.graphs = graphs;
+        done
     }
 
     /// Queues the end of a step: the gradient norm, the mean loss, the clip scale and the
@@ -422,13 +427,9 @@ impl<T: Storage> Backend for Engine<T> {
         }
         {
             let _range = nvtx::range("gradient norm and AdamW");
-            if self.use_graphs {
-                let mut graphs = std::mem::take(&mut self.graphs);
-                let replayed = graphs.update(&self.gpu, || self.queue_update());
-                self.graphs = graphs;
-                replayed?;
-            } else {
-                self.queue_update()?;
+            match self.use_graphs {
+                true => self.with_graphs(|graphs, e| graphs.update(&e.gpu, || e.queue_update()))?,
+                false => self.queue_update()?,
             }
         }
         self.end_timer()?;
