@@ -49,6 +49,19 @@ impl RelativeIndex {
     }
 }
 
+/// The bias of every head and token pair, `[h, T, T]`: the table gathered through the
+/// index once per call, so each sequence adds it with a vector pass instead of a gather
+/// per logit.
+fn expand_bias<T: Real>(table: &[T], rel: &RelativeIndex, heads: usize) -> Vec<T> {
+    (0..heads)
+        .flat_map(|h| {
+            rel.index
+                .iter()
+                .map(move |&r| table[r as usize * heads + h])
+        })
+        .collect()
+}
+
 /// Sequences and width from the slices, checking they agree.
 fn dims(qkv_len: usize, probs_len: usize, rel: &RelativeIndex, heads: usize) -> (usize, usize) {
     let t = rel.tokens;
@@ -79,13 +92,14 @@ pub fn attention_forward<T: Real>(
     let (seqs, width) = dims(qkv.len(), probs.len(), rel, heads);
     assert!(out.len() == seqs * rel.tokens * width && table.len() == rel.table_rows * heads);
     let t = rel.tokens;
+    let bias = expand_bias(table, rel, heads);
     out.par_chunks_mut(t * width)
         .zip(probs.par_chunks_mut(heads * t * t))
         .zip(qkv.par_chunks(t * 3 * width))
         .for_each(|((out, probs), qkv)| {
             wide(
                 #[inline(always)]
-                || sequence_forward(out, probs, qkv, table, rel, heads),
+                || sequence_forward(out, probs, qkv, &bias, t, heads),
             )
         });
 }
@@ -97,18 +111,22 @@ fn sequence_forward<T: Real>(
     out: &mut [T],
     probs: &mut [T],
     qkv: &[T],
-    table: &[T],
-    rel: &RelativeIndex,
+    bias: &[T],
+    t: usize,
     heads: usize,
 ) {
-    let (t, width) = (rel.tokens, out.len() / rel.tokens);
+    let width = out.len() / t;
     let d = width / heads;
     let scale = logit_scale::<T>(d);
-    for (h, p) in probs.chunks_exact_mut(t * t).enumerate() {
+    for ((h, p), bias) in probs
+        .chunks_exact_mut(t * t)
+        .enumerate()
+        .zip(bias.chunks_exact(t * t))
+    {
         let [q, k, v] = head_views(qkv, width, h * d, d);
         head_probs(p, t, q, k, |i, z| {
-            for (z, &r) in z.iter_mut().zip(&rel.index[i * t..][..t]) {
-                *z = *z * scale + table[r as usize * heads + h];
+            for (z, &b) in z.iter_mut().zip(&bias[i * t..][..t]) {
+                *z = *z * scale + b;
             }
             softmax_in_place(z);
         });
@@ -117,8 +135,9 @@ fn sequence_forward<T: Real>(
 }
 
 /// From dout `[S, T, D]`: dqkv `[S, T, 3D]` (overwritten) and dtable `[(2K-1)²+3, h]` +=
-/// the logit gradients scattered by index. Each sequence's table gradient is a partial
-/// sum of its own; the partials are added in sequence order.
+/// the logit gradients scattered by index. Each sequence keeps its logit gradients
+/// `[h, T, T]`; they are added in sequence order, and the sum is scattered into the
+/// table once, in (head, query, key) order.
 pub fn attention_backward<T: Real>(
     dqkv: &mut [T],
     dtable: &mut [T],
@@ -138,41 +157,55 @@ pub fn attention_backward<T: Real>(
         .zip(qkv.par_chunks(t * 3 * width))
         .zip(probs.par_chunks(heads * t * t))
         .map(|(((dqkv, dout), qkv), probs)| {
-            let mut dtable = vec![T::zero(); rel.table_rows * heads];
+            let mut dbias = vec![T::zero(); heads * t * t];
             wide(
                 #[inline(always)]
-                || sequence_backward(dqkv, &mut dtable, dout, qkv, probs, rel, heads),
+                || sequence_backward(dqkv, &mut dbias, dout, qkv, probs, t, heads),
             );
-            dtable
+            dbias
         })
         .collect();
+    let mut dbias = vec![T::zero(); heads * t * t];
     for part in partials {
-        for (a, b) in dtable.iter_mut().zip(part) {
-            *a += b;
+        wide(
+            #[inline(always)]
+            || {
+                for (a, b) in dbias.iter_mut().zip(&part) {
+                    *a += *b;
+                }
+            },
+        );
+    }
+    for (h, dbias) in dbias.chunks_exact(t * t).enumerate() {
+        for (&g, &r) in dbias.iter().zip(&rel.index) {
+            dtable[r as usize * heads + h] += g;
         }
     }
 }
 
-/// One window sequence of [`attention_backward`], its table gradient into `dtable`;
-/// inlined into its caller, so that [`wide`] compiles it.
+/// One window sequence of [`attention_backward`], its logit gradients `[h, T, T]` into
+/// `dbias`; inlined into its caller, so that [`wide`] compiles it.
 #[inline(always)]
 fn sequence_backward<T: Real>(
     dqkv: &mut [T],
-    dtable: &mut [T],
+    dbias: &mut [T],
     dout: &[T],
     qkv: &[T],
     probs: &[T],
-    rel: &RelativeIndex,
+    t: usize,
     heads: usize,
 ) {
-    let (t, width) = (rel.tokens, dout.len() / rel.tokens);
+    let width = dout.len() / t;
     let d = width / heads;
     let scale = logit_scale::<T>(d);
     let mut dz = vec![T::zero(); t * t];
-    for (h, p) in probs.chunks_exact(t * t).enumerate() {
+    for ((h, p), dbias) in probs
+        .chunks_exact(t * t)
+        .enumerate()
+        .zip(dbias.chunks_exact_mut(t * t))
+    {
         let views = head_views(qkv, width, h * d, d);
         let dout = Mat::strided(&dout[h * d..], t, d, width);
-        // The table takes the logit gradient at each pair's row.
         head_backward(
             dqkv,
             width,
@@ -182,11 +215,7 @@ fn sequence_backward<T: Real>(
             views,
             p,
             scale,
-            |i, dz| {
-                for (&dz, &r) in dz.iter().zip(&rel.index[i * t..][..t]) {
-                    dtable[r as usize * heads + h] += dz;
-                }
-            },
+            |i, dz| dbias[i * t..][..t].copy_from_slice(dz),
         );
     }
 }
