@@ -884,8 +884,8 @@ fn blaslt_case<T: Storage>(gpu: &Gpu, lt: &BlasLt, title: String) {
     let dw_start = uniform(&mut r, s.out * s.inp, 1.0);
     let mut want_y = vec![0.0; s.rows * s.out];
     linear::linear_forward(&mut want_y, &x, &w, &bias);
-    let mut want_resid = x_in.clone();
-    linear::linear_forward_add(&mut want_resid, &x, &w, &bias);
+    let mut want_resid = vec![0.0; x_in.len()];
+    linear::linear_forward_residual(&mut want_resid, &x_in, &x, &w, &bias);
     let mut want_dx = vec![0.0; s.rows * s.inp];
     let mut want_dw = dw_start.clone();
     let mut want_db = vec![0.0; s.out];

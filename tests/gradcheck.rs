@@ -75,12 +75,15 @@ fn linear_backward_matches_finite_differences() {
     db.iter_mut().for_each(|v| *v -= 2.0);
     OP_TOL.run("linear", &mut inputs, &[dx, dw, db], every, f);
 
-    // forward_add adds exactly what forward writes.
+    // forward_residual adds exactly what forward writes to the residual.
     let mut y = vec![0.0; n * d_out];
     linear::linear_forward(&mut y, &inputs[0], &inputs[1], &inputs[2]);
-    let mut acc = vec![0.5; n * d_out];
-    linear::linear_forward_add(&mut acc, &inputs[0], &inputs[1], &inputs[2]);
-    assert!(acc.iter().zip(&y).all(|(a, b)| (a - 0.5 - b).abs() < 1e-12));
+    let residual: Vec<f64> = (0..n * d_out).map(|i| 0.5 + i as f64).collect();
+    let mut sum = vec![f64::NAN; n * d_out];
+    linear::linear_forward_residual(&mut sum, &residual, &inputs[0], &inputs[1], &inputs[2]);
+    for ((s, r), y) in sum.iter().zip(&residual).zip(&y) {
+        assert!((s - r - y).abs() < 1e-12, "{s} vs {r} + {y}");
+    }
 }
 
 #[test]

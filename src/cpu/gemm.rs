@@ -80,13 +80,68 @@ fn product_dims<T>(dst: &[T], dst_rs: usize, a: Mat<T>, b: Mat<T>) -> (usize, us
     (m, k, n)
 }
 
-/// `dst[m, n] (+)= a[m, k] · b[k, n]` on the `gemm` crate and all cores, with `dst`
-/// row-major at row stride `dst_rs`. Overwrites `dst` unless `accumulate`.
-pub fn matmul<T: Real>(dst: &mut [T], dst_rs: usize, a: Mat<T>, b: Mat<T>, accumulate: bool) {
+/// Where a product's destination starts before `a · b` is added to it. A linear layer's
+/// bias and a residual branch's input enter this way instead of in passes of their own
+/// over the output.
+#[derive(Clone, Copy)]
+pub enum Start<'a, T> {
+    /// `dst = a·b`.
+    Zero,
+    /// `dst += a·b`.
+    Dst,
+    /// `dst[i, :] = bias + (a·b)[i, :]`.
+    Bias(&'a [T]),
+    /// `dst[i, :] = (x[i, :] + bias) + (a·b)[i, :]`, `x` laid out as `dst`.
+    Residual(&'a [T], &'a [T]),
+}
+
+impl<T: Real> Start<'_, T> {
+    /// Writes the start into the `m × n` destination for a product that can only add
+    /// (the `gemm` crate); `(x + bias) + sum` keeps the fused kernel's order. Returns
+    /// whether the product must add to it.
+    fn write_into(self, dst: &mut [T], dst_rs: usize, m: usize, n: usize) -> bool {
+        let rows = (0..m).map(|i| i * dst_rs);
+        match self {
+            Start::Zero => return false,
+            Start::Dst => {}
+            Start::Bias(bias) => rows.for_each(|at| dst[at..at + n].copy_from_slice(&bias[..n])),
+            Start::Residual(x, bias) => rows.for_each(|at| {
+                for ((d, &x), &b) in dst[at..at + n].iter_mut().zip(&x[at..]).zip(bias) {
+                    *d = x + b;
+                }
+            }),
+        }
+        true
+    }
+
+    /// Checks that a bias has `n` values and a residual covers the `m × n` destination.
+    fn check(&self, dst_rs: usize, m: usize, n: usize) {
+        if let Start::Bias(bias) | Start::Residual(_, bias) = self {
+            assert!(
+                bias.len() >= n,
+                "a bias of {} values for {n} columns",
+                bias.len()
+            );
+        }
+        if let Start::Residual(x, _) = self {
+            assert!(
+                m == 0 || n == 0 || last_index(m, n, dst_rs, 1) < x.len(),
+                "a residual of {} values for a {m}x{n} product",
+                x.len()
+            );
+        }
+    }
+}
+
+/// `dst[m, n] = start + a[m, k] · b[k, n]` on the `gemm` crate and all cores, with `dst`
+/// row-major at row stride `dst_rs`.
+pub fn matmul<T: Real>(dst: &mut [T], dst_rs: usize, a: Mat<T>, b: Mat<T>, start: Start<T>) {
     let (m, k, n) = product_dims(dst, dst_rs, a, b);
+    start.check(dst_rs, m, n);
     if m == 0 || n == 0 {
         return;
     }
+    let accumulate = start.write_into(dst, dst_rs, m, n);
     if k == 0 {
         if !accumulate {
             for i in 0..m {
@@ -123,24 +178,25 @@ pub fn matmul<T: Real>(dst: &mut [T], dst_rs: usize, a: Mat<T>, b: Mat<T>, accum
     }
 }
 
-/// `dst[m, n] (+)= a · b` in f32 on all cores (see [`Real::product`]).
-pub fn product_f32(dst: &mut [f32], dst_rs: usize, a: Mat<f32>, b: Mat<f32>, accumulate: bool) {
+/// `dst[m, n] = start + a · b` in f32 on all cores (see [`Real::product`]).
+pub fn product_f32(dst: &mut [f32], dst_rs: usize, a: Mat<f32>, b: Mat<f32>, start: Start<f32>) {
     let (m, k, n) = product_dims(dst, dst_rs, a, b);
+    start.check(dst_rs, m, n);
     #[cfg(target_arch = "x86_64")]
     if m > 0 && n > 0 && k > 0 && avx512::available() {
         let end = last_index(m, n, dst_rs, 1) + 1;
-        avx512::matmul(&mut dst[..end], dst_rs, a, b, accumulate);
+        avx512::matmul(&mut dst[..end], dst_rs, a, b, start);
         return;
     }
-    matmul(dst, dst_rs, a, b, accumulate);
+    matmul(dst, dst_rs, a, b, start);
 }
 
-/// `dst[m, n] (+)= a · b` in f64 on all cores (see [`Real::product`]).
-pub fn product_f64(dst: &mut [f64], dst_rs: usize, a: Mat<f64>, b: Mat<f64>, accumulate: bool) {
-    matmul(dst, dst_rs, a, b, accumulate);
+/// `dst[m, n] = start + a · b` in f64 on all cores (see [`Real::product`]).
+pub fn product_f64(dst: &mut [f64], dst_rs: usize, a: Mat<f64>, b: Mat<f64>, start: Start<f64>) {
+    matmul(dst, dst_rs, a, b, start);
 }
 
-/// `y[n, out] (+)= x[n, in] · w[out, in]ᵀ`: a linear layer's forward.
+/// `y[n, out] = start + x[n, in] · w[out, in]ᵀ`: a linear layer's forward.
 pub fn x_wt<T: Real>(
     y: &mut [T],
     x: &[T],
@@ -148,22 +204,22 @@ pub fn x_wt<T: Real>(
     n: usize,
     d_in: usize,
     d_out: usize,
-    accumulate: bool,
+    start: Start<T>,
 ) {
     let (x, w) = (Mat::new(x, n, d_in), Mat::new(w, d_out, d_in));
-    T::product(y, d_out, x, w.t(), accumulate);
+    T::product(y, d_out, x, w.t(), start);
 }
 
 /// `dx[n, in] = dy[n, out] · w[out, in]`: a linear layer's input gradient.
 pub fn dy_w<T: Real>(dx: &mut [T], dy: &[T], w: &[T], n: usize, d_in: usize, d_out: usize) {
     let (dy, w) = (Mat::new(dy, n, d_out), Mat::new(w, d_out, d_in));
-    T::product(dx, d_in, dy, w, false);
+    T::product(dx, d_in, dy, w, Start::Zero);
 }
 
 /// `dw[out, in] += dy[n, out]ᵀ · x[n, in]`: a linear layer's weight gradient.
 pub fn add_dyt_x<T: Real>(dw: &mut [T], dy: &[T], x: &[T], n: usize, d_in: usize, d_out: usize) {
     let (dy, x) = (Mat::new(dy, n, d_out), Mat::new(x, n, d_in));
-    T::product(dw, d_in, dy.t(), x, true);
+    T::product(dw, d_in, dy.t(), x, Start::Dst);
 }
 
 #[cfg(test)]
@@ -207,7 +263,7 @@ mod tests {
         let dy = filled(n * d_out, 3.0);
 
         let mut y = vec![1.0; n * d_out];
-        x_wt(&mut y, &x, &w, n, d_in, d_out, true);
+        x_wt(&mut y, &x, &w, n, d_in, d_out, Start::Dst);
         let want: Vec<f64> = naive(view(&x, n, d_in, d_in, 1), view(&w, d_in, d_out, 1, d_in))
             .iter()
             .map(|v| v + 1.0)
@@ -241,7 +297,7 @@ mod tests {
             3,
             Mat::strided(&a[2..], 3, 2, 6),
             Mat::strided(&a[4..], 3, 2, 6).t(),
-            false,
+            Start::Zero,
         );
         let want = naive(view(&a[2..], 3, 2, 6, 1), view(&a[4..], 2, 3, 1, 6));
         assert!(c.iter().zip(&want).all(|(a, b)| (a - b).abs() < 1e-12));
@@ -275,21 +331,30 @@ mod tests {
             } else {
                 (Mat::new(&b32, k, n), view(&b64, k, n, n, 1))
             };
-            let product = |threads: usize, accumulate: bool| {
+            let bias64 = filled(n, 8.0);
+            let x64 = filled(m * n, 9.0);
+            let (bias32, x32) = (f32s(&bias64), f32s(&x64));
+            let product = |threads: usize, start: Start<f32>| {
                 let pool = rayon::ThreadPoolBuilder::new()
                     .num_threads(threads)
                     .build()
                     .unwrap();
                 let mut c = f32s(&c64);
-                pool.install(|| product_f32(&mut c, n, a, b, accumulate));
+                pool.install(|| product_f32(&mut c, n, a, b, start));
                 c
             };
             let want = naive(a_ref, b_ref);
-            for accumulate in [false, true] {
-                let got = product(1, accumulate);
-                assert_eq!(got, product(3, accumulate), "{m}x{k}x{n}");
+            let starts: [(Start<f32>, &dyn Fn(usize) -> f64); 4] = [
+                (Start::Zero, &|_| 0.0),
+                (Start::Dst, &|i| c64[i]),
+                (Start::Bias(&bias32), &|i| bias64[i % n]),
+                (Start::Residual(&x32, &bias32), &|i| x64[i] + bias64[i % n]),
+            ];
+            for (start, start_at) in starts {
+                let got = product(1, start);
+                assert_eq!(got, product(3, start), "{m}x{k}x{n}");
                 for (i, (&g, &w)) in got.iter().zip(&want).enumerate() {
-                    let w = if accumulate { w + c64[i] } else { w };
+                    let w = w + start_at(i);
                     assert!(
                         (g as f64 - w).abs() < 1e-5 * k as f64,
                         "{m}x{k}x{n} [{i}]: {g} vs {w}"

@@ -202,8 +202,7 @@ pub(crate) fn block_forward<T: Real>(
         }
     }
     let x_mid = sized(&mut a.x_mid, rows * d);
-    x_mid.copy_from_slice(&a.x_in);
-    linear::linear_forward_add(x_mid, attn, w(&br.proj_w), w(&br.proj_b));
+    linear::linear_forward_residual(x_mid, &a.x_in, attn, w(&br.proj_w), w(&br.proj_b));
 
     // x_out = x_mid + fc2(gelu(fc1(LN2(x_mid))))
     let ln2 = sized(&mut a.ln2, rows * d);
@@ -216,8 +215,7 @@ pub(crate) fn block_forward<T: Real>(
     );
     gelu::gelu_forward(act, cdf, fc1);
     let x_out = sized(x_out, rows * d);
-    x_out.copy_from_slice(x_mid);
-    linear::linear_forward_add(x_out, act, w(&br.fc2_w), w(&br.fc2_b));
+    linear::linear_forward_residual(x_out, x_mid, act, w(&br.fc2_w), w(&br.fc2_b));
 }
 
 impl<T: Real> Step<T> for Workspace<T> {

@@ -6,7 +6,7 @@ use std::iter::Sum;
 
 use num_traits::{Float, NumAssign};
 
-use super::gemm::{self, Mat};
+use super::gemm::{self, Mat, Start};
 
 /// A float the ops and the model are generic over. Only f32 and f64 implement it, the two
 /// types the GEMM crate multiplies.
@@ -19,10 +19,9 @@ pub trait Real: Float + NumAssign + Sum + Debug + Default + Send + Sync + Copy +
     fn of(v: f64) -> Self;
     /// An input pixel.
     fn of_f32(v: f32) -> Self;
-    /// `dst[m, n] (+)= a · b` on all cores, `dst` row-major at row stride `dst_rs`;
-    /// overwrites unless `accumulate`. The linear layers' products: each type on its
-    /// fastest code (src/cpu/gemm.rs).
-    fn product(dst: &mut [Self], dst_rs: usize, a: Mat<Self>, b: Mat<Self>, accumulate: bool);
+    /// `dst[m, n] = start + a · b` on all cores, `dst` row-major at row stride `dst_rs`.
+    /// The linear layers' products: each type on its fastest code (src/cpu/gemm.rs).
+    fn product(dst: &mut [Self], dst_rs: usize, a: Mat<Self>, b: Mat<Self>, start: Start<Self>);
 }
 
 impl Real for f32 {
@@ -40,8 +39,8 @@ impl Real for f32 {
     fn of_f32(v: f32) -> Self {
         v
     }
-    fn product(dst: &mut [Self], dst_rs: usize, a: Mat<Self>, b: Mat<Self>, accumulate: bool) {
-        gemm::product_f32(dst, dst_rs, a, b, accumulate)
+    fn product(dst: &mut [Self], dst_rs: usize, a: Mat<Self>, b: Mat<Self>, start: Start<Self>) {
+        gemm::product_f32(dst, dst_rs, a, b, start)
     }
 }
 
@@ -60,7 +59,7 @@ impl Real for f64 {
     fn of_f32(v: f32) -> Self {
         v as f64
     }
-    fn product(dst: &mut [Self], dst_rs: usize, a: Mat<Self>, b: Mat<Self>, accumulate: bool) {
-        gemm::product_f64(dst, dst_rs, a, b, accumulate)
+    fn product(dst: &mut [Self], dst_rs: usize, a: Mat<Self>, b: Mat<Self>, start: Start<Self>) {
+        gemm::product_f64(dst, dst_rs, a, b, start)
     }
 }

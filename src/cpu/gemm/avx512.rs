@@ -14,7 +14,7 @@ use std::cell::Cell;
 
 use rayon::prelude::*;
 
-use super::Mat;
+use super::{Mat, Start};
 
 /// Rows of `c` per register tile.
 const MR: usize = 8;
@@ -37,9 +37,9 @@ thread_local! {
     static PACKED: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
 }
 
-/// `c[m, n] (+)= a · b` with `c` row-major at row stride `c_rs`; overwrites unless
-/// `accumulate`. The caller checked the shapes and that `c` holds every element.
-pub fn matmul(c: &mut [f32], c_rs: usize, a: Mat<f32>, b: Mat<f32>, accumulate: bool) {
+/// `c[m, n] = start + a · b` with `c` row-major at row stride `c_rs`. The caller checked
+/// the shapes, that `c` holds every element and that `start` covers them.
+pub fn matmul(c: &mut [f32], c_rs: usize, a: Mat<f32>, b: Mat<f32>, start: Start<f32>) {
     let (m, k, n) = (a.rows, a.cols, b.cols);
     let panels = n.div_ceil(NR);
     // Taken out of the thread-local, not borrowed: a nested product on this thread (rayon
@@ -60,9 +60,13 @@ pub fn matmul(c: &mut [f32], c_rs: usize, a: Mat<f32>, b: Mat<f32>, accumulate: 
             rows,
             ..a
         };
+        let start = match start {
+            Start::Residual(x, bias) => Start::Residual(&x[block * MC * c_rs..], bias),
+            other => other,
+        };
         // SAFETY: `available()` was checked by the caller; `multiply_block` stays inside
-        // `a`, `packed` and the `rows × n` block of `c` at stride `c_rs`.
-        unsafe { multiply_block(c, c_rs, a, &packed, n, accumulate) }
+        // `a`, `packed`, `start` and the `rows × n` block of `c` at stride `c_rs`.
+        unsafe { multiply_block(c, c_rs, a, &packed, n, start) }
     };
     if m > MC {
         c.par_chunks_mut(rows_per_task).enumerate().for_each(task);
@@ -106,7 +110,8 @@ fn pack_b(packed: &mut [f32], b: Mat<f32>, panels: usize) {
 ///
 /// # Safety
 /// Needs AVX-512F. `a` must be a valid view, `packed` the whole packed `b` of `k = a.cols`
-/// rows and `n` columns, and `c` must hold `a.rows` rows of `n` values at stride `c_rs`.
+/// rows and `n` columns, and `c` (and a residual `start`) must hold `a.rows` rows of `n`
+/// values at stride `c_rs`.
 #[target_feature(enable = "avx512f")]
 unsafe fn multiply_block(
     c: &mut [f32],
@@ -114,7 +119,7 @@ unsafe fn multiply_block(
     a: Mat<f32>,
     packed: &[f32],
     n: usize,
-    accumulate: bool,
+    start: Start<f32>,
 ) {
     let (m, k) = (a.rows, a.cols);
     assert!(m > 0 && c.len() > (m - 1) * c_rs + n - 1);
@@ -125,7 +130,6 @@ unsafe fn multiply_block(
         let kb = KC.min(k - k0);
         let a_packed = &mut a_tiles[..(tiles - in_place) * MR * kb];
         pack_a(a_packed, a, in_place * MR, k0, kb);
-        let overwrite = !accumulate && k0 == 0;
         let block = &packed[k0 * panels * NR..][..kb * panels * NR];
         for (j, panel) in block.chunks_exact(kb * NR).enumerate() {
             let masks = column_masks(NR.min(n - j * NR));
@@ -136,14 +140,25 @@ unsafe fn multiply_block(
                 } else {
                     (a_packed.as_ptr().add((t - in_place) * MR * kb), 1, MR)
                 };
-                let c = c.as_mut_ptr().add(i * c_rs + j * NR);
+                let at = i * c_rs + j * NR;
+                let c = c.as_mut_ptr().add(at);
                 let rows = MR.min(m - i);
+                // Later `k` blocks add to what the first one stored.
+                let start = match start {
+                    _ if k0 > 0 => TileStart::Dst,
+                    Start::Zero => TileStart::Zero,
+                    Start::Dst => TileStart::Dst,
+                    Start::Bias(bias) => TileStart::Bias(bias[j * NR..].as_ptr()),
+                    Start::Residual(x, bias) => {
+                        TileStart::Residual(x[at..].as_ptr(), bias[j * NR..].as_ptr())
+                    }
+                };
                 // A ragged last panel computes only the vectors it has: T = 50 attention
                 // products are two panels, 48 columns and 2.
                 match masks.iter().filter(|&&mask| mask != 0).count() {
-                    1 => multiply_tile::<1>(tile, panel, kb, c, c_rs, rows, masks, overwrite),
-                    2 => multiply_tile::<2>(tile, panel, kb, c, c_rs, rows, masks, overwrite),
-                    _ => multiply_tile::<3>(tile, panel, kb, c, c_rs, rows, masks, overwrite),
+                    1 => multiply_tile::<1>(tile, panel, kb, c, c_rs, rows, masks, start),
+                    2 => multiply_tile::<2>(tile, panel, kb, c, c_rs, rows, masks, start),
+                    _ => multiply_tile::<3>(tile, panel, kb, c, c_rs, rows, masks, start),
                 }
             }
         }
@@ -204,6 +219,17 @@ fn pack_a_transposed(dst: &mut [f32], a: Mat<f32>, first: usize, k0: usize, kb: 
     }
 }
 
+/// What a tile's sums are added to: [`Start`] at the tile, or `c` itself after the first
+/// `k` block. `Bias` points at the tile's first column of the bias; `Residual` at the
+/// tile's first value of `x` (laid out as `c`) and at the bias.
+#[derive(Clone, Copy)]
+enum TileStart {
+    Zero,
+    Dst,
+    Bias(*const f32),
+    Residual(*const f32, *const f32),
+}
+
 /// Which lanes of a tile's three vectors hold columns of `c`.
 fn column_masks(cols: usize) -> [__mmask16; 3] {
     std::array::from_fn(|v| {
@@ -214,7 +240,7 @@ fn column_masks(cols: usize) -> [__mmask16; 3] {
 
 /// One register tile: `c[rows ≤ MR, 16·V]` (+)= `a` `[MR, kb]` · `panel` `[kb, 16·V]` (the
 /// first `V` vectors of each `NR`-wide panel row), the `k` terms summed in order from
-/// zero, then added to (or stored into) `c`, only the lanes in `masks`. `a` is
+/// zero, then added to `start` and stored into `c`, only the lanes in `masks`. `a` is
 /// `(pointer, row stride, k stride)`. `c`'s lines are prefetched for writing
 /// first: a product's output is usually not in cache (qkv's is 15 MB at vit_tiny batch
 /// 32), and fetching it while the tile computes measured 10-40% faster than waiting for
@@ -232,7 +258,7 @@ unsafe fn multiply_tile<const V: usize>(
     c_rs: usize,
     rows: usize,
     masks: [__mmask16; 3],
-    overwrite: bool,
+    start: TileStart,
 ) {
     for i in 0..rows {
         for (v, &mask) in masks.iter().take(V).enumerate() {
@@ -259,10 +285,15 @@ unsafe fn multiply_tile<const V: usize>(
                 continue;
             }
             let dst = row.add(16 * v);
-            let sum = if overwrite {
-                acc
-            } else {
-                _mm512_add_ps(_mm512_maskz_loadu_ps(mask, dst), acc)
+            let load = |p: *const f32| _mm512_maskz_loadu_ps(mask, p.add(16 * v));
+            let sum = match start {
+                TileStart::Zero => acc,
+                TileStart::Dst => _mm512_add_ps(load(row), acc),
+                TileStart::Bias(bias) => _mm512_add_ps(load(bias), acc),
+                TileStart::Residual(x, bias) => {
+                    let x = load(x.add(i * c_rs));
+                    _mm512_add_ps(_mm512_add_ps(x, load(bias)), acc)
+                }
             };
             _mm512_mask_storeu_ps(dst, mask, sum);
         }

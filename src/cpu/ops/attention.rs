@@ -5,7 +5,7 @@
 
 use rayon::prelude::*;
 
-use super::super::gemm::Mat;
+use super::super::gemm::{Mat, Start};
 use super::super::real::Real;
 use super::super::simd::wide;
 use super::head::{head_backward, head_probs, head_views, logit_scale, softmax_in_place};
@@ -130,7 +130,7 @@ fn sequence_forward<T: Real>(
             }
             softmax_in_place(z);
         });
-        T::product(&mut out[h * d..], width, Mat::new(p, t, t), v, false);
+        T::product(&mut out[h * d..], width, Mat::new(p, t, t), v, Start::Zero);
     }
 }
 

@@ -9,7 +9,7 @@
 
 use rayon::prelude::*;
 
-use super::super::gemm::Mat;
+use super::super::gemm::{Mat, Start};
 use super::super::real::Real;
 use super::super::simd::wide;
 use super::head::{head_backward, head_probs, head_views, logit_scale, softmax_in_place};
@@ -66,7 +66,7 @@ fn sequence_forward<T: Real>(out: &mut [T], lse: &mut [T], qkv: &[T], heads: usi
             z.iter_mut().for_each(|z| *z *= scale);
             lse[i] = softmax_in_place(z);
         });
-        T::product(&mut out[h * d..], width, Mat::new(&p, t, t), v, false);
+        T::product(&mut out[h * d..], width, Mat::new(&p, t, t), v, Start::Zero);
     }
 }
 

@@ -5,7 +5,7 @@
 //!
 //! Everything is `#[inline(always)]`: the callers run it inside [`super::super::simd::wide`].
 
-use super::super::gemm::Mat;
+use super::super::gemm::{Mat, Start};
 use super::super::real::Real;
 use super::super::simd::sum;
 
@@ -32,7 +32,7 @@ pub(super) fn head_probs<T: Real>(
     k: Mat<T>,
     mut row: impl FnMut(usize, &mut [T]),
 ) {
-    T::product(p, t, q, k.t(), false);
+    T::product(p, t, q, k.t(), Start::Zero);
     for (i, z) in p.chunks_exact_mut(t).enumerate() {
         row(i, z);
     }
@@ -80,9 +80,9 @@ pub(super) fn head_backward<T: Real>(
         3 * width,
         p_mat.t(),
         dout,
-        false,
+        Start::Zero,
     );
-    T::product(dz, t, dout, v.t(), false);
+    T::product(dz, t, dout, v.t(), Start::Zero);
     // Softmax backward per query row: dz = p ⊙ (dp - Σ_j p dp).
     for (i, (dz, p)) in dz.chunks_exact_mut(t).zip(p.chunks_exact(t)).enumerate() {
         let dot = sum(t, |j| p[j] * dz[j]);
@@ -95,6 +95,6 @@ pub(super) fn head_backward<T: Real>(
         }
     }
     let dz = Mat::new(dz, t, t);
-    T::product(&mut dqkv[col..], 3 * width, dz, k, false);
-    T::product(&mut dqkv[width + col..], 3 * width, dz.t(), q, false);
+    T::product(&mut dqkv[col..], 3 * width, dz, k, Start::Zero);
+    T::product(&mut dqkv[width + col..], 3 * width, dz.t(), q, Start::Zero);
 }

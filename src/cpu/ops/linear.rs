@@ -1,7 +1,7 @@
 //! Linear layer `y = x·Wᵀ + b`, with `W` stored `[out, in]` as in PyTorch.
 //! Shapes: x `[n, in]`, W `[out, in]`, b `[out]` → y `[n, out]`.
 
-use super::super::gemm::{add_dyt_x, dy_w, x_wt};
+use super::super::gemm::{add_dyt_x, dy_w, x_wt, Start};
 use super::super::real::Real;
 use super::add_column_sums;
 
@@ -21,26 +21,21 @@ fn dims<T>(x_len: usize, w: &[T], b: &[T]) -> (usize, usize, usize) {
     (x_len / d_in, d_in, d_out)
 }
 
-/// y `[n, out]` = x `[n, in]` · W `[out, in]`ᵀ + b `[out]`; overwrites y.
+/// y `[n, out]` = x `[n, in]` · W `[out, in]`ᵀ + b `[out]`; overwrites y. The bias is the
+/// product's start (gemm.rs), not a pass of its own.
 pub fn linear_forward<T: Real>(y: &mut [T], x: &[T], w: &[T], b: &[T]) {
     let (n, d_in, d_out) = dims(x.len(), w, b);
     assert_eq!(y.len(), n * d_out);
-    for row in y.chunks_exact_mut(d_out) {
-        row.copy_from_slice(b);
-    }
-    x_wt(y, x, w, n, d_in, d_out, true);
+    x_wt(y, x, w, n, d_in, d_out, Start::Bias(b));
 }
 
-/// y `[n, out]` += x `[n, in]` · W `[out, in]`ᵀ + b `[out]`: a residual branch's last layer.
-pub fn linear_forward_add<T: Real>(y: &mut [T], x: &[T], w: &[T], b: &[T]) {
+/// y `[n, out]` = residual `[n, out]` + b `[out]` + x `[n, in]` · W `[out, in]`ᵀ: a residual
+/// branch's last layer, added to the branch's input as the product stores.
+pub fn linear_forward_residual<T: Real>(y: &mut [T], residual: &[T], x: &[T], w: &[T], b: &[T]) {
     let (n, d_in, d_out) = dims(x.len(), w, b);
     assert_eq!(y.len(), n * d_out);
-    for row in y.chunks_exact_mut(d_out) {
-        for (v, &bias) in row.iter_mut().zip(b) {
-            *v += bias;
-        }
-    }
-    x_wt(y, x, w, n, d_in, d_out, true);
+    assert_eq!(residual.len(), y.len());
+    x_wt(y, x, w, n, d_in, d_out, Start::Residual(residual, b));
 }
 
 /// From dy `[n, out]`: dx `[n, in]` = dy·W (overwritten, skipped when `None`),
