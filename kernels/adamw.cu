@@ -2,21 +2,33 @@
 // copy of every weight that the GEMMs read in the same pass.
 //
 // params [n] f32 (in place), grads [n] f32, m [n] f32, v [n] f32 (in place),
-// decay_mask [n] u8 (1 where weight decay applies) -> shadow [n] T
+// decay_mask [n] u8 (1 where weight decay applies), hyper [HYPER_LEN] f32, state
+// [STATE_LEN] f32 (kernels/step_state.cuh) -> shadow [n] T
+//
+// The step's constants and the clip scale are read from device memory, not passed as
+// arguments, so a captured step replays with the values the host wrote before it. When
+// the step's divergence flag is raised (a non-finite loss or gradient norm) every thread
+// returns at once: parameters, moments and the weight copy stay as they were.
 //
 // The arithmetic mirrors optim::adamw_update operation by operation, with explicitly
 // rounded intrinsics so that no multiply-add is fused: the GPU then reproduces the CPU
 // update to the last bit given the same inputs. Each thread moves 8-value packs (16-byte
 // accesses, common.cuh), grid-stride; the last pack may be short.
 #include "common.cuh"
+#include "step_state.cuh"
 
 template <typename T>
 __device__ void adamw(float* __restrict__ params, const float* __restrict__ grads,
                       float* __restrict__ m, float* __restrict__ v,
                       const unsigned char* __restrict__ decay_mask, T* __restrict__ shadow,
-                      long long n, float beta1, float one_minus_beta1, float beta2,
-                      float one_minus_beta2, float eps, float decay_keep, float grad_scale,
-                      float step_size, float inv_sqrt_bc2) {
+                      long long n, const float* __restrict__ hyper,
+                      const float* __restrict__ state) {
+  if (state[STATE_DIVERGED] != 0.0f) return;
+  const float beta1 = hyper[HYPER_BETA1], one_minus_beta1 = hyper[HYPER_ONE_MINUS_BETA1];
+  const float beta2 = hyper[HYPER_BETA2], one_minus_beta2 = hyper[HYPER_ONE_MINUS_BETA2];
+  const float eps = hyper[HYPER_EPS], decay_keep = hyper[HYPER_DECAY_KEEP];
+  const float step_size = hyper[HYPER_STEP_SIZE], inv_sqrt_bc2 = hyper[HYPER_INV_SQRT_BC2];
+  const float grad_scale = state[STATE_CLIP_SCALE];
   // The mask's packs are 8 bytes, so 16-byte alignment of its start is more than needed.
   const bool vec = packable(PACK, params, grads, m, v, decay_mask, shadow);
   FOR_EACH_PACK(at, n) {
@@ -45,11 +57,8 @@ __device__ void adamw(float* __restrict__ params, const float* __restrict__ grad
 #define EXPORT_ADAMW(T, SUFFIX)                                                              \
   extern "C" __global__ void __launch_bounds__(256) adamw_##SUFFIX(                          \
       float* params, const float* grads, float* m, float* v, const unsigned char* decay_mask, \
-      T* shadow, long long n, float beta1, float one_minus_beta1, float beta2,               \
-      float one_minus_beta2, float eps, float decay_keep, float grad_scale, float step_size,  \
-      float inv_sqrt_bc2) {                                                                  \
-    adamw<T>(params, grads, m, v, decay_mask, shadow, n, beta1, one_minus_beta1, beta2,      \
-             one_minus_beta2, eps, decay_keep, grad_scale, step_size, inv_sqrt_bc2);         \
+      T* shadow, long long n, const float* hyper, const float* state) {                      \
+    adamw<T>(params, grads, m, v, decay_mask, shadow, n, hyper, state);                     \
   }
 EXPORT_ADAMW(float, f32)
 EXPORT_ADAMW(bf16, bf16)

@@ -3,6 +3,7 @@
 // norm). Each is two passes, partial sums in a fixed layout then a fixed-order finish, so a
 // run repeats bit for bit and never needs float atomics.
 #include "common.cuh"
+#include "step_state.cuh"
 
 // Chunks summed side by side per column in partials_finish.
 #define FINISH_LANES 8
@@ -42,10 +43,37 @@ extern "C" __global__ void sum_squares_partial(const float* x, long long n, floa
   if (threadIdx.x == 0) partial[blockIdx.x] = total;
 }
 
-// Final pass of any sum: x [n] f32 -> out[0] = scale * sum(x). One block.
-extern "C" __global__ void sum_finish(const float* x, int n, float scale, float* out) {
+// sum(x) over x [n] f32 in one block, in a fixed order, returned to every thread.
+__device__ __forceinline__ float block_total(const float* x, int n) {
   float sum = 0.0f;
   for (int i = threadIdx.x; i < n; i += blockDim.x) sum += x[i];
-  const float total = block_sum(sum);
-  if (threadIdx.x == 0) out[0] = scale * total;
+  return block_sum(sum);
+}
+
+// Final pass of any sum: x [n] f32 -> out[0] = scale * sum(x), or out[0] += it when
+// `accumulate` (a step's loss sum over its micro-batches). One block.
+extern "C" __global__ void sum_finish(const float* x, int n, float scale, int accumulate,
+                                      float* out) {
+  const float total = block_total(x, n);
+  if (threadIdx.x == 0) out[0] = (accumulate ? out[0] : 0.0f) + scale * total;
+}
+
+// Final pass of a step's gradient norm, and its divergence guard. One block.
+// partial [n] f32 (sum_squares_partial of the gradients), loss_sum [1] f32 (the
+// micro-batches' mean losses added up, averaged over the ranks), hyper [HYPER_LEN]
+//   -> state [STATE_LEN]: the mean loss, the norm, the clip scale min(clip / norm, 1), and
+// the divergence flag, raised when the loss or the norm is not finite and never lowered,
+// so AdamW skips this step and every step queued after it.
+extern "C" __global__ void step_finish(const float* partial, int n, const float* loss_sum,
+                                       const float* hyper, float* state) {
+  const float total = block_total(partial, n);
+  if (threadIdx.x != 0) return;
+  const float loss = __fdiv_rn(loss_sum[0], hyper[HYPER_MICRO_BATCHES]);
+  const float norm = __fsqrt_rn(total);
+  const bool diverged =
+      state[STATE_DIVERGED] != 0.0f || !(isfinite(loss) && isfinite(norm));
+  state[STATE_LOSS] = loss;
+  state[STATE_NORM] = norm;
+  state[STATE_DIVERGED] = diverged ? 1.0f : 0.0f;
+  state[STATE_CLIP_SCALE] = fminf(__fdiv_rn(hyper[HYPER_CLIP], norm), 1.0f);
 }

@@ -6,6 +6,7 @@ use anyhow::Result;
 use crate::data::batch::Batch;
 use crate::dist::Collective;
 use crate::params::ParamLayout;
+use crate::train::optim::clip_scale;
 
 /// `--precision`: what the CUDA backend stores activations and matrix-product operands
 /// in. Master weights, gradients, optimiser state and the loss are fp32 in both; the CPU
@@ -39,6 +40,59 @@ pub struct AdamWStep {
     pub weight_decay: f32,
     /// Multiplies every gradient before the update (global-norm clipping).
     pub grad_scale: f32,
+}
+
+/// What one optimiser step applies after its micro-batches: AdamW at step `t` and rate
+/// `lr`, with the gradients first scaled down to `clip_grad` (their global L2 norm) when
+/// set.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct StepSettings {
+    /// 1-based optimiser step.
+    pub t: u64,
+    pub lr: f32,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+    pub weight_decay: f32,
+    pub clip_grad: Option<f64>,
+}
+
+impl StepSettings {
+    /// The update with the gradients multiplied by `grad_scale` (the clip scale).
+    pub fn adamw(&self, grad_scale: f32) -> AdamWStep {
+        AdamWStep {
+            t: self.t,
+            lr: self.lr,
+            beta1: self.beta1,
+            beta2: self.beta2,
+            eps: self.eps,
+            weight_decay: self.weight_decay,
+            grad_scale,
+        }
+    }
+}
+
+/// What one optimiser step measured. `diverged`: its loss or gradient norm was not
+/// finite, so the backend left the parameters and moments as they were before it (and
+/// leaves them so for any step queued after it).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct StepReport {
+    /// The step's 1-based number ([`StepSettings::t`]).
+    pub step: u64,
+    /// Mean loss over the step's micro-batches (and ranks).
+    pub loss: f64,
+    pub grad_norm: f64,
+    pub diverged: bool,
+}
+
+/// The micro-batches of one optimiser step, handed to the backend one at a time (so only
+/// one is in memory while the backend computes).
+pub trait MicroBatches {
+    /// How many the step has (the accumulation count); each gradient is scaled by its
+    /// inverse.
+    fn count(&self) -> usize;
+    /// The next micro-batch.
+    fn next(&mut self) -> Result<&Batch>;
 }
 
 /// AdamW's first and second moments, flat like the parameters.
@@ -80,6 +134,60 @@ pub trait Backend {
             "{} cannot average gradients across ranks (data-parallel runs need the CPU or CUDA backend)",
             self.device_name()
         )
+    }
+
+    /// One whole optimiser step: zero the gradients, forward and backward over every
+    /// micro-batch of `batches` (each scaled by `1/count`), with several ranks the
+    /// gradient and loss average over `comm`, the global gradient norm, the clip scale
+    /// and, unless the loss or the norm is not finite, the AdamW update. A diverged step
+    /// leaves the parameters and moments untouched.
+    ///
+    /// Returns the report of a step this backend queued earlier and that has now
+    /// finished, oldest first, or `None`: a device backend returns the step before this
+    /// one (it runs a step ahead of the host), this default, which computes in line,
+    /// returns this step's. [`Backend::finish_steps`] returns the last one.
+    fn train_step(
+        &mut self,
+        batches: &mut dyn MicroBatches,
+        settings: &StepSettings,
+        comm: &mut dyn Collective,
+    ) -> Result<Option<StepReport>> {
+        let count = batches.count();
+        if count == 0 {
+            anyhow::bail!("accum = 0: a step needs at least one micro-batch");
+        }
+        self.zero_grads()?;
+        let micro_scale = 1.0 / count as f32;
+        let mut loss_sum = 0.0f64;
+        for _ in 0..count {
+            loss_sum += self.forward_backward(batches.next()?, micro_scale)? as f64;
+        }
+        let mut loss = loss_sum / count as f64;
+        if comm.world() > 1 {
+            self.average_grads(comm)?;
+            let mut value = [loss as f32];
+            comm.all_reduce_mean(&mut value)?;
+            loss = value[0] as f64;
+        }
+        let grad_norm = self.grad_norm()? as f64;
+        let diverged = !(loss.is_finite() && grad_norm.is_finite());
+        if !diverged {
+            let scale = clip_scale(settings.clip_grad, grad_norm);
+            self.adamw_step(&settings.adamw(scale))?;
+        }
+        Ok(Some(StepReport {
+            step: settings.t,
+            loss,
+            grad_norm,
+            diverged,
+        }))
+    }
+
+    /// Waits for every step [`Backend::train_step`] queued and returns the report not yet
+    /// returned, if any. Afterwards the parameters and moments are those after the last
+    /// queued step.
+    fn finish_steps(&mut self) -> Result<Option<StepReport>> {
+        Ok(None)
     }
 
     /// Waits for all queued work, so host clocks time finished work. The CPU backend

@@ -51,6 +51,17 @@ fn bench_reports_consistent_figures_and_writes_json() {
     assert!(stdout.contains("end2end"), "{stdout}");
     // The CPU has no device events.
     assert!(r["device_step_ms"].is_null());
+    // The steps run back to back as pretrain runs them: on the CPU, in line, about the
+    // phased step's time (a generous band: the machine is shared).
+    let pipelined = r["pipelined_step_ms"].as_f64().unwrap();
+    assert!(
+        pipelined > 0.2 * median_ms && pipelined < 5.0 * max,
+        "{pipelined} vs {median_ms}"
+    );
+    assert!(
+        stdout.contains("PyTorch's side-by-side compares to this"),
+        "{stdout}"
+    );
 }
 
 #[test]

@@ -608,6 +608,8 @@ fn adamw_case<T: Storage>(gpu: &Gpu, k: &Kernels<T>, title: String) {
     let mask_d = gpu.upload(&mask, "mask").unwrap();
     let shadow: CudaSlice<T> = gpu.zeros(n, "shadow").unwrap();
     lomar::train::optim::adamw_update(&mut params, &grads, &mut m, &mut v, &decay, &step);
+    let (hyper, state) = lomar::cuda::step::single_update(&step).unwrap();
+    let (hyper_d, state_d) = (up::<f32>(gpu, &hyper), up::<f32>(gpu, &state));
     k.adamw(
         dev(gpu, &p_d),
         dev(gpu, &g_d),
@@ -615,7 +617,8 @@ fn adamw_case<T: Storage>(gpu: &Gpu, k: &Kernels<T>, title: String) {
         dev(gpu, &v_d),
         dev(gpu, &mask_d),
         dev(gpu, &shadow),
-        &step,
+        dev(gpu, &hyper_d),
+        dev(gpu, &state_d),
     )
     .unwrap();
     let mut report = Report::new(title);

@@ -3,8 +3,8 @@
 //! barriers that needs no GPU. It needs a C++17 compiler with `-fsanitize=thread` (`$CXX`,
 //! else `g++`); without one these tests fail, they do not skip.
 //!
-//! The memory-bound kernels (bias adds, casts, GELU, LayerNorm, column sums, AdamW, the
-//! masked MSE) run through the drivers of `kernels/emu/`, which compare them with a C++
+//! The memory-bound kernels (casts, GELU, LayerNorm, the ordered reductions, AdamW and the
+//! step's divergence guard, the masked MSE) run through the drivers of `kernels/emu/`, which compare them with a C++
 //! reference on odd shapes. The attention kernels run forward, backward and the table gradient's finish with the
 //! launches `lomar::cuda::attention::plan` picks for an H100, on small shapes covering the
 //! fast and the general kernels, and are compared with the CPU op: bf16 within 2e-2, f32
@@ -128,7 +128,7 @@ fn run_driver(name: &str) {
 }
 
 #[test]
-fn casts_and_adamw_match_the_reference() {
+fn casts_match_the_reference() {
     run_driver("elementwise_driver");
 }
 
@@ -145,6 +145,51 @@ fn layernorm_and_its_fused_backward_match_the_reference() {
 #[test]
 fn partials_finish_matches_the_reference() {
     run_driver("reduce_driver");
+}
+
+#[test]
+fn step_finish_and_adamw_match_the_reference_and_skip_a_diverged_step() {
+    run_driver("step_driver");
+}
+
+/// The divergence guard's planted bugs: a flag that a finite step lowers again, an AdamW
+/// that updates under a raised flag, a norm that is never checked. Each must fail the
+/// step driver.
+#[test]
+fn planted_bugs_in_the_divergence_guard_are_caught() {
+    let mutations = [
+        (
+            "flag-lowered-by-a-finite-step",
+            "reduce.cu",
+            "state[STATE_DIVERGED] != 0.0f || !(isfinite(loss)",
+            "!(isfinite(loss)",
+        ),
+        (
+            "adamw-ignores-the-flag",
+            "adamw.cu",
+            "  if (state[STATE_DIVERGED] != 0.0f) return;\n",
+            "",
+        ),
+        (
+            "norm-not-checked",
+            "reduce.cu",
+            "isfinite(loss) && isfinite(norm)",
+            "isfinite(loss)",
+        ),
+    ];
+    for (name, file, find, replace) in mutations {
+        let kernels = mutant(name, file, find, replace);
+        let exe = compile(&kernels, kernels.parent().unwrap(), "step_driver");
+        let out = run(&exe, &[]);
+        let failed: Vec<_> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| l.starts_with("FAIL"))
+            .map(str::to_string)
+            .collect();
+        assert!(!out.status.success(), "{name}: the mutant passed");
+        assert!(!failed.is_empty(), "{name}: {}", describe(&out));
+        println!("{name}: caught: {}", failed[0]);
+    }
 }
 
 #[test]

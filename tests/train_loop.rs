@@ -5,10 +5,12 @@
 use std::collections::VecDeque;
 
 use anyhow::Result;
-use lomar::backend::{AdamWStep, Backend, Moments};
+use lomar::backend::{AdamWStep, Backend, MicroBatches, Moments, StepReport, StepSettings};
 use lomar::config::{preset, Config, TrainConfig};
+use lomar::cpu::CpuBackend;
 use lomar::data::batch::Batch;
 use lomar::data::BatchSource;
+use lomar::dist::Collective;
 use lomar::io::checkpoint::CheckpointFile;
 use lomar::params::ParamLayout;
 use lomar::train::optim::learning_rate;
@@ -305,4 +307,227 @@ fn stop_after_ends_early_on_the_full_schedule() {
             .step(),
         3
     );
+}
+
+/// A CPU backend whose steps report one step late, as the GPU backend's do: each
+/// `train_step` returns the previous step's report, a diverged step stops every later
+/// update (the device's divergence flag stays raised), and `finish_steps` returns the
+/// last report. `nan_at` poisons the first parameter just before that step, so its loss
+/// is NaN.
+struct OneStepLate {
+    inner: CpuBackend,
+    pending: Option<StepReport>,
+    nan_at: Option<u64>,
+    diverged: bool,
+}
+
+impl OneStepLate {
+    fn new(c: &Config, nan_at: Option<u64>) -> Self {
+        let params = ParamLayout::new(&c.model).init(c.train.seed);
+        OneStepLate {
+            inner: CpuBackend::new(&c.model, params).unwrap(),
+            pending: None,
+            nan_at,
+            diverged: false,
+        }
+    }
+}
+
+impl Backend for OneStepLate {
+    fn device_name(&self) -> String {
+        "one step late".into()
+    }
+    fn layout(&self) -> &ParamLayout {
+        self.inner.layout()
+    }
+    fn computes_on_host(&self) -> bool {
+        true
+    }
+    fn forward_backward(&mut self, batch: &Batch, grad_scale: f32) -> Result<f32> {
+        self.inner.forward_backward(batch, grad_scale)
+    }
+    fn zero_grads(&mut self) -> Result<()> {
+        self.inner.zero_grads()
+    }
+    fn grad_norm(&mut self) -> Result<f32> {
+        self.inner.grad_norm()
+    }
+    fn adamw_step(&mut self, step: &AdamWStep) -> Result<()> {
+        self.inner.adamw_step(step)
+    }
+    fn params(&mut self) -> Result<Vec<f32>> {
+        self.inner.params()
+    }
+    fn set_params(&mut self, flat: &[f32]) -> Result<()> {
+        self.inner.set_params(flat)
+    }
+    fn grads(&mut self) -> Result<Vec<f32>> {
+        self.inner.grads()
+    }
+    fn moments(&mut self) -> Result<Moments> {
+        self.inner.moments()
+    }
+    fn set_moments(&mut self, moments: &Moments) -> Result<()> {
+        self.inner.set_moments(moments)
+    }
+    fn train_step(
+        &mut self,
+        batches: &mut dyn MicroBatches,
+        settings: &StepSettings,
+        comm: &mut dyn Collective,
+    ) -> Result<Option<StepReport>> {
+        if self.nan_at == Some(settings.t) {
+            let mut p = self.inner.params()?;
+            p[0] = f32::NAN;
+            self.inner.set_params(&p)?;
+        }
+        let report = if self.diverged {
+            for _ in 0..batches.count() {
+                batches.next()?;
+            }
+            StepReport {
+                step: settings.t,
+                loss: f64::NAN,
+                grad_norm: f64::NAN,
+                diverged: true,
+            }
+        } else {
+            self.inner.train_step(batches, settings, comm)?.unwrap()
+        };
+        self.diverged = report.diverged;
+        Ok(self.pending.replace(report))
+    }
+    fn finish_steps(&mut self) -> Result<Option<StepReport>> {
+        Ok(self.pending.take())
+    }
+}
+
+fn cpu_config() -> Config {
+    config(TrainConfig {
+        batch: 2,
+        accum: 2,
+        steps: 5,
+        warmup_steps: 1,
+        clip_grad: Some(0.05),
+        ..TrainConfig::default()
+    })
+}
+
+fn cpu_backend(c: &Config) -> CpuBackend {
+    CpuBackend::new(&c.model, ParamLayout::new(&c.model).init(c.train.seed)).unwrap()
+}
+
+/// The fields of every metrics line that do not depend on the clock.
+fn logged_values(dir: &std::path::Path) -> Vec<[serde_json::Value; 4]> {
+    metrics_lines(dir)
+        .into_iter()
+        .map(|l| {
+            [
+                l["step"].clone(),
+                l["loss"].clone(),
+                l["grad_norm"].clone(),
+                l["lr"].clone(),
+            ]
+        })
+        .collect()
+}
+
+#[test]
+fn reports_a_step_late_log_and_checkpoint_what_the_cpu_backend_does_in_line() {
+    let c = cpu_config();
+    let (in_line, late) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let source = || BatchSource::new(&c.model, c.train.seed);
+    train(
+        &mut cpu_backend(&c),
+        &c,
+        0,
+        source(),
+        &options(in_line.path(), 2),
+    )
+    .unwrap();
+    let mut b = OneStepLate::new(&c, None);
+    train(&mut b, &c, 0, source(), &options(late.path(), 2)).unwrap();
+    let want = logged_values(in_line.path());
+    assert_eq!(want.len(), 5);
+    assert!(want
+        .iter()
+        .all(|v| v[1].as_f64().is_some_and(f64::is_finite)));
+    assert_eq!(logged_values(late.path()), want);
+    let load = |dir: &tempfile::TempDir| {
+        CheckpointFile::open(&checkpoint_path(dir.path()))
+            .unwrap()
+            .load(&c.model)
+            .unwrap()
+    };
+    let (got, want) = (load(&late), load(&in_line));
+    assert_eq!(got.step, 5);
+    // Field by field (the file's metadata order varies); a failure names the field.
+    assert!(
+        got.params == want.params,
+        "the parameters after step 5 differ"
+    );
+    assert!(
+        got.moments == want.moments,
+        "the moments after step 5 differ"
+    );
+    assert_eq!(
+        (got.sampler, got.data),
+        (want.sampler, want.data),
+        "the source state"
+    );
+}
+
+#[test]
+fn a_nan_reported_a_step_late_stops_the_run_with_the_previous_checkpoint() {
+    let c = config(TrainConfig {
+        steps: 6,
+        ..cpu_config().train
+    });
+    let clean = tempfile::tempdir().unwrap();
+    let source = || BatchSource::new(&c.model, c.train.seed);
+    let stop = TrainOptions {
+        stop_after: Some(2),
+        ..options(clean.path(), 2)
+    };
+    train(&mut cpu_backend(&c), &c, 0, source(), &stop).unwrap();
+    let load = |dir: &std::path::Path| {
+        CheckpointFile::open(&checkpoint_path(dir))
+            .unwrap()
+            .load(&c.model)
+            .unwrap()
+    };
+    let after_two = load(clean.path());
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut b = OneStepLate::new(&c, Some(3));
+    let err = train(&mut b, &c, 0, source(), &options(dir.path(), 2))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains(
+            "training diverged at step 3: loss NaN, gradient norm NaN; stopped before the update"
+        ),
+        "{err}"
+    );
+    assert!(err.contains("(step 2)"), "{err}");
+    let ck = load(dir.path());
+    assert_eq!(ck.step, 2);
+    assert!(
+        ck.params == after_two.params,
+        "the parameters after step 2 differ"
+    );
+    assert!(
+        ck.moments == after_two.moments,
+        "the moments after step 2 differ"
+    );
+    // Steps 3 and 4 (queued before the report of 3 arrived) left the parameters alone.
+    let params = b.params().unwrap();
+    assert!(params[0].is_nan());
+    assert!(
+        params[1..] == after_two.params[1..],
+        "a diverged step changed the parameters"
+    );
+    let lines = metrics_lines(dir.path());
+    assert_eq!(lines.len(), 3);
+    assert!(lines[2]["loss"].is_null());
 }

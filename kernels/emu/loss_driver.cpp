@@ -1,4 +1,4 @@
-// kernels/loss.cu (with sum_finish of kernels/reduce.cu) on the CPU under ThreadSanitizer,
+// kernels/loss.cu (with sum_finish of kernels/reduce.cu, writing and accumulating) on the CPU under ThreadSanitizer,
 // against the masked MSE in double: widths on and off the 8-value packs, rows longer than
 // one pass of the block.
 #include "check.h"
@@ -27,11 +27,17 @@ void mse_case(int rows, int cols, unsigned threads,
     std::vector<float> row_loss(rows), loss(1);
     emu::launch(dim3(rows), dim3(threads), 0, kernel, pred_t.data(), bias.data(), target.data(), dpred.data(),
                 row_loss.data(), cols, grad_coef);
-    emu::launch(dim3(1), dim3(32), 0, sum_finish, (const float*)row_loss.data(), rows, (float)(1.0 / (double)n),
+    // Written, then added to a step's loss sum that holds an earlier micro-batch's 0.25.
+    loss[0] = NAN;
+    emu::launch(dim3(1), dim3(32), 0, sum_finish, (const float*)row_loss.data(), rows, (float)(1.0 / (double)n), 0,
                 loss.data());
+    std::vector<float> loss_sum{0.25f};
+    emu::launch(dim3(1), dim3(32), 0, sum_finish, (const float*)row_loss.data(), rows, (float)(1.0 / (double)n), 1,
+                loss_sum.data());
     char what[120];
     std::snprintf(what, sizeof what, "masked_mse_%s [%d, %d], %u threads", check::name<T>(), rows, cols, threads);
     check::close(std::string(what) + ": loss", loss, {want_loss}, 1e-5);
+    check::close(std::string(what) + ": loss added to a sum", loss_sum, {0.25 + want_loss}, 1e-5);
     check::close(std::string(what) + ": dpred", check::floats(dpred.data(), n), want_d, check::tol<T>());
 }
 

@@ -7,7 +7,13 @@
 //! device's own time for the step from events, which leaves out the host's work before the
 //! upload. The gap between the last two is the device waiting for the host. Each step is
 //! forward+backward, the global gradient norm and one AdamW update — exactly what
-//! `pretrain` runs.
+//! `pretrain` runs. Those three time steps one at a time, with the host waiting after each
+//! phase. A fourth runs the steps as `pretrain` does (`Backend::train_step`, back to back,
+//! a GPU a step ahead of the host and replaying its CUDA graphs) and divides the wall time
+//! by the step count: the pipelined step. PyTorch's side-by-side
+//! (bench/torch_reference.py) times its back-to-back steps with device events, so it
+//! compares to the pipelined step; the device time above is the same work with nothing
+//! queued ahead.
 
 pub mod flops;
 
@@ -16,14 +22,15 @@ use std::time::Instant;
 use anyhow::{bail, Result};
 use serde::Serialize;
 
-use crate::backend::{AdamWStep, Backend};
+use crate::backend::{AdamWStep, Backend, MicroBatches, StepSettings};
 use crate::bench::flops::{known_bf16_peak, training_flops};
 use crate::config::Config;
+use crate::data::batch::Batch;
 use crate::data::loader::{self, LoaderSpeed};
 use crate::data::prefetch::Batches;
 use crate::data::shards::Part;
 use crate::data::{open_dataset, BatchSource, DataArgs, DEFAULT_SHUFFLE_BUFFER};
-use crate::dist::Collective;
+use crate::dist::{Collective, Solo};
 
 /// What to time.
 #[derive(Clone, Debug)]
@@ -102,6 +109,10 @@ pub struct BenchReport {
     pub end_to_end_ms: Spread,
     /// The device's time for the step (see `Backend::device_step_ms`); absent on the CPU.
     pub device_step_ms: Option<Spread>,
+    /// Wall time per step of `timed_steps` steps run back to back through
+    /// `Backend::train_step` (after as many warm-up steps), input pipeline included: what
+    /// PyTorch's side-by-side compares to.
+    pub pipelined_step_ms: f64,
     pub images_per_s: f64,
     /// Matrix-product FLOPs of one step (see `flops.rs`).
     pub flops_per_step: f64,
@@ -143,7 +154,14 @@ pub fn run(
         source.next_batch(t.batch)?;
     }
     let input_images_per_s = (distinct * t.batch) as f64 / input_started.elapsed().as_secs_f64();
-    let mut batches = Batches::new(source, t.batch, steps as u64, !backend.computes_on_host())?;
+    // The phased steps, then the pipelined ones.
+    let pipelined_steps = plan.warmup_steps.max(GRAPH_WARMUP_STEPS) + plan.timed_steps;
+    let mut batches = Batches::new(
+        source,
+        t.batch,
+        (steps + pipelined_steps) as u64,
+        !backend.computes_on_host(),
+    )?;
 
     let mut fb_ms = Vec::new();
     let mut norm_ms = Vec::new();
@@ -194,6 +212,8 @@ pub fn run(
         }
     }
 
+    let pipelined_step_ms = pipelined(backend, config, plan, &mut batches, comm.as_deref_mut())?;
+
     let loader = match &data.data {
         Some(root) => {
             let images = (4 * t.batch).max(256);
@@ -238,11 +258,82 @@ pub fn run(
             true => None,
             false => Some(Spread::of(&device_ms)?),
         },
+        pipelined_step_ms,
         input_images_per_s,
         loader,
         peak_memory_bytes: backend.peak_memory_bytes(),
         gradients: backend.layout().total(),
     })
+}
+
+/// One drawn batch per step (bench steps have one micro-batch).
+struct OneBatch<'a> {
+    batches: &'a mut Batches,
+    current: Option<Batch>,
+}
+
+impl MicroBatches for OneBatch<'_> {
+    fn count(&self) -> usize {
+        1
+    }
+    fn next(&mut self) -> Result<&Batch> {
+        let batch = self.batches.draw()?.batch;
+        Ok(self.current.insert(batch))
+    }
+}
+
+/// Steps before a GPU replays every graph of a one-micro-batch step: each of the two
+/// upload buffers' pass runs once plain, then is captured (src/cuda/step.rs).
+const GRAPH_WARMUP_STEPS: usize = 4;
+
+/// Runs warm-up steps (the plan's, at least [`GRAPH_WARMUP_STEPS`]) and the timed steps
+/// through `train_step`, back to back, continuing the optimiser's step count after the
+/// phased steps; returns the timed steps' wall time per step, every step finished.
+fn pipelined<'c>(
+    backend: &mut dyn Backend,
+    config: &Config,
+    plan: &BenchPlan,
+    batches: &mut Batches,
+    comm: Option<&mut (dyn Collective + 'c)>,
+) -> Result<f64> {
+    let t = &config.train;
+    let mut solo = Solo;
+    let comm = comm.unwrap_or(&mut solo);
+    let warmup = plan.warmup_steps.max(GRAPH_WARMUP_STEPS) as u64;
+    let first = (plan.warmup_steps + plan.timed_steps) as u64;
+    let mut started = Instant::now();
+    let mut reports = Vec::new();
+    for i in 0..warmup + plan.timed_steps as u64 {
+        if i == warmup {
+            reports.extend(backend.finish_steps()?);
+            started = Instant::now();
+        }
+        let settings = StepSettings {
+            t: first + i + 1,
+            lr: t.peak_lr() as f32,
+            beta1: t.beta1 as f32,
+            beta2: t.beta2 as f32,
+            eps: t.eps as f32,
+            weight_decay: t.weight_decay as f32,
+            clip_grad: None,
+        };
+        let mut one = OneBatch {
+            batches: &mut *batches,
+            current: None,
+        };
+        reports.extend(backend.train_step(&mut one, &settings, comm)?);
+    }
+    reports.extend(backend.finish_steps()?);
+    let ms = started.elapsed().as_secs_f64() * 1e3 / plan.timed_steps as f64;
+    if let Some(r) = reports.iter().find(|r| r.diverged) {
+        bail!(
+            "bench step {}: loss {}, gradient norm {}: not finite",
+            r.step,
+            r.loss,
+            r.grad_norm
+        );
+    }
+    Ok(ms)
 }
 
 /// The commit the binary was built from: `LOMAR_COMMIT` where the binary runs outside its
@@ -304,6 +395,11 @@ pub fn summary(r: &BenchReport) -> String {
             s.median - d.median
         );
     }
+    out += &format!(
+        "pipelined {:.2} ms per step, steps back to back as pretrain runs them ({:.1} images/s); PyTorch's side-by-side compares to this\n",
+        r.pipelined_step_ms,
+        r.config.train.batch as f64 / (r.pipelined_step_ms * 1e-3)
+    );
     out += &format!(
         "phases    forward+backward {:.2} ms, grad norm {:.2} ms, AdamW {:.2} ms\n\
          input     {:.1} images/s (images + sampling, first batches)\n",

@@ -132,7 +132,8 @@ pub(super) struct Activations<T> {
     pub resid: Vec<CudaSlice<f32>>,
     pub blocks: Vec<BlockActivations<T>>,
     pub head: HeadActivations<T>,
-    /// [1] the mean loss.
+    /// [1] one micro-batch's mean loss for the per-call `Backend::forward_backward`
+    /// (zeroed, added to by the pass, read back); a training step sums into its own.
     pub loss: CudaSlice<f32>,
     /// [N, D] residual-stream gradient.
     pub dx: CudaSlice<f32>,
@@ -273,7 +274,8 @@ impl<T: Storage> Inputs<T> {
     }
 
     /// The window gather of the last uploaded batch (`seqs` sequences) into `patches` and
-    /// `targets`; the upload buffer it read is free for the copy after next once it ran.
+    /// `targets`. The caller marks the upload buffer read ([`Inputs::mark_pixels_read`])
+    /// once the pass is queued, outside any graph capture.
     pub fn gather_windows(
         &self,
         gpu: &Gpu,
@@ -305,8 +307,27 @@ impl<T: Storage> Inputs<T> {
             m,
             self.source,
             seqs,
-        )?;
-        upload.mark_read(gpu)
+        )
+    }
+
+    /// Which upload buffer holds the last uploaded batch: (bytes, not f32 values; buffer 0
+    /// or 1). A captured gather reads that one buffer.
+    pub fn pixel_slot(&self) -> Option<(bool, usize)> {
+        match &self.pixels {
+            Some(StagedPixels::Bytes(u)) => Some((true, u.slot())),
+            Some(StagedPixels::Normalised(u)) => Some((false, u.slot())),
+            None => None,
+        }
+    }
+
+    /// Records that the gather of the last uploaded batch is queued: the copy after next
+    /// into its buffer waits for it.
+    pub fn mark_pixels_read(&self, gpu: &Gpu) -> Result<()> {
+        match &self.pixels {
+            Some(StagedPixels::Bytes(u)) => u.mark_read(gpu),
+            Some(StagedPixels::Normalised(u)) => u.mark_read(gpu),
+            None => bail!("no batch has been uploaded"),
+        }
     }
 }
 

@@ -1,5 +1,8 @@
 //! [`CudaBackend`]: fp32 master weights, AdamW moments and gradients on the device, the
-//! activations and GEMM operands in the chosen precision.
+//! activations and GEMM operands in the chosen precision. A training step
+//! (`Backend::train_step`) runs on the device from the first upload to the AdamW update
+//! without the host reading anything; its report is read one step late (`step.rs`), and
+//! its forward/backward and update are captured once as CUDA graphs and replayed.
 
 use anyhow::{bail, Context, Result};
 use cudarc::driver::sys::CUevent_flags;
@@ -9,13 +12,16 @@ use half::bf16;
 use super::attention::HEAD_DIMS;
 use super::blaslt::BlasLt;
 use super::block::Net;
-use super::device::Gpu;
+use super::device::{DevPtr, Gpu};
 use super::kernels::Kernels;
 use super::launch::scratch_len;
 use super::method::MethodActs;
-use super::nvtx;
+use super::step::{self, PassKey, Reports, StepBuffers, StepGraphs};
 use super::storage::Storage;
-use crate::backend::{AdamWStep, Backend, Moments, Precision};
+use super::{nccl, nvtx};
+use crate::backend::{
+    AdamWStep, Backend, MicroBatches, Moments, Precision, StepReport, StepSettings,
+};
 use crate::config::ModelConfig;
 use crate::data::batch::Batch;
 use crate::dist::Collective;
@@ -23,7 +29,12 @@ use crate::params::{ModelRanges, ParamLayout};
 
 /// The GPU backend. Runs on CUDA device 0.
 pub struct CudaBackend {
-    engine: Box<dyn Backend>,
+    engine: Box<dyn StepEngine>,
+}
+
+/// An [`Engine`] of either storage type.
+trait StepEngine: Backend {
+    fn set_step_graphs(&mut self, on: bool);
 }
 
 impl CudaBackend {
@@ -45,7 +56,7 @@ impl CudaBackend {
             }
         }
         let gpu = Gpu::open(0)?;
-        let engine: Box<dyn Backend> = match precision {
+        let engine: Box<dyn StepEngine> = match precision {
             Precision::Fp32 => {
                 Box::new(Engine::<f32>::new(gpu, model, layout, &params, precision)?)
             }
@@ -54,6 +65,13 @@ impl CudaBackend {
             }
         };
         Ok(CudaBackend { engine })
+    }
+
+    /// Whether `train_step` captures and replays CUDA graphs (on by default, see
+    /// [`Gpu::step_graphs`]) or launches every kernel itself. Under `LOMAR_CUDA_SYNC` it
+    /// always launches.
+    pub fn set_step_graphs(&mut self, on: bool) {
+        self.engine.set_step_graphs(on);
     }
 }
 
@@ -70,6 +88,17 @@ impl Backend for CudaBackend {
     fn zero_grads(&mut self) -> Result<()> {
         self.engine.zero_grads()
     }
+    fn train_step(
+        &mut self,
+        batches: &mut dyn MicroBatches,
+        settings: &StepSettings,
+        comm: &mut dyn Collective,
+    ) -> Result<Option<StepReport>> {
+        self.engine.train_step(batches, settings, comm)
+    }
+    fn finish_steps(&mut self) -> Result<Option<StepReport>> {
+        self.engine.finish_steps()
+    }
     fn average_grads(&mut self, comm: &mut dyn Collective) -> Result<()> {
         self.engine.average_grads(comm)
     }
@@ -80,6 +109,7 @@ impl Backend for CudaBackend {
     fn adamw_step(&mut self, step: &AdamWStep) -> Result<()> {
         self.engine.adamw_step(step)
     }
+
     fn params(&mut self) -> Result<Vec<f32>> {
         self.engine.params()
     }
@@ -133,6 +163,13 @@ struct Engine<T: Storage> {
     /// Buffers of the last batch size, reused while it holds.
     acts: Option<MethodActs<T>>,
     timer: StepTimer,
+    /// The step's constants and state on the device.
+    step: StepBuffers,
+    /// The step reports, read a step late.
+    reports: Reports,
+    graphs: StepGraphs,
+    /// `train_step` replays graphs (else launches every kernel).
+    use_graphs: bool,
 }
 
 /// Timing events around a step's device work (see [`Backend::device_step_ms`]).
@@ -194,6 +231,10 @@ impl<T: Storage> Engine<T> {
             scalar: gpu.zeros(1, "reduction result")?,
             acts: None,
             timer: StepTimer::new(&gpu)?,
+            step: StepBuffers::new(&gpu)?,
+            reports: Reports::new(&gpu)?,
+            graphs: StepGraphs::default(),
+            use_graphs: gpu.step_graphs(),
             layout,
             gpu,
         };
@@ -207,6 +248,131 @@ impl<T: Storage> Engine<T> {
         self.kernels
             .cast_from_f32(self.gpu.ptr(&self.master)?, self.gpu.ptr(&self.shadow)?, n)
     }
+
+    /// Fits the activation buffers to `batch` and uploads it: the pixels on the copy
+    /// stream, the index tensors on the compute stream. Graphs of buffers that change are
+    /// dropped.
+    fn upload(&mut self, batch: &Batch) -> Result<()> {
+        batch.validate(&self.model)?;
+        if self.acts.as_ref().map(|a| a.images_len()) != Some(batch.images_len) {
+            self.graphs.forget_passes();
+            // Free the old shape's buffers before allocating the new ones.
+            self.acts = None;
+            self.acts = Some(MethodActs::new(&self.gpu, &self.model, batch.images_len)?);
+        }
+        let acts = self
+            .acts
+            .as_mut()
+            .context("the activation buffers are missing")?;
+        let kind = acts.input().pixel_slot().map(|(bytes, _)| bytes);
+        {
+            let _range = nvtx::range("upload");
+            acts.upload(&self.gpu, &self.model, batch)?;
+        }
+        if acts.input().pixel_slot().map(|(bytes, _)| bytes) != kind {
+            // New upload buffers for the other kind of pixels.
+            self.graphs.forget_passes();
+        }
+        if !self.timer.started {
+            self.timer.start.record(self.gpu.stream())?;
+            self.timer.started = true;
+        }
+        Ok(())
+    }
+
+    /// Queues the forward and backward of the last uploaded batch, adding `grad_scale`
+    /// times its gradient to the gradients and its mean loss to `loss`.
+    fn queue_pass(&self, grad_scale: f32, loss: DevPtr<'_, f32>) -> Result<()> {
+        let acts = self.acts.as_ref().context("no batch has been uploaded")?;
+        let net = Net {
+            gpu: &self.gpu,
+            kernels: &self.kernels,
+            blas: &self.blas,
+            master: self.gpu.ptr(&self.master)?,
+            shadow: self.gpu.ptr(&self.shadow)?,
+            grads: self.gpu.ptr(&self.grads)?,
+            scratch: self.gpu.ptr(&self.scratch)?,
+        };
+        acts.forward_backward(net, &self.model, &self.ranges, grad_scale, loss)
+    }
+
+    /// One micro-batch of a training step: upload, then the pass (replayed from its
+    /// graph, or launched), its mean loss added to the step's loss sum.
+    fn micro_batch(&mut self, batch: &Batch, grad_scale: f32) -> Result<()> {
+        self.upload(batch)?;
+        let acts = self.acts.as_ref().context("no batch has been uploaded")?;
+        let (bytes, pixel_slot) = acts
+            .input()
+            .pixel_slot()
+            .context("no pixels were uploaded")?;
+        let key = PassKey {
+            images_len: acts.images_len(),
+            bytes,
+            pixel_slot,
+            grad_scale_bits: grad_scale.to_bits(),
+        };
+        let pass = |e: &Self| e.queue_pass(grad_scale, e.gpu.ptr(&e.step.loss_sum)?);
+        match self.use_graphs {
+            true => self.with_graphs(|graphs, e| graphs.pass(&e.gpu, key, || pass(e)))?,
+            false => pass(self)?,
+        }
+        let acts = self.acts.as_ref().context("no batch has been uploaded")?;
+        acts.input().mark_pixels_read(&self.gpu)
+    }
+
+    /// Runs `f` on the graphs taken out of the engine, so that it can capture from the
+    /// rest of it.
+    fn with_graphs(&mut self, f: impl FnOnce(&mut StepGraphs, &Self) -> Result<()>) -> Result<()> {
+        let mut graphs = std::mem::take(&mut self.graphs);
+        let done = f(&mut graphs, self);
+        self.graphs = graphs;
+        done
+    }
+
+    /// Queues the end of a step: the gradient norm, the mean loss, the clip scale and the
+    /// divergence flag into `state`, then AdamW, which a raised flag turns into nothing.
+    fn queue_update(&self) -> Result<()> {
+        let g = &self.gpu;
+        self.kernels.step_finish(
+            g.ptr(&self.grads)?,
+            g.ptr(&self.scratch)?,
+            g.ptr(&self.step.loss_sum)?,
+            g.ptr(&self.step.hyper)?,
+            g.ptr(&self.step.state)?,
+        )?;
+        self.queue_adamw()
+    }
+
+    /// AdamW with the constants in `hyper` and the scale and flag in `state`.
+    fn queue_adamw(&self) -> Result<()> {
+        let g = &self.gpu;
+        self.kernels.adamw(
+            g.ptr(&self.master)?,
+            g.ptr(&self.grads)?,
+            g.ptr(&self.m)?,
+            g.ptr(&self.v)?,
+            g.ptr(&self.decay_mask)?,
+            g.ptr(&self.shadow)?,
+            g.ptr(&self.step.hyper)?,
+            g.ptr(&self.step.state)?,
+        )
+    }
+
+    /// Records the end of a step's device work, after its update.
+    fn end_timer(&mut self) -> Result<()> {
+        if self.timer.started {
+            self.timer.end.record(self.gpu.stream())?;
+            self.timer.started = false;
+            self.timer.finished = true;
+        }
+        Ok(())
+    }
+}
+
+impl<T: Storage> StepEngine for Engine<T> {
+    fn set_step_graphs(&mut self, on: bool) {
+        self.use_graphs = on && !self.gpu.sync_launches();
+    }
 }
 
 impl<T: Storage> Backend for Engine<T> {
@@ -219,39 +385,14 @@ impl<T: Storage> Backend for Engine<T> {
     }
 
     fn forward_backward(&mut self, batch: &Batch, grad_scale: f32) -> Result<f32> {
-        batch.validate(&self.model)?;
         if !grad_scale.is_finite() {
             bail!("grad_scale = {grad_scale}: must be finite");
         }
-        if self.acts.as_ref().map(|a| a.images_len()) != Some(batch.images_len) {
-            // Free the old shape's buffers before allocating the new ones.
-            self.acts = None;
-            self.acts = Some(MethodActs::new(&self.gpu, &self.model, batch.images_len)?);
-        }
-        let Some(acts) = self.acts.as_mut() else {
-            bail!(
-                "activation buffers for batch {} are missing",
-                batch.images_len
-            );
-        };
-        {
-            let _range = nvtx::range("upload");
-            acts.upload(&self.gpu, &self.model, batch)?;
-        }
-        if !self.timer.started {
-            self.timer.start.record(self.gpu.stream())?;
-            self.timer.started = true;
-        }
-        let net = Net {
-            gpu: &self.gpu,
-            kernels: &self.kernels,
-            blas: &self.blas,
-            master: self.gpu.ptr(&self.master)?,
-            shadow: self.gpu.ptr(&self.shadow)?,
-            grads: self.gpu.ptr(&self.grads)?,
-            scratch: self.gpu.ptr(&self.scratch)?,
-        };
-        acts.forward_backward(net, &self.model, &self.ranges, grad_scale)?;
+        self.upload(batch)?;
+        let acts = self.acts.as_ref().context("no batch has been uploaded")?;
+        self.gpu.memset_zero(self.gpu.ptr(acts.loss())?)?;
+        self.queue_pass(grad_scale, self.gpu.ptr(acts.loss())?)?;
+        acts.input().mark_pixels_read(&self.gpu)?;
         let loss = self
             .gpu
             .read(acts.loss(), 1, "loss")
@@ -259,12 +400,52 @@ impl<T: Storage> Backend for Engine<T> {
         Ok(loss[0])
     }
 
+    /// The whole step on the device (see the module doc): nothing is read back but the
+    /// report of the step before, whose update finished while this one was queued.
+    fn train_step(
+        &mut self,
+        batches: &mut dyn MicroBatches,
+        settings: &StepSettings,
+        comm: &mut dyn Collective,
+    ) -> Result<Option<StepReport>> {
+        let count = batches.count();
+        let hyper = step::hyper(settings, count)?;
+        let micro_scale = 1.0 / count as f32;
+        // Stream-ordered after the previous step's update, the last reader of all three.
+        self.gpu
+            .write(&hyper, &mut self.step.hyper, "step constants")?;
+        self.gpu.memset_zero(self.gpu.ptr(&self.grads)?)?;
+        self.gpu.memset_zero(self.gpu.ptr(&self.step.loss_sum)?)?;
+        for _ in 0..count {
+            let batch = batches.next()?;
+            self.micro_batch(batch, micro_scale)?;
+        }
+        if comm.world() > 1 {
+            // Between the graphs, not inside them: the collectives stay plain launches.
+            nccl::average(self.gpu.stream(), &mut self.grads, comm)?;
+            nccl::average(self.gpu.stream(), &mut self.step.loss_sum, comm)?;
+        }
+        {
+            let _range = nvtx::range("gradient norm and AdamW");
+            match self.use_graphs {
+                true => self.with_graphs(|graphs, e| graphs.update(&e.gpu, || e.queue_update()))?,
+                false => self.queue_update()?,
+            }
+        }
+        self.end_timer()?;
+        self.reports.queue(&self.gpu, &self.step.state, settings.t)
+    }
+
+    fn finish_steps(&mut self) -> Result<Option<StepReport>> {
+        self.reports.finish()
+    }
+
     fn zero_grads(&mut self) -> Result<()> {
         self.gpu.memset_zero(self.gpu.ptr(&self.grads)?)
     }
 
     fn average_grads(&mut self, comm: &mut dyn Collective) -> Result<()> {
-        super::nccl::average(self.gpu.stream(), &mut self.grads, comm)
+        nccl::average(self.gpu.stream(), &mut self.grads, comm)
     }
 
     fn grad_norm(&mut self) -> Result<f32> {
@@ -281,22 +462,12 @@ impl<T: Storage> Backend for Engine<T> {
 
     fn adamw_step(&mut self, step: &AdamWStep) -> Result<()> {
         let _range = nvtx::range("AdamW");
-        let g = &self.gpu;
-        self.kernels.adamw(
-            g.ptr(&self.master)?,
-            g.ptr(&self.grads)?,
-            g.ptr(&self.m)?,
-            g.ptr(&self.v)?,
-            g.ptr(&self.decay_mask)?,
-            g.ptr(&self.shadow)?,
-            step,
-        )?;
-        if self.timer.started {
-            self.timer.end.record(self.gpu.stream())?;
-            self.timer.started = false;
-            self.timer.finished = true;
-        }
-        Ok(())
+        let (hyper, state) = step::single_update(step)?;
+        self.gpu
+            .write(&hyper, &mut self.step.hyper, "step constants")?;
+        self.gpu.write(&state, &mut self.step.state, "step state")?;
+        self.queue_adamw()?;
+        self.end_timer()
     }
 
     fn params(&mut self) -> Result<Vec<f32>> {

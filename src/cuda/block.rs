@@ -338,7 +338,7 @@ pub(super) struct Head<'a, T: Storage> {
     pub x_last: DevPtr<'a, f32>,
     pub mask_index: DevPtr<'a, u32>,
     pub targets: DevPtr<'a, f32>,
-    /// [1] the mean loss.
+    /// [1] the loss sum the micro-batch's mean loss is added to.
     pub loss: DevPtr<'a, f32>,
 }
 

@@ -1,7 +1,8 @@
 //! Opening the GPU without ever panicking, typed device addresses, and checked copies.
 //!
 //! cudarc loads libcuda and libcublas lazily and panics when one is missing, so every
-//! library is probed before its first use. One stream carries all the compute; the pixel
+//! library is probed before its first use. One stream of our own (not the legacy default
+//! stream, which cannot be captured into a CUDA graph) carries all the compute; the pixel
 //! upload's copy stream (`pixels::PixelUpload`) is ordered against it with events of its
 //! own, so cudarc's cross-stream event tracking is switched off.
 
@@ -43,6 +44,7 @@ pub struct Gpu {
     stream: Arc<CudaStream>,
     name: String,
     sync_launches: bool,
+    step_graphs: bool,
 }
 
 impl Gpu {
@@ -73,14 +75,16 @@ impl Gpu {
         if major < 8 {
             bail!("{name} has compute capability {major}.{minor}; lomar's kernels need 8.0 or newer (bf16)");
         }
-        let stream = ctx.default_stream();
-        let sync_launches =
-            std::env::var("LOMAR_CUDA_SYNC").is_ok_and(|v| !v.is_empty() && v != "0");
+        let stream = ctx.new_stream().context("creating the compute stream")?;
+        let set = |name: &str| std::env::var(name).is_ok_and(|v| !v.is_empty() && v != "0");
+        let sync_launches = set("LOMAR_CUDA_SYNC");
+        let graphs_off = std::env::var("LOMAR_CUDA_GRAPH").is_ok_and(|v| v == "0");
         Ok(Gpu {
             ctx,
             stream,
             name,
             sync_launches,
+            step_graphs: !sync_launches && !graphs_off,
         })
     }
 
@@ -100,6 +104,13 @@ impl Gpu {
     /// against the kernel that caused it rather than at the next copy.
     pub fn sync_launches(&self) -> bool {
         self.sync_launches
+    }
+
+    /// Whether training steps are captured once as CUDA graphs and replayed: yes unless
+    /// `LOMAR_CUDA_GRAPH=0`, and never under `LOMAR_CUDA_SYNC` (a captured launch cannot
+    /// wait for its kernel).
+    pub fn step_graphs(&self) -> bool {
+        self.step_graphs
     }
 
     /// Waits for all queued work; a kernel fault surfaces here.

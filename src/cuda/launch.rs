@@ -8,8 +8,8 @@ use cudarc::driver::{CudaFunction, LaunchConfig, PushKernelArg};
 use super::device::DevPtr;
 use super::kernels::Kernels;
 use super::pixels::{PixelSource, PixelValue};
+use super::step::{HYPER_LEN, STATE_LEN};
 use super::storage::Storage;
-use crate::backend::AdamWStep;
 use crate::config::ModelConfig;
 
 pub(super) const THREADS: u32 = 256;
@@ -507,7 +507,8 @@ impl<T: Storage> Kernels<T> {
     }
 
     /// pred [Nm, P] T, bias [P] f32, target [Nm, P] f32
-    ///   -> dpred [Nm, P] T = grad_scale * dloss/dpred, row_loss [Nm], loss [1] f32 (the mean).
+    ///   -> dpred [Nm, P] T = grad_scale * dloss/dpred, row_loss [Nm], loss [1] f32 += the
+    ///      mean (a step's loss sum over its micro-batches).
     #[allow(clippy::too_many_arguments)]
     pub fn masked_mse(
         &self,
@@ -539,10 +540,12 @@ impl<T: Storage> Kernels<T> {
             .arg(&grad_coef);
         let grid = int(rows, "rows")? as u32;
         self.run(b, config((grid, 1), ROW_THREADS), "masked_mse")?;
-        self.sum(row_loss.range(0..rows)?, (1.0 / count) as f32, loss)
+        self.sum(row_loss.range(0..rows)?, (1.0 / count) as f32, true, loss)
     }
 
-    /// One AdamW step over the flat buffers; writes the storage copy of the weights.
+    /// One AdamW step over the flat buffers; writes the storage copy of the weights. The
+    /// step's constants come from `hyper`, the gradient scale and the divergence flag from
+    /// `state` (kernels/step_state.cuh); under a raised flag nothing changes.
     #[allow(clippy::too_many_arguments)]
     pub fn adamw(
         &self,
@@ -552,7 +555,8 @@ impl<T: Storage> Kernels<T> {
         v: DevPtr<f32>,
         decay_mask: DevPtr<u8>,
         shadow: DevPtr<T>,
-        step: &AdamWStep,
+        hyper: DevPtr<f32>,
+        state: DevPtr<f32>,
     ) -> Result<()> {
         let n = params.len();
         grads.check(n, "adamw grads")?;
@@ -560,18 +564,8 @@ impl<T: Storage> Kernels<T> {
         v.check(n, "adamw v")?;
         decay_mask.check(n, "adamw decay_mask")?;
         shadow.check(n, "adamw shadow")?;
-        if step.t == 0 {
-            bail!("adamw: the step count starts at 1");
-        }
-        // The same host-side constants as optim::adamw_update.
-        let t = i32::try_from(step.t).unwrap_or(i32::MAX);
-        let bc1 = 1.0 - (step.beta1 as f64).powi(t);
-        let bc2 = 1.0 - (step.beta2 as f64).powi(t);
-        let step_size = (step.lr as f64 / bc1) as f32;
-        let inv_sqrt_bc2 = (1.0 / bc2.sqrt()) as f32;
-        let decay_keep = 1.0f32 - step.lr * step.weight_decay;
-        let one_minus_beta1 = 1.0f32 - step.beta1;
-        let one_minus_beta2 = 1.0f32 - step.beta2;
+        hyper.check(HYPER_LEN, "adamw hyper")?;
+        state.check(STATE_LEN, "adamw state")?;
         let n_l = long(n);
         let mut b = self.stream.launch_builder(&self.adamw);
         b.arg(params.addr())
@@ -581,15 +575,8 @@ impl<T: Storage> Kernels<T> {
             .arg(decay_mask.addr())
             .arg(shadow.addr())
             .arg(&n_l)
-            .arg(&step.beta1)
-            .arg(&one_minus_beta1)
-            .arg(&step.beta2)
-            .arg(&one_minus_beta2)
-            .arg(&step.eps)
-            .arg(&decay_keep)
-            .arg(&step.grad_scale)
-            .arg(&step_size)
-            .arg(&inv_sqrt_bc2);
+            .arg(hyper.addr())
+            .arg(state.addr());
         self.run(b, elementwise(n)?, "adamw")
     }
 
@@ -638,6 +625,41 @@ impl<T: Storage> Kernels<T> {
         scratch: DevPtr<f32>,
         out: DevPtr<f32>,
     ) -> Result<()> {
+        let partials = self.sum_squares_partial(x, scratch)?;
+        self.sum(partials, 1.0, false, out)
+    }
+
+    /// The end of a step before its update: grads [n] f32, loss_sum [1] f32 (the
+    /// micro-batches' mean losses added up), hyper [HYPER_LEN] -> state [STATE_LEN]: the
+    /// mean loss, the gradient norm, the clip scale and the divergence flag.
+    pub fn step_finish(
+        &self,
+        grads: DevPtr<f32>,
+        scratch: DevPtr<f32>,
+        loss_sum: DevPtr<f32>,
+        hyper: DevPtr<f32>,
+        state: DevPtr<f32>,
+    ) -> Result<()> {
+        loss_sum.check(1, "step_finish loss_sum")?;
+        hyper.check(HYPER_LEN, "step_finish hyper")?;
+        state.check(STATE_LEN, "step_finish state")?;
+        let partials = self.sum_squares_partial(grads, scratch)?;
+        let n_i = int(partials.len(), "values to sum")?;
+        let mut b = self.stream.launch_builder(&self.step_finish);
+        b.arg(partials.addr())
+            .arg(&n_i)
+            .arg(loss_sum.addr())
+            .arg(hyper.addr())
+            .arg(state.addr());
+        self.run(b, config((1, 1), 1024), "step_finish")
+    }
+
+    /// x [n] f32 -> the partial sums of squares in the front of `scratch`, returned.
+    fn sum_squares_partial<'s>(
+        &self,
+        x: DevPtr<f32>,
+        scratch: DevPtr<'s, f32>,
+    ) -> Result<DevPtr<'s, f32>> {
         let n = x.len();
         let grid = n.div_ceil(THREADS as usize).clamp(1, SUM_BLOCKS);
         check_scratch(&scratch, grid, "sum_squares")?;
@@ -645,15 +667,21 @@ impl<T: Storage> Kernels<T> {
         let mut b = self.stream.launch_builder(&self.sum_squares_partial);
         b.arg(x.addr()).arg(&n_l).arg(scratch.addr());
         self.run(b, config((grid as u32, 1), THREADS), "sum_squares_partial")?;
-        self.sum(scratch.range(0..grid)?, 1.0, out)
+        scratch.range(0..grid)
     }
 
-    /// x [n] f32 -> out [1] f32 = scale * sum(x), in one block.
-    fn sum(&self, x: DevPtr<f32>, scale: f32, out: DevPtr<f32>) -> Result<()> {
+    /// x [n] f32 -> out [1] f32 = scale * sum(x) (or += it when `accumulate`), in one
+    /// block.
+    fn sum(&self, x: DevPtr<f32>, scale: f32, accumulate: bool, out: DevPtr<f32>) -> Result<()> {
         out.check(1, "sum out")?;
         let n_i = int(x.len(), "values to sum")?;
+        let accumulate_i = i32::from(accumulate);
         let mut b = self.stream.launch_builder(&self.sum_finish);
-        b.arg(x.addr()).arg(&n_i).arg(&scale).arg(out.addr());
+        b.arg(x.addr())
+            .arg(&n_i)
+            .arg(&scale)
+            .arg(&accumulate_i)
+            .arg(out.addr());
         self.run(b, config((1, 1), 1024), "sum_finish")
     }
 

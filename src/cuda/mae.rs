@@ -13,6 +13,7 @@ use cudarc::driver::CudaSlice;
 use super::activations::BlockActivations;
 use super::blaslt::Linear;
 use super::block::{Block, Head, HeadRanges, Mixer, Net, Shared};
+use super::device::DevPtr;
 use super::global_attention::GlobalAttnShape;
 use super::launch::MaskedRows;
 use super::mae_activations::{decoder, MaeActivations, MaeDims};
@@ -27,6 +28,8 @@ pub(super) struct MaePass<'a, T: Storage> {
     pub net: Net<'a, T>,
     pub model: &'a ModelConfig,
     pub ranges: &'a ModelRanges,
+    /// [1] the loss sum the micro-batch's mean loss is added to.
+    pub loss: DevPtr<'a, f32>,
     pub acts: &'a MaeActivations<T>,
 }
 
@@ -120,7 +123,7 @@ impl<'a, T: Storage> MaePass<'a, T> {
         })
     }
 
-    /// Queues the whole forward and backward; the mean loss lands in `acts.loss`. Each
+    /// Queues the whole forward and backward; the mean loss is added to `loss`. Each
     /// phase and block is an NVTX range, as the error context names it.
     pub fn forward_backward(&self, grad_scale: f32) -> Result<()> {
         let (enc, dec) = (self.encoder_stack(), self.decoder_stack()?);
@@ -263,7 +266,7 @@ impl<'a, T: Storage> MaePass<'a, T> {
             x_last: net.ptr(&a.dec_resid[2 * dec.depth])?,
             mask_index: net.ptr(&a.input.mask_index)?,
             targets: net.ptr(&a.input.targets)?,
-            loss: net.ptr(&a.loss)?,
+            loss: self.loss,
         }
         .run(grad_scale, shared.dx, shared.dy)
     }

@@ -73,7 +73,8 @@ pub(super) struct MaeActivations<T> {
     pub dec_resid: Vec<CudaSlice<f32>>,
     pub dec_blocks: Vec<BlockActivations<T>>,
     pub head: HeadActivations<T>,
-    /// `[1]` the mean loss.
+    /// `[1]` one micro-batch's mean loss for the per-call `Backend::forward_backward`
+    /// (zeroed, added to by the pass, read back); a training step sums into its own.
     pub loss: CudaSlice<f32>,
     /// The blocks' shared buffers (`block::Shared`), each the larger stack's size.
     pub dx: CudaSlice<f32>,

@@ -4,9 +4,9 @@
 use anyhow::Result;
 use cudarc::driver::CudaSlice;
 
-use super::activations::Activations;
+use super::activations::{Activations, Inputs};
 use super::block::Net;
-use super::device::Gpu;
+use super::device::{DevPtr, Gpu};
 use super::mae::MaePass;
 use super::mae_activations::MaeActivations;
 use super::model::Pass;
@@ -44,7 +44,15 @@ impl<T: Storage> MethodActs<T> {
         }
     }
 
-    /// `[1]` the last pass's mean loss.
+    /// The uploaded batch: its pixels' upload buffer, read by the pass's gather.
+    pub fn input(&self) -> &Inputs<T> {
+        match self {
+            MethodActs::Lomar(a) => &a.input,
+            MethodActs::Mae(a) => &a.input,
+        }
+    }
+
+    /// `[1]` the per-call pass's mean loss (see `Activations::loss`).
     pub fn loss(&self) -> &CudaSlice<f32> {
         match self {
             MethodActs::Lomar(a) => &a.loss,
@@ -52,19 +60,22 @@ impl<T: Storage> MethodActs<T> {
         }
     }
 
-    /// Queues the method's forward and backward of the uploaded batch.
+    /// Queues the method's forward and backward of the uploaded batch, its mean loss added
+    /// to `loss`.
     pub fn forward_backward(
         &self,
         net: Net<'_, T>,
         model: &ModelConfig,
         ranges: &ModelRanges,
         grad_scale: f32,
+        loss: DevPtr<'_, f32>,
     ) -> Result<()> {
         match self {
             MethodActs::Lomar(acts) => Pass {
                 net,
                 model,
                 ranges,
+                loss,
                 acts,
             }
             .forward_backward(grad_scale),
@@ -72,6 +83,7 @@ impl<T: Storage> MethodActs<T> {
                 net,
                 model,
                 ranges,
+                loss,
                 acts,
             }
             .forward_backward(grad_scale),

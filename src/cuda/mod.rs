@@ -24,6 +24,7 @@ mod model;
 pub mod nccl;
 mod nvtx;
 pub mod pixels;
+pub mod step;
 pub mod storage;
 
 pub use activations::pos_slots;

@@ -12,6 +12,7 @@ use anyhow::{Context, Result};
 use super::activations::Activations;
 use super::attention::AttnShape;
 use super::block::{Block, Head, HeadRanges, Mixer, Net, Shared};
+use super::device::DevPtr;
 use super::launch::MaskedRows;
 use super::linear::LayerShapes;
 use super::nvtx;
@@ -24,6 +25,8 @@ pub(super) struct Pass<'a, T: Storage> {
     pub net: Net<'a, T>,
     pub model: &'a ModelConfig,
     pub ranges: &'a ModelRanges,
+    /// [1] the loss sum the micro-batch's mean loss is added to.
+    pub loss: DevPtr<'a, f32>,
     pub acts: &'a Activations<T>,
 }
 
@@ -32,7 +35,7 @@ impl<'a, T: Storage> Pass<'a, T> {
         self.acts.images_len * self.model.windows_per_image
     }
 
-    /// Queues the whole forward and backward; the mean loss lands in `acts.loss`.
+    /// Queues the whole forward and backward; the mean loss is added to `loss`.
     /// Each phase and block is an NVTX range, as the error context names it.
     pub fn forward_backward(&self, grad_scale: f32) -> Result<()> {
         let phase = |name: &str, run: &dyn Fn() -> Result<()>| {
@@ -83,7 +86,7 @@ impl<'a, T: Storage> Pass<'a, T> {
             x_last: net.ptr(&a.resid[2 * m.depth])?,
             mask_index: net.ptr(&a.input.mask_index)?,
             targets: net.ptr(&a.input.targets)?,
-            loss: net.ptr(&a.loss)?,
+            loss: self.loss,
         };
 
         phase("patch embedding forward", &|| self.embed_forward())?;

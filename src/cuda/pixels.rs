@@ -256,8 +256,15 @@ impl<P: PixelValue> PixelUpload<P> {
         &self.slots[self.current].device
     }
 
+    /// Which of the two buffers [`PixelUpload::device`] is (a captured gather reads one
+    /// fixed buffer, so each has its own graph).
+    pub fn slot(&self) -> usize {
+        self.current
+    }
+
     /// Records that every kernel reading [`PixelUpload::device`] is queued on the GPU's
-    /// stream: the copy that next refills that buffer waits for them.
+    /// stream: the copy that next refills that buffer waits for them. Called outside any
+    /// graph capture (the copy stream cannot wait for an event recorded in one).
     pub fn mark_read(&self, gpu: &Gpu) -> Result<()> {
         self.slots[self.current]
             .read
@@ -278,7 +285,7 @@ impl<P: DeviceRepr> Drop for PixelUpload<P> {
 /// Page-locked host memory for `len` values, zero-filled: the copy engine reads it
 /// directly, where a copy from ordinary memory goes through the driver's bounce buffer
 /// (about 3 GB/s on an H200 machine, a third of the vit_base step at 224).
-fn pinned<P: DeviceRepr + ValidAsZeroBits>(
+pub(super) fn pinned<P: DeviceRepr + ValidAsZeroBits>(
     gpu: &Gpu,
     len: usize,
     what: &str,

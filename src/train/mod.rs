@@ -1,15 +1,18 @@
 //! The training loop, written once over the `Backend` trait (docs/DESIGN.md §1.4).
 //!
-//! Per optimiser step: zero the gradients, accumulate `accum` micro-batches each scaled by
-//! `1/accum`, take the global gradient norm (for the log, the divergence check and
-//! clipping), then one AdamW update at the scheduled learning rate. A non-finite loss or
-//! gradient norm stops the run before the update, so no bad state reaches a checkpoint.
-//! On a GPU the next micro-batch is prepared on a worker thread while the current one runs
-//! (`data::prefetch`).
+//! Per optimiser step the backend's `train_step` zeroes the gradients, accumulates `accum`
+//! micro-batches each scaled by `1/accum`, takes the global gradient norm (for the log, the
+//! divergence check and clipping), then applies one AdamW update at the scheduled learning
+//! rate, unless the loss or the norm is not finite. Its report (loss, norm, diverged) may
+//! arrive a step late: a GPU runs ahead of the host. A diverged report stops the run with
+//! the parameters as they were before that step; a checkpoint is written only after the
+//! backend finished its queued steps and every report up to it was clean, so no bad state
+//! reaches a checkpoint. On a GPU the next micro-batch is prepared on a worker thread while
+//! the current one runs (`data::prefetch`).
 //!
 //! In a data-parallel run (`train_ranks`) every rank runs this same loop on its share of
-//! each global micro-batch; after the last micro-batch the gradients and the loss are
-//! averaged over the ranks (`ranks.rs`), so the norm, the clipping, the divergence check
+//! each global micro-batch; inside the step, after the last micro-batch, the gradients and
+//! the loss are averaged over the ranks, so the norm, the clipping, the divergence check
 //! and the update are the same on every rank. Rank 0 alone writes checkpoints, metrics and
 //! the progress line.
 
@@ -20,13 +23,15 @@ mod ranks;
 
 pub use checkpointing::{start, Start};
 
+use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
 
-use crate::backend::{AdamWStep, Backend};
+use crate::backend::{Backend, MicroBatches, StepReport, StepSettings};
 use crate::config::Config;
+use crate::data::batch::Batch;
 use crate::data::prefetch::{Batches, Prepared};
 use crate::data::BatchSource;
 use crate::dist::{Collective, Solo};
@@ -99,113 +104,218 @@ pub fn train_ranks(
             "nothing to train: the run is at step {step} and this process would stop at step {end}"
         );
     }
-    let checkpoint = checkpoint_path(&opts.out_dir);
-    let mut metrics = match lead {
-        true => Some(MetricsLog::open(
-            &metrics_path(&opts.out_dir),
-            (step > 0).then_some(step),
-        )?),
-        false => None,
+    let mut log = StepLog {
+        metrics: match lead {
+            true => Some(MetricsLog::open(
+                &metrics_path(&opts.out_dir),
+                (step > 0).then_some(step),
+            )?),
+            false => None,
+        },
+        checkpoint: checkpoint_path(&opts.out_dir),
+        lead,
+        first_step: step,
+        end,
+        total_steps: t.steps,
+        world: t.world,
+        log_every: opts.log_every,
+        started: Instant::now(),
+        images_per_step: t.effective_batch() as f64,
+        queued: VecDeque::new(),
+        reported: None,
+        last_saved: None,
+        first_loss: f64::NAN,
+        last_loss: f64::NAN,
+        window: LogWindow::default(),
     };
-    let first_step = step;
-    let started = Instant::now();
-    let images_per_step = t.effective_batch() as f64;
-    let micro_scale = 1.0 / t.accum as f32;
-    let mut last_saved: Option<u64> = None;
-    let (mut first_loss, mut last_loss) = (f64::NAN, f64::NAN);
-    let mut logged = LogWindow::default();
     let count = (end - step) * t.accum as u64;
     let mut batches = Batches::new(source, t.batch, count, !backend.computes_on_host())?;
 
     while step < end {
         let step_started = Instant::now();
-        backend.zero_grads()?;
-        let mut loss_sum = 0.0f64;
-        let mut last: Option<Prepared> = None;
-        for _ in 0..t.accum {
-            let prepared = batches.draw()?;
-            loss_sum += backend.forward_backward(&prepared.batch, micro_scale)? as f64;
-            last = Some(prepared);
-        }
-        // The source's state after this step's last micro-batch.
-        let Some(drawn) = last else {
-            bail!("accum = 0: a step needs at least one micro-batch");
-        };
-        let loss = ranks::average(backend, comm, loss_sum / t.accum as f64)?;
-        let grad_norm = backend.grad_norm()? as f64;
         let lr = learning_rate(t, step);
-        let timed = |step_secs: f64| StepRecord {
-            step: step + 1,
-            loss,
-            lr,
-            grad_norm,
-            images_per_s: images_per_step / step_secs,
-            elapsed_s: started.elapsed().as_secs_f64(),
-            skipped_files: drawn.data.skipped_files(),
-        };
-        if !(loss.is_finite() && grad_norm.is_finite()) {
-            let record = timed(step_started.elapsed().as_secs_f64());
-            if let Some(m) = &mut metrics {
-                m.write(&record)?;
-            }
-            bail!(
-                "training diverged at step {}: loss {loss}, gradient norm {grad_norm}; stopped before the update. {}",
-                step + 1,
-                match last_saved {
-                    Some(s) => format!("The last good checkpoint is {} (step {s}).", checkpoint.display()),
-                    None => "This run wrote no checkpoint.".to_string(),
-                }
-            );
-        }
-        let clip_scale = t.clip_grad.map_or(1.0, |c| (c / grad_norm).min(1.0));
-        backend.adamw_step(&AdamWStep {
+        let settings = StepSettings {
             t: step + 1,
             lr: lr as f32,
             beta1: t.beta1 as f32,
             beta2: t.beta2 as f32,
             eps: t.eps as f32,
             weight_decay: t.weight_decay as f32,
-            grad_scale: clip_scale as f32,
-        })?;
-        let step_secs = step_started.elapsed().as_secs_f64();
-        let record = timed(step_secs);
+            clip_grad: t.clip_grad,
+        };
+        let mut micro = StepBatches {
+            batches: &mut batches,
+            count: t.accum,
+            last: None,
+        };
+        let report = backend.train_step(&mut micro, &settings, comm)?;
+        // The source's state after this step's last micro-batch.
+        let Some(drawn) = micro.last else {
+            bail!("accum = 0: a step needs at least one micro-batch");
+        };
         step += 1;
-        if let Some(m) = &mut metrics {
-            m.write(&record)?;
-        }
-        if step == first_step + 1 {
-            first_loss = loss;
-        }
-        last_loss = loss;
-
-        logged.add(&record, step_secs, images_per_step);
-        let log_now = step == first_step + 1 || step.is_multiple_of(opts.log_every.max(1));
-        if lead && (log_now || step == end) {
-            let per_step = started.elapsed().as_secs_f64() / (step - first_step) as f64;
-            let eta = Duration::from_secs_f64(per_step * (end - step) as f64);
-            let line = progress_line(&logged.take(&record), t.steps, eta);
-            println!("{line}{}", ranks::suffix(t.world));
+        log.queued.push_back(Queued {
+            step,
+            lr,
+            drawn,
+            seconds: step_started.elapsed().as_secs_f64(),
+        });
+        if let Some(r) = report {
+            log.record(&r)?;
         }
         let every = opts.checkpoint_every;
-        if lead && (step == end || (every > 0 && step.is_multiple_of(every))) {
-            checkpointing::save(backend, config, step, &drawn, &checkpoint)?;
-            last_saved = Some(step);
+        let save = lead && (step == end || (every > 0 && step.is_multiple_of(every)));
+        if save || step == end {
+            // A checkpoint holds the state after this step, read only once the reports of
+            // every step up to it were clean.
+            if let Some(r) = backend.finish_steps()? {
+                log.record(&r)?;
+            }
+            if let Some(drawn) = log.saved_state(step, save)? {
+                checkpointing::save(backend, config, step, &drawn, &log.checkpoint)?;
+                log.last_saved = Some(step);
+            }
         }
     }
     if lead && step < t.steps {
         println!(
             "stopped after step {step} of {}; continue with --resume {}",
             t.steps,
-            checkpoint.display()
+            log.checkpoint.display()
         );
     } else if lead {
-        println!("done: checkpoint {} (step {step})", checkpoint.display());
+        println!(
+            "done: checkpoint {} (step {step})",
+            log.checkpoint.display()
+        );
     }
     Ok(Outcome {
         step,
-        first_loss,
-        last_loss,
+        first_loss: log.first_loss,
+        last_loss: log.last_loss,
     })
+}
+
+/// One step's micro-batches, drawn as the backend asks for them; keeps the last, whose
+/// source state a checkpoint after the step records.
+struct StepBatches<'a> {
+    batches: &'a mut Batches,
+    count: usize,
+    last: Option<Prepared>,
+}
+
+impl MicroBatches for StepBatches<'_> {
+    fn count(&self) -> usize {
+        self.count
+    }
+
+    fn next(&mut self) -> Result<&Batch> {
+        let prepared = self.batches.draw()?;
+        Ok(&self.last.insert(prepared).batch)
+    }
+}
+
+/// A step the backend has queued whose report has not arrived yet.
+struct Queued {
+    /// 1-based.
+    step: u64,
+    lr: f64,
+    drawn: Prepared,
+    /// The host's time for the loop iteration that queued it.
+    seconds: f64,
+}
+
+/// The loop's bookkeeping of reports: metrics, progress lines and the divergence stop.
+/// Reports arrive in step order, as late as the backend runs ahead.
+struct StepLog {
+    metrics: Option<MetricsLog>,
+    checkpoint: PathBuf,
+    lead: bool,
+    first_step: u64,
+    end: u64,
+    total_steps: u64,
+    world: usize,
+    log_every: u64,
+    started: Instant,
+    images_per_step: f64,
+    /// Steps queued and not yet reported, oldest first.
+    queued: VecDeque<Queued>,
+    /// The last step reported: a checkpoint after it records its source state.
+    reported: Option<Queued>,
+    last_saved: Option<u64>,
+    first_loss: f64,
+    last_loss: f64,
+    window: LogWindow,
+}
+
+impl StepLog {
+    /// Logs the report of the oldest queued step, or stops the run when it diverged.
+    fn record(&mut self, r: &StepReport) -> Result<()> {
+        let Some(q) = self.queued.pop_front() else {
+            bail!(
+                "internal: the backend reported step {}, which the loop never queued",
+                r.step
+            );
+        };
+        if q.step != r.step {
+            bail!(
+                "internal: the backend reported step {} before step {}",
+                r.step,
+                q.step
+            );
+        }
+        let step = r.step;
+        let record = StepRecord {
+            step,
+            loss: r.loss,
+            lr: q.lr,
+            grad_norm: r.grad_norm,
+            images_per_s: self.images_per_step / q.seconds,
+            elapsed_s: self.started.elapsed().as_secs_f64(),
+            skipped_files: q.drawn.data.skipped_files(),
+        };
+        if let Some(m) = &mut self.metrics {
+            m.write(&record)?;
+        }
+        if r.diverged {
+            bail!(
+                "training diverged at step {step}: loss {}, gradient norm {}; stopped before the update. {}",
+                r.loss,
+                r.grad_norm,
+                match self.last_saved {
+                    Some(s) => format!(
+                        "The last good checkpoint is {} (step {s}).",
+                        self.checkpoint.display()
+                    ),
+                    None => "This run wrote no checkpoint.".to_string(),
+                }
+            );
+        }
+        if step == self.first_step + 1 {
+            self.first_loss = r.loss;
+        }
+        self.last_loss = r.loss;
+        self.window.add(&record, q.seconds, self.images_per_step);
+        let log_now = step == self.first_step + 1 || step.is_multiple_of(self.log_every.max(1));
+        if self.lead && (log_now || step == self.end) {
+            let per_step = self.started.elapsed().as_secs_f64() / (step - self.first_step) as f64;
+            let eta = Duration::from_secs_f64(per_step * (self.end - step) as f64);
+            let line = progress_line(&self.window.take(&record), self.total_steps, eta);
+            println!("{line}{}", ranks::suffix(self.world));
+        }
+        self.reported = Some(q);
+        Ok(())
+    }
+
+    /// After the backend finished its queued steps: the source state after `step`, the
+    /// last one, when `save` asks for it. Errors unless every queued step was reported.
+    fn saved_state(&mut self, step: u64, save: bool) -> Result<Option<Prepared>> {
+        let last = self.reported.take().filter(|q| q.step == step);
+        if !self.queued.is_empty() || last.is_none() {
+            bail!("internal: step {step} finished without a report from the backend");
+        }
+        Ok(last.filter(|_| save).map(|q| q.drawn))
+    }
 }
 
 /// Averages the steps between two progress lines, so the line is not one noisy step.

@@ -16,6 +16,12 @@ pub fn learning_rate(train: &TrainConfig, step: u64) -> f64 {
     train.min_lr + (peak - train.min_lr) * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos())
 }
 
+/// The factor global-norm clipping multiplies every gradient by: `clip / norm` when the
+/// norm exceeds `clip`, else 1.
+pub fn clip_scale(clip: Option<f64>, grad_norm: f64) -> f32 {
+    clip.map_or(1.0, |c| (c / grad_norm).min(1.0)) as f32
+}
+
 /// PyTorch's AdamW: decoupled decay `p -= lr*wd*p` where `decay_mask` is 1, then the
 /// bias-corrected Adam update. Gradients are multiplied by `step.grad_scale` first.
 pub fn adamw_update(
