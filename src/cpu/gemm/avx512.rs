@@ -45,11 +45,13 @@ pub fn matmul(c: &mut [f32], c_rs: usize, a: Mat<f32>, b: Mat<f32>, start: Start
     // Taken out of the thread-local, not borrowed: a nested product on this thread (rayon
     // runs other tasks while one waits) then packs into a buffer of its own.
     let mut packed = PACKED.take();
-    packed.clear();
     // Packed even when `b` is row-major: its rows lie a power-of-two-like stride apart
     // (768 B, 3 KB), so a panel read in place falls into a few of L1's sets and evicts
     // itself (measured slower in the step), while the packed panel is contiguous.
-    packed.resize(k * panels * NR, 0.0);
+    // `pack_b` writes every value, padding included, so the buffer is not cleared first
+    // (zeroing it was a pass as long as the copy).
+    packed.resize(packed.len().max(k * panels * NR), 0.0);
+    packed.truncate(k * panels * NR);
     pack_b(&mut packed, b, panels);
 
     let rows_per_task = MC * c_rs;
@@ -78,7 +80,7 @@ pub fn matmul(c: &mut [f32], c_rs: usize, a: Mat<f32>, b: Mat<f32>, start: Start
 
 /// `b` `[k, n]` into `KC`-row blocks, each holding its panels one after the other: block
 /// `k0` starts at `k0·panels·NR`, its panel `j` is `kb × NR` values (`kb` the block's
-/// rows), column `j·NR + x` of row `k0 + r` at `r·NR + x`; columns past `n` stay 0.
+/// rows), column `j·NR + x` of row `k0 + r` at `r·NR + x`; columns past `n` are 0.
 fn pack_b(packed: &mut [f32], b: Mat<f32>, panels: usize) {
     let n = b.cols;
     packed
@@ -87,20 +89,46 @@ fn pack_b(packed: &mut [f32], b: Mat<f32>, panels: usize) {
         .for_each(|(block, dst)| {
             let k0 = block * KC;
             let kb = dst.len() / (panels * NR);
+            if b.cs == 1 {
+                // Row by row: each row of `b` is read once, front to back, as the
+                // prefetchers expect; panel by panel would walk `b` at its row stride.
+                for r in 0..kb {
+                    let src = &b.data[(k0 + r) * b.rs..][..n];
+                    for j in 0..panels {
+                        let row = &mut dst[(j * kb + r) * NR..][..NR];
+                        let src = &src[j * NR..][..NR.min(n - j * NR)];
+                        if src.len() == NR {
+                            // SAFETY: `matmul`'s caller checked `available()`.
+                            unsafe { copy_panel_row(row.try_into().unwrap(), src) };
+                        } else {
+                            row[..src.len()].copy_from_slice(src);
+                            row[src.len()..].fill(0.0);
+                        }
+                    }
+                }
+                return;
+            }
             for (j, panel) in dst.chunks_exact_mut(kb * NR).enumerate() {
                 let cols = NR.min(n - j * NR);
                 for (r, row) in panel.chunks_exact_mut(NR).enumerate() {
                     let src = &b.data[(k0 + r) * b.rs + j * NR * b.cs..];
-                    if b.cs == 1 {
-                        row[..cols].copy_from_slice(&src[..cols]);
-                        continue;
-                    }
                     for (x, v) in row[..cols].iter_mut().enumerate() {
                         *v = src[x * b.cs];
                     }
+                    row[cols..].fill(0.0);
                 }
             }
         });
+}
+
+/// One full panel row, as three vector moves: a slice copy of this length is a `memmove`
+/// call per row.
+///
+/// # Safety
+/// Needs AVX-512F.
+#[target_feature(enable = "avx512f")]
+unsafe fn copy_panel_row(dst: &mut [f32; NR], src: &[f32]) {
+    *dst = src.try_into().unwrap();
 }
 
 /// One task's rows: for each `KC` block of `k`, every panel of `b` times every `MR`-row
