@@ -7,13 +7,13 @@
 
 mod common;
 
-use common::{gpu_or_skip, rng, sample_batch, Report};
+use common::{compare_tensors, gpu_or_skip, sample_batch, test_params, Report};
 use lomar::backend::{AdamWStep, Backend, Precision};
 use lomar::config::{Method, ModelConfig};
 use lomar::cpu::CpuBackend;
 use lomar::cuda::CudaBackend;
 use lomar::data::BatchSource;
-use lomar::params::{standard_normal, ParamLayout};
+use lomar::params::ParamLayout;
 
 /// Gradient tolerance of each mode (docs/DESIGN.md §5).
 fn grad_tol(p: Precision) -> f64 {
@@ -36,34 +36,6 @@ fn tensor_grad_tol(p: Precision, name: &str) -> f64 {
 
 /// Initialised parameters plus noise, so that biases, bias tables and LayerNorm shifts are
 /// not zero and every term of the forward matters.
-fn test_params(m: &ModelConfig, seed: u64) -> Vec<f32> {
-    let mut flat = ParamLayout::new(m).init(seed);
-    let mut r = rng(seed + 1);
-    for v in &mut flat {
-        *v += (0.05 * standard_normal(&mut r)) as f32;
-    }
-    flat
-}
-
-/// Compares every named tensor of two flat buffers, each within `tol(name)`.
-fn compare_tensors(
-    report: &mut Report,
-    layout: &ParamLayout,
-    what: &str,
-    got: &[f32],
-    want: &[f32],
-    tol: impl Fn(&str) -> f64,
-) {
-    for e in layout.entries() {
-        report.close(
-            &format!("{what} {}", e.name),
-            &got[e.range()],
-            &want[e.range()],
-            tol(&e.name),
-        );
-    }
-}
-
 /// The tiny preset at head dim 32, and a 16-pixel model at head dim 64 with three windows
 /// per image and a 5×5 window.
 fn models() -> Vec<(&'static str, ModelConfig)> {

@@ -250,6 +250,36 @@ impl Report {
     }
 }
 
+/// The initial parameters of `m` from `seed`, each moved by N(0, 0.05²): away from the
+/// initialisation's zeros and ones, so every gradient path carries signal.
+pub fn test_params(m: &ModelConfig, seed: u64) -> Vec<f32> {
+    let mut flat = ParamLayout::new(m).init(seed);
+    let mut r = rng(seed + 1);
+    for v in &mut flat {
+        *v += (0.05 * standard_normal(&mut r)) as f32;
+    }
+    flat
+}
+
+/// Compares every named tensor of two flat buffers, each within `tol(name)`.
+pub fn compare_tensors(
+    report: &mut Report,
+    layout: &ParamLayout,
+    what: &str,
+    got: &[f32],
+    want: &[f32],
+    tol: impl Fn(&str) -> f64,
+) {
+    for e in layout.entries() {
+        report.close(
+            &format!("{what} {}", e.name),
+            &got[e.range()],
+            &want[e.range()],
+            tol(&e.name),
+        );
+    }
+}
+
 /// How far the parameters `a` of a data-parallel run are from `b`, the single process's
 /// with the same global batch, both trained from `init`: the largest difference in units
 /// of the peak learning rate, and RMS(a - b) / RMS(b - init).
