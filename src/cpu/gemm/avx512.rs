@@ -101,8 +101,7 @@ fn pack_b(packed: &mut [f32], b: Mat<f32>, panels: usize) {
                             // SAFETY: `matmul`'s caller checked `available()`.
                             unsafe { copy_panel_row(row.try_into().unwrap(), src) };
                         } else {
-                            row[..src.len()].copy_from_slice(src);
-                            row[src.len()..].fill(0.0);
+                            copy_padded(row, src);
                         }
                     }
                 }
@@ -129,6 +128,12 @@ fn pack_b(packed: &mut [f32], b: Mat<f32>, panels: usize) {
 #[target_feature(enable = "avx512f")]
 unsafe fn copy_panel_row(dst: &mut [f32; NR], src: &[f32]) {
     *dst = src.try_into().unwrap();
+}
+
+/// `src` at the front of `dst`, zeros after it: a ragged panel row or tile column.
+fn copy_padded(dst: &mut [f32], src: &[f32]) {
+    dst[..src.len()].copy_from_slice(src);
+    dst[src.len()..].fill(0.0);
 }
 
 /// One task's rows: for each `KC` block of `k`, every panel of `b` times every `MR`-row
@@ -228,7 +233,7 @@ fn pack_a_transposed(dst: &mut [f32], a: Mat<f32>, first: usize, k0: usize, kb: 
     for r in 0..kb {
         if k0 + r + AHEAD < a.cols {
             let ahead = a.data[first + (k0 + r + AHEAD) * a.cs..].as_ptr();
-            for line in (0..rows.min(tiles * MR)).step_by(16) {
+            for line in (0..rows).step_by(16) {
                 // SAFETY: a prefetch is a hint; it never faults, even past the slice.
                 unsafe { _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(line).cast()) }
             }
@@ -240,8 +245,7 @@ fn pack_a_transposed(dst: &mut [f32], a: Mat<f32>, first: usize, k0: usize, kb: 
             if have == MR {
                 *dst = run[t * MR..][..MR].try_into().unwrap();
             } else {
-                dst[..have].copy_from_slice(&run[t * MR..][..have]);
-                dst[have..].fill(0.0);
+                copy_padded(dst, &run[t * MR..][..have]);
             }
         }
     }
