@@ -40,12 +40,15 @@ thread_local! {
     static A_TILES: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
 }
 
-/// A thread-local buffer of `len` values, taken out of `cell` (see [`matmul`] on why);
-/// what it holds is stale, so only a buffer whose every value is written may be taken.
+/// A thread-local buffer of at least `len` values, taken out of `cell` (see [`matmul`] on
+/// why). It only grows: cut back to each request, it would be zero-filled again whenever
+/// a larger one follows a smaller. What it holds is stale, so only a buffer whose every
+/// value is written may be taken.
 fn take_buffer(cell: &'static std::thread::LocalKey<Cell<Vec<f32>>>, len: usize) -> Vec<f32> {
     let mut buffer = cell.take();
-    buffer.resize(buffer.len().max(len), 0.0);
-    buffer.truncate(len);
+    if buffer.len() < len {
+        buffer.resize(len, 0.0);
+    }
     buffer
 }
 
@@ -61,8 +64,10 @@ pub fn matmul(c: &mut [f32], c_rs: usize, a: Mat<f32>, b: Mat<f32>, start: Start
     // itself (measured slower in the step), while the packed panel is contiguous.
     // `pack_b` writes every value, padding included, so the buffer is not cleared first
     // (zeroing it was a pass as long as the copy).
-    let mut packed = take_buffer(&PACKED, k * panels * NR);
-    pack_b(&mut packed, b, panels);
+    let mut buffer = take_buffer(&PACKED, k * panels * NR);
+    let packed = &mut buffer[..k * panels * NR];
+    pack_b(packed, b, panels);
+    let packed = &*packed;
 
     let rows_per_task = MC * c_rs;
     let task = |(block, c): (usize, &mut [f32])| {
@@ -78,14 +83,14 @@ pub fn matmul(c: &mut [f32], c_rs: usize, a: Mat<f32>, b: Mat<f32>, start: Start
         };
         // SAFETY: `available()` was checked by the caller; `multiply_block` stays inside
         // `a`, `packed`, `start` and the `rows × n` block of `c` at stride `c_rs`.
-        unsafe { multiply_block(c, c_rs, a, &packed, n, start) }
+        unsafe { multiply_block(c, c_rs, a, packed, n, start) }
     };
     if m > MC {
         c.par_chunks_mut(rows_per_task).enumerate().for_each(task);
     } else {
         task((0, c));
     }
-    PACKED.set(packed);
+    PACKED.set(buffer);
 }
 
 /// `b` `[k, n]` into `KC`-row blocks, each holding its panels one after the other: block
