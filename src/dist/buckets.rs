@@ -214,8 +214,9 @@ mod tests {
     }
 
     /// The buckets cover the buffer exactly once, from the end down, each within the
-    /// limit, and no two neighbours would have fit in one: they are as large as the
-    /// points allow. Checked at the GPU's size and at sizes that cut blocks.
+    /// limit, each starting at a ready point (or a limit-sized piece of one unit), and no
+    /// two neighbours would have fit in one: they are as large as the points allow.
+    /// Checked at the GPU's size and at sizes that cut blocks.
     #[test]
     fn buckets_partition_the_buffer_in_backward_order_within_the_limit() {
         for (name, layout) in layouts() {
@@ -231,6 +232,14 @@ mod tests {
                 }
                 for x in b {
                     assert!(!x.is_empty() && x.len() <= limit, "{name} {limit}: {x:?}");
+                    // Cut between points only as a piece of one unit over the limit.
+                    let inside = |p: &usize| x.start < *p && *p < x.end;
+                    let points = plan.points();
+                    assert!(
+                        points.contains(&x.start)
+                            || (x.len() == limit && !points.iter().any(inside)),
+                        "{name} {limit}: {x:?} is cut off its points {points:?}"
+                    );
                 }
             }
         }
