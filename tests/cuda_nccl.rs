@@ -79,7 +79,7 @@ fn overlapped_steps_through_nccl_train_the_same_bits() {
         let batches: Vec<_> = (0..4).map(|s| sample_batch(&m, 2, 50 + s)).collect();
         for (graphs, limit) in [(true, BUCKET), (true, 2048), (false, 2048)] {
             let case = format!("{:?}, graphs {graphs}, buckets of {limit}", m.method);
-            let mut run = |comm: &mut dyn Collective| {
+            let run = |comm: &mut dyn Collective| {
                 let mut b = CudaBackend::new(&m, params.clone(), Precision::Fp32).unwrap();
                 b.set_step_graphs(graphs);
                 b.set_bucket_limit(limit);
