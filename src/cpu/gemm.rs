@@ -307,8 +307,10 @@ mod tests {
     fn f32_products_match_f64_at_every_edge_for_any_thread_count() {
         // Rows past one task and not a multiple of a tile, columns not a multiple of a
         // panel, k past one block; `a` row-major, and transposed as in a weight gradient;
-        // `b` row-major (read in place), and transposed as in a forward (packed).
+        // `b` row-major, and transposed as in a forward or a head's keys (packed through
+        // 16 × 16 register transposes, with ragged rows and columns beside them).
         for (m, k, n, a_transposed, b_transposed) in [
+            (50, 64, 50, false, true),
             (203, 300, 100, false, false),
             (203, 300, 100, false, true),
             (70, 517, 64, true, false),

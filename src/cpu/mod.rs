@@ -10,7 +10,7 @@ pub mod mae;
 pub mod model;
 pub mod ops;
 pub mod real;
-mod simd;
+pub(crate) mod simd;
 pub mod step;
 
 use anyhow::Result;
@@ -118,8 +118,7 @@ impl Backend for CpuBackend {
     }
 
     fn grad_norm(&mut self) -> Result<f32> {
-        let sum: f64 = self.grads.iter().map(|&g| g as f64 * g as f64).sum();
-        Ok(sum.sqrt() as f32)
+        Ok(simd::sum_of_squares(&self.grads).sqrt() as f32)
     }
 
     fn adamw_step(&mut self, step: &AdamWStep) -> Result<()> {

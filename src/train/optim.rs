@@ -1,8 +1,11 @@
 //! AdamW and the learning-rate schedule (docs/DESIGN.md §1.4). The update here is the CPU
 //! backend's and the reference the fused GPU kernel is tested against.
 
+use rayon::prelude::*;
+
 use crate::backend::AdamWStep;
 use crate::config::TrainConfig;
+use crate::cpu::simd::wide;
 
 /// Learning rate at optimiser step `step` (0-based): linear warm-up to the peak, then a
 /// half-cycle cosine down to `min_lr` at the last step.
@@ -37,14 +40,34 @@ pub fn adamw_update(
     let step_size = (step.lr as f64 / bc1) as f32;
     let inv_sqrt_bc2 = (1.0 / bc2.sqrt()) as f32;
     let decay = step.lr * step.weight_decay;
-    for i in 0..params.len() {
-        let g = grads[i] * step.grad_scale;
-        m[i] = step.beta1 * m[i] + (1.0 - step.beta1) * g;
-        v[i] = step.beta2 * v[i] + (1.0 - step.beta2) * g * g;
-        let p = params[i] * (1.0 - decay * decay_mask[i]);
-        params[i] = p - step_size * m[i] / ((v[i].sqrt() * inv_sqrt_bc2) + step.eps);
-    }
+    let n = params.len();
+    assert!(grads.len() == n && m.len() == n && v.len() == n && decay_mask.len() == n);
+    // Every value on its own, so chunks on any number of threads give the same bits.
+    params
+        .par_chunks_mut(CHUNK)
+        .zip(grads.par_chunks(CHUNK))
+        .zip(m.par_chunks_mut(CHUNK))
+        .zip(v.par_chunks_mut(CHUNK))
+        .zip(decay_mask.par_chunks(CHUNK))
+        .for_each(|((((params, grads), m), v), decay_mask)| {
+            wide(
+                #[inline(always)]
+                || {
+                    for i in 0..params.len() {
+                        let g = grads[i] * step.grad_scale;
+                        m[i] = step.beta1 * m[i] + (1.0 - step.beta1) * g;
+                        v[i] = step.beta2 * v[i] + (1.0 - step.beta2) * g * g;
+                        let p = params[i] * (1.0 - decay * decay_mask[i]);
+                        params[i] =
+                            p - step_size * m[i] / ((v[i].sqrt() * inv_sqrt_bc2) + step.eps);
+                    }
+                },
+            )
+        });
 }
+
+/// Parameters per task of the update.
+const CHUNK: usize = 1 << 16;
 
 #[cfg(test)]
 mod tests {

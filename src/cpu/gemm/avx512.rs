@@ -35,6 +35,18 @@ thread_local! {
     /// The packed `b` of the last product on this thread, kept so that the next product
     /// reuses its memory instead of faulting in fresh pages.
     static PACKED: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
+    /// The packed tiles of `a` of the last block this thread multiplied, kept for the same
+    /// reason: attention multiplies thousands of small heads per step.
+    static A_TILES: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
+}
+
+/// A thread-local buffer of `len` values, taken out of `cell` (see [`matmul`] on why);
+/// what it holds is stale, so only a buffer whose every value is written may be taken.
+fn take_buffer(cell: &'static std::thread::LocalKey<Cell<Vec<f32>>>, len: usize) -> Vec<f32> {
+    let mut buffer = cell.take();
+    buffer.resize(buffer.len().max(len), 0.0);
+    buffer.truncate(len);
+    buffer
 }
 
 /// `c[m, n] = start + a · b` with `c` row-major at row stride `c_rs`. The caller checked
@@ -44,14 +56,12 @@ pub fn matmul(c: &mut [f32], c_rs: usize, a: Mat<f32>, b: Mat<f32>, start: Start
     let panels = n.div_ceil(NR);
     // Taken out of the thread-local, not borrowed: a nested product on this thread (rayon
     // runs other tasks while one waits) then packs into a buffer of its own.
-    let mut packed = PACKED.take();
     // Packed even when `b` is row-major: its rows lie a power-of-two-like stride apart
     // (768 B, 3 KB), so a panel read in place falls into a few of L1's sets and evicts
     // itself (measured slower in the step), while the packed panel is contiguous.
     // `pack_b` writes every value, padding included, so the buffer is not cleared first
     // (zeroing it was a pass as long as the copy).
-    packed.resize(packed.len().max(k * panels * NR), 0.0);
-    packed.truncate(k * panels * NR);
+    let mut packed = take_buffer(&PACKED, k * panels * NR);
     pack_b(&mut packed, b, panels);
 
     let rows_per_task = MC * c_rs;
@@ -109,15 +119,105 @@ fn pack_b(packed: &mut [f32], b: Mat<f32>, panels: usize) {
             }
             for (j, panel) in dst.chunks_exact_mut(kb * NR).enumerate() {
                 let cols = NR.min(n - j * NR);
+                // Columns of `b` that are contiguous (a transposed weight, a head's keys)
+                // go 16 × 16 at a time through a register transpose; the ragged edges
+                // and any other layout value by value.
+                let (whole_rows, whole_cols) = match b.rs {
+                    1 => (kb / 16 * 16, cols / 16 * 16),
+                    _ => (0, 0),
+                };
+                if whole_rows > 0 && whole_cols > 0 {
+                    // SAFETY: `matmul`'s caller checked `available()`.
+                    unsafe { transpose_columns(panel, b, k0, j * NR, whole_rows, whole_cols) };
+                }
                 for (r, row) in panel.chunks_exact_mut(NR).enumerate() {
                     let src = &b.data[(k0 + r) * b.rs + j * NR * b.cs..];
-                    for (x, v) in row[..cols].iter_mut().enumerate() {
+                    let done = if r < whole_rows { whole_cols } else { 0 };
+                    for (x, v) in row[..cols].iter_mut().enumerate().skip(done) {
                         *v = src[x * b.cs];
                     }
                     row[cols..].fill(0.0);
                 }
             }
         });
+}
+
+/// Rows `0..rows` and columns `0..cols` (both multiples of 16) of one packed panel from
+/// a `b` with contiguous columns (`rs = 1`): panel row `r` holds `b[k0 + r, col0 + x]`
+/// at `r·NR + x`. Each 16 × 16 block is 16 column loads, [`transpose16`], 16 row stores,
+/// where a value-by-value copy would load each value from another cache line.
+///
+/// # Safety
+/// Needs AVX-512F.
+#[target_feature(enable = "avx512f")]
+unsafe fn transpose_columns(
+    panel: &mut [f32],
+    b: Mat<f32>,
+    k0: usize,
+    col0: usize,
+    rows: usize,
+    cols: usize,
+) {
+    for r0 in (0..rows).step_by(16) {
+        for x0 in (0..cols).step_by(16) {
+            let column = |i: usize| {
+                let at = (col0 + x0 + i) * b.cs + k0 + r0;
+                _mm512_loadu_ps(b.data[at..at + 16].as_ptr())
+            };
+            for (r, row) in transpose16(std::array::from_fn(column)).iter().enumerate() {
+                let at = (r0 + r) * NR + x0;
+                _mm512_storeu_ps(panel[at..at + 16].as_mut_ptr(), *row);
+            }
+        }
+    }
+}
+
+/// The 16 × 16 transpose of `v` (`out[r]` lane `i` = `v[i]` lane `r`) in four rounds of
+/// 16 shuffles: pairs of lanes, pairs of pairs, then the four 128-bit quarters.
+#[target_feature(enable = "avx512f")]
+fn transpose16(v: [__m512; 16]) -> [__m512; 16] {
+    // t[2i], t[2i + 1]: rows 4q, 4q + 1 and 4q + 2, 4q + 3 of columns 2i, 2i + 1 in
+    // quarter q.
+    let t: [__m512; 16] = std::array::from_fn(|x| {
+        let (a, b) = (v[x & !1], v[x | 1]);
+        if x % 2 == 0 {
+            _mm512_unpacklo_ps(a, b)
+        } else {
+            _mm512_unpackhi_ps(a, b)
+        }
+    });
+    // u[4i + j]: row 4q + j of columns 4i..4i + 4 in quarter q.
+    let u: [__m512; 16] = std::array::from_fn(|x| {
+        let (i, j) = (x / 4, x % 4);
+        let (a, b) = (
+            _mm512_castps_pd(t[4 * i + j / 2]),
+            _mm512_castps_pd(t[4 * i + j / 2 + 2]),
+        );
+        _mm512_castpd_ps(if j % 2 == 0 {
+            _mm512_unpacklo_pd(a, b)
+        } else {
+            _mm512_unpackhi_pd(a, b)
+        })
+    });
+    // Row 4q + j is quarter q of u[j], u[4 + j], u[8 + j] and u[12 + j] side by side.
+    let mut out = [_mm512_setzero_ps(); 16];
+    for j in 0..4 {
+        let (a, b, c, d) = (u[j], u[4 + j], u[8 + j], u[12 + j]);
+        // Quarters 0, 1 of a then b (of c then d), and quarters 2, 3.
+        let (ab01, cd01) = (
+            _mm512_shuffle_f32x4::<0x44>(a, b),
+            _mm512_shuffle_f32x4::<0x44>(c, d),
+        );
+        let (ab23, cd23) = (
+            _mm512_shuffle_f32x4::<0xEE>(a, b),
+            _mm512_shuffle_f32x4::<0xEE>(c, d),
+        );
+        out[j] = _mm512_shuffle_f32x4::<0x88>(ab01, cd01);
+        out[4 + j] = _mm512_shuffle_f32x4::<0xDD>(ab01, cd01);
+        out[8 + j] = _mm512_shuffle_f32x4::<0x88>(ab23, cd23);
+        out[12 + j] = _mm512_shuffle_f32x4::<0xDD>(ab23, cd23);
+    }
+    out
 }
 
 /// One full panel row, as three vector moves: a slice copy of this length is a `memmove`
@@ -158,7 +258,8 @@ unsafe fn multiply_block(
     assert!(m > 0 && c.len() > (m - 1) * c_rs + n - 1);
     let (panels, tiles) = (n.div_ceil(NR), m.div_ceil(MR));
     let in_place = if a.cs == 1 { m / MR } else { 0 };
-    let mut a_tiles = vec![0.0f32; (tiles - in_place) * MR * KC.min(k)];
+    // `pack_a` writes every value of the tiles it packs, padding rows included.
+    let mut a_tiles = take_buffer(&A_TILES, (tiles - in_place) * MR * KC.min(k));
     for k0 in (0..k).step_by(KC) {
         let kb = KC.min(k - k0);
         let a_packed = &mut a_tiles[..(tiles - in_place) * MR * kb];
@@ -196,6 +297,7 @@ unsafe fn multiply_block(
             }
         }
     }
+    A_TILES.set(a_tiles);
 }
 
 /// Rows `first..` of `a`, columns `k0..k0 + kb`, as `MR`-row tiles, each `kb × MR` with

@@ -7,7 +7,7 @@
 
 use super::super::gemm::{Mat, Start};
 use super::super::real::Real;
-use super::super::simd::sum;
+use super::super::simd::{self, sum};
 
 /// Head `h`'s q, k and v `[T, d]` (columns `col..col + d` of each third) inside a
 /// sequence's qkv rows `[T, 3·width]`.
@@ -39,19 +39,20 @@ pub(super) fn head_probs<T: Real>(
 }
 
 /// Softmax of one row in place; returns its log-sum-exp, `max + ln Σ e^(z - max)`.
+/// The exponentials are one pass and their sum another: summed inside the same loop, the
+/// running sum's order keeps the whole loop, the exponentials included, scalar.
 #[inline(always)]
 pub(super) fn softmax_in_place<T: Real>(row: &mut [T]) -> T {
-    let max = row.iter().copied().fold(T::neg_infinity(), T::max);
-    let mut sum = T::zero();
+    let max = simd::max(row);
     for v in row.iter_mut() {
         *v = (*v - max).exp_vectorised();
-        sum += *v;
     }
-    let inv = T::one() / sum;
+    let total = simd::sum(row.len(), |j| row[j]);
+    let inv = T::one() / total;
     for v in row.iter_mut() {
         *v *= inv;
     }
-    max + sum.ln()
+    max + total.ln()
 }
 
 /// From the head's probabilities p `[T, T]` and its output gradient dout `[T, d]`: its

@@ -5,6 +5,7 @@
 use rayon::prelude::*;
 
 use super::super::real::Real;
+use super::super::simd::{sum, wide};
 
 const CHUNK: usize = 4096;
 
@@ -14,7 +15,12 @@ pub fn masked_mse_loss<T: Real>(pred: &[T], target: &[T]) -> T {
     let partials: Vec<T> = pred
         .par_chunks(CHUNK)
         .zip(target.par_chunks(CHUNK))
-        .map(|(p, t)| p.iter().zip(t).map(|(&p, &t)| (p - t) * (p - t)).sum::<T>())
+        .map(|(p, t)| {
+            wide(
+                #[inline(always)]
+                || sum(p.len(), |i| (p[i] - t[i]) * (p[i] - t[i])),
+            )
+        })
         .collect();
     partials.into_iter().sum::<T>() / T::of(pred.len() as f64)
 }
