@@ -136,6 +136,21 @@ pub trait Backend {
         )
     }
 
+    /// [`Backend::forward_backward`] on a step's last micro-batch, followed by the
+    /// average of the accumulated gradients over `comm` ([`Backend::average_grads`]). A
+    /// backend that can averages each bucket of `dist::BucketPlan` as soon as its backward
+    /// finishes it, overlapping the two.
+    fn forward_backward_averaged(
+        &mut self,
+        batch: &Batch,
+        grad_scale: f32,
+        comm: &mut dyn Collective,
+    ) -> Result<f32> {
+        let loss = self.forward_backward(batch, grad_scale)?;
+        self.average_grads(comm)?;
+        Ok(loss)
+    }
+
     /// One whole optimiser step: zero the gradients, forward and backward over every
     /// micro-batch of `batches` (each scaled by `1/count`), with several ranks the
     /// gradient and loss average over `comm`, the global gradient norm, the clip scale
@@ -159,12 +174,17 @@ pub trait Backend {
         self.zero_grads()?;
         let micro_scale = 1.0 / count as f32;
         let mut loss_sum = 0.0f64;
-        for _ in 0..count {
-            loss_sum += self.forward_backward(batches.next()?, micro_scale)? as f64;
+        let averaging = comm.world() > 1;
+        for i in 0..count {
+            let batch = batches.next()?;
+            // The gradients are final only in the last micro-batch's backward.
+            loss_sum += match averaging && i + 1 == count {
+                true => self.forward_backward_averaged(batch, micro_scale, comm)?,
+                false => self.forward_backward(batch, micro_scale)?,
+            } as f64;
         }
         let mut loss = loss_sum / count as f64;
-        if comm.world() > 1 {
-            self.average_grads(comm)?;
+        if averaging {
             let mut value = [loss as f32];
             comm.all_reduce_mean(&mut value)?;
             loss = value[0] as f64;

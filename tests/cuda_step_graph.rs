@@ -7,9 +7,8 @@
 
 mod common;
 
-use anyhow::{Context, Result};
-use common::{gpu_or_skip, sample_batch};
-use lomar::backend::{Backend, MicroBatches, Moments, Precision, StepReport, StepSettings};
+use common::{gpu_or_skip, sample_batch, step_settings, train_steps, MicroList};
+use lomar::backend::{Backend, Moments, Precision, StepReport};
 use lomar::config::{mae_recipe, preset, ModelConfig};
 use lomar::cpu::CpuBackend;
 use lomar::cuda::CudaBackend;
@@ -17,57 +16,11 @@ use lomar::data::batch::Batch;
 use lomar::dist::Solo;
 use lomar::params::ParamLayout;
 
-/// The micro-batches of one step, from a slice.
-struct List<'a> {
-    batches: &'a [Batch],
-    next: usize,
-}
-
-impl MicroBatches for List<'_> {
-    fn count(&self) -> usize {
-        self.batches.len()
-    }
-    fn next(&mut self) -> Result<&Batch> {
-        let b = self.batches.get(self.next).context("no micro-batch left")?;
-        self.next += 1;
-        Ok(b)
-    }
-}
-
-fn settings(t: u64) -> StepSettings {
-    StepSettings {
-        t,
-        lr: 1e-3,
-        beta1: 0.9,
-        beta2: 0.95,
-        eps: 1e-8,
-        weight_decay: 0.05,
-        clip_grad: Some(0.5),
-    }
-}
-
 const MICRO: usize = 2;
 
-/// `steps` steps of `MICRO` micro-batches from `batches` (cycled); every report (the
-/// last from `finish_steps`), then the parameters and moments.
+/// `steps` steps of `MICRO` micro-batches on one process (`common::train_steps`).
 fn run(b: &mut dyn Backend, batches: &[Batch], steps: u64) -> (Vec<StepReport>, Vec<f32>, Moments) {
-    let mut reports = Vec::new();
-    for t in 1..=steps {
-        let at = (t as usize - 1) * MICRO % batches.len();
-        let mut list = List {
-            batches: &batches[at..at + MICRO],
-            next: 0,
-        };
-        let r = b.train_step(&mut list, &settings(t), &mut Solo).unwrap();
-        match t {
-            1 => assert!(r.is_none(), "a report before any step finished: {r:?}"),
-            _ => assert_eq!(r.map(|r| r.step), Some(t - 1), "step {t} reported"),
-        }
-        reports.extend(r);
-    }
-    reports.extend(b.finish_steps().unwrap());
-    assert!(b.finish_steps().unwrap().is_none());
-    (reports, b.params().unwrap(), b.moments().unwrap())
+    train_steps(b, batches, MICRO, steps, &mut Solo)
 }
 
 fn bits(v: &[f32]) -> Vec<u32> {
@@ -187,11 +140,8 @@ fn the_first_step_reports_the_cpu_loss_and_norm() {
 
 /// One step on a backend that reports in line (the CPU).
 fn run_in_line(b: &mut dyn Backend, batches: &[Batch]) -> StepReport {
-    let mut list = List {
-        batches: &batches[..MICRO],
-        next: 0,
-    };
-    b.train_step(&mut list, &settings(1), &mut Solo)
+    let mut list = MicroList::new(&batches[..MICRO]);
+    b.train_step(&mut list, &step_settings(1), &mut Solo)
         .unwrap()
         .unwrap()
 }

@@ -1,5 +1,6 @@
 //! Data parallel on the CPU, ranks as threads of this process (`dist::Threads`): W ranks
-//! of batch B train what one process trains with batch W·B, only rank 0 writes, and a
+//! of batch B train what one process trains with batch W·B (LoMaR and MAE, each gradient
+//! bucket averaged from inside the last micro-batch's backward), only rank 0 writes, and a
 //! checkpoint of one world size resumes on another.
 //!
 //! Tolerance (`common::assert_same_training`): the ranks' gradients are means over B
@@ -14,7 +15,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use lomar::backend::Backend;
-use lomar::config::{preset, train_defaults, Config, TrainConfig};
+use lomar::config::{mae_recipe, preset, train_defaults, Config, ModelConfig, TrainConfig};
 use lomar::cpu::CpuBackend;
 use lomar::data::shards::Part;
 use lomar::data::{BatchSource, DataArgs};
@@ -26,9 +27,13 @@ use lomar::train::{checkpoint_path, metrics_path, train_ranks, TrainOptions};
 const STEPS: u64 = 4;
 
 fn config(batch: usize, world: usize) -> Config {
+    config_of(preset("tiny").unwrap(), batch, world)
+}
+
+fn config_of(model: ModelConfig, batch: usize, world: usize) -> Config {
     Config {
         preset: "tiny".into(),
-        model: preset("tiny").unwrap(),
+        model,
         train: TrainConfig {
             batch,
             accum: 2,
@@ -162,6 +167,22 @@ fn w_ranks_of_batch_b_train_what_one_process_of_batch_wb_trains_and_only_rank_0_
             assert!(written.is_empty(), "rank > 0 wrote {written:?}");
         }
     }
+}
+
+/// MAE's backward reports its own points (decoder first): 2 ranks through its buckets
+/// train what one process trains.
+#[test]
+fn mae_ranks_train_what_one_process_trains() {
+    let mae = |batch, world| config_of(mae_recipe(preset("tiny").unwrap()), batch, world);
+    let single = run_ranks(&mae(4, 1), &paths(&tempdirs(1)), None, None).remove(0);
+    let params = run_ranks(&mae(2, 2), &paths(&tempdirs(2)), None, None);
+    assert_eq!(
+        params[1], params[0],
+        "rank 1 ended with other parameters than rank 0"
+    );
+    let initial = ParamLayout::new(&mae(4, 1).model).init(mae(4, 1).train.seed);
+    let lr = mae(4, 1).train.peak_lr();
+    common::assert_same_training(&params[0], &single, &initial, lr, "MAE on 2 ranks");
 }
 
 #[test]

@@ -113,6 +113,13 @@ pub struct BenchReport {
     /// `Backend::train_step` (after as many warm-up steps), input pipeline included: what
     /// PyTorch's side-by-side compares to.
     pub pipelined_step_ms: f64,
+    /// With NCCL: the last pipelined step's gradient all-reduce on the device, which ran
+    /// beside its backward, from its first bucket's start to its end, and the part of it
+    /// after the backward ended (what the overlap did not hide).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub overlapped_all_reduce_ms: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub exposed_all_reduce_ms: Option<f64>,
     pub images_per_s: f64,
     /// Matrix-product FLOPs of one step (see `flops.rs`).
     pub flops_per_step: f64,
@@ -213,6 +220,10 @@ pub fn run(
     }
 
     let pipelined_step_ms = pipelined(backend, config, plan, &mut batches, comm.as_deref_mut())?;
+    let overlapped = match comm.as_deref_mut() {
+        Some(c) => c.last_all_reduce()?,
+        None => None,
+    };
 
     let loader = match &data.data {
         Some(root) => {
@@ -259,6 +270,8 @@ pub fn run(
             false => Some(Spread::of(&device_ms)?),
         },
         pipelined_step_ms,
+        overlapped_all_reduce_ms: overlapped.map(|o| o.span_ms),
+        exposed_all_reduce_ms: overlapped.map(|o| o.exposed_ms),
         input_images_per_s,
         loader,
         peak_memory_bytes: backend.peak_memory_bytes(),
@@ -415,6 +428,11 @@ pub fn summary(r: &BenchReport) -> String {
             bytes / 1e6,
             r.config.train.world,
             bytes / (ms * 1e-3) / 1e9
+        );
+    }
+    if let (Some(span), Some(exposed)) = (r.overlapped_all_reduce_ms, r.exposed_all_reduce_ms) {
+        out += &format!(
+            "overlap   {span:.2} ms of all-reduce on the device beside the backward (last pipelined step), {exposed:.2} ms of it after the backward\n"
         );
     }
     if let Some(l) = &r.loader {

@@ -18,7 +18,8 @@ use anyhow::Result;
 use crate::backend::{AdamWStep, Backend, Moments};
 use crate::config::{Method, ModelConfig};
 use crate::data::batch::Batch;
-use crate::dist::Collective;
+use crate::dist::buckets::HOST_BUCKET;
+use crate::dist::{BucketPlan, Collective, HostBuckets};
 use crate::params::ParamLayout;
 use crate::train::optim::adamw_update;
 use step::Step;
@@ -30,6 +31,8 @@ pub struct CpuBackend {
     params: Vec<f32>,
     grads: Vec<f32>,
     moments: Moments,
+    /// The gradient buckets a data-parallel step averages as the backward finishes them.
+    buckets: BucketPlan,
     /// Tables and activation buffers, kept across micro-batches.
     network: Network,
 }
@@ -49,6 +52,7 @@ impl CpuBackend {
         layout.check_len("parameters", params.len())?;
         Ok(CpuBackend {
             decay_mask: layout.decay_mask(),
+            buckets: BucketPlan::new(&layout, HOST_BUCKET),
             layout,
             params,
             grads: vec![0.0; n],
@@ -84,6 +88,24 @@ impl Backend for CpuBackend {
             Network::Lomar(ws) => ws.loss_and_grad(p, batch, g, grad_scale),
             Network::Mae(ws) => ws.loss_and_grad(p, batch, g, grad_scale),
         }
+    }
+
+    /// Each bucket is averaged from inside the backward, as soon as it is final.
+    fn forward_backward_averaged(
+        &mut self,
+        batch: &Batch,
+        grad_scale: f32,
+        comm: &mut dyn Collective,
+    ) -> Result<f32> {
+        let (p, g) = (&self.params, &mut self.grads);
+        let mut buckets = HostBuckets::new(&self.buckets, comm);
+        let mut ready = |from: usize, g: &mut [f32]| buckets.ready(from, g);
+        let loss = match &mut self.network {
+            Network::Lomar(ws) => ws.loss_and_grad_reporting(p, batch, g, grad_scale, &mut ready),
+            Network::Mae(ws) => ws.loss_and_grad_reporting(p, batch, g, grad_scale, &mut ready),
+        }?;
+        buckets.finish()?;
+        Ok(loss)
     }
 
     fn zero_grads(&mut self) -> Result<()> {

@@ -15,7 +15,7 @@ use super::ops::layernorm::{self, Stats};
 use super::ops::window_gather::{self, Patches};
 use super::ops::{gelu, linear, tokens};
 use super::real::Real;
-use super::step::{self, Step};
+use super::step::{self, Ready, Step};
 use crate::config::ModelConfig;
 use crate::data::batch::Batch;
 use crate::params::{BlockRanges, ModelRanges, ParamLayout};
@@ -299,7 +299,7 @@ impl<T: Real> Step<T> for Workspace<T> {
     }
 
     /// The forward in reverse, from `dpred`; adds every parameter's gradient.
-    fn backward(&mut self, p: &[T], batch: &Batch, g: &mut [T]) {
+    fn backward(&mut self, p: &[T], batch: &Batch, g: &mut [T], ready: &mut Ready<'_, T>) {
         let Workspace {
             m,
             r,
@@ -333,6 +333,7 @@ impl<T: Real> Step<T> for Workspace<T> {
             &self.norm_stats,
             w(&r.norm_w),
         );
+        ready(r.norm_w.start, g);
         let mut dx = std::mem::take(&mut s.dx);
         sized(&mut dx, rows * d).fill(T::zero());
         tokens::scatter_masked_tokens(&mut dx, dpicked, &batch.mask_index, m.seq_len());
@@ -346,6 +347,7 @@ impl<T: Real> Step<T> for Workspace<T> {
             &mut dx,
             g,
             s,
+            ready,
         );
 
         let dembedded = sized(&mut s.dembedded, self.embedded.len());
@@ -360,6 +362,7 @@ impl<T: Real> Step<T> for Workspace<T> {
             &self.patches.visible,
             w(&r.patch_w),
         );
+        ready(r.patch_w.start, g);
         s.dx = dx;
     }
 }
@@ -387,7 +390,7 @@ pub(crate) fn blocks_forward<T: Real>(
 }
 
 /// [`blocks_forward`] in reverse: `dx` holds dL/dx_last on entry and dL/d(first input)
-/// on return.
+/// on return. After each block, its gradients and everything above are final: `ready`.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn blocks_backward<T: Real>(
     p: &[T],
@@ -398,9 +401,11 @@ pub(crate) fn blocks_backward<T: Real>(
     dx: &mut [T],
     g: &mut [T],
     s: &mut Scratch<T>,
+    ready: &mut Ready<'_, T>,
 ) {
     for (br, a) in ranges.iter().zip(acts).rev() {
         block_backward(p, br, tokens, heads, a, dx, g, s);
+        ready(br.norm1_w.start, g);
     }
 }
 

@@ -9,6 +9,10 @@ use super::real::Real;
 use crate::config::ModelConfig;
 use crate::data::batch::Batch;
 
+/// The backward's report that every gradient at offset `from` and above is final, with the
+/// gradient buffer (`dist::buckets`: data-parallel steps average those gradients then).
+pub type Ready<'a, T> = dyn FnMut(usize, &mut [T]) + 'a;
+
 /// A network's workspace: a validated model, its tables and every buffer of a pass.
 pub trait Step<T: Real>: Sized {
     /// The workspace of model `m`, which it validates; buffers grow on first use.
@@ -19,8 +23,8 @@ pub trait Step<T: Real>: Sized {
     /// The forward of a checked batch and parameters, up to the predictions.
     fn forward_unchecked(&mut self, p: &[T], batch: &Batch);
     /// Adds the gradients of everything the forward kept, from the predictions'
-    /// gradient on, to `g`.
-    fn backward(&mut self, p: &[T], batch: &Batch, g: &mut [T]);
+    /// gradient on, to `g`, calling `ready` at each of `dist::buckets::ready_points`.
+    fn backward(&mut self, p: &[T], batch: &Batch, g: &mut [T], ready: &mut Ready<'_, T>);
     /// The predictions, their gradient's buffer, and the targets they are scored against.
     fn predictions(&mut self) -> (&[T], &mut Vec<T>, &[T]);
 
@@ -47,6 +51,18 @@ pub trait Step<T: Real>: Sized {
         grads: &mut [T],
         grad_scale: T,
     ) -> Result<T> {
+        self.loss_and_grad_reporting(params, batch, grads, grad_scale, &mut |_, _| {})
+    }
+
+    /// [`Step::loss_and_grad`], calling `ready` as the backward finishes gradients.
+    fn loss_and_grad_reporting(
+        &mut self,
+        params: &[T],
+        batch: &Batch,
+        grads: &mut [T],
+        grad_scale: T,
+        ready: &mut Ready<'_, T>,
+    ) -> Result<T> {
         if grads.len() != params.len() {
             bail!(
                 "gradient buffer holds {} values, the parameters {}",
@@ -58,7 +74,7 @@ pub trait Step<T: Real>: Sized {
         let (pred, dpred, targets) = self.predictions();
         let dpred = sized(dpred, pred.len());
         let loss = loss::masked_mse(dpred, pred, targets, grad_scale);
-        self.backward(params, batch, grads);
+        self.backward(params, batch, grads, ready);
         Ok(loss)
     }
 }

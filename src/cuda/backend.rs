@@ -2,7 +2,9 @@
 //! activations and GEMM operands in the chosen precision. A training step
 //! (`Backend::train_step`) runs on the device from the first upload to the AdamW update
 //! without the host reading anything; its report is read one step late (`step.rs`), and
-//! its forward/backward and update are captured once as CUDA graphs and replayed.
+//! its forward/backward and update are captured once as CUDA graphs and replayed. In a
+//! data-parallel step the last micro-batch's backward hands each finished gradient bucket
+//! to NCCL's stream as it goes (`nccl.rs`).
 
 use anyhow::{bail, Context, Result};
 use cudarc::driver::sys::CUevent_flags;
@@ -15,16 +17,18 @@ use super::block::Net;
 use super::device::{DevPtr, Gpu};
 use super::kernels::Kernels;
 use super::launch::scratch_len;
-use super::method::MethodActs;
+use super::method::{MethodActs, Ready};
+use super::nccl::{self, NcclCollective};
+use super::nvtx;
 use super::step::{self, PassKey, Reports, StepBuffers, StepGraphs};
 use super::storage::Storage;
-use super::{nccl, nvtx};
 use crate::backend::{
     AdamWStep, Backend, MicroBatches, Moments, Precision, StepReport, StepSettings,
 };
 use crate::config::ModelConfig;
 use crate::data::batch::Batch;
-use crate::dist::Collective;
+use crate::dist::buckets::BUCKET;
+use crate::dist::{BucketPlan, Collective};
 use crate::params::{ModelRanges, ParamLayout};
 
 /// The GPU backend. Runs on CUDA device 0.
@@ -35,6 +39,7 @@ pub struct CudaBackend {
 /// An [`Engine`] of either storage type.
 trait StepEngine: Backend {
     fn set_step_graphs(&mut self, on: bool);
+    fn set_bucket_limit(&mut self, values: usize);
 }
 
 impl CudaBackend {
@@ -72,6 +77,12 @@ impl CudaBackend {
     /// always launches.
     pub fn set_step_graphs(&mut self, on: bool) {
         self.engine.set_step_graphs(on);
+    }
+
+    /// Gradient values per NCCL all-reduce of a data-parallel step (default
+    /// `dist::buckets::BUCKET`); small limits make the tests' small models run many.
+    pub fn set_bucket_limit(&mut self, values: usize) {
+        self.engine.set_bucket_limit(values);
     }
 }
 
@@ -145,6 +156,8 @@ struct Engine<T: Storage> {
     model: ModelConfig,
     layout: ParamLayout,
     ranges: ModelRanges,
+    /// The gradient buckets of a data-parallel step, in the order the backward ends them.
+    buckets: BucketPlan,
     /// [P] fp32 master weights.
     master: CudaSlice<f32>,
     /// [P] the weights in storage type, rewritten by every AdamW step.
@@ -221,6 +234,7 @@ impl<T: Storage> Engine<T> {
             precision,
             model: model.clone(),
             ranges: layout.ranges().clone(),
+            buckets: BucketPlan::new(&layout, BUCKET),
             master: gpu.upload(params, "master weights")?,
             shadow: gpu.zeros(total, "weight copy")?,
             grads: gpu.zeros(total, "gradients")?,
@@ -281,8 +295,14 @@ impl<T: Storage> Engine<T> {
     }
 
     /// Queues the forward and backward of the last uploaded batch, adding `grad_scale`
-    /// times its gradient to the gradients and its mean loss to `loss`.
-    fn queue_pass(&self, grad_scale: f32, loss: DevPtr<'_, f32>) -> Result<()> {
+    /// times its gradient to the gradients and its mean loss to `loss`; `ready` as the
+    /// backward finishes gradients.
+    fn queue_pass(
+        &self,
+        grad_scale: f32,
+        loss: DevPtr<'_, f32>,
+        ready: &mut Ready<'_>,
+    ) -> Result<()> {
         let acts = self.acts.as_ref().context("no batch has been uploaded")?;
         let net = Net {
             gpu: &self.gpu,
@@ -293,7 +313,7 @@ impl<T: Storage> Engine<T> {
             grads: self.gpu.ptr(&self.grads)?,
             scratch: self.gpu.ptr(&self.scratch)?,
         };
-        acts.forward_backward(net, &self.model, &self.ranges, grad_scale, loss)
+        acts.forward_backward(net, &self.model, &self.ranges, grad_scale, loss, ready)
     }
 
     /// One micro-batch of a training step: upload, then the pass (replayed from its
@@ -311,13 +331,44 @@ impl<T: Storage> Engine<T> {
             pixel_slot,
             grad_scale_bits: grad_scale.to_bits(),
         };
-        let pass = |e: &Self| e.queue_pass(grad_scale, e.gpu.ptr(&e.step.loss_sum)?);
+        let pass =
+            |e: &Self| e.queue_pass(grad_scale, e.gpu.ptr(&e.step.loss_sum)?, &mut |_| Ok(()));
         match self.use_graphs {
             true => self.with_graphs(|graphs, e| graphs.pass(&e.gpu, key, || pass(e)))?,
             false => pass(self)?,
         }
         let acts = self.acts.as_ref().context("no batch has been uploaded")?;
         acts.input().mark_pixels_read(&self.gpu)
+    }
+
+    /// The last micro-batch of a step averaged through NCCL: each gradient bucket's
+    /// all-reduce is queued on NCCL's stream as soon as the backward that finishes it is
+    /// queued here, the loss sum's after the pass, and the update that follows on this
+    /// stream waits for all of them on the device.
+    ///
+    /// This pass is launched, never replayed from a graph. Capturing it would put NCCL's
+    /// calls and the fork and join of its stream through events into the graph, which
+    /// NCCL supports but which no GPU has run for lomar yet, and a mistake there would
+    /// hang or mix up every rank with nothing to read but a timeout. Launched, it uses only
+    /// the stream and event calls the rest of the backend uses; it costs the host the
+    /// launches of one pass per step, made while the GPU still runs the work before.
+    fn averaged_micro_batch(
+        &mut self,
+        batch: &Batch,
+        grad_scale: f32,
+        nccl: &mut NcclCollective,
+    ) -> Result<()> {
+        self.upload(batch)?;
+        let (gpu, stream) = (&self.gpu, self.gpu.stream());
+        let grads = gpu.ptr(&self.grads)?;
+        let mut schedule = self.buckets.schedule();
+        self.queue_pass(grad_scale, gpu.ptr(&self.step.loss_sum)?, &mut |from| {
+            nccl.queue_buckets(stream, grads, schedule.due(from))
+        })?;
+        schedule.finish()?;
+        let acts = self.acts.as_ref().context("no batch has been uploaded")?;
+        acts.input().mark_pixels_read(gpu)?;
+        nccl.finish_step(stream, Some(gpu.ptr(&self.step.loss_sum)?))
     }
 
     /// Runs `f` on the graphs taken out of the engine, so that it can capture from the
@@ -373,6 +424,10 @@ impl<T: Storage> StepEngine for Engine<T> {
     fn set_step_graphs(&mut self, on: bool) {
         self.use_graphs = on && !self.gpu.sync_launches();
     }
+
+    fn set_bucket_limit(&mut self, values: usize) {
+        self.buckets = BucketPlan::new(&self.layout, values);
+    }
 }
 
 impl<T: Storage> Backend for Engine<T> {
@@ -391,7 +446,7 @@ impl<T: Storage> Backend for Engine<T> {
         self.upload(batch)?;
         let acts = self.acts.as_ref().context("no batch has been uploaded")?;
         self.gpu.memset_zero(self.gpu.ptr(acts.loss())?)?;
-        self.queue_pass(grad_scale, self.gpu.ptr(acts.loss())?)?;
+        self.queue_pass(grad_scale, self.gpu.ptr(acts.loss())?, &mut |_| Ok(()))?;
         acts.input().mark_pixels_read(&self.gpu)?;
         let loss = self
             .gpu
@@ -416,14 +471,22 @@ impl<T: Storage> Backend for Engine<T> {
             .write(&hyper, &mut self.step.hyper, "step constants")?;
         self.gpu.memset_zero(self.gpu.ptr(&self.grads)?)?;
         self.gpu.memset_zero(self.gpu.ptr(&self.step.loss_sum)?)?;
-        for _ in 0..count {
+        let world = comm.world();
+        // NCCL, also at world size 1 (`bench --nccl`, tests): overlapped with the backward.
+        let mut nccl = comm.as_any_mut().downcast_mut::<NcclCollective>();
+        let watch = nccl.as_ref().map(|n| n.communicator());
+        for i in 0..count {
             let batch = batches.next()?;
-            self.micro_batch(batch, micro_scale)?;
+            match nccl.as_deref_mut() {
+                // The gradients are final only in the last micro-batch's backward.
+                Some(n) if i + 1 == count => self.averaged_micro_batch(batch, micro_scale, n)?,
+                _ => self.micro_batch(batch, micro_scale)?,
+            }
         }
-        if comm.world() > 1 {
-            // Between the graphs, not inside them: the collectives stay plain launches.
-            nccl::average(self.gpu.stream(), &mut self.grads, comm)?;
-            nccl::average(self.gpu.stream(), &mut self.step.loss_sum, comm)?;
+        if watch.is_none() && world > 1 {
+            // A host collective: through the host, after the backward, waiting for it.
+            nccl::average(&self.gpu, &mut self.grads, comm)?;
+            nccl::average(&self.gpu, &mut self.step.loss_sum, comm)?;
         }
         {
             let _range = nvtx::range("gradient norm and AdamW");
@@ -433,7 +496,8 @@ impl<T: Storage> Backend for Engine<T> {
             }
         }
         self.end_timer()?;
-        self.reports.queue(&self.gpu, &self.step.state, settings.t)
+        self.reports
+            .queue(&self.gpu, &self.step.state, settings.t, watch)
     }
 
     fn finish_steps(&mut self) -> Result<Option<StepReport>> {
@@ -445,7 +509,7 @@ impl<T: Storage> Backend for Engine<T> {
     }
 
     fn average_grads(&mut self, comm: &mut dyn Collective) -> Result<()> {
-        nccl::average(self.gpu.stream(), &mut self.grads, comm)
+        nccl::average(&self.gpu, &mut self.grads, comm)
     }
 
     fn grad_norm(&mut self) -> Result<f32> {

@@ -18,6 +18,7 @@ use super::global_attention::GlobalAttnShape;
 use super::launch::MaskedRows;
 use super::mae_activations::{decoder, MaeActivations, MaeDims};
 use super::mae_tokens::Placement;
+use super::method::Ready;
 use super::nvtx;
 use super::storage::Storage;
 use crate::config::{DecoderConfig, ModelConfig};
@@ -123,21 +124,28 @@ impl<'a, T: Storage> MaePass<'a, T> {
         })
     }
 
-    /// Queues the whole forward and backward; the mean loss is added to `loss`. Each
-    /// phase and block is an NVTX range, as the error context names it.
-    pub fn forward_backward(&self, grad_scale: f32) -> Result<()> {
+    /// Queues the whole forward and backward; the mean loss is added to `loss`; `ready`
+    /// after the head, each decoder block, the decoder embedding (with the encoder's
+    /// final norm), each encoder block and the patch embedding
+    /// (`dist::buckets::ready_points`). Each phase and block is an NVTX range, as the
+    /// error context names it.
+    pub fn forward_backward(&self, grad_scale: f32, ready: &mut Ready<'_>) -> Result<()> {
         let (enc, dec) = (self.encoder_stack(), self.decoder_stack()?);
+        let (r, (_, dr)) = (self.ranges, self.decoder()?);
         phase("patch embedding forward", || self.embed_forward())?;
         self.stack_forward(&enc, "encoder")?;
         phase("decoder embedding forward", || self.decoder_embed_forward())?;
         self.stack_forward(&dec, "decoder")?;
         phase("head and loss", || self.head(grad_scale))?;
-        self.stack_backward(&dec, "decoder")?;
+        ready(dr.norm_w.start)?;
+        self.stack_backward(&dec, "decoder", ready)?;
         phase("decoder embedding backward", || {
             self.decoder_embed_backward()
         })?;
-        self.stack_backward(&enc, "encoder")?;
-        phase("patch embedding backward", || self.embed_backward())
+        ready(r.norm_w.start)?;
+        self.stack_backward(&enc, "encoder", ready)?;
+        phase("patch embedding backward", || self.embed_backward())?;
+        ready(r.patch_w.start)
     }
 
     fn stack_forward(&self, stack: &Stack<'a, T>, name: &str) -> Result<()> {
@@ -150,13 +158,19 @@ impl<'a, T: Storage> MaePass<'a, T> {
     }
 
     /// From d x_out of the stack's last block in `dx` (and `dy`, its fc2 bias gradient
-    /// added) down to d x_in of its first in `dx`.
-    fn stack_backward(&self, stack: &Stack<'a, T>, name: &str) -> Result<()> {
+    /// added) down to d x_in of its first in `dx`; `ready` after each block.
+    fn stack_backward(
+        &self,
+        stack: &Stack<'a, T>,
+        name: &str,
+        ready: &mut Ready<'_>,
+    ) -> Result<()> {
         for l in (0..stack.ranges.len()).rev() {
             phase(&format!("{name} block {l} backward"), || {
                 let below = l.checked_sub(1).map(|b| self.net.g(&stack.ranges[b].fc2_b));
                 self.block(stack, l)?.backward(below.transpose()?)
             })?;
+            ready(stack.ranges[l].norm1_w.start)?;
         }
         Ok(())
     }

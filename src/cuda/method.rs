@@ -15,6 +15,10 @@ use crate::config::{Method, ModelConfig};
 use crate::data::batch::Batch;
 use crate::params::ModelRanges;
 
+/// The backward's report that every gradient at offset `from` and above is final
+/// (`dist::buckets`): a data-parallel step queues their all-reduce there.
+pub(super) type Ready<'a> = dyn FnMut(usize) -> Result<()> + 'a;
+
 pub(super) enum MethodActs<T> {
     Lomar(Box<Activations<T>>),
     Mae(Box<MaeActivations<T>>),
@@ -61,7 +65,8 @@ impl<T: Storage> MethodActs<T> {
     }
 
     /// Queues the method's forward and backward of the uploaded batch, its mean loss added
-    /// to `loss`.
+    /// to `loss`, calling `ready` at each of `dist::buckets::ready_points` once the work
+    /// that finishes those gradients is queued.
     pub fn forward_backward(
         &self,
         net: Net<'_, T>,
@@ -69,6 +74,7 @@ impl<T: Storage> MethodActs<T> {
         ranges: &ModelRanges,
         grad_scale: f32,
         loss: DevPtr<'_, f32>,
+        ready: &mut Ready<'_>,
     ) -> Result<()> {
         match self {
             MethodActs::Lomar(acts) => Pass {
@@ -78,7 +84,7 @@ impl<T: Storage> MethodActs<T> {
                 loss,
                 acts,
             }
-            .forward_backward(grad_scale),
+            .forward_backward(grad_scale, ready),
             MethodActs::Mae(acts) => MaePass {
                 net,
                 model,
@@ -86,7 +92,7 @@ impl<T: Storage> MethodActs<T> {
                 loss,
                 acts,
             }
-            .forward_backward(grad_scale),
+            .forward_backward(grad_scale, ready),
         }
     }
 }

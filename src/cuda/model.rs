@@ -15,6 +15,7 @@ use super::block::{Block, Head, HeadRanges, Mixer, Net, Shared};
 use super::device::DevPtr;
 use super::launch::MaskedRows;
 use super::linear::LayerShapes;
+use super::method::Ready;
 use super::nvtx;
 use super::storage::Storage;
 use crate::config::ModelConfig;
@@ -35,9 +36,10 @@ impl<'a, T: Storage> Pass<'a, T> {
         self.acts.images_len * self.model.windows_per_image
     }
 
-    /// Queues the whole forward and backward; the mean loss is added to `loss`.
+    /// Queues the whole forward and backward; the mean loss is added to `loss`; `ready`
+    /// after the head, each block and the embedding (`dist::buckets::ready_points`).
     /// Each phase and block is an NVTX range, as the error context names it.
-    pub fn forward_backward(&self, grad_scale: f32) -> Result<()> {
+    pub fn forward_backward(&self, grad_scale: f32, ready: &mut Ready<'_>) -> Result<()> {
         let phase = |name: &str, run: &dyn Fn() -> Result<()>| {
             let _range = nvtx::range(name);
             run().context(name.to_string())
@@ -96,13 +98,18 @@ impl<'a, T: Storage> Pass<'a, T> {
         phase("head and loss", &|| {
             head.run(grad_scale, shared.dx, shared.dy)
         })?;
+        ready(r.norm_w.start)?;
         for l in (0..m.depth).rev() {
             phase(&format!("block {l} backward"), &|| {
                 let below = l.checked_sub(1).map(|b| net.g(&r.blocks[b].fc2_b));
                 block(l)?.backward(below.transpose()?)
             })?;
+            // Also final before this block's start: the fc2 bias of the block below,
+            // which this block's backward added.
+            ready(r.blocks[l].norm1_w.start)?;
         }
-        phase("patch embedding backward", &|| self.embed_backward())
+        phase("patch embedding backward", &|| self.embed_backward())?;
+        ready(r.patch_w.start)
     }
 
     fn embed_forward(&self) -> Result<()> {

@@ -1,23 +1,31 @@
 //! The [`Collective`] of a data-parallel run on CUDA: one NCCL communicator per process
 //! (rank), the gradients averaged on the device.
 //!
-//! The gradient all-reduce runs on a stream of its own, in buckets of [`BUCKET`] values,
-//! ordered after the step's backward by an event and before the optimiser by another. It
-//! starts once the whole backward is queued (the backward is one pass over the blocks that
-//! does not report when a block's gradients are final), so it does not overlap the
-//! backward yet; the buckets are what such an overlap would hand over one by one.
+//! A training step averages its gradients on a stream of its own, bucket by bucket
+//! (`dist::buckets`), while the backward of its last micro-batch still runs: at each ready
+//! point the backward reports, an event on the compute stream orders the buckets it
+//! finished before their all-reduce on this stream ([`NcclCollective::queue_buckets`]);
+//! after the backward the loss sum follows and the compute stream waits for this stream's
+//! last event before the update ([`NcclCollective::finish_step`]). The host queues all of
+//! it without waiting.
 //!
-//! The host waits for every collective by polling its completion event together with
-//! NCCL's asynchronous error state: an error on any rank, or no completion within the
-//! run's timeout (a rank died or hangs), aborts the communicator and fails with a message
-//! instead of blocking forever. NCCL's own start-up (`ncclCommInitRank`) follows a
-//! successful rendezvous and is bounded by NCCL's bootstrap timeouts, not by ours.
+//! A rank that dies or hangs leaves the others' all-reduces unfinished. The host notices
+//! where it waits anyway: reading a step's report one step late (`step.rs`) polls the
+//! report's event together with NCCL's asynchronous error state ([`Communicator`]); an
+//! error on any rank, or no completion within the run's timeout, aborts the communicator
+//! and fails with a message instead of blocking forever. The per-call collectives
+//! (`Backend::average_grads`, the host-side values) wait the same way at once. NCCL's own
+//! start-up (`ncclCommInitRank`) follows a successful rendezvous and is bounded by NCCL's
+//! bootstrap timeouts, not by ours.
 //!
 //! NCCL is loaded when first used (cudarc's dynamic loading): a machine without it runs
 //! everything else, and a run that needs it fails with a message saying how to get it.
 
 use std::any::Any;
+use std::cell::Cell;
 use std::ffi::{c_void, CStr};
+use std::ops::Range;
+use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -26,11 +34,10 @@ use cudarc::driver::sys::CUevent_flags;
 use cudarc::driver::{CudaContext, CudaEvent, CudaSlice, CudaStream, DevicePtrMut, DeviceRepr};
 use cudarc::nccl::sys::{self, ncclComm_t, ncclDataType_t, ncclRedOp_t, ncclResult_t};
 
+use super::device::{DevPtr, Gpu};
+use crate::dist::buckets::BUCKET;
+use crate::dist::collective::AllReduceTime;
 use crate::dist::Collective;
-
-/// Values per all-reduce call: 32 MiB of fp32, large enough that NCCL reaches its
-/// bandwidth, small enough to hand over while later buckets are still being computed.
-pub const BUCKET: usize = 8 << 20;
 
 /// Bytes of NCCL's unique id, the session rank 0 hands to the others.
 pub const ID_BYTES: usize = 128;
@@ -74,141 +81,36 @@ pub fn unique_id() -> Result<Vec<u8>> {
     Ok(id.internal.iter().map(|&c| c as u8).collect())
 }
 
-/// Averages the gradient buffer `grads` (on `compute`'s stream) over the ranks of `comm`:
-/// on the device through NCCL, or through the host for a collective without NCCL.
-pub fn average(
-    compute: &Arc<CudaStream>,
-    grads: &mut CudaSlice<f32>,
-    comm: &mut dyn Collective,
-) -> Result<()> {
+/// Averages the gradient buffer `grads` (on `gpu`'s stream) over the ranks of `comm` and
+/// waits for it: on the device through NCCL, or through the host for a collective
+/// without NCCL.
+pub fn average(gpu: &Gpu, grads: &mut CudaSlice<f32>, comm: &mut dyn Collective) -> Result<()> {
     if let Some(nccl) = comm.as_any_mut().downcast_mut::<NcclCollective>() {
-        return nccl.average_device(compute, grads);
+        return nccl.average_device(gpu.stream(), gpu.ptr(grads)?);
     }
-    let mut host = compute
+    let mut host = gpu
+        .stream()
         .clone_dtoh(grads)
         .context("copying the gradients to the host")?;
     comm.all_reduce_mean(&mut host)?;
-    compute
+    gpu.stream()
         .memcpy_htod(&host, grads)
         .context("copying the averaged gradients to the GPU")
 }
 
-/// This process's rank of the NCCL communicator, on the process's GPU 0.
-pub struct NcclCollective {
-    comm: ncclComm_t,
-    stream: Arc<CudaStream>,
+/// One rank's NCCL communicator, shared by the collective that queues work on it and the
+/// backend that waits for that work (the step reports, `step.rs`).
+pub struct Communicator {
+    raw: ncclComm_t,
     rank: usize,
-    world: usize,
     timeout: Duration,
     /// Set once the communicator was aborted: nothing may use it after.
-    aborted: bool,
-    /// Timing events around the last gradient all-reduce.
-    started: CudaEvent,
-    finished: CudaEvent,
-    timed: bool,
+    aborted: Cell<bool>,
 }
 
-impl NcclCollective {
-    /// Joins the communicator `session` (rank 0's unique id) as `rank` of `world`.
-    /// Every wait on it fails after `timeout`.
-    pub fn new(session: &[u8], rank: usize, world: usize, timeout: Duration) -> Result<Self> {
-        require_library()?;
-        if session.len() != ID_BYTES {
-            bail!(
-                "rank 0 sent a session of {} bytes, not an NCCL unique id ({ID_BYTES}): is it running with the CPU backend?",
-                session.len()
-            );
-        }
-        let ctx = CudaContext::new(0).context("opening this rank's GPU for NCCL")?;
-        ctx.bind_to_thread().context("binding the CUDA context")?;
-        let stream = ctx
-            .new_stream()
-            .context("creating the stream of the gradient all-reduce")?;
-        let mut id = sys::ncclUniqueId {
-            internal: [0; ID_BYTES],
-        };
-        for (d, &s) in id.internal.iter_mut().zip(session) {
-            *d = s as _;
-        }
-        let mut comm: ncclComm_t = std::ptr::null_mut();
-        // SAFETY: `comm` receives the new communicator; the id is rank 0's.
-        let r = unsafe { sys::ncclCommInitRank(&mut comm, world as i32, id, rank as i32) };
-        check(
-            r,
-            &format!("joining the communicator as rank {rank} of {world}"),
-        )?;
-        let timing = Some(CUevent_flags::CU_EVENT_DEFAULT);
-        Ok(NcclCollective {
-            comm,
-            stream,
-            rank,
-            world,
-            timeout,
-            aborted: false,
-            started: ctx.new_event(timing)?,
-            finished: ctx.new_event(timing)?,
-            timed: false,
-        })
-    }
-
-    /// Averages `grads` in place, on the device, in buckets. `compute` is the stream the
-    /// backward ran on: the reduction starts after its queued work and the compute
-    /// stream's later work (the optimiser) waits for the reduction.
-    pub fn average_device(
-        &mut self,
-        compute: &Arc<CudaStream>,
-        grads: &mut CudaSlice<f32>,
-    ) -> Result<()> {
-        let ready = compute
-            .record_event(None)
-            .context("recording the end of the backward")?;
-        self.stream.wait(&ready)?;
-        self.started.record(&self.stream)?;
-        let len = grads.len();
-        let stream = self.stream.clone();
-        let (base, _guard) = grads.device_ptr_mut(&stream);
-        let mut offset = 0;
-        while offset < len {
-            let n = BUCKET.min(len - offset);
-            let at = (base + (offset * 4) as u64) as *mut c_void;
-            self.enqueue_all_reduce(at, n, ncclDataType_t::ncclFloat32)?;
-            offset += n;
-        }
-        self.finished.record(&self.stream)?;
-        self.timed = true;
-        compute.wait(&self.finished)?;
-        let done = self.stream.record_event(None)?;
-        self.wait_for(&done, "averaging the gradients")
-    }
-
-    /// Milliseconds the last gradient all-reduce took on the device.
-    pub fn last_all_reduce_ms(&self) -> Result<Option<f64>> {
-        if !self.timed {
-            return Ok(None);
-        }
-        Ok(Some(self.started.elapsed_ms(&self.finished)? as f64))
-    }
-
-    fn enqueue_all_reduce(&mut self, at: *mut c_void, n: usize, ty: ncclDataType_t) -> Result<()> {
-        self.usable()?;
-        // SAFETY: `at` holds `n` values of `ty` on this rank's GPU, alive until the
-        // completion event this call is followed by has been waited for.
-        let r = unsafe {
-            sys::ncclAllReduce(
-                at,
-                at,
-                n,
-                ty,
-                ncclRedOp_t::ncclAvg,
-                self.comm,
-                self.stream.cu_stream() as _,
-            )
-        };
-        check(r, "queueing an all-reduce")
-    }
-
+impl Communicator {
     fn usable(&self) -> Result<()> {
-        if self.aborted {
+        if self.aborted.get() {
             bail!("the NCCL communicator was aborted after an earlier failure");
         }
         Ok(())
@@ -216,7 +118,8 @@ impl NcclCollective {
 
     /// Waits until `done` completes, polling NCCL's error state; aborts the communicator
     /// on an error or after the timeout.
-    fn wait_for(&mut self, done: &CudaEvent, what: &str) -> Result<()> {
+    pub fn wait_for(&self, done: &CudaEvent, what: &str) -> Result<()> {
+        self.usable()?;
         let deadline = Instant::now() + self.timeout;
         loop {
             if done
@@ -226,8 +129,8 @@ impl NcclCollective {
                 return Ok(());
             }
             let mut state = ncclResult_t::ncclSuccess;
-            // SAFETY: `comm` is a live communicator; `state` receives its error state.
-            let r = unsafe { sys::ncclCommGetAsyncError(self.comm, &mut state) };
+            // SAFETY: `raw` is a live communicator; `state` receives its error state.
+            let r = unsafe { sys::ncclCommGetAsyncError(self.raw, &mut state) };
             let failure = match (r, state) {
                 (ncclResult_t::ncclSuccess, ncclResult_t::ncclSuccess)
                 | (ncclResult_t::ncclSuccess, ncclResult_t::ncclInProgress) => None,
@@ -253,12 +156,185 @@ impl NcclCollective {
         }
     }
 
-    fn abort(&mut self) {
-        if !self.aborted {
-            self.aborted = true;
-            // SAFETY: `comm` is live and is not used again (`aborted`).
-            unsafe { sys::ncclCommAbort(self.comm) };
+    fn abort(&self) {
+        if !self.aborted.replace(true) {
+            // SAFETY: `raw` is live and is not used again (`aborted`).
+            unsafe { sys::ncclCommAbort(self.raw) };
         }
+    }
+}
+
+impl Drop for Communicator {
+    fn drop(&mut self) {
+        if !self.aborted.get() {
+            // SAFETY: `raw` is live; this is its last user.
+            unsafe { sys::ncclCommDestroy(self.raw) };
+        }
+    }
+}
+
+/// This process's rank of the NCCL communicator, on the process's GPU 0.
+pub struct NcclCollective {
+    comm: Rc<Communicator>,
+    stream: Arc<CudaStream>,
+    world: usize,
+    /// Timing events of the last gradient all-reduce: its first bucket's start, the end
+    /// of the backward it overlapped, its end.
+    started: CudaEvent,
+    backward_done: CudaEvent,
+    finished: CudaEvent,
+    /// `started` is recorded for the all-reduce being queued.
+    open: bool,
+    /// The three events of a whole all-reduce are recorded.
+    timed: bool,
+}
+
+impl NcclCollective {
+    /// Joins the communicator `session` (rank 0's unique id) as `rank` of `world`.
+    /// Every wait on it fails after `timeout`.
+    pub fn new(session: &[u8], rank: usize, world: usize, timeout: Duration) -> Result<Self> {
+        require_library()?;
+        if session.len() != ID_BYTES {
+            bail!(
+                "rank 0 sent a session of {} bytes, not an NCCL unique id ({ID_BYTES}): is it running with the CPU backend?",
+                session.len()
+            );
+        }
+        let ctx = CudaContext::new(0).context("opening this rank's GPU for NCCL")?;
+        ctx.bind_to_thread().context("binding the CUDA context")?;
+        let stream = ctx
+            .new_stream()
+            .context("creating the stream of the gradient all-reduce")?;
+        let mut id = sys::ncclUniqueId {
+            internal: [0; ID_BYTES],
+        };
+        for (d, &s) in id.internal.iter_mut().zip(session) {
+            *d = s as _;
+        }
+        let mut raw: ncclComm_t = std::ptr::null_mut();
+        // SAFETY: `raw` receives the new communicator; the id is rank 0's.
+        let r = unsafe { sys::ncclCommInitRank(&mut raw, world as i32, id, rank as i32) };
+        check(
+            r,
+            &format!("joining the communicator as rank {rank} of {world}"),
+        )?;
+        let timing = Some(CUevent_flags::CU_EVENT_DEFAULT);
+        Ok(NcclCollective {
+            comm: Rc::new(Communicator {
+                raw,
+                rank,
+                timeout,
+                aborted: Cell::new(false),
+            }),
+            stream,
+            world,
+            started: ctx.new_event(timing)?,
+            backward_done: ctx.new_event(timing)?,
+            finished: ctx.new_event(timing)?,
+            open: false,
+            timed: false,
+        })
+    }
+
+    /// The communicator, for a backend that waits for the work queued on it.
+    pub fn communicator(&self) -> Rc<Communicator> {
+        self.comm.clone()
+    }
+
+    /// Queues the all-reduce of `buckets` of `grads`, ordered after the work queued on
+    /// `compute` so far (the backward that finished them); the compute stream goes on.
+    /// The first buckets of a step start the all-reduce's timing.
+    pub(crate) fn queue_buckets(
+        &mut self,
+        compute: &CudaStream,
+        grads: DevPtr<'_, f32>,
+        buckets: &[Range<usize>],
+    ) -> Result<()> {
+        if buckets.is_empty() {
+            return Ok(());
+        }
+        self.comm.usable()?;
+        let ready = compute
+            .record_event(None)
+            .context("recording the end of the gradients' backward")?;
+        self.stream.wait(&ready)?;
+        if !self.open {
+            self.started.record(&self.stream)?;
+            self.open = true;
+        }
+        for bucket in buckets {
+            let part = grads.range(bucket.clone())?;
+            self.enqueue_all_reduce(
+                *part.addr() as *mut c_void,
+                part.len(),
+                ncclDataType_t::ncclFloat32,
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Ends a step's all-reduce once the backward is queued on `compute`: averages
+    /// `loss_sum` too, if given, and makes the compute stream's later work (the update)
+    /// wait for all of it. Nothing waits on the host.
+    pub(crate) fn finish_step(
+        &mut self,
+        compute: &CudaStream,
+        loss_sum: Option<DevPtr<'_, f32>>,
+    ) -> Result<()> {
+        self.backward_done.record(compute)?;
+        self.stream.wait(&self.backward_done)?;
+        if !self.open {
+            self.started.record(&self.stream)?;
+        }
+        if let Some(loss) = loss_sum {
+            self.enqueue_all_reduce(
+                *loss.addr() as *mut c_void,
+                loss.len(),
+                ncclDataType_t::ncclFloat32,
+            )?;
+        }
+        self.finished.record(&self.stream)?;
+        self.open = false;
+        self.timed = true;
+        compute
+            .wait(&self.finished)
+            .context("ordering the update after the gradient all-reduce")
+    }
+
+    /// Averages `grads` in place, on the device, in buckets, after the work queued on
+    /// `compute`, and waits for it: the per-call path (`Backend::average_grads`).
+    pub(crate) fn average_device(
+        &mut self,
+        compute: &CudaStream,
+        grads: DevPtr<'_, f32>,
+    ) -> Result<()> {
+        let len = grads.len();
+        let buckets: Vec<Range<usize>> = (0..len)
+            .step_by(BUCKET)
+            .map(|at| at..(at + BUCKET).min(len))
+            .collect();
+        self.queue_buckets(compute, grads, &buckets)?;
+        self.finish_step(compute, None)?;
+        let done = compute.record_event(None)?;
+        self.comm.wait_for(&done, "averaging the gradients")
+    }
+
+    fn enqueue_all_reduce(&mut self, at: *mut c_void, n: usize, ty: ncclDataType_t) -> Result<()> {
+        self.comm.usable()?;
+        // SAFETY: `at` holds `n` values of `ty` on this rank's GPU, alive until this
+        // stream's next event, which the stream that frees the buffer waits for.
+        let r = unsafe {
+            sys::ncclAllReduce(
+                at,
+                at,
+                n,
+                ty,
+                ncclRedOp_t::ncclAvg,
+                self.comm.raw,
+                self.stream.cu_stream() as _,
+            )
+        };
+        check(r, "queueing an all-reduce")
     }
 
     /// Runs a host-side collective through a small device buffer.
@@ -278,7 +354,7 @@ impl NcclCollective {
             enqueue(self, at as *mut c_void, values.len())?;
         }
         let done = self.stream.record_event(None)?;
-        self.wait_for(&done, what)?;
+        self.comm.wait_for(&done, what)?;
         self.stream.memcpy_dtoh(&buffer, values)?;
         Ok(())
     }
@@ -286,7 +362,7 @@ impl NcclCollective {
 
 impl Collective for NcclCollective {
     fn rank(&self) -> usize {
-        self.rank
+        self.comm.rank
     }
     fn world(&self) -> usize {
         self.world
@@ -300,7 +376,7 @@ impl Collective for NcclCollective {
 
     fn broadcast(&mut self, bytes: &mut [u8]) -> Result<()> {
         self.through_device(bytes, "broadcasting from rank 0", |me, at, n| {
-            me.usable()?;
+            me.comm.usable()?;
             // SAFETY: `at` holds `n` bytes on this GPU until the wait that follows.
             let r = unsafe {
                 sys::ncclBroadcast(
@@ -309,7 +385,7 @@ impl Collective for NcclCollective {
                     n,
                     ncclDataType_t::ncclUint8,
                     0,
-                    me.comm,
+                    me.comm.raw,
                     me.stream.cu_stream() as _,
                 )
             };
@@ -321,16 +397,22 @@ impl Collective for NcclCollective {
         self.all_reduce_mean(&mut [0.0])
     }
 
+    /// From the events of the last gradient all-reduce, once it has finished.
+    fn last_all_reduce(&mut self) -> Result<Option<AllReduceTime>> {
+        if !self.timed {
+            return Ok(None);
+        }
+        self.comm
+            .wait_for(&self.finished, "the gradient all-reduce")?;
+        let span = self.started.elapsed_ms(&self.finished)? as f64;
+        let exposed = self.backward_done.elapsed_ms(&self.finished)? as f64;
+        Ok(Some(AllReduceTime {
+            span_ms: span,
+            exposed_ms: exposed.clamp(0.0, span),
+        }))
+    }
+
     fn as_any_mut(&mut self) -> &mut dyn Any {
         self
-    }
-}
-
-impl Drop for NcclCollective {
-    fn drop(&mut self) {
-        if !self.aborted {
-            // SAFETY: `comm` is live; nothing uses it after the drop.
-            unsafe { sys::ncclCommDestroy(self.comm) };
-        }
     }
 }

@@ -7,11 +7,14 @@
 //! scale and the divergence flag live in `loss_sum` and `state`. So the kernels of a step
 //! can be captured once and replayed, and the host never waits for a value mid-step.
 
+use std::rc::Rc;
+
 use anyhow::{bail, Context, Result};
 use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
-use cudarc::driver::{CudaGraph, CudaSlice, PinnedHostSlice};
+use cudarc::driver::{CudaEvent, CudaGraph, CudaSlice, PinnedHostSlice};
 
 use super::device::Gpu;
+use super::nccl::Communicator;
 use super::pixels::pinned;
 use crate::backend::{AdamWStep, StepReport, StepSettings};
 
@@ -120,8 +123,19 @@ impl StepBuffers {
 /// update and read while step k + 1 runs, so the host waits only for a finished step.
 pub struct Reports {
     slots: [PinnedHostSlice<f32>; 2],
-    /// The step whose copy is queued and not yet read, and its slot.
-    pending: Option<(u64, usize)>,
+    /// The step whose copy is queued and not yet read.
+    pending: Option<Pending>,
+}
+
+/// A queued report copy.
+struct Pending {
+    step: u64,
+    slot: usize,
+    /// Recorded after the copy.
+    copied: CudaEvent,
+    /// The communicator of the step's gradient all-reduce: waiting for the copy waits for
+    /// the other ranks too, so the wait watches for their failure (`nccl.rs`).
+    comm: Option<Rc<Communicator>>,
 }
 
 impl Reports {
@@ -136,31 +150,46 @@ impl Reports {
     }
 
     /// Queues the copy of `state` after step `step` (the GPU's stream is past its update),
-    /// then returns the report of the step before, waiting for that step only.
+    /// then returns the report of the step before, waiting for that step only. `comm` is
+    /// the communicator the step averaged its gradients over, if any.
     pub fn queue(
         &mut self,
         gpu: &Gpu,
         state: &CudaSlice<f32>,
         step: u64,
+        comm: Option<Rc<Communicator>>,
     ) -> Result<Option<StepReport>> {
-        let slot = self.pending.map_or(0, |(_, s)| 1 - s);
+        let slot = self.pending.as_ref().map_or(0, |p| 1 - p.slot);
         gpu.stream()
             .memcpy_dtoh(state, &mut self.slots[slot])
             .context("queueing the copy of the step's report")?;
+        let copied = gpu
+            .stream()
+            .record_event(None)
+            .context("recording the copy of the step's report")?;
         let previous = self.finish()?;
-        self.pending = Some((step, slot));
+        self.pending = Some(Pending {
+            step,
+            slot,
+            copied,
+            comm,
+        });
         Ok(previous)
     }
 
-    /// The report not yet read, after waiting for its copy.
+    /// The report not yet read, after waiting for its copy (and, through NCCL, watching
+    /// the other ranks while waiting).
     pub fn finish(&mut self) -> Result<Option<StepReport>> {
-        let Some((step, slot)) = self.pending.take() else {
+        let Some(p) = self.pending.take() else {
             return Ok(None);
         };
-        let values = self.slots[slot]
+        if let Some(comm) = &p.comm {
+            comm.wait_for(&p.copied, &format!("step {}", p.step))?;
+        }
+        let values = self.slots[p.slot]
             .as_slice()
-            .with_context(|| format!("GPU error in step {step}"))?;
-        report(step, values).map(Some)
+            .with_context(|| format!("GPU error in step {}", p.step))?;
+        report(p.step, values).map(Some)
     }
 }
 

@@ -31,6 +31,22 @@ pub trait Collective {
     /// The concrete collective, so a backend can use a faster path for one it knows (the
     /// CUDA backend reduces on the device through NCCL).
     fn as_any_mut(&mut self) -> &mut dyn Any;
+
+    /// Device time of the last gradient all-reduce, where the collective runs on a device
+    /// and one has finished (it waits for it).
+    fn last_all_reduce(&mut self) -> Result<Option<AllReduceTime>> {
+        Ok(None)
+    }
+}
+
+/// Device time of one step's gradient all-reduce.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AllReduceTime {
+    /// From the start of its first bucket to the end of its last.
+    pub span_ms: f64,
+    /// The part after the backward had ended: what overlapping it with the backward did
+    /// not hide.
+    pub exposed_ms: f64,
 }
 
 /// `out = (parts[0] + parts[1] + … ) / W`, element by element in rank order: the one

@@ -4,6 +4,7 @@
 //! CUDA (`cuda::nccl`), the TCP links otherwise (`tcp`), threads of one process in tests
 //! (`collective::Threads`).
 
+pub mod buckets;
 pub mod collective;
 pub mod launch;
 pub mod rendezvous;
@@ -13,6 +14,7 @@ use std::time::Duration;
 
 use anyhow::Result;
 
+pub use buckets::{BucketPlan, HostBuckets};
 pub use collective::{Collective, Solo, Threads};
 pub use launch::{Launch, Launcher};
 pub use rendezvous::{rendezvous, Fingerprint, Joined};

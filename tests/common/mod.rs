@@ -7,12 +7,14 @@
 pub mod fd;
 pub mod naive;
 
+use anyhow::Context;
 use cudarc::driver::sys::CUevent_flags;
-use lomar::backend::{AdamWStep, Backend};
+use lomar::backend::{AdamWStep, Backend, MicroBatches, Moments, StepReport, StepSettings};
 use lomar::config::ModelConfig;
 use lomar::cpu::CpuBackend;
 use lomar::cuda::Gpu;
 use lomar::data::batch::{Batch, Pixels};
+use lomar::dist::Collective;
 use lomar::params::{standard_normal, Init, ParamLayout};
 use rand::seq::index::sample;
 use rand::{Rng, SeedableRng};
@@ -356,6 +358,69 @@ pub fn adamw(t: u64, lr: f32) -> AdamWStep {
         weight_decay: 0.05,
         grad_scale: 1.0,
     }
+}
+
+/// The micro-batches of one step, from a slice.
+pub struct MicroList<'a> {
+    batches: &'a [Batch],
+    next: usize,
+}
+
+impl<'a> MicroList<'a> {
+    pub fn new(batches: &'a [Batch]) -> Self {
+        MicroList { batches, next: 0 }
+    }
+}
+
+impl MicroBatches for MicroList<'_> {
+    fn count(&self) -> usize {
+        self.batches.len()
+    }
+    fn next(&mut self) -> anyhow::Result<&Batch> {
+        let b = self.batches.get(self.next).context("no micro-batch left")?;
+        self.next += 1;
+        Ok(b)
+    }
+}
+
+/// Step `t`'s settings for `Backend::train_step` in the tests: AdamW as [`adamw`] at
+/// lr 1e-3, the gradient clipped to norm 0.5.
+pub fn step_settings(t: u64) -> StepSettings {
+    StepSettings {
+        t,
+        lr: 1e-3,
+        beta1: 0.9,
+        beta2: 0.95,
+        eps: 1e-8,
+        weight_decay: 0.05,
+        clip_grad: Some(0.5),
+    }
+}
+
+/// `steps` steps through `Backend::train_step` of `micro` micro-batches each from
+/// `batches` (cycled), averaged over `comm`, on a backend that reports one step late (the
+/// GPU); every report (the last from `finish_steps`), then the parameters and moments.
+pub fn train_steps(
+    b: &mut dyn Backend,
+    batches: &[Batch],
+    micro: usize,
+    steps: u64,
+    comm: &mut dyn Collective,
+) -> (Vec<StepReport>, Vec<f32>, Moments) {
+    let mut reports = Vec::new();
+    for t in 1..=steps {
+        let at = (t as usize - 1) * micro % batches.len();
+        let mut list = MicroList::new(&batches[at..at + micro]);
+        let r = b.train_step(&mut list, &step_settings(t), comm).unwrap();
+        match t {
+            1 => assert!(r.is_none(), "a report before any step finished: {r:?}"),
+            _ => assert_eq!(r.map(|r| r.step), Some(t - 1), "step {t} reported"),
+        }
+        reports.extend(r);
+    }
+    reports.extend(b.finish_steps().unwrap());
+    assert!(b.finish_steps().unwrap().is_none());
+    (reports, b.params().unwrap(), b.moments().unwrap())
 }
 
 /// The losses of 30 AdamW steps (lr 1e-3) of an f32 CPU backend from `params` on the one

@@ -17,7 +17,7 @@ use super::ops::layernorm::{self, Stats};
 use super::ops::window_gather::{self, Patches};
 use super::ops::{linear, tokens};
 use super::real::Real;
-use super::step::{self, Step};
+use super::step::{self, Ready, Step};
 use crate::config::{DecoderConfig, Method, ModelConfig};
 use crate::data::batch::Batch;
 use crate::params::{DecoderRanges, ModelRanges, ParamLayout};
@@ -200,7 +200,7 @@ impl<T: Real> Step<T> for Workspace<T> {
     }
 
     /// The forward in reverse, from `dpred`; adds every parameter's gradient.
-    fn backward(&mut self, p: &[T], batch: &Batch, g: &mut [T]) {
+    fn backward(&mut self, p: &[T], batch: &Batch, g: &mut [T], ready: &mut Ready<'_, T>) {
         let w = |r: &Range<usize>| &p[r.clone()];
         let dr = self.decoder().clone();
         let Workspace {
@@ -238,6 +238,7 @@ impl<T: Real> Step<T> for Workspace<T> {
             &self.dec_stats,
             w(&dr.norm_w),
         );
+        ready(dr.norm_w.start, g);
         blocks_backward(
             p,
             &dr.blocks,
@@ -247,6 +248,7 @@ impl<T: Real> Step<T> for Workspace<T> {
             ddec,
             g,
             s,
+            ready,
         );
 
         // The position embedding is fixed: the gradient passes it unchanged.
@@ -280,6 +282,7 @@ impl<T: Real> Step<T> for Workspace<T> {
             &self.enc_stats,
             w(&r.norm_w),
         );
+        ready(r.norm_w.start, g);
         blocks_backward(
             p,
             &r.blocks,
@@ -289,6 +292,7 @@ impl<T: Real> Step<T> for Workspace<T> {
             &mut dx,
             g,
             s,
+            ready,
         );
 
         let dembedded = sized(&mut s.dembedded, self.embedded.len());
@@ -302,6 +306,7 @@ impl<T: Real> Step<T> for Workspace<T> {
             &self.patches.visible,
             w(&r.patch_w),
         );
+        ready(r.patch_w.start, g);
         s.dx = dx;
     }
 }
