@@ -98,53 +98,61 @@ pub fn matmul(c: &mut [f32], c_rs: usize, a: Mat<f32>, b: Mat<f32>, start: Start
 /// rows), column `j·NR + x` of row `k0 + r` at `r·NR + x`; columns past `n` are 0.
 fn pack_b(packed: &mut [f32], b: Mat<f32>, panels: usize) {
     let n = b.cols;
-    packed
-        .par_chunks_mut(KC * panels * NR)
-        .enumerate()
-        .for_each(|(block, dst)| {
-            let k0 = block * KC;
-            let kb = dst.len() / (panels * NR);
-            if b.cs == 1 {
-                // Row by row: each row of `b` is read once, front to back, as the
-                // prefetchers expect; panel by panel would walk `b` at its row stride.
-                for r in 0..kb {
-                    let src = &b.data[(k0 + r) * b.rs..][..n];
-                    for j in 0..panels {
-                        let row = &mut dst[(j * kb + r) * NR..][..NR];
-                        let src = &src[j * NR..][..NR.min(n - j * NR)];
-                        if src.len() == NR {
-                            // SAFETY: `matmul`'s caller checked `available()`.
-                            unsafe { copy_panel_row(row.try_into().unwrap(), src) };
-                        } else {
-                            copy_padded(row, src);
-                        }
+    let block_len = KC * panels * NR;
+    let pack_block = |(block, dst): (usize, &mut [f32])| {
+        let k0 = block * KC;
+        let kb = dst.len() / (panels * NR);
+        if b.cs == 1 {
+            // Row by row: each row of `b` is read once, front to back, as the
+            // prefetchers expect; panel by panel would walk `b` at its row stride.
+            for r in 0..kb {
+                let src = &b.data[(k0 + r) * b.rs..][..n];
+                for j in 0..panels {
+                    let row = &mut dst[(j * kb + r) * NR..][..NR];
+                    let src = &src[j * NR..][..NR.min(n - j * NR)];
+                    if src.len() == NR {
+                        // SAFETY: `matmul`'s caller checked `available()`.
+                        unsafe { copy_panel_row(row.try_into().unwrap(), src) };
+                    } else {
+                        copy_padded(row, src);
                     }
                 }
-                return;
             }
-            for (j, panel) in dst.chunks_exact_mut(kb * NR).enumerate() {
-                let cols = NR.min(n - j * NR);
-                // Columns of `b` that are contiguous (a transposed weight, a head's keys)
-                // go 16 × 16 at a time through a register transpose; the ragged edges
-                // and any other layout value by value.
-                let (whole_rows, whole_cols) = match b.rs {
-                    1 => (kb / 16 * 16, cols / 16 * 16),
-                    _ => (0, 0),
-                };
-                if whole_rows > 0 && whole_cols > 0 {
-                    // SAFETY: `matmul`'s caller checked `available()`.
-                    unsafe { transpose_columns(panel, b, k0, j * NR, whole_rows, whole_cols) };
-                }
-                for (r, row) in panel.chunks_exact_mut(NR).enumerate() {
-                    let src = &b.data[(k0 + r) * b.rs + j * NR * b.cs..];
-                    let done = if r < whole_rows { whole_cols } else { 0 };
-                    for (x, v) in row[..cols].iter_mut().enumerate().skip(done) {
-                        *v = src[x * b.cs];
-                    }
-                    row[cols..].fill(0.0);
-                }
+            return;
+        }
+        for (j, panel) in dst.chunks_exact_mut(kb * NR).enumerate() {
+            let cols = NR.min(n - j * NR);
+            // Columns of `b` that are contiguous (a transposed weight, a head's keys)
+            // go 16 × 16 at a time through a register transpose; the ragged edges
+            // and any other layout value by value.
+            let (whole_rows, whole_cols) = match b.rs {
+                1 => (kb / 16 * 16, cols / 16 * 16),
+                _ => (0, 0),
+            };
+            if whole_rows > 0 && whole_cols > 0 {
+                // SAFETY: `matmul`'s caller checked `available()`.
+                unsafe { transpose_columns(panel, b, k0, j * NR, whole_rows, whole_cols) };
             }
-        });
+            for (r, row) in panel.chunks_exact_mut(NR).enumerate() {
+                let src = &b.data[(k0 + r) * b.rs + j * NR * b.cs..];
+                let done = if r < whole_rows { whole_cols } else { 0 };
+                for (x, v) in row[..cols].iter_mut().enumerate().skip(done) {
+                    *v = src[x * b.cs];
+                }
+                row[cols..].fill(0.0);
+            }
+        }
+    };
+    // One block (a head's keys, a weight of k ≤ KC) is packed here: a parallel loop of
+    // one task costs more than the copy.
+    if packed.len() <= block_len {
+        pack_block((0, packed));
+    } else {
+        packed
+            .par_chunks_mut(block_len)
+            .enumerate()
+            .for_each(pack_block);
+    }
 }
 
 /// Rows `0..rows` and columns `0..cols` (both multiples of 16) of one packed panel from
@@ -274,10 +282,10 @@ unsafe fn multiply_block(
             let masks = column_masks(NR.min(n - j * NR));
             for t in 0..tiles {
                 let i = t * MR;
-                let tile = if t < in_place {
-                    (a.data.as_ptr().add(i * a.rs + k0), a.rs, 1)
-                } else {
-                    (a_packed.as_ptr().add((t - in_place) * MR * kb), 1, MR)
+                let packed_tile = t >= in_place;
+                let tile = match packed_tile {
+                    false => (a.data.as_ptr().add(i * a.rs + k0), a.rs),
+                    true => (a_packed.as_ptr().add((t - in_place) * MR * kb), 1),
                 };
                 let at = i * c_rs + j * NR;
                 let c = c.as_mut_ptr().add(at);
@@ -292,12 +300,20 @@ unsafe fn multiply_block(
                         TileStart::Residual(x[at..].as_ptr(), bias[j * NR..].as_ptr())
                     }
                 };
-                // A ragged last panel computes only the vectors it has: T = 50 attention
-                // products are two panels, 48 columns and 2.
-                match masks.iter().filter(|&&mask| mask != 0).count() {
-                    1 => multiply_tile::<1>(tile, panel, kb, c, c_rs, rows, masks, start),
-                    2 => multiply_tile::<2>(tile, panel, kb, c, c_rs, rows, masks, start),
-                    _ => multiply_tile::<3>(tile, panel, kb, c, c_rs, rows, masks, start),
+                let tile = Tile {
+                    a: tile,
+                    panel,
+                    kb,
+                    c,
+                    c_rs,
+                    rows,
+                    masks,
+                    start,
+                };
+                // A packed tile steps `MR` values per `k`, a row read in place one.
+                match packed_tile {
+                    false => tile.multiply::<1>(),
+                    true => tile.multiply::<MR>(),
                 }
             }
         }
@@ -377,27 +393,59 @@ fn column_masks(cols: usize) -> [__mmask16; 3] {
     })
 }
 
-/// One register tile: `c[rows ≤ MR, 16·V]` (+)= `a` `[MR, kb]` · `panel` `[kb, 16·V]` (the
-/// first `V` vectors of each `NR`-wide panel row), the `k` terms summed in order from
-/// zero, then added to `start` and stored into `c`, only the lanes in `masks`. `a` is
-/// `(pointer, row stride, k stride)`. `c`'s lines are prefetched for writing
-/// first: a product's output is usually not in cache (qkv's is 15 MB at vit_tiny batch
-/// 32), and fetching it while the tile computes measured 10-40% faster than waiting for
-/// it at the stores.
-///
-/// # Safety
-/// Needs AVX-512F; `a` must cover `MR` rows of `kb` values, and `c` hold `rows` rows at stride `c_rs` of the masked columns.
-#[target_feature(enable = "avx512f")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn multiply_tile<const V: usize>(
-    (a, a_rs, a_cs): (*const f32, usize, usize),
-    panel: &[f32],
+/// One register tile's work: `c[rows ≤ MR, 16·V]` (+)= `a` `[MR, kb]` · `panel` `[kb, 16·V]`
+/// (the first `V` vectors of each `NR`-wide panel row), only the lanes in `masks`. `a` is
+/// `(pointer, row stride)`; its stride along `k` is the kernel's constant `CS`.
+struct Tile<'p> {
+    a: (*const f32, usize),
+    panel: &'p [f32],
     kb: usize,
     c: *mut f32,
     c_rs: usize,
     rows: usize,
     masks: [__mmask16; 3],
     start: TileStart,
+}
+
+impl Tile<'_> {
+    /// The kernel for this tile's vector count. `CS`, `a`'s stride along `k`, is a
+    /// constant: as a run-time value it costs address arithmetic on every `k` step, on the
+    /// ports the multiply-adds need (measured 25% slower with the tile in L1).
+    ///
+    /// # Safety
+    /// As [`multiply_tile`].
+    #[target_feature(enable = "avx512f")]
+    unsafe fn multiply<const CS: usize>(self) {
+        // A ragged last panel computes only the vectors it has: T = 50 attention
+        // products are two panels, 48 columns and 2.
+        match self.masks.iter().filter(|&&mask| mask != 0).count() {
+            1 => multiply_tile::<1, CS>(self),
+            2 => multiply_tile::<2, CS>(self),
+            _ => multiply_tile::<3, CS>(self),
+        }
+    }
+}
+
+/// One register tile: the `k` terms summed in order from zero, then added to `start` and
+/// stored into `c`. `c`'s lines are prefetched for writing first: a product's output is
+/// usually not in cache (qkv's is 15 MB at vit_tiny batch 32), and fetching it while the
+/// tile computes measured 10-40% faster than waiting for it at the stores.
+///
+/// # Safety
+/// Needs AVX-512F; `a` must cover `MR` rows of `kb` values at `k` stride `CS`, and `c` hold
+/// `rows` rows at stride `c_rs` of the masked columns.
+#[target_feature(enable = "avx512f")]
+unsafe fn multiply_tile<const V: usize, const CS: usize>(
+    Tile {
+        a: (a, a_rs),
+        panel,
+        kb,
+        c,
+        c_rs,
+        rows,
+        masks,
+        start,
+    }: Tile,
 ) {
     for i in 0..rows {
         for (v, &mask) in masks.iter().take(V).enumerate() {
@@ -411,7 +459,7 @@ unsafe fn multiply_tile<const V: usize>(
     for (r, b) in panel.chunks_exact(NR).take(kb).enumerate() {
         let b: [__m512; V] = std::array::from_fn(|v| _mm512_loadu_ps(b.as_ptr().add(16 * v)));
         for (acc, row) in acc.iter_mut().zip(&a_rows) {
-            let a = _mm512_set1_ps(*row.add(r * a_cs));
+            let a = _mm512_set1_ps(*row.add(r * CS));
             for (acc, &b) in acc.iter_mut().zip(&b) {
                 *acc = _mm512_fmadd_ps(a, b, *acc);
             }
