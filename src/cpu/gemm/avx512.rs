@@ -110,12 +110,8 @@ fn pack_b(packed: &mut [f32], b: Mat<f32>, panels: usize) {
                 for j in 0..panels {
                     let row = &mut dst[(j * kb + r) * NR..][..NR];
                     let src = &src[j * NR..][..NR.min(n - j * NR)];
-                    if src.len() == NR {
-                        // SAFETY: `matmul`'s caller checked `available()`.
-                        unsafe { copy_panel_row(row.try_into().unwrap(), src) };
-                    } else {
-                        copy_padded(row, src);
-                    }
+                    // SAFETY: `matmul`'s caller checked `available()`.
+                    unsafe { copy_panel_row(row.try_into().unwrap(), src) };
                 }
             }
             return;
@@ -233,17 +229,24 @@ fn transpose16(v: [__m512; 16]) -> [__m512; 16] {
     out
 }
 
-/// One full panel row, as three vector moves: a slice copy of this length is a `memmove`
-/// call per row.
+/// One panel row: `src` (at most `NR` values) at the front, zeros after it, as three
+/// masked vector moves; a slice copy and a fill of these lengths are library calls per
+/// row (attention's `[T, d]` rows are a full panel and a ragged one).
 ///
 /// # Safety
 /// Needs AVX-512F.
 #[target_feature(enable = "avx512f")]
 unsafe fn copy_panel_row(dst: &mut [f32; NR], src: &[f32]) {
-    *dst = src.try_into().unwrap();
+    assert!(src.len() <= NR);
+    for (v, mask) in column_masks(src.len()).into_iter().enumerate() {
+        // A masked load reads only the lanes in `mask`, all inside `src`; the pointer of
+        // an empty vector past its end is never read.
+        let values = _mm512_maskz_loadu_ps(mask, src.as_ptr().wrapping_add(16 * v));
+        _mm512_storeu_ps(dst.as_mut_ptr().add(16 * v), values);
+    }
 }
 
-/// `src` at the front of `dst`, zeros after it: a ragged panel row or tile column.
+/// `src` at the front of `dst`, zeros after it: a ragged tile column.
 fn copy_padded(dst: &mut [f32], src: &[f32]) {
     dst[..src.len()].copy_from_slice(src);
     dst[src.len()..].fill(0.0);
