@@ -215,7 +215,7 @@ fn sequence_backward<T: Real>(
             views,
             p,
             scale,
-            |i, dz| dbias[i * t..][..t].copy_from_slice(dz),
+            |dz| dbias.copy_from_slice(dz),
         );
     }
 }

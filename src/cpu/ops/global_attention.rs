@@ -118,7 +118,7 @@ fn sequence_backward<T: Real>(dqkv: &mut [T], dout: &[T], qkv: &[T], lse: &[T], 
             views,
             &p,
             scale,
-            |_, _| {},
+            |_| {},
         );
     }
 }

@@ -57,9 +57,9 @@ pub(super) fn softmax_in_place<T: Real>(row: &mut [T]) -> T {
 
 /// From the head's probabilities p `[T, T]` and its output gradient dout `[T, d]`: its
 /// dq, dk, dv into columns `col..col + d` of each third of dqkv `[T, 3·width]`
-/// (overwritten). `dz` `[T, T]` is scratch. `logit_grad(i, dz_i)` sees each query row's
-/// gradient of the logits (after scale and bias, before the softmax), for a bias
-/// gradient; q and k then take it times `scale`.
+/// (overwritten). `dz` `[T, T]` is scratch. `logit_grad(dz)` sees the gradient of the
+/// logits (after scale and bias, before the softmax), for a bias gradient; q and k then
+/// take it times `scale`.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 pub(super) fn head_backward<T: Real>(
@@ -71,7 +71,7 @@ pub(super) fn head_backward<T: Real>(
     [q, k, v]: [Mat<T>; 3],
     p: &[T],
     scale: T,
-    mut logit_grad: impl FnMut(usize, &[T]),
+    logit_grad: impl FnOnce(&[T]),
 ) {
     let t = dqkv.len() / (3 * width);
     let p_mat = Mat::new(p, t, t);
@@ -85,15 +85,15 @@ pub(super) fn head_backward<T: Real>(
     );
     T::product(dz, t, dout, v.t(), Start::Zero);
     // Softmax backward per query row: dz = p ⊙ (dp - Σ_j p dp).
-    for (i, (dz, p)) in dz.chunks_exact_mut(t).zip(p.chunks_exact(t)).enumerate() {
+    for (dz, p) in dz.chunks_exact_mut(t).zip(p.chunks_exact(t)) {
         let dot = sum(t, |j| p[j] * dz[j]);
         for (dz, &p) in dz.iter_mut().zip(p) {
             *dz = p * (*dz - dot);
         }
-        logit_grad(i, dz);
-        for dz in dz.iter_mut() {
-            *dz *= scale;
-        }
+    }
+    logit_grad(dz);
+    for dz in dz.iter_mut() {
+        *dz *= scale;
     }
     let dz = Mat::new(dz, t, t);
     T::product(&mut dqkv[col..], 3 * width, dz, k, Start::Zero);
