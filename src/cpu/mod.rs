@@ -6,6 +6,7 @@ pub mod encoder;
 mod erf;
 mod exp;
 pub mod gemm;
+pub mod line_alloc;
 pub mod mae;
 pub mod model;
 pub mod ops;
