@@ -206,17 +206,9 @@ fn sequence_backward<T: Real>(
     {
         let views = head_views(qkv, width, h * d, d);
         let dout = Mat::strided(&dout[h * d..], t, d, width);
-        head_backward(
-            dqkv,
-            width,
-            h * d,
-            &mut dz,
-            dout,
-            views,
-            p,
-            scale,
-            |dz| dbias.copy_from_slice(dz),
-        );
+        head_backward(dqkv, width, h * d, &mut dz, dout, views, p, scale, |dz| {
+            dbias.copy_from_slice(dz)
+        });
     }
 }
 

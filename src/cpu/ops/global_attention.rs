@@ -109,17 +109,7 @@ fn sequence_backward<T: Real>(dqkv: &mut [T], dout: &[T], qkv: &[T], lse: &[T], 
                 .for_each(|z| *z = (*z * scale - lse[i]).exp_vectorised());
         });
         let dout = Mat::strided(&dout[h * d..], t, d, width);
-        head_backward(
-            dqkv,
-            width,
-            h * d,
-            &mut dz,
-            dout,
-            views,
-            &p,
-            scale,
-            |_| {},
-        );
+        head_backward(dqkv, width, h * d, &mut dz, dout, views, &p, scale, |_| {});
     }
 }
 
